@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from ._errors import CacheError, FreezeError, NativeError
+from .blocks import find_blocks
+from .wrapper import FrozenModel, inspect, wrap
 
 __version__ = "0.1.0"
 
-__all__ = ["CacheError", "FreezeError", "NativeError", "__version__"]
+__all__ = [
+    "CacheError",
+    "FreezeError",
+    "FrozenModel",
+    "NativeError",
+    "__version__",
+    "find_blocks",
+    "inspect",
+    "wrap",
+]

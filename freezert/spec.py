@@ -1,0 +1,119 @@
+"""Turning ``freeze=`` into a set of frozen block indices, with all validation of it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ._errors import FreezeError
+from .blocks import BlockTable, strip_wrapper_prefix
+
+BN_MODES = ("frozen", "train")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _listing(table: BlockTable, limit: int = 6) -> str:
+    names = table.names
+    shown = ", ".join(names[:limit]) + (f", …, {names[-1]}" if len(names) > limit else "")
+    return f"{len(names)} blocks ({shown})"
+
+
+def _check_not_all(idx: list[int], table: BlockTable, what: str) -> list[int]:
+    if len(idx) >= len(table):
+        raise FreezeError(
+            f"{what} freezes every one of the {len(table)} blocks, leaving nothing to train; "
+            f"freeze at most {len(table) - 1} blocks"
+        )
+    return idx
+
+
+def _match_prefix(prefix: str, table: BlockTable) -> list[int]:
+    p = strip_wrapper_prefix(prefix).strip(".")
+    parts = p.split(".") if p else []
+    hits = [i for i, n in enumerate(table.names) if n.split(".")[: len(parts)] == parts]
+    if hits:
+        return hits
+    inside = [n for n in table.names if parts[: len(n.split("."))] == n.split(".")]
+    if inside:
+        raise FreezeError(
+            f"freeze name {prefix!r} points inside block {inside[0]!r}; freezing works on whole blocks: "
+            f"name {inside[0]!r} instead"
+        )
+    stem = [n for n, _ in table.stem if parts[: len(n.split("."))] == n.split(".")]
+    if stem:
+        raise FreezeError(
+            f"freeze name {prefix!r} is part of the stem that runs before block 0 and is frozen with it; "
+            f"freeze block {table.names[0]!r} (freeze=1) instead"
+        )
+    raise FreezeError(f"freeze name {prefix!r} matches no block; the model has {_listing(table)}")
+
+
+def resolve(freeze, table: BlockTable) -> list[int]:
+    """Sorted frozen block indices for ``freeze`` (int, list of ints, str(s), fraction or predicate)."""
+    n = len(table)
+    if freeze is None or freeze is False:
+        return []
+    if freeze is True:
+        raise FreezeError("freeze=True is ambiguous; pass a block count (freeze=10), a list of indices or a fraction")
+    if isinstance(freeze, int):
+        if freeze < 0:
+            raise FreezeError(f"freeze={freeze} is negative; pass a block count between 0 and {n - 1}")
+        if freeze > n:
+            raise FreezeError(f"freeze={freeze} is past the end: the model has {_listing(table)}; pass at most {n - 1}")
+        return _check_not_all(list(range(freeze)), table, f"freeze={freeze}")
+    if isinstance(freeze, float):
+        if not (0.0 < freeze <= 1.0) or math.isnan(freeze):
+            raise FreezeError(f"freeze={freeze} is not a fraction in (0, 1]; pass e.g. freeze=0.5 for half the blocks")
+        return _check_not_all(list(range(int(freeze * n))), table, f"freeze={freeze}")
+    if isinstance(freeze, str):
+        return _check_not_all(_match_prefix(freeze, table), table, f"freeze={freeze!r}")
+    if callable(freeze):
+        idx = [i for i, (name, m) in enumerate(zip(table.names, table.modules)) if freeze(name, m)]
+        return _check_not_all(idx, table, "the freeze predicate")
+    if isinstance(freeze, Sequence):
+        items = list(freeze)
+        if all(isinstance(x, str) for x in items):
+            idx = sorted({i for x in items for i in _match_prefix(x, table)})
+            return _check_not_all(idx, table, f"freeze={items!r}")
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+            bad = [x for x in items if not 0 <= x < n]
+            if bad:
+                raise FreezeError(
+                    f"freeze list has block index {bad[0]}, outside 0..{n - 1}; the model has {_listing(table)}"
+                )
+            return _check_not_all(sorted(set(items)), table, f"freeze={items!r}")
+        raise FreezeError(f"freeze={items!r} mixes types; pass a list of block indices or a list of name prefixes")
+    raise FreezeError(
+        f"freeze={freeze!r} ({type(freeze).__name__}) is not understood; pass an int, a list of ints, "
+        "name prefix(es), a fraction in (0, 1], a predicate (name, module) -> bool, or None"
+    )
+
+
+def prefix_length(frozen: list[int]) -> int:
+    """Length of the run of frozen blocks that starts at block 0 (the inference segment)."""
+    k = 0
+    s = set(frozen)
+    while k in s:
+        k += 1
+    return k
+
+
+def check_options(bn: str, dtype, channels_last, graphs) -> None:
+    """Validates the wrapper options other than ``freeze``."""
+    if bn not in BN_MODES:
+        raise FreezeError(f"bn={bn!r} is not a BatchNorm mode; pass bn='frozen' (default) or bn='train'")
+    if dtype is not None and dtype not in DTYPES:
+        raise FreezeError(f"dtype={dtype!r} is not supported; pass None, torch.float32, torch.float16 or torch.bfloat16")
+    if dtype is not None and bn == "train":
+        raise FreezeError(
+            "dtype pre-casting needs folded, fixed BatchNorm, but bn='train' keeps batch statistics; "
+            "use bn='frozen' or drop dtype"
+        )
+    for name, v in (("channels_last", channels_last), ("graphs", graphs)):
+        if not isinstance(v, bool):
+            raise FreezeError(f"{name}={v!r} must be True or False")
+
+
+Predicate = Callable[[str, torch.nn.Module], bool]
