@@ -1,0 +1,26 @@
+"""Small built-in example models for the demo, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+from .cnn import CNNClassifier, cnn_classifier
+from .encoder import EncoderBlock, TransformerEncoderClassifier, transformer_encoder
+from .yolo import (
+    YOLOv5,
+    detection_loss,
+    detection_targets_like,
+    synthetic_images,
+    yolov5,
+)
+
+__all__ = [
+    "CNNClassifier",
+    "EncoderBlock",
+    "TransformerEncoderClassifier",
+    "YOLOv5",
+    "cnn_classifier",
+    "detection_loss",
+    "detection_targets_like",
+    "synthetic_images",
+    "transformer_encoder",
+    "yolov5",
+]
