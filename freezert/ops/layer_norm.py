@@ -1,0 +1,174 @@
+"""LayerNorm forward and backward: Triton kernels, autograd wiring, plain-torch reference."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from . import _registry as reg
+
+# Rows longer than this go to the reference: a row must fit in one block of registers.
+_MAX_ROW = 16384
+
+
+def layer_norm_reference(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.layer_norm`` itself: what the Triton path must match."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    return F.layer_norm(input, shape, weight, bias, eps)
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    # Defined on first use: importing freezert.ops never imports triton (see batch_norm_act).
+    # Triton (compiler and interpreter alike) resolves names in a kernel through the module's
+    # globals, not closures: bind triton, tl and the helper kernels there, on first use.
+    global triton, tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def forward(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, M, N, eps,
+                HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        mask_m = rows < M
+        mask_n = cols < N
+        mask = mask_m[:, None] & mask_n[None, :]
+        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / N
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / N + eps)
+        y = d * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y = y + tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + rows, mean, mask=mask_m)
+        tl.store(rstd_ptr + rows, rstd, mask=mask_m)
+
+    @triton.jit
+    def backward(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, M, N,
+                 HAS_W: tl.constexpr, NEED_DX: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Each program walks row blocks pid, pid + G, ...; dx per row, dw/db partials per program.
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK_N)
+        mask_n = cols < N
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for rb in range(pid, tl.cdiv(M, BLOCK_M), nprog):
+            rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask_m = rows < M
+            mask = mask_m[:, None] & mask_n[None, :]
+            offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + rows, mask=mask_m, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=mask_m, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            dw += dy * xhat
+            db += dy
+            if NEED_DX:
+                wdy = dy
+                if HAS_W:
+                    wdy = dy * w[None, :]
+                c1 = tl.sum(xhat * wdy, axis=1) / N
+                c2 = tl.sum(wdy, axis=1) / N
+                dx = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dw_ptr + pid * N + cols, tl.sum(dw, axis=0), mask=mask_n)
+        tl.store(db_ptr + pid * N + cols, tl.sum(db, axis=0), mask=mask_n)
+
+    return SimpleNamespace(forward=forward, backward=backward)
+
+
+def _blocks(n: int) -> tuple[int, int, int]:
+    block_n = 1 << max(0, n - 1).bit_length()
+    block_m = max(1, min(64, 4096 // block_n))  # several short rows per program
+    num_warps = min(16, max(1, block_m * block_n // 1024))
+    return block_m, block_n, num_warps
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, n, eps):
+        k = _kernels()
+        x2 = x.contiguous().view(-1, n)
+        m = x2.shape[0]
+        block_m, block_n, warps = _blocks(n)
+        y = reg.empty_like(x2)
+        mean = reg.empty(m, device=x.device, dtype=torch.float32)
+        rstd = reg.empty(m, device=x.device, dtype=torch.float32)
+        w = weight.contiguous() if weight is not None else x2
+        b = bias.contiguous() if bias is not None else x2
+        k.forward[(triton_cdiv(m, block_m),)](x2, y, w, b, mean, rstd, m, n, float(eps),
+                                               HAS_W=weight is not None, HAS_B=bias is not None,
+                                               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        ctx.save_for_backward(x2, weight, bias, mean, rstd)
+        ctx.n, ctx.shape = n, x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        k = _kernels()
+        x2, weight, bias, mean, rstd = ctx.saved_tensors
+        n = ctx.n
+        m = x2.shape[0]
+        dy2 = dy.contiguous().view(-1, n)
+        block_m, block_n, warps = _blocks(n)
+        g = max(1, min(triton_cdiv(m, block_m), reg.grid_programs(x2.device)))
+        need_dx = ctx.needs_input_grad[0]
+        dx = reg.empty_like(x2) if need_dx else x2
+        pdw = torch.empty(g, n, device=x2.device, dtype=torch.float32)
+        pdb = torch.empty(g, n, device=x2.device, dtype=torch.float32)
+        k.backward[(g,)](x2, dy2, dx, weight if weight is not None else x2, mean, rstd, pdw, pdb, m, n,
+                         HAS_W=weight is not None, NEED_DX=need_dx,
+                         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        dw = pdw.sum(0).to(weight.dtype).view(weight.shape) if weight is not None and ctx.needs_input_grad[1] else None
+        db = pdb.sum(0).to(bias.dtype).view(bias.shape) if bias is not None and ctx.needs_input_grad[2] else None
+        return (dx.view(ctx.shape) if need_dx else None), dw, db, None, None
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.layer_norm`` with Triton forward and backward (rows up to 16384 elements)."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    n = math.prod(shape)
+    ok = (
+        len(shape) > 0
+        and input.dim() >= len(shape)
+        and tuple(input.shape[input.dim() - len(shape):]) == shape
+        and (weight is None or weight.numel() == n)
+        and (bias is None or bias.numel() == n)
+        and 0 < n <= _MAX_ROW
+        and input.numel() > 0
+    )
+    path = reg.choose("layer_norm", input, weight, bias, supported=ok)
+    if path == reg.REFERENCE:
+        return layer_norm_reference(input, shape, weight, bias, eps)
+    return _LayerNorm.apply(input, weight, bias, n, float(eps))
