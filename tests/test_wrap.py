@@ -1,0 +1,224 @@
+"""Same function: wrapped models against naive freezing, on fresh random inputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import freezert
+from freezert.models import cnn_classifier, transformer_encoder, yolov5
+
+from ._ref import assert_grads_match, assert_outputs_close, loss_of, naive_reference, pretrained_like
+
+FP32_TOL = 1e-4
+
+
+def _compare(model, freeze, make_inputs, *, bn="frozen", steps=2, **kw):
+    """Wraps ``model`` and checks outputs, gradients and a few optimizer steps against naive freezing."""
+    ref_src = copy.deepcopy(model)
+    fm = freezert.wrap(model, freeze=freeze, bn=bn, **kw)
+    fm.train()
+    ref = naive_reference(ref_src, fm, bn=bn)
+    opt = torch.optim.SGD(fm.trainable_parameters(), lr=1e-3, momentum=0.9)
+    ref_opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    frozen_before = [p.detach().clone() for p in fm.frozen_parameters()]
+    for _ in range(steps):
+        args, kwargs = make_inputs()
+        out, ref_out = fm(*args, **kwargs), ref(*args, **kwargs)
+        assert_outputs_close(out, ref_out, FP32_TOL)
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+        loss_of(out).backward()
+        loss_of(ref_out).backward()
+        assert_grads_match(model, ref, 1e-3)
+        opt.step()
+        ref_opt.step()
+    for p, before in zip(fm.frozen_parameters(), frozen_before):
+        assert p.grad is None and torch.equal(p, before)
+    return fm, ref
+
+
+def _images(batch=2, size=64):
+    return lambda: ((torch.randn(batch, 3, size, size),), {})
+
+
+YOLO_BOUNDARIES = {
+    0: (),
+    3: (2,),
+    10: (4, 6, 9),
+    11: (4, 6, 10),
+    13: (4, 10, 12),
+    24: (17, 20, 23),
+}
+
+
+@pytest.mark.parametrize("freeze", sorted(YOLO_BOUNDARIES))
+def test_yolo_matches_naive_freezing(freeze):
+    model = pretrained_like(yolov5("n", nc=3))
+    fm, _ = _compare(model, freeze, _images())
+    assert tuple(fm.boundary) == YOLO_BOUNDARIES[freeze]
+    assert fm.frozen_indices == list(range(freeze))
+    if freeze:
+        assert fm.segment.folded > 0  # BN really was folded, and outputs still matched
+
+
+def test_yolo_non_prefix_freeze_keeps_autograd_through_the_gaps():
+    model = pretrained_like(yolov5("n", nc=3))
+    fm, _ = _compare(model, [0, 2, 4], _images())
+    assert fm.frozen_indices == [0, 2, 4]
+    assert fm.prefix_length == 1 and fm.boundary == [0]
+    # block 1 trains, and its gradient had to flow back through frozen blocks 2 and 4
+    assert all(p.grad is not None for p in model.model[1].parameters())
+
+
+def test_yolo_eval_mode_output_matches():
+    model = pretrained_like(yolov5("n", nc=3))
+    ref = copy.deepcopy(model).eval()
+    fm = freezert.wrap(model, freeze=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fm(x)  # the first call folds BN
+        assert_outputs_close(fm(x), ref(x), FP32_TOL)
+
+
+def test_yolo_freeze_prefixes_like_yolov5_cli():
+    model = yolov5("n", nc=3)
+    fm = freezert.wrap(model, freeze=[f"model.{x}." for x in range(10)])
+    assert fm.frozen_indices == list(range(10))
+    fm2 = freezert.wrap(yolov5("n", nc=3), freeze="module.model.1")  # DDP prefix tolerated
+    assert fm2.frozen_indices == [1]  # whole dotted components: model.1 never matches model.11
+
+
+def test_cnn_classifier_matches():
+    _compare(pretrained_like(cnn_classifier(num_classes=7, width=16)), 3, _images(3, 33))
+
+
+def test_transformer_encoder_matches():
+    model = transformer_encoder(vocab_size=101, d_model=48, nhead=4, num_layers=6, dim_ff=72, num_classes=5)
+
+    def inputs():
+        ids = torch.randint(0, 101, (3, 13))
+        mask = torch.ones(3, 13, dtype=torch.long)
+        mask[1, 9:] = 0
+        return (ids,), {"attention_mask": mask}
+
+    fm, _ = _compare(model, 4, inputs)
+    assert fm.prefix_length == 4
+
+
+def test_fraction_and_predicate():
+    model = transformer_encoder(vocab_size=50, d_model=32, nhead=4, num_layers=8, dim_ff=40, num_classes=3)
+    assert freezert.wrap(copy.deepcopy(model), freeze=0.5).frozen_indices == [0, 1, 2, 3]
+    fm = freezert.wrap(model, freeze=lambda name, m: name.endswith(("0", "1")))
+    assert fm.frozen_indices == [0, 1]
+
+
+def test_bn_train_is_yolov5_freezing_bit_for_bit():
+    model = pretrained_like(yolov5("n", nc=3))
+    ref = copy.deepcopy(model)
+    for name, p in ref.named_parameters():
+        if any(name.startswith(f"model.{i}.") for i in range(10)):
+            p.requires_grad_(False)
+    fm = freezert.wrap(model, freeze=10, bn="train").train()
+    ref.train()
+    for _ in range(2):
+        x = torch.randn(2, 3, 64, 64)
+        out, ref_out = fm(x), ref(x)
+        for a, b in zip(out, ref_out):
+            assert torch.equal(a, b)
+        loss_of(out).backward()
+        loss_of(ref_out).backward()
+    for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
+        assert torch.equal(a, b), n  # running statistics updated exactly as YOLOv5's
+    moved = [n for n, b in model.named_buffers() if n.startswith("model.0.") and "running_mean" in n]
+    assert moved and not torch.equal(model.get_buffer(moved[0]), pretrained_like(yolov5("n", nc=3)).get_buffer(moved[0]))
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), n
+
+
+def test_bn_frozen_leaves_running_stats_bit_identical():
+    model = pretrained_like(yolov5("n", nc=3))
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    fm = freezert.wrap(model, freeze=10)
+    fm.train()  # .train() must not undo frozen BN (pytorch#66073)
+    opt = torch.optim.SGD(fm.trainable_parameters(), lr=0.01)
+    for _ in range(3):
+        loss_of(fm(torch.randn(2, 3, 64, 64))).backward()
+        opt.step()
+        opt.zero_grad()
+    for n, b in model.named_buffers():
+        if any(n.startswith(f"model.{i}.") for i in range(10)):
+            assert torch.equal(b, before[n]), n
+        elif "running_mean" in n and n.startswith("model.13."):
+            assert not torch.equal(b, before[n])  # the trainable part's BN does keep learning
+    frozen_bn = [m for m in model.model[:10].modules() if isinstance(m, nn.BatchNorm2d)]
+    assert frozen_bn and not any(m.training for m in frozen_bn)
+
+
+def test_optimizer_over_trainable_parameters_trains():
+    torch.manual_seed(3)
+    model = cnn_classifier(num_classes=4, width=16)
+    fm = freezert.wrap(model, freeze=2)
+    opt = torch.optim.Adam(fm.trainable_parameters(), lr=3e-3)
+    x, y = torch.randn(16, 3, 24, 24), torch.randint(0, 4, (16,))
+    losses = []
+    for _ in range(25):
+        loss = nn.functional.cross_entropy(fm(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    trainable = {id(p) for p in fm.trainable_parameters()}
+    assert not trainable & {id(p) for p in fm.frozen_parameters()}
+    assert len(trainable) + len(fm.frozen_parameters()) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_precast_dtype_within_tolerance(dtype):
+    model = pretrained_like(cnn_classifier(num_classes=5, width=16))
+    ref = copy.deepcopy(model).eval()
+    fm = freezert.wrap(model, freeze=3, dtype=dtype).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fm(x)
+        out = fm(x)
+        assert out.dtype == torch.float32
+        assert_outputs_close(out, ref(x), 2e-2 if dtype == torch.bfloat16 else 5e-3)
+    copies = [t for r in fm.segment.runners for t in r.target.parameters()]
+    assert copies and all(t.dtype == dtype for t in copies)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the user's weights untouched
+
+
+def test_channels_last_segment():
+    model = pretrained_like(yolov5("n", nc=3))
+    ref = copy.deepcopy(model).eval()
+    fm = freezert.wrap(model, freeze=10, channels_last=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fm(x)
+        assert_outputs_close(fm(x), ref(x), FP32_TOL)
+    assert all(p.is_contiguous() for p in model.parameters())  # the user's weights keep their layout
+    copies = [t for r in fm.segment.runners for t in r.target.parameters() if t.dim() == 4 and t.shape[-1] > 1]
+    assert copies and all(t.is_contiguous(memory_format=torch.channels_last) for t in copies)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_segment_with_graphs(graphs):
+    model = pretrained_like(yolov5("n", nc=3)).cuda()
+    ref = copy.deepcopy(model)
+    fm = freezert.wrap(model, freeze=10, graphs=graphs).train()
+    ref_fm = naive_reference(ref, fm)
+    for _ in range(3):
+        x = torch.randn(2, 3, 64, 64, device="cuda")
+        out, ref_out = fm(x), ref_fm(x)
+        assert_outputs_close(out, ref_out, FP32_TOL)
+        loss_of(out).backward()
+        loss_of(ref_out).backward()
+    assert_grads_match(model, ref_fm, 1e-3)
+    if graphs:
+        assert fm.segment._graphs
