@@ -74,7 +74,7 @@ def _stem(root: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
 
 
 def _main_container(model: nn.Module) -> str | None:
-    """The ModuleList/Sequential holding the largest share (at least half) of the parameters."""
+    """The ModuleList/Sequential holding the largest share (at least a quarter) of the parameters."""
     total = _n_params(model)
     best, best_n = None, 0
     for name, m in model.named_modules():
@@ -86,7 +86,7 @@ def _main_container(model: nn.Module) -> str | None:
         n = _n_params(m)
         if n > best_n:
             best, best_n = name, n
-    if best is not None and total and best_n * 2 >= total:
+    if best is not None and total and best_n * 4 >= total:
         return best
     return None
 
