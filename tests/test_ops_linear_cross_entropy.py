@@ -1,0 +1,139 @@
+"""linear_cross_entropy (chunked, Triton softmax/grad) against F.cross_entropy(F.linear(...))."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from freezert import FreezeError
+from freezert.ops import _registry as reg
+from freezert.ops import backend, linear_cross_entropy, linear_cross_entropy_reference
+
+N, D = 29, 23
+CASES = [
+    pytest.param("cpu", torch.float32, 1e-5, id="cpu-fp32"),
+    pytest.param("cpu", torch.float16, 1e-3, id="cpu-fp16"),
+    pytest.param("cuda", torch.float32, 1e-5, id="cuda-fp32", marks=pytest.mark.cuda),
+    pytest.param("cuda", torch.float16, 1e-3, id="cuda-fp16", marks=pytest.mark.cuda),
+    pytest.param("cuda", torch.bfloat16, 1e-2, id="cuda-bf16", marks=pytest.mark.cuda),
+]
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    reg.set_poison(True)
+    reg.reset_backend()
+    yield
+    reg.set_poison(False)
+
+
+def expected_path(device: str) -> str:
+    if device == "cuda":
+        if reg.interpreting():
+            pytest.skip("the Triton interpreter is on: run CUDA tests with TRITON_INTERPRET=0")
+        return reg.TRITON
+    if not reg.interpreting():
+        pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    return reg.INTERPRETER
+
+
+def assert_close(actual, expected, tol, what):
+    expected = expected.float()
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def make(device, dtype, v, ignore=True, bias=True):
+    x = torch.randn(N, D, device=device).to(dtype)
+    w = (torch.randn(v, D, device=device) * 0.3).to(dtype)
+    b = torch.randn(v, device=device).to(dtype) if bias else None
+    t = torch.randint(0, v, (N,), device=device)
+    if ignore:
+        t[::4] = -100
+    return x, w, b, t
+
+
+def check(device, dtype, tol, v, reduction, smoothing, bias=True, chunk=8, ignore_index=-100):
+    path = expected_path(device)
+    x, w, b, t = make(device, dtype, v, bias=bias)
+    if ignore_index != -100:
+        t[t == -100] = ignore_index
+    fast = [u.clone().requires_grad_() if u is not None else None for u in (x, w, b)]
+    ref = [u.float().clone().requires_grad_() if u is not None else None for u in (x, w, b)]
+    loss = linear_cross_entropy(fast[0], fast[1], t, fast[2], ignore_index=ignore_index,
+                                label_smoothing=smoothing, reduction=reduction, chunk_size=chunk)
+    lref = linear_cross_entropy_reference(ref[0], ref[1], t, ref[2], ignore_index=ignore_index,
+                                          label_smoothing=smoothing, reduction=reduction)
+    assert backend()["linear_cross_entropy"] == path
+    assert loss.dtype == dtype and loss.shape == lref.shape
+    assert_close(loss, lref, tol, "loss")
+    g = torch.rand(lref.shape, device=device) + 0.5
+    loss.backward(g.to(dtype))
+    lref.backward(g)
+    for name, a, r in zip(("input", "weight", "bias"), fast, ref):
+        if a is not None:
+            assert a.grad.dtype == dtype
+            assert_close(a.grad, r.grad, 2 * tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("device,dtype,tol", CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("v", [101, 1000])
+def test_matches_reference(device, dtype, tol, reduction, v):
+    check(device, dtype, tol, v, reduction, 0.0)
+
+
+@pytest.mark.parametrize("device,dtype,tol", CASES[:1] + CASES[2:])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_smoothing(device, dtype, tol, reduction):
+    check(device, dtype, tol, 101, reduction, 0.1)
+
+
+def test_no_bias_other_ignore_index_one_chunk():
+    check("cpu", torch.float32, 1e-5, 101, "mean", 0.2, bias=False, chunk=None, ignore_index=7)
+
+
+def test_all_ignored_mean_is_nan_like_torch():
+    expected_path("cpu")
+    x, w, b, t = make("cpu", torch.float32, 101)
+    t[:] = -100
+    loss = linear_cross_entropy(x, w, t, b, chunk_size=8)
+    assert torch.isnan(loss) and torch.isnan(linear_cross_entropy_reference(x, w, t, b))
+
+
+def test_saved_tensors_smaller_than_logits():
+    """Peak memory fact, device-independent: nothing saved for backward is as large as N x V."""
+    expected_path("cpu")
+    v = 1000
+    x, w, b, t = make("cpu", torch.float32, v)
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    for reduction in ("mean", "none"):
+        sizes = []
+
+        def pack(u):
+            sizes.append(u.numel())
+            return u
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda u: u):
+            loss = linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=8)
+        assert sizes and max(sizes) < N * v, (reduction, sizes)
+        loss.sum().backward()
+        sizes.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda u: u):
+            linear_cross_entropy_reference(x, w, t, b, reduction=reduction)
+        assert max(sizes) >= N * v  # eager keeps the logits (or their softmax)
+
+
+def test_fallback_shapes_and_errors():
+    expected_path("cpu")
+    x = torch.randn(2, 3, D)  # (B, T, D): F.cross_entropy reads dim 1 as classes; leave it to torch
+    w = torch.randn(3, D)
+    t = torch.randint(0, 3, (2, 3))
+    torch.testing.assert_close(linear_cross_entropy(x, w, t), linear_cross_entropy_reference(x, w, t))
+    assert backend()["linear_cross_entropy"] == reg.REFERENCE
+    with pytest.raises(FreezeError, match="reduction"):
+        linear_cross_entropy(torch.randn(3, D), w, torch.zeros(3, dtype=torch.long), reduction="avg")
+    with pytest.raises(FreezeError, match="chunk_size"):
+        linear_cross_entropy(torch.randn(3, D), w, torch.zeros(3, dtype=torch.long), chunk_size=0)
