@@ -1,0 +1,518 @@
+"""Loads the native extension ``freezert._C`` and guards every pointer that crosses into it.
+
+Each public function validates its tensors (dtype, device, shape, contiguity, index bounds)
+and raises :class:`freezert.NativeError` with one sentence naming the problem and the fix
+before any ``data_ptr()`` reaches C++. It then runs the native CPU or CUDA kernel when one
+exists for the device combination, else the plain-torch/numpy reference (same results).
+
+Set ``FREEZERT_NO_NATIVE=1`` to skip the native build at install time; set at run time it
+also disables loading an installed ``freezert._C`` (everything runs the references).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+import os
+from typing import Any
+
+import torch
+
+from ._errors import NativeError
+
+__all__ = [
+    "CODECS",
+    "encode_scatter",
+    "encode_scatter_reference",
+    "gather_decode",
+    "gather_decode_reference",
+    "hash_rows",
+    "hash_rows_reference",
+    "native_info",
+]
+
+_ABI = 1  # must equal freezert::kAbiVersion in csrc/common.h
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+FP8_MAX = 448.0
+
+# Test hook: when True, every function runs its reference as if freezert._C were missing.
+_FORCE_REFERENCE = False
+
+# Stable per-dtype tags mixed into the hash seed (never renumber: hashes are persisted).
+_DTYPE_TAGS: dict[torch.dtype, int] = {}
+for _tag, _name in enumerate(
+    [
+        "bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32",
+        "float64", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+        "float8_e5m2fnuz", "uint16", "uint32", "uint64",
+    ],
+    start=1,
+):
+    if isinstance(getattr(torch, _name, None), torch.dtype):
+        _DTYPE_TAGS[getattr(torch, _name)] = _tag
+
+# Codec name -> store dtype; element codes shared with csrc/common.h (enum Elem).
+CODECS: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp8": torch.uint8,
+}
+_CODEC_ELEM = {"fp32": 0, "fp16": 1, "bf16": 2, "fp8": 3}
+_IO_ELEM = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------
+def _env_no_native() -> bool:
+    return os.environ.get("FREEZERT_NO_NATIVE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@functools.cache
+def _load() -> tuple[Any, str]:
+    """(module or None, reason it is not used)."""
+    if _env_no_native():
+        return None, "FREEZERT_NO_NATIVE is set, so freezert._C is not loaded; unset it to use the native kernels"
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, (
+            f"freezert._C is not importable ({exc}); freezert was installed without its native "
+            "extension (FREEZERT_NO_NATIVE=1 at build time, or the build failed: run "
+            "`pip install -v -e .` to see the build log)"
+        )
+    abi = getattr(_C, "ABI", None)
+    if abi != _ABI:
+        return None, (
+            f"freezert._C at {getattr(_C, '__file__', '?')} is stale (ABI {abi}, expected {_ABI}); "
+            "rebuild it with `pip install -e .`"
+        )
+    return _C, ""
+
+
+def _lib() -> Any:
+    return None if _FORCE_REFERENCE else _load()[0]
+
+
+@functools.cache
+def _cuda_device_count() -> int:
+    lib = _load()[0]
+    if lib is None or not lib.cuda_compiled:
+        return 0
+    return int(lib.cuda_device_count())
+
+
+def _native_cuda() -> Any:
+    """The module when its CUDA kernels can run here, else None."""
+    lib = _lib()
+    if lib is None or not lib.cuda_compiled or _cuda_device_count() == 0:
+        return None
+    return lib
+
+
+def native_info() -> dict[str, Any]:
+    """What the native extension provides here: built, CUDA compiled/usable, version, path, reason."""
+    lib, reason = _load()
+    if _FORCE_REFERENCE and lib is not None:
+        lib, reason = None, "freezert._native._FORCE_REFERENCE is set (test hook): references only"
+    info: dict[str, Any] = {
+        "built": lib is not None,
+        "cuda_compiled": bool(lib is not None and lib.cuda_compiled),
+        "cuda_available": False,
+        "version": str(getattr(lib, "__version__", "")) if lib is not None else "",
+        "reason": reason,
+        "path": str(getattr(lib, "__file__", "")) if lib is not None else "",
+    }
+    if info["cuda_compiled"]:
+        info["cuda_available"] = _cuda_device_count() > 0
+        info["cuda_archs"] = str(lib.cuda_archs)
+        info["cuda_runtime_version"] = int(lib.cuda_runtime_version())
+        info["cuda_reason"] = "" if info["cuda_available"] else str(lib.cuda_status())
+    return info
+
+
+# ---------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------
+def _fail(msg: str) -> NativeError:
+    return NativeError(msg)
+
+
+def _check_tensor(fn: str, name: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise _fail(f"{fn}: {name} is a {type(t).__name__}, not a torch.Tensor; pass a tensor")
+    if t.layout != torch.strided:
+        raise _fail(f"{fn}: {name} has layout {t.layout}; pass a dense tensor, e.g. {name}.to_dense()")
+    if t.device.type not in ("cpu", "cuda"):
+        raise _fail(
+            f"{fn}: {name} is on device {t.device}, which has no data to read; "
+            f"pass a CPU or CUDA tensor, e.g. {name}.to('cpu')"
+        )
+
+
+def _check_dtype(fn: str, name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...], fix: str) -> None:
+    if t.dtype not in allowed:
+        names = " or ".join(str(d) for d in allowed)
+        raise _fail(f"{fn}: {name} has dtype {t.dtype}; pass a {names} tensor, e.g. {fix}")
+
+
+def _check_contiguous(fn: str, name: str, t: torch.Tensor, written: bool) -> None:
+    if t.is_contiguous():
+        return
+    if written:
+        raise _fail(
+            f"{fn}: {name} is not contiguous (strides {tuple(t.stride())}) and is written in place; "
+            f"allocate it contiguous, e.g. torch.empty({tuple(t.shape)}, dtype={t.dtype}, device='{t.device}')"
+        )
+    raise _fail(f"{fn}: {name} is not contiguous (strides {tuple(t.stride())}); pass {name}.contiguous()")
+
+
+def _check_codec(fn: str, codec: Any) -> str:
+    if codec not in CODECS:
+        raise _fail(f"{fn}: codec {codec!r} is not supported; use one of {', '.join(map(repr, CODECS))}")
+    return codec
+
+
+def _check_index_bounds(fn: str, index: torch.Tensor, n_rows: int) -> None:
+    if index.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(index)).tolist())  # one device sync
+    if lo >= 0 and hi < n_rows:
+        return
+    bad = ((index < 0) | (index >= n_rows)).nonzero()[0, 0]
+    pos, val = int(bad), int(index[bad])
+    raise _fail(
+        f"{fn}: index[{pos}] = {val} is outside [0, {n_rows}) for a store of {n_rows} rows; "
+        "pass row indices within the store (or allocate a larger store)"
+    )
+
+
+def _check_store(fn: str, store: torch.Tensor, scales: Any, codec: str) -> None:
+    _check_tensor(fn, "store", store)
+    want = CODECS[codec]
+    fix = "a store made by torch.empty(N, D, dtype=" + str(want) + ")"
+    if codec == "fp8" and store.dtype == torch.float8_e4m3fn:
+        fix = "store.view(torch.uint8)"
+    _check_dtype(fn, "store", store, (want,), fix + f" for codec {codec!r}")
+    if store.dim() != 2:
+        raise _fail(f"{fn}: store has shape {tuple(store.shape)}; pass a 2-D (N, D) store")
+    _check_contiguous(fn, "store", store, written=True)
+    if codec == "fp8":
+        if scales is None:
+            raise _fail(
+                f"{fn}: scales is None but codec 'fp8' needs the float32 per-row scales of shape "
+                f"({store.shape[0]},); pass the scales tensor kept alongside the store"
+            )
+        _check_tensor(fn, "scales", scales)
+        _check_dtype(fn, "scales", scales, (torch.float32,), "scales.float()")
+        if tuple(scales.shape) != (store.shape[0],):
+            raise _fail(
+                f"{fn}: scales has shape {tuple(scales.shape)} but the store has {store.shape[0]} rows; "
+                f"pass scales of shape ({store.shape[0]},)"
+            )
+        _check_contiguous(fn, "scales", scales, written=True)
+        if scales.device != store.device:
+            raise _fail(
+                f"{fn}: scales is on {scales.device} but store is on {store.device}; "
+                f"keep scales on the store's device, e.g. scales.to('{store.device}')"
+            )
+
+
+def _check_rows(fn: str, name: str, t: torch.Tensor, store: torch.Tensor, index: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise _fail(f"{fn}: {name} has shape {tuple(t.shape)}; pass a 2-D (B, D) tensor")
+    if t.shape[1] != store.shape[1]:
+        raise _fail(
+            f"{fn}: {name} has {t.shape[1]} columns but the store has D = {store.shape[1]}; "
+            f"pass rows of width {store.shape[1]}"
+        )
+    if index.dim() != 1 or index.shape[0] != t.shape[0]:
+        raise _fail(
+            f"{fn}: index has shape {tuple(index.shape)} but {name} has {t.shape[0]} rows; "
+            f"pass a 1-D index of length {t.shape[0]}"
+        )
+
+
+def _check_placement(fn: str, name: str, t: torch.Tensor, index: torch.Tensor, store: torch.Tensor) -> bool:
+    """Checks devices; returns True for the host tier (CUDA rows, pinned CPU store)."""
+    if index.device != t.device:
+        raise _fail(
+            f"{fn}: index is on {index.device} but {name} is on {t.device}; "
+            f"put index on {name}'s device, e.g. index.to('{t.device}')"
+        )
+    if store.device == t.device:
+        return False
+    if t.device.type == "cuda" and store.device.type == "cpu":
+        if not store.is_pinned():
+            raise _fail(
+                f"{fn}: store is in pageable CPU memory but {name} is on {t.device}; "
+                f"pin it (store = store.pin_memory()) so the GPU reads it directly, or move it to {t.device}"
+            )
+        # scales share the store's device (checked); pinned too, or the kernel cannot read them.
+        return True
+    raise _fail(
+        f"{fn}: store is on {store.device} but {name} is on {t.device}; put both on one device "
+        f"(a CPU store serves a CUDA {name} only when pinned), e.g. store.to('{t.device}')"
+    )
+
+
+def _check_host_scales(fn: str, scales: Any, codec: str) -> None:
+    if codec == "fp8" and not scales.is_pinned():
+        raise _fail(f"{fn}: scales is in pageable CPU memory; pin it like the store (scales = scales.pin_memory())")
+
+
+def _stream(device: torch.device) -> int:
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+# ---------------------------------------------------------------------------------------
+# row hashing
+# ---------------------------------------------------------------------------------------
+def _splitmix64(x: int) -> int:
+    z = (x + _GOLDEN) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _hash_prepare(fn: str, x: Any, seed: Any) -> tuple[torch.Tensor, int, int, int]:
+    """Validates; returns (contiguous x, rows, bytes per row, mixed seed)."""
+    _check_tensor(fn, "x", x)
+    if x.dim() == 0:
+        raise _fail(f"{fn}: x is a 0-d tensor; pass at least one dimension of rows, e.g. x.reshape(1)")
+    if x.dtype not in _DTYPE_TAGS:
+        raise _fail(
+            f"{fn}: x has dtype {x.dtype}, which has no stable hash tag; pass a bool, integer, "
+            "floating or complex tensor, e.g. x.float()"
+        )
+    try:
+        s = operator.index(seed) & _M64
+    except TypeError:
+        raise _fail(f"{fn}: seed is a {type(seed).__name__}; pass an int") from None
+    # Row identity = bytes + dtype + row shape: mix dtype and shape into the seed.
+    row_shape = tuple(int(d) for d in x.shape[1:])
+    s = _splitmix64(s ^ _DTYPE_TAGS[x.dtype])
+    s = _splitmix64(s ^ len(row_shape))
+    for d in row_shape:
+        s = _splitmix64(s ^ d)
+    x = x.resolve_conj().resolve_neg().contiguous()
+    return x, int(x.shape[0]), math.prod(row_shape) * x.element_size(), s
+
+
+def _row_bytes_cpu(x: torch.Tensor, rows: int, row_bytes: int) -> torch.Tensor:
+    return x.detach().cpu().reshape(-1).view(torch.uint8).reshape(rows, row_bytes)
+
+
+def _hash_numpy(b: Any, row_bytes: int, seed: int) -> Any:
+    import numpy as np
+
+    rows = b.shape[0]
+    words = (row_bytes + 7) // 8
+    padded = np.zeros((rows, words * 8), dtype=np.uint8)
+    padded[:, :row_bytes] = b
+    w = padded.view("<u8")
+    u = np.uint64
+    with np.errstate(over="ignore"):
+
+        def mix(z: Any) -> Any:
+            z = z + u(_GOLDEN)
+            z = (z ^ (z >> u(30))) * u(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> u(27))) * u(0x94D049BB133111EB)
+            return z ^ (z >> u(31))
+
+        i = np.arange(words, dtype=np.uint64) * u(_GOLDEN)
+        h = mix(w ^ i[None, :]).sum(axis=1, dtype=np.uint64)
+        final = mix(h ^ mix(np.full(rows, row_bytes, dtype=np.uint64) ^ u(seed)))
+    return final.view(np.int64)
+
+
+def _hash_python(rows_of_bytes: list[bytes], row_bytes: int, seed: int) -> list[int]:
+    out = []
+    for row in rows_of_bytes:
+        row = row + b"\0" * (-len(row) % 8)
+        h = 0
+        for i in range(len(row) // 8):
+            h += _splitmix64(int.from_bytes(row[8 * i : 8 * i + 8], "little") ^ ((i * _GOLDEN) & _M64))
+        f = _splitmix64((h & _M64) ^ _splitmix64(row_bytes ^ seed))
+        out.append(f - (1 << 64) if f >> 63 else f)
+    return out
+
+
+def hash_rows_reference(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    """Pure numpy (or, without numpy, pure Python) version of :func:`hash_rows`; same values."""
+    x, rows, row_bytes, s = _hash_prepare("hash_rows_reference", x, seed)
+    b = _row_bytes_cpu(x, rows, row_bytes)
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        vals = _hash_python([bytes(r) for r in b.tolist()], row_bytes, s)
+        return torch.tensor(vals, dtype=torch.int64).to(x.device)
+    return torch.from_numpy(_hash_numpy(b.numpy(), row_bytes, s)).to(x.device)
+
+
+def hash_rows(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    """64-bit content hash of each row ``x[i]`` (bytes, dtype and row shape), as int64 on x's device.
+
+    Per row: view the bytes as little-endian uint64 words w_i (zero-padded tail),
+    ``h = sum_i splitmix64(w_i ^ i * 0x9E3779B97F4A7C15) mod 2**64``, then
+    ``splitmix64(h ^ splitmix64(row_bytes ^ seed'))`` where seed' mixes ``seed``, the dtype
+    and the row shape. Identical on CPU and CUDA, across runs and processes.
+    """
+    x, rows, row_bytes, s = _hash_prepare("hash_rows", x, seed)
+    out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    if rows == 0:
+        return out
+    if x.device.type == "cpu" and (lib := _lib()) is not None:
+        lib.hash_rows_cpu(x.data_ptr(), rows, row_bytes, s, out.data_ptr())
+        return out
+    if x.device.type == "cuda" and (lib := _native_cuda()) is not None:
+        lib.hash_rows_cuda(x.data_ptr(), rows, row_bytes, s, out.data_ptr(), x.device.index, _stream(x.device))
+        return out
+    return hash_rows_reference(x, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------
+# feature-cache codecs
+# ---------------------------------------------------------------------------------------
+def _fp8_encode_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 e4m3fn bits, float32 per-row scale) for float32 rows x."""
+    amax = x.abs().amax(dim=1)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
+    q = (x / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    return q, scale
+
+
+def _validate_scatter(src: Any, index: Any, store: Any, scales: Any, codec: Any) -> bool:
+    fn = "encode_scatter"
+    codec = _check_codec(fn, codec)
+    _check_tensor(fn, "src", src)
+    _check_tensor(fn, "index", index)
+    _check_store(fn, store, scales, codec)
+    _check_dtype(fn, "src", src, tuple(_IO_ELEM), "src.float()")
+    _check_dtype(fn, "index", index, (torch.int64,), "index.long()")
+    _check_rows(fn, "src", src, store, index)
+    _check_contiguous(fn, "src", src, written=False)
+    _check_contiguous(fn, "index", index, written=False)
+    host = _check_placement(fn, "src", src, index, store)
+    if host:
+        _check_host_scales(fn, scales, codec)
+    _check_index_bounds(fn, index, store.shape[0])
+    return host
+
+
+def _validate_gather(store: Any, scales: Any, index: Any, out: Any, codec: Any) -> bool:
+    fn = "gather_decode"
+    codec = _check_codec(fn, codec)
+    _check_tensor(fn, "out", out)
+    _check_tensor(fn, "index", index)
+    _check_store(fn, store, scales, codec)
+    _check_dtype(fn, "out", out, tuple(_IO_ELEM), f"torch.empty({tuple(out.shape)}, dtype=torch.float32)")
+    _check_dtype(fn, "index", index, (torch.int64,), "index.long()")
+    _check_rows(fn, "out", out, store, index)
+    _check_contiguous(fn, "out", out, written=True)
+    _check_contiguous(fn, "index", index, written=False)
+    host = _check_placement(fn, "out", out, index, store)
+    if host:
+        _check_host_scales(fn, scales, codec)
+    _check_index_bounds(fn, index, store.shape[0])
+    return host
+
+
+def encode_scatter_reference(
+    src: torch.Tensor, index: torch.Tensor, store: torch.Tensor, scales: torch.Tensor | None, codec: str
+) -> None:
+    """Plain-torch ``store[index[i]] = encode(src[i])`` (and ``scales[index[i]]`` for fp8)."""
+    _validate_scatter(src, index, store, scales, codec)
+    _encode_scatter_reference(src, index, store, scales, codec)
+
+
+def _encode_scatter_reference(src, index, store, scales, codec) -> None:  # noqa: ANN001
+    if src.shape[0] == 0 or src.shape[1] == 0:
+        return
+    x = src.float()
+    idx = index.to(store.device)
+    if codec == "fp8":
+        q, scale = _fp8_encode_reference(x)
+        store[idx] = q.to(store.device)
+        scales[idx] = scale.to(store.device)
+    else:
+        store[idx] = x.to(store.dtype).to(store.device)
+
+
+def gather_decode_reference(
+    store: torch.Tensor, scales: torch.Tensor | None, index: torch.Tensor, out: torch.Tensor, codec: str
+) -> torch.Tensor:
+    """Plain-torch ``out[i] = decode(store[index[i]])`` (times the row scale for fp8); returns out."""
+    _validate_gather(store, scales, index, out, codec)
+    return _gather_decode_reference(store, scales, index, out, codec)
+
+
+def _gather_decode_reference(store, scales, index, out, codec) -> torch.Tensor:  # noqa: ANN001
+    if out.shape[0] == 0 or out.shape[1] == 0:
+        return out
+    idx = index.to(store.device)
+    rows = store[idx]
+    if codec == "fp8":
+        vals = rows.view(torch.float8_e4m3fn).float() * scales[idx][:, None]
+    else:
+        vals = rows.float()
+    out.copy_(vals.to(out.dtype))
+    return out
+
+
+def encode_scatter(
+    src: torch.Tensor, index: torch.Tensor, store: torch.Tensor, scales: torch.Tensor | None, codec: str
+) -> None:
+    """``store[index[i]] = encode(src[i])`` for codec fp32/fp16/bf16/fp8 (fp8 also sets ``scales``).
+
+    ``src`` (B, D) float32/float16/bfloat16; ``index`` int64 (B,); ``store`` (N, D) of the
+    codec's dtype (uint8 e4m3fn bits for fp8, with float32 ``scales`` (N,); ignored otherwise).
+    fp8 rows are stored as ``clamp(x / scale, ±448)`` with ``scale = amax(|row|) / 448`` (1 for
+    an all-zero row). A CUDA ``src`` may write a pinned CPU store directly (synchronise the
+    stream before the CPU reads it). Duplicate indices: which row wins is unspecified.
+    """
+    host = _validate_scatter(src, index, store, scales, codec)
+    batch, dim = int(src.shape[0]), int(src.shape[1])
+    if batch == 0 or dim == 0:
+        return
+    sc = scales.data_ptr() if codec == "fp8" else 0
+    args = (src.data_ptr(), _IO_ELEM[src.dtype], index.data_ptr(), batch, dim,
+            store.data_ptr(), _CODEC_ELEM[codec], sc, int(store.shape[0]))  # fmt: skip
+    if src.device.type == "cpu" and (lib := _lib()) is not None:
+        lib.encode_scatter_cpu(*args)
+    elif src.device.type == "cuda" and (lib := _native_cuda()) is not None:
+        lib.encode_scatter_cuda(*args, host, src.device.index, _stream(src.device))
+    else:
+        _encode_scatter_reference(src, index, store, scales, codec)
+
+
+def gather_decode(
+    store: torch.Tensor, scales: torch.Tensor | None, index: torch.Tensor, out: torch.Tensor, codec: str
+) -> torch.Tensor:
+    """``out[i] = decode(store[index[i]])`` (times ``scales[index[i]]`` for fp8); returns ``out``.
+
+    ``out`` (B, D) float32/float16/bfloat16 on CPU or CUDA. A CUDA ``out`` may read a pinned
+    CPU store (the cache's host tier) through its device-visible address, with no staging copy.
+    Error bounds of an encode/decode round trip to float32: fp32 exact; fp16 exact for
+    fp16-representable values (else round-to-nearest-even, 2**-11 relative); bf16 at most
+    2**-8 relative (round-to-nearest-even, 8 significant bits); fp8 at most 2**-4 times the
+    row's amax (e4m3: 4 significant bits, relative 2**-4 of the value for normals, and
+    subnormals below 2**-6 * scale are within 2**-10 * scale).
+    """
+    host = _validate_gather(store, scales, index, out, codec)
+    batch, dim = int(out.shape[0]), int(out.shape[1])
+    if batch == 0 or dim == 0:
+        return out
+    sc = scales.data_ptr() if codec == "fp8" else 0
+    args = (store.data_ptr(), _CODEC_ELEM[codec], sc, index.data_ptr(), batch, dim,
+            int(store.shape[0]), out.data_ptr(), _IO_ELEM[out.dtype])  # fmt: skip
+    if out.device.type == "cpu" and (lib := _lib()) is not None:
+        lib.gather_decode_cpu(*args)
+    elif out.device.type == "cuda" and (lib := _native_cuda()) is not None:
+        lib.gather_decode_cuda(*args, host, out.device.index, _stream(out.device))
+    else:
+        _gather_decode_reference(store, scales, index, out, codec)
+    return out
