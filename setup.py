@@ -83,12 +83,15 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     """Configures and builds the CMake project; never fails the install (pure-Python fallback)."""
 
+    _failed: set[str] = set()  # file names of extensions that did not build
+
     def build_extension(self, ext: Extension) -> None:
         dest = Path(self.get_ext_fullpath(ext.name)).resolve()
         t0 = time.monotonic()
         try:
             cuda = self._build(dest)
         except Exception as exc:  # noqa: BLE001 - any failure means: install without _C
+            self._failed = self._failed | {dest.name}
             _warn(
                 f"building the native extension freezert._C failed ({exc}).\n"
                 "freezert is installed as pure Python: hashing and cache codecs use the slower\n"
@@ -101,6 +104,22 @@ class CMakeBuild(build_ext):
             f"in {time.monotonic() - t0:.1f}s",
             flush=True,
         )
+
+    # A failed optional extension must not appear in the outputs that editable/wheel builds copy.
+    def get_outputs(self) -> list[str]:
+        return [p for p in super().get_outputs() if Path(p).name not in self._failed]
+
+    def get_output_mapping(self) -> dict[str, str]:
+        mapping = super().get_output_mapping()
+        return {k: v for k, v in mapping.items() if Path(k).name not in self._failed}
+
+    def copy_extensions_to_source(self) -> None:
+        saved = self.extensions
+        self.extensions = [e for e in saved if Path(self.get_ext_filename(e.name)).name not in self._failed]
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = saved
 
     def _build(self, dest: Path) -> bool:
         cmake = _find_cmake()
@@ -157,8 +176,9 @@ class CMakeBuild(build_ext):
         sys.stdout.flush()
         if proc.returncode != 0:
             lines = proc.stdout.strip().splitlines() or ["no output"]
-            first_error = next((ln for ln in lines if "error" in ln.lower()), lines[-1])
-            raise RuntimeError(f"cmake {step} exited with {proc.returncode}: {first_error.strip()[:300]}")
+            at = next((i for i, ln in enumerate(lines) if "error" in ln.lower()), len(lines) - 1)
+            detail = " ".join(ln.strip() for ln in lines[at : at + 4] if ln.strip())
+            raise RuntimeError(f"cmake {step} exited with {proc.returncode}: {detail[:400]}")
 
 
 def _ext_modules() -> list[Extension]:
