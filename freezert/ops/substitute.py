@@ -82,6 +82,16 @@ class FusedLayerNorm(nn.Module):
 
 
 def _replacement(m: nn.Module) -> nn.Module | None:
+    rep = _fused(m)
+    if rep is not None:
+        # plain attributes a parent may read, e.g. YOLO's per-layer .f / .i / .type / .np
+        for key, value in vars(m).items():
+            if not key.startswith("_") and key != "training" and key not in vars(rep):
+                setattr(rep, key, value)
+    return rep
+
+
+def _fused(m: nn.Module) -> nn.Module | None:
     if _hooked(m):
         return None
     if type(m) is nn.LayerNorm:
