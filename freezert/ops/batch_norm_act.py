@@ -57,13 +57,17 @@ def _kernels() -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def _tile(t, NSB, offs_s0, offs_c, S, C, sN, sS, sC, BLOCK_S: tl.constexpr):
+    def _tile(t, NSB, offs_s0, offs_c, S, C, sN, BLOCK_S: tl.constexpr, CL: tl.constexpr):
         # Tile t of the (N, C, S) view: batch item n, spatial block sb; returns offsets and masks.
+        # The unit stride is a literal so the compiler sees contiguity (vector loads, coalescing).
         n = t // NSB
         sb = t - n * NSB
         offs_s = sb * BLOCK_S + offs_s0
         mask_s = offs_s < S
-        offs = n.to(tl.int64) * sN + offs_s[:, None].to(tl.int64) * sS + offs_c[None, :] * sC
+        if CL:  # rows of C channels, channels contiguous
+            offs = offs_s[:, None].to(tl.int64) * C + offs_c[None, :]
+        else:  # NCHW: each (n, c) plane is S contiguous elements
+            offs = n.to(tl.int64) * sN + offs_c[None, :].to(tl.int64) * S + offs_s[:, None]
         mask = mask_s[:, None] & (offs_c < C)[None, :]
         return offs, mask, mask_s
 
@@ -85,8 +89,8 @@ def _kernels() -> SimpleNamespace:
         return dy
 
     @triton.jit
-    def stats(x_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S, sN, sC, sS, NSB,
-              BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    def stats(x_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S, sN, NSB,
+              BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
         # Per-program Welford partials (count, mean, M2) per channel, merged tile by tile (Chan).
         pid_c = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -97,7 +101,7 @@ def _kernels() -> SimpleNamespace:
         mean = tl.zeros([BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
         for t in range(pid_k, N * NSB, nk):
-            offs, mask, mask_s = _tile(t, NSB, offs_s0, offs_c, S, C, sN, sS, sC, BLOCK_S)
+            offs, mask, mask_s = _tile(t, NSB, offs_s0, offs_c, S, C, sN, BLOCK_S, CL)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tcnt = tl.sum(mask_s.to(tl.float32), axis=0)
             tmean = tl.sum(x, axis=0) / tcnt
@@ -145,8 +149,8 @@ def _kernels() -> SimpleNamespace:
             tl.store(rv_ptr + offs_c, rv.to(rv_ptr.dtype.element_ty), mask=mask_c)
 
     @triton.jit
-    def forward(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, N, C, S, sN, sC, sS, NSB,
-                ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    def forward(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, N, C, S, sN, NSB,
+                ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
         pid_c = tl.program_id(0)
         pid_k = tl.program_id(1)
         nk = tl.num_programs(1)
@@ -160,15 +164,15 @@ def _kernels() -> SimpleNamespace:
         scale = w * invstd
         shift = b - mean * scale
         for t in range(pid_k, N * NSB, nk):
-            offs, mask, mask_s = _tile(t, NSB, offs_s0, offs_c, S, C, sN, sS, sC, BLOCK_S)
+            offs, mask, mask_s = _tile(t, NSB, offs_s0, offs_c, S, C, sN, BLOCK_S, CL)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             y = _act_fwd(x * scale[None, :] + shift[None, :], ACT)
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def backward_reduce(x_ptr, dy_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sdz_ptr, sdzx_ptr,
-                        N, C, S, sN, sC, sS, NSB,
-                        ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                        N, C, S, sN, NSB,
+                        ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
         # Per-program partial sums of dz and dz * xhat per channel (dz: grad at the BN output).
         pid_c = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -183,7 +187,7 @@ def _kernels() -> SimpleNamespace:
         sdz = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         sdzx = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         for t in range(pid_k, N * NSB, nk):
-            offs, mask, mask_s = _tile(t, NSB, offs_s0, offs_c, S, C, sN, sS, sC, BLOCK_S)
+            offs, mask, mask_s = _tile(t, NSB, offs_s0, offs_c, S, C, sN, BLOCK_S, CL)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             xhat = (x - mean[None, :]) * invstd[None, :]
@@ -197,9 +201,9 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def backward_input(x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sdz_ptr, sdzx_ptr,
-                       inv_count, N, C, S, sN, sC, sS, NSB,
+                       inv_count, N, C, S, sN, NSB,
                        TRAINING: tl.constexpr, ACT: tl.constexpr,
-                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
         pid_c = tl.program_id(0)
         pid_k = tl.program_id(1)
         nk = tl.num_programs(1)
@@ -216,7 +220,7 @@ def _kernels() -> SimpleNamespace:
             mdz = tl.load(sdz_ptr + offs_c, mask=mask_c, other=0.0) * inv_count
             mdzx = tl.load(sdzx_ptr + offs_c, mask=mask_c, other=0.0) * inv_count
         for t in range(pid_k, N * NSB, nk):
-            offs, mask, mask_s = _tile(t, NSB, offs_s0, offs_c, S, C, sN, sS, sC, BLOCK_S)
+            offs, mask, mask_s = _tile(t, NSB, offs_s0, offs_c, S, C, sN, BLOCK_S, CL)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             xhat = (x - mean[None, :]) * invstd[None, :]
@@ -242,21 +246,25 @@ class _Geometry:
         self.C = c
         self.channels_last = x.dim() == 2 or x.stride(1) == 1 and (s == 1 or not x.is_contiguous())
         if self.channels_last:  # one row per (n, spatial) position, channels contiguous
-            self.N, self.S, self.sN, self.sC, self.sS = 1, n * s, 0, 1, c
+            self.N, self.S, self.sN = 1, n * s, 0
             self.BLOCK_C = min(_next_pow2(c), 64)
             self.BLOCK_S = max(16, min(_next_pow2(n * s), 4096 // self.BLOCK_C))
         else:  # NCHW: each (n, c) plane is S contiguous elements
-            self.N, self.S, self.sN, self.sC, self.sS = n, s, c * s, s, 1
+            self.N, self.S, self.sN = n, s, c * s
             self.BLOCK_C = 4
             self.BLOCK_S = max(16, min(_next_pow2(s), 1024))
         self.NSB = -(-self.S // self.BLOCK_S)
+        self.warps = 8 if self.BLOCK_S * self.BLOCK_C >= 4096 else 4
         self.grid_c = -(-c // self.BLOCK_C)
         tiles = self.N * self.NSB
         self.K = max(1, min(tiles, reg.grid_programs(x.device) // self.grid_c))
         self.count = n * s
 
     def args(self) -> tuple[int, ...]:
-        return (self.N, self.C, self.S, self.sN, self.sC, self.sS, self.NSB)
+        return (self.N, self.C, self.S, self.sN, self.NSB)
+
+    def meta(self) -> dict:
+        return dict(BLOCK_S=self.BLOCK_S, BLOCK_C=self.BLOCK_C, CL=self.channels_last, num_warps=self.warps)
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
@@ -291,8 +299,7 @@ class _BatchNormAct(torch.autograd.Function):
             pcnt = torch.empty(geo.K, C, **f32)
             pmean = torch.empty(geo.K, C, **f32)
             pm2 = torch.empty(geo.K, C, **f32)
-            k.stats[(geo.grid_c, geo.K)](x, pcnt, pmean, pm2, *geo.args(),
-                                        BLOCK_S=geo.BLOCK_S, BLOCK_C=geo.BLOCK_C)
+            k.stats[(geo.grid_c, geo.K)](x, pcnt, pmean, pm2, *geo.args(), **geo.meta())
             mean = reg.empty(C, **f32)
             invstd = reg.empty(C, **f32)
             update = running_mean is not None
@@ -306,8 +313,7 @@ class _BatchNormAct(torch.autograd.Function):
             mean = running_mean.detach().to(torch.float32, copy=True)
             invstd = torch.rsqrt(running_var.detach().float() + eps)
         y = reg.empty_like(x)
-        k.forward[(geo.grid_c, geo.K)](x, y, mean, invstd, w, b, *geo.args(), ACT=act,
-                                      BLOCK_S=geo.BLOCK_S, BLOCK_C=geo.BLOCK_C)
+        k.forward[(geo.grid_c, geo.K)](x, y, mean, invstd, w, b, *geo.args(), ACT=act, **geo.meta())
         ctx.save_for_backward(x, mean, invstd, w, b)
         ctx.training, ctx.act = training, act
         ctx.has_w, ctx.has_b = weight is not None, bias is not None
@@ -327,15 +333,14 @@ class _BatchNormAct(torch.autograd.Function):
             psdz = torch.empty(geo.K, C, **f32)
             psdzx = torch.empty(geo.K, C, **f32)
             k.backward_reduce[(geo.grid_c, geo.K)](x, dy, mean, invstd, w, b, psdz, psdzx, *geo.args(),
-                                                   ACT=ctx.act, BLOCK_S=geo.BLOCK_S, BLOCK_C=geo.BLOCK_C)
+                                                   ACT=ctx.act, **geo.meta())
             sdz, sdzx = psdz.sum(0), psdzx.sum(0)
         dx = None
         if need_x:
             dx = reg.empty_like(x)
             k.backward_input[(geo.grid_c, geo.K)](x, dy, dx, mean, invstd, w, b, sdz, sdzx,
                                                   1.0 / geo.count, *geo.args(),
-                                                  TRAINING=ctx.training, ACT=ctx.act,
-                                                  BLOCK_S=geo.BLOCK_S, BLOCK_C=geo.BLOCK_C)
+                                                  TRAINING=ctx.training, ACT=ctx.act, **geo.meta())
         dw = sdzx.to(w.dtype) if ctx.has_w and need_w else None
         db = sdz.to(b.dtype) if ctx.has_b and need_b else None
         return dx, None, None, dw, db, None, None, None, None

@@ -117,7 +117,7 @@ class _LayerNorm(torch.autograd.Function):
         rstd = reg.empty(m, device=x.device, dtype=torch.float32)
         w = weight.contiguous() if weight is not None else x2
         b = bias.contiguous() if bias is not None else x2
-        k.forward[(triton_cdiv(m, block_m),)](x2, y, w, b, mean, rstd, m, n, float(eps),
+        k.forward[(_cdiv(m, block_m),)](x2, y, w, b, mean, rstd, m, n, float(eps),
                                                HAS_W=weight is not None, HAS_B=bias is not None,
                                                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
         ctx.save_for_backward(x2, weight, bias, mean, rstd)
@@ -132,7 +132,7 @@ class _LayerNorm(torch.autograd.Function):
         m = x2.shape[0]
         dy2 = dy.contiguous().view(-1, n)
         block_m, block_n, warps = _blocks(n)
-        g = max(1, min(triton_cdiv(m, block_m), reg.grid_programs(x2.device)))
+        g = max(1, min(_cdiv(m, block_m), reg.grid_programs(x2.device)))
         need_dx = ctx.needs_input_grad[0]
         dx = reg.empty_like(x2) if need_dx else x2
         pdw = torch.empty(g, n, device=x2.device, dtype=torch.float32)
@@ -145,7 +145,7 @@ class _LayerNorm(torch.autograd.Function):
         return (dx.view(ctx.shape) if need_dx else None), dw, db, None, None
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
