@@ -193,10 +193,12 @@ def _check_index_bounds(fn: str, index: torch.Tensor, n_rows: int) -> None:
 def _check_store(fn: str, store: torch.Tensor, scales: Any, codec: str) -> None:
     _check_tensor(fn, "store", store)
     want = CODECS[codec]
-    fix = "a store made by torch.empty(N, D, dtype=" + str(want) + ")"
-    if codec == "fp8" and store.dtype == torch.float8_e4m3fn:
-        fix = "store.view(torch.uint8)"
-    _check_dtype(fn, "store", store, (want,), fix + f" for codec {codec!r}")
+    if store.dtype != want:
+        if codec == "fp8" and store.dtype == torch.float8_e4m3fn:
+            fix = "pass its raw bits, store.view(torch.uint8)"
+        else:
+            fix = f"pass a store made by torch.empty(N, D, dtype={want}), or the codec that matches the store"
+        raise _fail(f"{fn}: store has dtype {store.dtype} but codec {codec!r} keeps rows in {want}; {fix}")
     if store.dim() != 2:
         raise _fail(f"{fn}: store has shape {tuple(store.shape)}; pass a 2-D (N, D) store")
     _check_contiguous(fn, "store", store, written=True)
