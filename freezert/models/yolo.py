@@ -289,7 +289,7 @@ class YOLOv5(nn.Module):
         self.names = [str(i) for i in range(cfg["nc"])]
 
         m = self.model[-1]
-        s = 256  # 2x min stride
+        s = 64  # probe size (YOLOv5 uses 256; any multiple of the largest stride gives the same strides)
         with torch.no_grad():
             m.stride.copy_(torch.tensor([s / x.shape[-2] for x in self.forward(torch.zeros(1, ch, s, s))]))
         m.anchors /= m.stride.view(-1, 1, 1)  # anchors in grid units
