@@ -31,7 +31,7 @@ __all__ = ["GradientMonitor", "MemoryMonitor", "MonitorEvent", "block_grad_norms
 
 
 def _as_blocks(blocks: Any) -> list[tuple[str, nn.Module]]:
-    if hasattr(blocks, "blocks") and not isinstance(blocks, (list, tuple, nn.Sequential)):
+    if hasattr(blocks, "blocks") and (hasattr(blocks, "set_freeze") or hasattr(blocks, "frozen_blocks")):
         blocks = blocks.blocks  # a FrozenModel or an attached schedule
     if isinstance(blocks, nn.Module):
         raise FreezeError(
