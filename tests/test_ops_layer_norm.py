@@ -90,3 +90,16 @@ def test_fallbacks():
     x = torch.randn(3, 5, dtype=torch.bfloat16)
     torch.testing.assert_close(layer_norm(x, 5), layer_norm_reference(x, 5))
     assert backend()["layer_norm"] == reg.REFERENCE
+
+
+def test_autocast_dtype_like_eager():
+    path = expected_path("cpu")
+    x = torch.randn(37, 45)
+    w = torch.randn(45, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        h = torch.mm(x, torch.eye(45))  # fp16 under autocast
+        y = layer_norm(h, 45, w)
+        assert backend()["layer_norm"] == path
+        yr = layer_norm_reference(h, 45, w)
+    assert y.dtype == yr.dtype  # CUDA autocast runs layer_norm in fp32; CPU autocast keeps fp16
+    assert_close(y, yr, 1e-3, "output")

@@ -137,3 +137,22 @@ def test_fallback_shapes_and_errors():
         linear_cross_entropy(torch.randn(3, D), w, torch.zeros(3, dtype=torch.long), reduction="avg")
     with pytest.raises(FreezeError, match="chunk_size"):
         linear_cross_entropy(torch.randn(3, D), w, torch.zeros(3, dtype=torch.long), chunk_size=0)
+
+
+def test_autocast_matches_eager_autocast():
+    """Under autocast: matmuls in the autocast dtype, an fp32 loss, like F.linear + F.cross_entropy."""
+    path = expected_path("cpu")
+    x, w, b, t = make("cpu", torch.float32, 101)
+    fast = [u.clone().requires_grad_() for u in (x, w, b)]
+    ref = [u.clone().requires_grad_() for u in (x, w, b)]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = linear_cross_entropy(fast[0], fast[1], t, fast[2], chunk_size=8)
+        assert backend()["linear_cross_entropy"] == path
+        lref = linear_cross_entropy_reference(ref[0], ref[1], t, ref[2])
+    assert loss.dtype == lref.dtype == torch.float32
+    assert_close(loss, lref, 2e-3, "loss")
+    loss.backward()
+    lref.backward()
+    for a, r in zip(fast, ref):
+        assert a.grad.dtype == torch.float32
+        assert_close(a.grad, r.grad, 2e-3, "grad")

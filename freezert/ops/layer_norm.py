@@ -168,6 +168,10 @@ def layer_norm(
         and 0 < n <= _MAX_ROW
         and input.numel() > 0
     )
+    if input.device.type == "cuda" and torch.is_autocast_enabled("cuda"):  # CUDA autocast: fp32 layer_norm
+        input = input.float()
+        weight = None if weight is None else weight.float()
+        bias = None if bias is None else bias.float()
     path = reg.choose("layer_norm", input, weight, bias, supported=ok)
     if path == reg.REFERENCE:
         return layer_norm_reference(input, shape, weight, bias, eps)

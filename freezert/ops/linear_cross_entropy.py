@@ -208,6 +208,17 @@ def linear_cross_entropy(
                                               label_smoothing, reduction)
     n, v = input.shape[0], weight.shape[0]
     chunk = chunk_size or max(1, min(n, _CHUNK_ELEMENTS // v))
-    return _LinearCrossEntropy.apply(input.contiguous(), weight.contiguous(), target.contiguous(),
-                                     None if bias is None else bias.contiguous(), int(ignore_index),
-                                     float(label_smoothing), reduction, int(chunk))
+    device_type = input.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:  # as eager: F.linear in the autocast dtype, cross-entropy (and its result) in fp32
+        dt = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        if reg.choose("linear_cross_entropy", input, weight, bias, target) == reg.REFERENCE:
+            return linear_cross_entropy_reference(input, weight, target, bias, ignore_index,
+                                                  label_smoothing, reduction)
+    with torch.autocast(device_type, enabled=False):
+        loss = _LinearCrossEntropy.apply(input.contiguous(), weight.contiguous(), target.contiguous(),
+                                         None if bias is None else bias.contiguous(), int(ignore_index),
+                                         float(label_smoothing), reduction, int(chunk))
+    return loss.float() if autocast else loss
