@@ -103,6 +103,31 @@ def _recast(mod: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> N
                     store[key] = new
 
 
+def flatten_tensors(obj) -> list[torch.Tensor]:
+    """The tensors in a (nested) output, in a fixed order."""
+    found: list[torch.Tensor] = []
+    _map_tensors(obj, lambda t: found.append(t) or t)
+    return found
+
+
+def _map_slots(obj, fn):
+    if isinstance(obj, _Slot):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_map_slots(o, fn) for o in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_slots(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _map_slots(v, fn)) for k, v in obj.items())
+    return obj
+
+
+def rebuild(template, tensors: list[torch.Tensor]):
+    """The output structure recorded in ``template`` with ``tensors`` (``flatten_tensors`` order) put back."""
+    it = iter(tensors)
+    return _map_slots(template, lambda _: next(it))
+
+
 def _out_dtype(module: nn.Module) -> torch.dtype | None:
     for t in module.parameters():
         if t.is_floating_point():
@@ -120,6 +145,8 @@ class _Runner(nn.Module):
         self.__dict__["original"] = original
         self.fold, self.dtype, self.channels_last = fold, dtype, channels_last
         self.out_dtype = _out_dtype(original)
+        self.template = None  # per-sample shapes/dtypes of the last output: placeholders on a cache hit
+        self.replay = None  # set by FrozenSegment.replaying(): what to return instead of running
         # Only a private copy may be folded or recast; the user's own modules (bn="train") never are.
         self.prepared = not copy_module or not (fold or dtype is not None or channels_last)
         self.folded = 0
@@ -144,6 +171,8 @@ class _Runner(nn.Module):
         return t
 
     def forward(self, *args, **kwargs):
+        if self.replay is not None:
+            return self.replay()
         with torch.no_grad():
             target = self.__dict__["target"]
             if not self.prepared:
@@ -152,7 +181,10 @@ class _Runner(nn.Module):
                 if self.dtype is not None or self.channels_last:
                     args, kwargs = _map_tensors((args, kwargs), self._cast_in)
                 out = target(*args, **kwargs)
-            return _map_tensors(out, self._cast_out) if self.dtype is not None else out
+            if self.dtype is not None:
+                out = _map_tensors(out, self._cast_out)
+            self.template = _map_tensors(out, lambda t: _Slot(t.shape, t.dtype, t.device))
+            return out
 
     def _prepare(self, target, args, kwargs):
         # The first call runs unfolded in the model's own dtype and finds the conv->BN pairs on the way.
@@ -169,6 +201,19 @@ class _Runner(nn.Module):
         _recast(target, self.dtype, self.channels_last)
         self.prepared = True
         return out
+
+
+class _Slot:
+    """Shape, dtype and device of one tensor in a runner's output (batch dimension first)."""
+
+    __slots__ = ("shape", "dtype", "device")
+
+    def __init__(self, shape, dtype, device):
+        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+
+    def placeholder(self, batch: int) -> torch.Tensor:
+        # A zero-stride expand: the right shape for the model's glue code, no memory.
+        return torch.zeros((), dtype=self.dtype, device=self.device).expand(batch, *self.shape[1:])
 
 
 def _tensor_records(modules: list[nn.Module]):
@@ -214,6 +259,26 @@ class FrozenSegment:
         """How many BatchNorm layers were folded into convolutions so far."""
         return sum(r.folded for r in self.runners)
 
+    @property
+    def device(self) -> torch.device | None:
+        """Where the frozen weights are (None for a segment without tensors)."""
+        return self._records[0][3].device if self._records else None
+
+    def move(self, device: torch.device) -> None:
+        """Moves the frozen weights (the user's tensors, keeping their identity) and the private copies."""
+        for r in self.runners:
+            for m in r.__dict__["target"].modules():
+                for store in (m._parameters, m._buffers):
+                    for key, t in store.items():
+                        if t is not None and t.device != device:
+                            t.data = t.data.to(device, non_blocking=True)
+        for o, kind, key, t, _, _ in self._records:
+            if t.device != device:
+                t.data = t.data.to(device, non_blocking=True)
+        self._records = [(o, kind, key, t, t._version, t.data_ptr()) for o, kind, key, t, _, _ in self._records]
+        self._buffer_values = {k: v.to(device) for k, v in self._buffer_values.items()}
+        self._graphs.clear()  # captured graphs point at the old memory
+
     def is_stale(self) -> bool:
         """True when the user's frozen tensors changed (load_state_dict, .to(), in-place edits) since the build."""
         for i, (owner, kind, key, t, version, ptr) in enumerate(self._records):
@@ -241,6 +306,25 @@ class FrozenSegment:
         finally:
             for parent, leaf, original in reversed(done):
                 parent._modules[leaf] = original
+
+    @property
+    def can_replay(self) -> bool:
+        """True once every runner has run (so placeholders of the right shapes can stand in for it)."""
+        return all(r.template is not None for r in self.runners)
+
+    @contextlib.contextmanager
+    def replaying(self, batch: int, boundary: list[torch.Tensor]) -> Iterator[None]:
+        """While active, the runners skip their work: the last returns ``boundary`` in its recorded structure,
+        the others zero-cost placeholders of the right shapes for the model's glue code."""
+        try:
+            for r in self.runners[:-1]:
+                r.replay = lambda r=r: _map_slots(r.template, lambda s: s.placeholder(batch))
+            last = self.runners[-1]
+            last.replay = lambda: rebuild(last.template, boundary)
+            yield
+        finally:
+            for r in self.runners:
+                r.replay = None
 
     # -- driven mode: freezert runs the block graph itself and returns the boundary tensors --------------
     def run(self, x: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -8,11 +8,13 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import time
+
 from . import spec as _spec
-from ._errors import FreezeError
+from ._errors import CacheError, FreezeError
 from .blocks import BlockTable, block_table
 from .partition import Partition, partition
-from .segment import FrozenSegment
+from .segment import FrozenSegment, flatten_tensors
 
 
 def _bn_modules(modules) -> Iterator[_BatchNorm]:
@@ -39,6 +41,8 @@ class FrozenModel(nn.Module):
         dtype: torch.dtype | None = None,
         channels_last: bool = False,
         graphs: bool = False,
+        cache=None,
+        offload_frozen: bool = False,
     ):
         super().__init__()
         if isinstance(model, FrozenModel):
@@ -54,6 +58,12 @@ class FrozenModel(nn.Module):
         self._save = self._yolo_save(table)
         self._segment: FrozenSegment | None = None
         self._unwrapped = False
+        self._cache = _make_cache(cache, bn)
+        self._cache_sig = None  # (weights token, input signature) the cache is bound for
+        self._weights_token = 0  # bumped whenever the segment is rebuilt from (possibly) new weights
+        self.offload_frozen = bool(offload_frozen)
+        self._offloaded_from: torch.device | None = None  # where the frozen weights live when not offloaded
+        self.offloads = 0
         self._set_frozen(frozen)
 
     # -- the frozen set --------------------------------------------------------------------------------
@@ -126,6 +136,11 @@ class FrozenModel(nn.Module):
         """The inference segment, built at the first forward (None before, or when nothing is frozen)."""
         return self._segment
 
+    @property
+    def cache(self):
+        """The ``FeatureCache`` holding frozen-segment outputs (None without ``cache=``)."""
+        return self._cache
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that train: hand these to the optimizer."""
         return [p for p in self._params if p.requires_grad]
@@ -159,6 +174,7 @@ class FrozenModel(nn.Module):
     def _ensure_segment(self) -> FrozenSegment:
         seg = self._segment
         if seg is None or seg.is_stale():
+            self._weights_token += 1
             seg = self._segment = FrozenSegment(
                 self._table,
                 self._part,
@@ -169,16 +185,172 @@ class FrozenModel(nn.Module):
             )
         return seg
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, cache_ids=None, **kwargs):
         self._check_live()
+        if cache_ids is not None and self._cache is None:
+            raise CacheError("cache_ids= was given but this model has no cache; wrap it with cache='fp16' (or True)")
         if self._part.k == 0:
+            if self._cache is not None:
+                raise CacheError("cache= needs frozen blocks from block 0 on (a frozen prefix); freeze=N with N >= 1")
             return self.model(*args, **kwargs)
         seg = self._ensure_segment()
-        driven = self._table.kind in ("yolo", "sequential")
-        if driven and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+        driven = self._table.kind in ("yolo", "sequential") and len(args) == 1 and not kwargs
+        driven = driven and isinstance(args[0], torch.Tensor)
+        if self._cache is not None:
+            return self._forward_cached(seg, driven, args, kwargs, cache_ids)
+        if driven:
             return self._run_tail(seg.run(args[0]))
         with seg.swapped(self.model):
             return self.model(*args, **kwargs)
+
+    # -- the feature cache ---------------------------------------------------------------------------------
+    def _batch_tensors(self, args, kwargs) -> tuple[int, list[torch.Tensor]]:
+        tensors = [t for t in flatten_tensors((args, kwargs)) if t.dim() > 0]
+        if not tensors:
+            raise CacheError("the cache keys samples by their input tensors, but this call passed none")
+        batch = tensors[0].shape[0]
+        return batch, [t for t in tensors if t.shape[0] == batch]
+
+    def _keys(self, batch: int, tensors: list[torch.Tensor], cache_ids) -> torch.Tensor:
+        if cache_ids is not None:
+            ids = torch.as_tensor(cache_ids).reshape(-1)
+            if ids.is_floating_point() or ids.dtype == torch.bool or ids.numel() != batch:
+                raise CacheError(
+                    f"cache_ids must hold one integer id per sample ({batch}), got {ids.numel()} of {ids.dtype}; "
+                    "pass the dataset indices of the batch"
+                )
+            return ids.to(torch.int64).cpu()
+        from ._native import hash_rows
+
+        key = None
+        for t in tensors:
+            h = hash_rows(t).cpu()
+            key = h if key is None else key * 1099511628211 + h  # int64 arithmetic wraps: a 64-bit mix
+        return key
+
+    def _bind_cache(self, seg: FrozenSegment, tensors, ids_mode: bool, boundary_like) -> None:
+        """Binds the cache to this segment's fingerprint; ``boundary_like()`` gives example boundary rows."""
+        from .cache import fingerprint_of
+
+        sig = tuple((tuple(t.shape[1:]), t.dtype) for t in tensors)
+        bound = self._cache_sig
+        if bound is not None and bound == (self._weights_token, sig):
+            return
+        if bound is not None and ids_mode and bound[1] != sig and len(self._cache):
+            raise CacheError(
+                f"cache_ids refer to samples stored for inputs {_sig_text(bound[1])}, but this batch has "
+                f"{_sig_text(sig)}; use new ids for new inputs or call fm.cache.clear()"
+            )
+        weights = [t for _, _, _, t, _, _ in seg._records]
+        fp = fingerprint_of(
+            weights,
+            freeze=list(self._part.frozen[: self._part.k]),
+            bn=self.bn,
+            dtype=str(self.dtype),
+            codec=self._cache.codec,
+            inputs=_sig_text(sig),
+        )
+        example = boundary_like()
+        layout = [(tuple(t.shape[1:]), t.dtype) for t in example]
+        self._cache.bind(fp, layout, example[0].device)
+        self._cache_sig = (self._weights_token, sig)
+
+    def _cache_bound(self, tensors) -> bool:
+        sig = tuple((tuple(t.shape[1:]), t.dtype) for t in tensors)
+        return self._cache_sig == (self._weights_token, sig)
+
+    def _forward_cached(self, seg: FrozenSegment, driven: bool, args, kwargs, cache_ids):
+        batch, tensors = self._batch_tensors(args, kwargs)
+        keys = self._keys(batch, tensors, cache_ids)
+        ids_mode = cache_ids is not None
+        if driven:
+            return self._run_tail(self._cached_boundary(seg, args[0], keys, tensors, ids_mode))
+        # swap mode: the model's own forward runs; on a full hit the runners replay the cached boundary.
+        if self._cache_bound(tensors) and seg.can_replay and bool(self._cache.lookup(keys).all()):
+            boundary = self._cache_get(keys, seg.runners[-1].template)
+            self._maybe_offload(seg)
+            with seg.replaying(batch, boundary):
+                return self.model(*args, **kwargs)
+        self._restore_offloaded(seg)
+        captured: list = []
+        handle = seg.runners[-1].register_forward_hook(lambda m, a, out: captured.append(out))
+        try:
+            with seg.swapped(self.model):
+                out = self.model(*args, **kwargs)
+        finally:
+            handle.remove()
+        produced = flatten_tensors(captured[-1])
+        if any(t.dim() == 0 or t.shape[0] != batch for t in produced):
+            raise CacheError(
+                f"block {seg.names[-1]!r} returns tensors without the batch dimension ({batch}) first, so its "
+                "outputs cannot be cached per sample; cache a different cut (freeze=) or drop cache="
+            )
+        self._bind_cache(seg, tensors, ids_mode, lambda: produced)
+        hit = self._cache.lookup(keys)
+        if not bool(hit.all()):
+            miss = (~hit).nonzero().squeeze(1)
+            self._cache.put(keys[miss], [t[miss.to(t.device)] for t in produced])
+        return out
+
+    def _cache_get(self, keys, template) -> list[torch.Tensor]:
+        from .segment import _map_slots
+
+        slots: list = []
+        _map_slots(template, lambda s: slots.append(s) or s)
+        got = self._cache.get(keys, slots[0].device)
+        return [g.to(s.dtype) if g.dtype != s.dtype else g for g, s in zip(got, slots)]
+
+    def _cached_boundary(self, seg: FrozenSegment, x: torch.Tensor, keys, tensors, ids_mode: bool):
+        cache, order = self._cache, self._part.boundary
+
+        def probe():
+            self._restore_offloaded(seg)
+            with torch.no_grad():
+                y = seg.run(x[:1])  # learns the boundary layout (once per segment build)
+            return [y[j] for j in order]
+
+        self._bind_cache(seg, tensors, ids_mode, probe)
+        hit = cache.lookup(keys)
+        n_hit = int(hit.sum())
+        if n_hit == len(keys):
+            got = cache.get(keys, x.device)
+            self._maybe_offload(seg)
+            return {j: g.to(x.dtype) if g.is_floating_point() and x.is_floating_point() else g
+                    for j, g in zip(order, got)}
+        self._restore_offloaded(seg)
+        miss = (~hit).nonzero().squeeze(1)
+        t0 = time.perf_counter()
+        fresh = seg.run(x if n_hit == 0 else x[miss.to(x.device)])
+        cache.note_segment_time(time.perf_counter() - t0, len(miss))
+        cache.put(keys[miss], [fresh[j] for j in order])
+        if n_hit == 0:
+            return fresh
+        hits = hit.nonzero().squeeze(1)
+        got = cache.get(keys[hits], x.device)
+        out = {}
+        for j, g in zip(order, got):
+            f = fresh[j]
+            full = f.new_empty((len(keys), *f.shape[1:]))
+            full[miss.to(f.device)] = f
+            full[hits.to(f.device)] = g.to(f.dtype)
+            out[j] = full
+        return out
+
+    # -- offloading frozen weights once the cache serves whole batches ---------------------------------------
+    def _maybe_offload(self, seg: FrozenSegment) -> None:
+        if not self.offload_frozen or self._offloaded_from is not None:
+            return
+        device = seg.device
+        if device is None or device.type == "cpu":
+            return  # already in host memory: nothing to gain
+        seg.move(torch.device("cpu"))
+        self._offloaded_from = device
+        self.offloads += 1
+
+    def _restore_offloaded(self, seg: FrozenSegment) -> None:
+        if self._offloaded_from is not None:
+            seg.move(self._offloaded_from)
+            self._offloaded_from = None
 
     def _run_tail(self, y: dict[int, torch.Tensor]):
         """Runs blocks k.. on the boundary tensors, following ``.f`` for YOLO-style graphs."""
@@ -219,6 +391,32 @@ class FrozenModel(nn.Module):
         return f"frozen={list(p.frozen)}, prefix={p.k}, boundary={list(p.boundary)}, bn={self.bn!r}"
 
 
+def _sig_text(sig) -> str:
+    return ", ".join(f"{list(shape)} {str(dt).replace('torch.', '')}" for shape, dt in sig)
+
+
+def _make_cache(cache, bn: str):
+    if cache is None or cache is False:
+        return None
+    from .cache import FeatureCache
+
+    if cache is True:
+        cache = FeatureCache()
+    elif isinstance(cache, str):
+        cache = FeatureCache(codec=cache)
+    elif not isinstance(cache, FeatureCache):
+        raise CacheError(
+            f"cache={cache!r} is not understood; pass True, a codec name ('fp16', 'bf16', 'fp8', 'fp32') "
+            "or a freezert.FeatureCache"
+        )
+    if bn == "train":
+        raise CacheError(
+            "cache= cannot be combined with bn='train': batch statistics make each sample's frozen output depend "
+            "on the rest of its batch; use bn='frozen' or drop cache="
+        )
+    return cache
+
+
 def wrap(
     model: nn.Module,
     freeze=10,
@@ -228,10 +426,16 @@ def wrap(
     dtype: torch.dtype | None = None,
     channels_last: bool = False,
     graphs: bool = False,
+    cache=None,
+    offload_frozen: bool = False,
 ) -> FrozenModel:
-    """Returns ``model`` with blocks frozen per ``freeze=`` (int, list, name prefix(es), fraction or predicate)."""
+    """Returns ``model`` with blocks frozen per ``freeze=`` (int, list, name prefix(es), fraction or predicate).
+
+    ``cache=`` (True, a codec name or a ``FeatureCache``) keeps the frozen prefix's outputs across epochs.
+    """
     return FrozenModel(
-        model, freeze, blocks=blocks, bn=bn, dtype=dtype, channels_last=channels_last, graphs=graphs
+        model, freeze, blocks=blocks, bn=bn, dtype=dtype, channels_last=channels_last, graphs=graphs,
+        cache=cache, offload_frozen=offload_frozen,
     )
 
 
