@@ -115,8 +115,10 @@ class _LayerNorm(torch.autograd.Function):
         y = reg.empty_like(x2)
         mean = reg.empty(m, device=x.device, dtype=torch.float32)
         rstd = reg.empty(m, device=x.device, dtype=torch.float32)
-        w = weight.contiguous() if weight is not None else x2
-        b = bias.contiguous() if bias is not None else x2
+        weight = weight.contiguous() if weight is not None else None
+        bias = bias.contiguous() if bias is not None else None
+        w = weight if weight is not None else x2  # any pointer: HAS_W / HAS_B say whether it is read
+        b = bias if bias is not None else x2
         k.forward[(_cdiv(m, block_m),)](x2, y, w, b, mean, rstd, m, n, float(eps),
                                                HAS_W=weight is not None, HAS_B=bias is not None,
                                                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
