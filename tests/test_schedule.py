@@ -257,6 +257,17 @@ def test_unfreeze_a_hand_frozen_backbone_like_lightning():
     assert all(p.requires_grad for p in m.parameters())
 
 
+def test_optimizer_can_be_attached_after_the_model():
+    m = mlp()
+    blocks = list(m.children())
+    sched = Linear(0.0, 1.0).attach(m, blocks=blocks)  # model first (as wrap() does), optimizer later
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    sched.attach(optimizer=opt)
+    sched.step(1.0)
+    assert sched.frozen == [0, 1, 2]
+    assert in_optimizer(opt) == {id(p) for p in blocks[3].parameters()}
+
+
 def test_gradual_unfreezing_from_the_top():
     s = Unfreeze(at=[0.2, 0.4, 0.6], lr=[1e-3, 1e-4, 1e-5], blocks=[0, 1, 2, 3, 4])
     seq = [s.frozen_blocks(t, 8) for t in [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.9]]
@@ -441,6 +452,37 @@ def test_schedule_drives_a_frozen_model():
     assert max(depths) >= 2 and depths[-1] == 0
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.01
     assert in_optimizer(opt) == {id(p) for p in model.parameters()}
+
+
+def test_resume_a_frozen_model_mid_schedule_exactly():
+    wrap = _wrap()
+
+    def setup(seed):
+        torch.manual_seed(seed)
+        fm = wrap(mlp(n_hidden=4), freeze=None)
+        opt = torch.optim.Adam(fm.parameters(), lr=1e-2)
+        sched = Unfreeze(at=0.8, lr=3e-3, blocks=Linear(freeze_start=0.2, freeze_level=1.0)).attach(fm, opt)
+        return fm, opt, sched
+
+    def run(fm, opt, sched, start, stop):
+        for step in range(start, stop):
+            train_step(fm, opt, step)
+            sched.step((step + 1) / 10)
+
+    fm, opt, sched = setup(0)
+    run(fm, opt, sched, 0, 10)
+    fm1, opt1, sched1 = setup(0)
+    run(fm1, opt1, sched1, 0, 6)
+    assert sched1.frozen  # mid-schedule: something is frozen
+    ckpt = {"model": fm1.state_dict(), "opt": opt1.state_dict(), "freeze": sched1.state_dict()}
+    fm2, opt2, sched2 = setup(7)
+    fm2.load_state_dict(ckpt["model"])
+    sched2.load_state_dict(ckpt["freeze"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert list(fm2.frozen_indices) == sched1.frozen
+    run(fm2, opt2, sched2, 6, 10)
+    for a, b in zip(fm.parameters(), fm2.parameters()):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------------------
