@@ -262,11 +262,7 @@ def cmd_inspect(args) -> int:
 
     model = build_model(args.model)
     freeze = args.freeze if args.freeze is not None else _DEFAULT_FREEZE.get(args.model, 10)
-    try:
-        print(freezert.inspect(model, freeze=freeze))
-    except freezert.FreezeError as e:
-        print(f"freezert: {e}", file=sys.stderr)
-        return 2
+    print(freezert.inspect(model, freeze=freeze))
     return 0
 
 
@@ -286,6 +282,19 @@ def _check_yolo(args) -> None:
         raise SystemExit(f"freezert: demo/bench train the built-in detector; --model {args.model} is not a yolov5*")
     if args.freeze < 1:
         raise SystemExit("freezert: --freeze must be at least 1 to compare freezing variants")
+    if args.img < 64 or args.img % 32:
+        raise SystemExit(f"freezert: --img {args.img} must be a multiple of 32 and at least 64 (the detector's stride)")
+    if args.batch < 1 or args.steps < 1:
+        raise SystemExit("freezert: --batch and --steps must be at least 1")
+
+
+def _check_depth(model: nn.Module, args) -> None:
+    n = len(model.model)
+    if args.freeze >= n:
+        raise SystemExit(
+            f"freezert: --freeze {args.freeze} would freeze every block of {args.model} ({n} blocks, 0..{n - 1}); "
+            f"pass at most {n - 1}"
+        )
 
 
 def _header(title: str, args, device: torch.device, chosen: list[str]) -> None:
@@ -307,6 +316,7 @@ def cmd_demo(args) -> int:
     _header("demo", args, device, chosen)
     torch.manual_seed(args.seed)
     initial = build_model(args.model)
+    _check_depth(initial, args)
     batches = _synthetic_batches(initial, 2, args.batch, args.img, device, args.seed)
     if args.budget is None:
         args.budget = 30.0 if device.type == "cpu" else 0.0  # keeps the CPU demo under ~2 minutes even when busy
@@ -356,6 +366,7 @@ def cmd_bench(args) -> int:
     print(f"{args.repeats} repeats x {args.steps} steps per variant, round-robin, {args.warmup} warmup steps excluded")
     torch.manual_seed(args.seed)
     initial = build_model(args.model)
+    _check_depth(initial, args)
     batches = _synthetic_batches(initial, 2, args.batch, args.img, device, args.seed)
     cuda = device.type == "cuda"
 
@@ -446,7 +457,10 @@ def _train_options(p: argparse.ArgumentParser, steps_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="freezert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="freezert",
+        description="Inspect a model's blocks; compare full fine-tuning, naive freezing and freezert.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="print a model's block table and where freeze=N cuts it")
@@ -478,8 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``freezert`` console script and ``python -m freezert``."""
+    from ._errors import FreezeError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except FreezeError as e:  # a bad --freeze for this model: say what exists, no traceback
+        print(f"freezert: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -86,3 +86,14 @@ def test_naive_freeze_is_yolov5s_rule():
 def test_demo_rejects_non_detector(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--model", "cnn"])
+
+
+@pytest.mark.parametrize("bad", [["--img", "100"], ["--img", "32"], ["--steps", "0"]])
+def test_demo_rejects_bad_sizes(bad):
+    with pytest.raises(SystemExit, match="freezert:"):
+        main(["demo", "--device", "cpu", "--quiet", *bad])
+
+
+def test_demo_freeze_everything_is_a_clean_error():
+    with pytest.raises(SystemExit, match="at most 24"):
+        main(["demo", "--freeze", "25", *TINY, "--steps", "1"])
