@@ -204,7 +204,8 @@ def _as_optimizers(optimizer: Any) -> list[Optimizer]:
     if isinstance(optimizer, Sequence):
         return list(optimizer)
     raise FreezeError(
-        f"optimizer={type(optimizer).__name__} is not an optimizer; pass a torch.optim.Optimizer, a list of them, or None"
+        f"optimizer={type(optimizer).__name__} is not an optimizer; "
+        "pass a torch.optim.Optimizer, a list of them, or None"
     )
 
 
