@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from . import monitor
 from ._errors import CacheError, FreezeError, NativeError
+from ._native import native_info
 from .blocks import find_blocks
+from .schedule import FreezeOut, GradientNorm, Linear, Unfreeze, apply_freeze, freeze_layers
 from .wrapper import FrozenModel, inspect, wrap
 
 __version__ = "0.1.0"
@@ -11,10 +14,18 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheError",
     "FreezeError",
+    "FreezeOut",
     "FrozenModel",
+    "GradientNorm",
+    "Linear",
     "NativeError",
+    "Unfreeze",
     "__version__",
+    "apply_freeze",
     "find_blocks",
+    "freeze_layers",
     "inspect",
+    "monitor",
+    "native_info",
     "wrap",
 ]

@@ -49,6 +49,11 @@ class FrozenModel(nn.Module):
             raise FreezeError("the model is already a FrozenModel; wrap the plain model (fm.unwrap()) instead")
         _spec.check_options(bn, dtype, channels_last, graphs)
         table = block_table(model, blocks)
+        from .schedule import Schedule
+
+        self.schedule: Schedule | None = freeze if isinstance(freeze, Schedule) else None
+        if self.schedule is not None:
+            freeze = self.schedule.frozen_blocks(0.0, len(table))
         frozen = _spec.resolve(freeze, table)
         self.model = model
         self.bn, self.dtype, self.channels_last, self.graphs = bn, dtype, channels_last, graphs
@@ -65,6 +70,10 @@ class FrozenModel(nn.Module):
         self._offloaded_from: torch.device | None = None  # where the frozen weights live when not offloaded
         self.offloads = 0
         self._set_frozen(frozen)
+        if self.schedule is not None:
+            # The schedule changes the frozen set through set_freeze(); bind the optimizer later with
+            # fm.schedule.attach(optimizer=opt) and advance it with fm.schedule.step(progress).
+            self.schedule.attach(self)
 
     # -- the frozen set --------------------------------------------------------------------------------
     @staticmethod
@@ -97,6 +106,20 @@ class FrozenModel(nn.Module):
         """Changes the frozen set (anything ``freeze=`` accepts); parameters keep their identity."""
         self._check_live()
         self._set_frozen(_spec.resolve(freeze, self._table))
+
+    def freeze_state_dict(self) -> dict:
+        """The frozen set and, with a schedule, its state and the optimizer's groups (for resuming)."""
+        d: dict = {"frozen": self.frozen_indices}
+        if self.schedule is not None:
+            d["schedule"] = self.schedule.state_dict()
+        return d
+
+    def load_freeze_state_dict(self, state: dict) -> None:
+        """Restores ``freeze_state_dict()``; call it before ``optimizer.load_state_dict``."""
+        if self.schedule is not None and "schedule" in state:
+            self.schedule.load_state_dict(state["schedule"])
+        else:
+            self.set_freeze(list(state["frozen"]))
 
     def _enforce_bn_modes(self) -> None:
         training = self.model.training

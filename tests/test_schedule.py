@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import freezert
 from freezert._errors import FreezeError
 from freezert.schedule import (
     FreezeOut,
@@ -538,3 +539,23 @@ def test_lr_scheduler_learns_about_the_unfrozen_group():
     assert lrs.base_lrs == [0.1, 0.02]
     assert opt.param_groups[1]["lr"] == pytest.approx(0.02 * 0.5**4)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)
+
+
+def test_wrap_with_a_schedule_object_drives_the_segment():
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.ReLU()) for _ in range(5)], nn.Linear(6, 2))
+    fm = freezert.wrap(model, freeze=freezert.Linear(freeze_start=0.0, freeze_level=1.0))
+    assert fm.schedule is not None and fm.frozen_indices == []
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    fm.schedule.attach(optimizer=opt)
+    x = torch.randn(4, 6)
+    fm(x).sum().backward()
+    opt.step()
+    change = fm.schedule.step(0.5)
+    assert change and fm.frozen_indices == [0, 1]
+    assert fm.prefix_length == 2
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not in_opt & {id(p) for p in fm.frozen_parameters()}
+    out = fm(x)  # the segment is rebuilt for the new depth
+    assert torch.allclose(out, model(x), atol=1e-6)
+    state = fm.freeze_state_dict()
+    assert state["frozen"] == [0, 1] and "schedule" in state
