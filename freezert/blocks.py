@@ -23,6 +23,11 @@ class BlockTable:
     stem: list[tuple[str, nn.Module]] = field(default_factory=list)  # run before block 0, frozen with it
     sources: list[list[int]] | None = None  # yolo only: absolute indices each block reads
 
+    @property
+    def keys(self) -> list[str]:
+        """Each block's attribute name inside its container."""
+        return [n.rpartition(".")[2] for n in self.names]
+
     def __len__(self) -> int:
         return len(self.modules)
 

@@ -43,11 +43,16 @@ class FrozenModel(nn.Module):
         graphs: bool = False,
         cache=None,
         offload_frozen: bool = False,
+        kernels="auto",
     ):
         super().__init__()
         if isinstance(model, FrozenModel):
             raise FreezeError("the model is already a FrozenModel; wrap the plain model (fm.unwrap()) instead")
         _spec.check_options(bn, dtype, channels_last, graphs)
+        if kernels not in ("auto", True, False):
+            raise FreezeError(f"kernels={kernels!r} is not understood; pass 'auto' (CUDA only), True or False")
+        self.kernels = kernels
+        self._kernel_plan: list | None = None
         table = block_table(model, blocks)
         from .schedule import Schedule
 
@@ -87,11 +92,14 @@ class FrozenModel(nn.Module):
                     save.add(x % i)
         return save
 
+    def _frozen_named(self) -> list[tuple[str, nn.Module]]:
+        """Frozen blocks, plus the stem when block 0 is frozen, as (dotted name, module)."""
+        t = self._table
+        named = [(t.names[i], t.modules[i]) for i in self._part.frozen]
+        return named + (list(t.stem) if 0 in self._part.frozen else [])
+
     def _frozen_modules(self) -> list[nn.Module]:
-        mods = [self._table.modules[i] for i in self._part.frozen]
-        if 0 in self._part.frozen:
-            mods += [m for _, m in self._table.stem]
-        return mods
+        return [m for _, m in self._frozen_named()]
 
     def _set_frozen(self, frozen: list[int]) -> None:
         k = _spec.prefix_length(frozen)
@@ -100,6 +108,7 @@ class FrozenModel(nn.Module):
         for p, rg in zip(self._params, self._requires_grad):
             p.requires_grad_(rg and id(p) not in frozen_ids)
         self._segment = None
+        self._kernel_plan = None
         self._enforce_bn_modes()
 
     def set_freeze(self, freeze) -> None:
@@ -210,6 +219,34 @@ class FrozenModel(nn.Module):
 
     def forward(self, *args, cache_ids=None, **kwargs):
         self._check_live()
+        plan = self._kernels_for(args, kwargs)
+        if not plan:
+            return self._forward(args, kwargs, cache_ids)
+        from .ops.substitute import swapped
+
+        with swapped(self.model, plan):
+            return self._forward(args, kwargs, cache_ids)
+
+    def _kernels_for(self, args, kwargs) -> list:
+        """The trainable part's Conv-BN-act blocks and LayerNorms to run through freezert.ops (CUDA, or forced)."""
+        if self.kernels is False:
+            return []
+        if self.kernels == "auto":
+            first = next(iter(flatten_tensors((args, kwargs))), None)
+            if first is None or not first.is_cuda:
+                return []
+        if self._kernel_plan is None:
+            from .ops.substitute import plan_substitutions
+
+            frozen = [n for n, _ in self._frozen_named()]
+
+            def skip(name: str) -> bool:
+                return any(name == f or name.startswith(f + ".") or f.startswith(name + ".") for f in frozen)
+
+            self._kernel_plan = plan_substitutions(self.model, skip=skip)
+        return self._kernel_plan
+
+    def _forward(self, args, kwargs, cache_ids):
         if cache_ids is not None and self._cache is None:
             raise CacheError("cache_ids= was given but this model has no cache; wrap it with cache='fp16' (or True)")
         if self._part.k == 0:
@@ -378,9 +415,10 @@ class FrozenModel(nn.Module):
     def _run_tail(self, y: dict[int, torch.Tensor]):
         """Runs blocks k.. on the boundary tensors, following ``.f`` for YOLO-style graphs."""
         t, k = self._table, self._part.k
+        container = self.model.get_submodule(t.path) if t.path else self.model
         x = y.get(k - 1)
         for i in range(k, len(t)):
-            m = t.modules[i]
+            m = container._modules[t.keys[i]]  # looked up now: kernel substitution may have swapped it
             if t.kind == "yolo" and m.f != -1:
                 x = y[m.f % i] if isinstance(m.f, int) else [x if j == -1 else y[j % i] for j in m.f]
             x = m(x)
@@ -451,6 +489,7 @@ def wrap(
     graphs: bool = False,
     cache=None,
     offload_frozen: bool = False,
+    kernels="auto",
 ) -> FrozenModel:
     """Returns ``model`` with blocks frozen per ``freeze=`` (int, list, name prefix(es), fraction or predicate).
 
@@ -458,7 +497,7 @@ def wrap(
     """
     return FrozenModel(
         model, freeze, blocks=blocks, bn=bn, dtype=dtype, channels_last=channels_last, graphs=graphs,
-        cache=cache, offload_frozen=offload_frozen,
+        cache=cache, offload_frozen=offload_frozen, kernels=kernels,
     )
 
 

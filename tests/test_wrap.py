@@ -222,3 +222,27 @@ def test_cuda_segment_with_graphs(graphs):
     assert_grads_match(model, ref_fm, 1e-3)
     if graphs:
         assert fm.segment._graphs
+
+
+def test_kernels_substituted_in_the_trainable_part_only():
+    pytest.importorskip("triton")
+    import freezert.ops as ops
+
+    model = pretrained_like(cnn_classifier(num_classes=5, width=8))
+    ref = copy.deepcopy(model)
+    fm = freezert.wrap(model, freeze=3, kernels=True).train()
+    fm_ref = freezert.wrap(ref, freeze=3, kernels=False).train()
+    keys = list(model.state_dict().keys())
+    x = torch.randn(2, 3, 19, 19)
+    out, ref_out = fm(x), fm_ref(x)
+    assert ops.backend()["batch_norm_act"] in ("triton", "triton-interpreter")
+    assert_outputs_close(out, ref_out, 1e-4)
+    loss_of(out).backward()
+    loss_of(ref_out).backward()
+    assert_grads_match(model, ref, 1e-3)
+    names = [n for n, _ in fm._kernel_plan]
+    assert names and all(not n.startswith(("features.0", "features.1", "features.2")) for n in names)
+    assert list(model.state_dict().keys()) == keys  # swapped back after the call
+    assert type(model.features[4]) is nn.Sequential
+    for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)  # running stats updated alike
