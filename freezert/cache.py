@@ -646,6 +646,7 @@ class FeatureCache:
         self._disk_dir = path
         if self._finalizer is None:
             self._finalizer = weakref.finalize(self, _close_disk, self._disk_slabs, self._tmpdir)
+            self._finalizer.atexit = False  # at exit _close_all flushes the index first, then closes
             _LIVE.add(self)
         for codec in (self.codec, _ESC):
             if os.path.exists(os.path.join(path, f"slab_{codec}.bin")):
@@ -978,6 +979,12 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self._index)
 
+    def __del__(self) -> None:  # the disk index is written when the cache goes away (then the finalizer closes)
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - never raise from a destructor
+            pass
+
     def __repr__(self) -> str:
         return (f"FeatureCache(codec={self.codec!r}, where={self.where!r}, rows={len(self)}, "
                 f"fingerprint={self.fingerprint!r}, path={self._disk_dir!r})")  # fmt: skip
@@ -1154,9 +1161,9 @@ def _remove_store_files(path: str) -> None:
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # caches with a disk tier, flushed at interpreter exit
 
 @atexit.register
-def _flush_all() -> None:  # the disk tier's index is written at interpreter exit
+def _close_all() -> None:  # the disk tier's index is written at interpreter exit
     for cache in list(_LIVE):
         try:
-            cache.flush()
+            cache.close()
         except Exception:  # noqa: BLE001 - never fail interpreter exit
             pass

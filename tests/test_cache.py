@@ -1,0 +1,502 @@
+"""FeatureCache storage: codecs and their error bounds, tiers, budgets and eviction, disk persistence,
+corruption, invalidation, save/load. CUDA paths (device tier, GPU reading pinned host rows) are marked cuda."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from freezert import CacheError
+from freezert.cache import FeatureCache, _Recompute, _parse_bytes, fingerprint_of
+
+LAYOUT = [((3, 5), torch.float32), ((7,), torch.float32)]  # a sample's boundary: two tensors, 22 values
+FP = "0123456789abcdef"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rows(n: int, seed: int = 0, scale: float = 1.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, *s, generator=g) * scale for s, _ in LAYOUT]
+
+
+def _row_bytes(codec: str) -> int:
+    return 22 * {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}[codec] + (8 if codec == "fp8" else 0)
+
+
+def _cache(codec="fp16", where="host", budget="1MiB", path=None, **kw) -> FeatureCache:
+    c = FeatureCache(codec, where, budget, path, **kw)
+    c.bind(FP, LAYOUT, torch.device("cpu"))
+    return c
+
+
+def _take(rows: list[torch.Tensor], idx) -> list[torch.Tensor]:
+    idx = torch.as_tensor(idx)
+    return [r[idx] for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# codecs
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["host", "disk"])
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "fp8"])
+def test_codec_error_bounds(codec, where, tmp_path):
+    c = _cache(codec, where, path=tmp_path / "s" if where == "disk" else None)
+    n = 37
+    x = _rows(n, seed=3)
+    x = [t * torch.logspace(-2, 2, n)[:, None].reshape(n, *([1] * (t.dim() - 1))) for t in x]  # mixed magnitudes
+    if codec == "fp16":
+        x = [t.half().float() for t in x]  # fp16-representable: stored exactly
+    keys = torch.arange(n) * 3 + 1
+    c.put(keys, x)
+    perm = torch.randperm(n)
+    assert c.lookup(keys[perm]).all()
+    got = c.get(keys[perm], "cpu")
+    for g, t in zip(got, x):
+        t = t[perm]
+        assert g.shape == t.shape and g.dtype == torch.float32
+        err = (g - t).abs()
+        if codec in ("fp32", "fp16"):
+            assert torch.equal(g, t)
+        elif codec == "bf16":
+            assert (err <= t.abs() * 2**-8).all()
+        else:  # fp8: per row, at most 2^-4 of that row's amax (row = all tensors of one sample, per tensor scale)
+            amax = t.reshape(n, -1).abs().amax(1)
+            assert (err.reshape(n, -1) <= amax[:, None] * 2**-4 + 1e-12).all()
+            assert err.max() > 0  # it is lossy: the bound is not vacuous
+
+
+def test_fp16_general_rounding_and_dtype_request():
+    c = _cache("fp16")
+    x = _rows(11, seed=5)
+    c.put(torch.arange(11), x)
+    got = c.get(torch.arange(11), "cpu")
+    for g, t in zip(got, x):
+        assert ((g - t).abs() <= t.abs() * 2**-11 + 2**-25).all()
+    half = c.get(torch.arange(11), "cpu", dtype=torch.float16)
+    assert all(h.dtype == torch.float16 for h in half)
+    assert torch.equal(half[0].float(), got[0])
+
+
+def test_out_of_fp16_range_rows_escape_to_fp32():
+    c = _cache("fp16")
+    x = _rows(4, seed=1)
+    x[0][2, 1, 3] = 1.0e6  # beyond fp16's 65504: sample 2 is stored as fp32, exactly
+    x[1][3, 0] = -7.0e4
+    c.put(torch.tensor([10, 11, 12, 13]), x)
+    st = c.stats()
+    assert st["escaped"] == 2 and st["stores"] == 4
+    got = c.get(torch.tensor([12, 13, 10]), "cpu")
+    assert got[0][0, 1, 3] == 1.0e6 and got[1][1, 0] == -7.0e4
+    assert torch.equal(got[0][:2], x[0][[2, 3]]) and torch.equal(got[1][:2], x[1][[2, 3]])
+    assert all(torch.isfinite(g).all() for g in got)
+    assert st["bytes_host"] == 2 * _row_bytes("fp16") + 2 * _row_bytes("fp32")
+    # bf16 has fp32's range: no escape needed
+    b = _cache("bf16")
+    b.put(torch.tensor([1]), _take(x, [2]))
+    v = b.get(torch.tensor([1]), "cpu")[0][0, 1, 3]
+    assert b.stats()["escaped"] == 0 and abs(v - 1.0e6) <= 1.0e6 * 2**-8
+
+
+def test_nonfinite_rows_are_not_stored():
+    c = _cache("fp16")
+    x = _rows(3)
+    x[1][1, 0] = float("nan")
+    x[0][2, 0, 0] = float("inf")
+    with pytest.warns(UserWarning, match="inf/NaN"):
+        c.put(torch.tensor([1, 2, 3]), x)
+    assert c.lookup(torch.tensor([1, 2, 3])).tolist() == [True, False, False]
+    st = c.stats()
+    assert st["nonfinite"] == 2 and st["skipped"] == 2 and len(c) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lookup / get / put
+# ---------------------------------------------------------------------------------------------------------------
+def test_mixed_hits_any_key_order_and_key_dtypes():
+    c = _cache("fp32")
+    x = _rows(6)
+    keys = torch.tensor([5, -9, 2**62, 0, 77, -(2**63)])
+    c.put(keys[[0, 2, 4]], _take(x, [0, 2, 4]))
+    probe = torch.tensor([77, 5, 3, 2**62, -9, 77], dtype=torch.int64)
+    hit = c.lookup(probe)
+    assert hit.dtype == torch.bool and hit.device.type == "cpu"
+    assert hit.tolist() == [True, True, False, True, False, True]
+    got = c.get(probe[hit], "cpu")
+    want = _take(x, [4, 0, 2, 4])
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert c.lookup(torch.tensor([5, 2], dtype=torch.int32)).tolist() == [True, False]
+    with pytest.raises(CacheError, match="not stored"):
+        c.get(torch.tensor([5, 3]), "cpu")
+    with pytest.raises(CacheError, match="int64 keys"):
+        c.lookup(torch.tensor([1.0]))
+
+
+def test_put_checks_layout_and_updates_existing_rows():
+    c = _cache("fp32")
+    with pytest.raises(CacheError, match=r"shape \(2, 3, 6\).*\(2, 3, 5\)"):
+        c.put(torch.tensor([1, 2]), [torch.zeros(2, 3, 6), torch.zeros(2, 7)])
+    with pytest.raises(CacheError, match="1 boundary tensor"):
+        c.put(torch.tensor([1]), [torch.zeros(1, 3, 5)])
+    c.put(torch.tensor([1, 1]), _rows(2, seed=4))  # duplicate keys: the last row wins
+    c.put(torch.tensor([1]), _rows(1, seed=9))  # a second put replaces the row
+    assert len(c) == 1 and torch.equal(c.get(torch.tensor([1]), "cpu")[1], _rows(1, seed=9)[1])
+    assert c.stats()["bytes_host"] == _row_bytes("fp32")
+
+
+def test_unbound_cache_and_argument_validation():
+    c = FeatureCache()
+    assert not c.lookup(torch.tensor([1, 2])).any()
+    with pytest.raises(CacheError, match="not bound"):
+        c.put(torch.tensor([1]), _rows(1))
+    for kw, match in [
+        (dict(codec="int8"), "codec='int8'.*'fp16', 'bf16', 'fp8', 'fp32'"),
+        (dict(where="gpu"), "where='gpu'.*'auto', 'cuda', 'host' or 'disk'"),
+        (dict(budget="20 parsecs"), "budget='20 parsecs' is not a size.*'20GiB'"),
+        (dict(budget=-1), "budget=-1"),
+        (dict(budget=True), "budget=True"),
+        (dict(host_budget="lots"), "host_budget='lots'"),
+        (dict(where="host", path="/tmp/x"), "path='/tmp/x' is only used by the disk tier"),
+        (dict(evict="fifo"), "evict='fifo'"),
+    ]:
+        with pytest.raises(CacheError, match=match):
+            FeatureCache(**kw)
+    assert _parse_bytes("b", "20GiB") == 20 * 2**30
+    assert _parse_bytes("b", "1.5GB") == 1.5e9 and _parse_bytes("b", "512 MiB") == 512 * 2**20
+    assert _parse_bytes("b", 4096) == 4096 and _parse_bytes("b", None, allow_none=True) == float("inf")
+    with pytest.raises(CacheError, match="layout tensor|cannot be cached"):
+        FeatureCache().bind(FP, [((3,), torch.int64)], "cpu")
+    with pytest.raises(CacheError, match="CUDA memory"):
+        FeatureCache(where="cuda").bind(FP, LAYOUT, "cpu")
+
+
+def test_sample_larger_than_every_budget_is_refused():
+    c = FeatureCache("fp16", "auto", budget=40, host_budget=40, disk_budget=60)
+    with pytest.raises(CacheError, match=r"cannot hold a sample.*44 B.*'fp16'.*device 40 B, host 40 B, disk 60 B"):
+        c.bind(FP, LAYOUT, "cpu")
+    assert c.fingerprint is None  # nothing half-bound
+    FeatureCache("fp8", "host", budget=40).bind(FP, LAYOUT, "cpu")  # 30 bytes a row in fp8: fits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# budgets, eviction, tiers
+# ---------------------------------------------------------------------------------------------------------------
+def test_lru_eviction_counts_bytes_and_keeps_in_budget_rows():
+    rb = _row_bytes("fp16")
+    c = _cache("fp16", budget=4 * rb)
+    x = _rows(8, seed=2)
+    c.put(torch.arange(4), _take(x, range(4)))
+    assert c.lookup(torch.tensor([0])).all()  # key 0 becomes most recently used
+    c.put(torch.tensor([4, 5]), _take(x, [4, 5]))  # full: evicts the LRU rows 1 and 2
+    st = c.stats()
+    assert st["evictions"] == 2 and st["evicted_bytes"] == 2 * rb
+    assert st["bytes_host"] == 4 * rb and st["rows_host"] == 4 and len(c) == 4
+    assert c.lookup(torch.arange(6)).tolist() == [True, False, False, True, True, True]
+    got = c.get(torch.tensor([5, 0, 3, 4]), "cpu")
+    want = [t.half().float() for t in _take(x, [5, 0, 3, 4])]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_full_budget_never_evicts_the_current_batch_or_last_hits():
+    rb = _row_bytes("fp32")
+    c = _cache("fp32", budget=3 * rb)
+    x = _rows(6, seed=8)
+    c.put(torch.arange(6), x)  # a batch larger than the budget: no row of it is evicted for another
+    assert len(c) == 3 and c.stats()["evictions"] == 0 and c.stats()["skipped"] == 3
+    hit = c.lookup(torch.tensor([0, 1, 2, 9]))  # the wrapper: lookup -> put(misses) -> get(hits)
+    c.put(torch.tensor([9]), _take(x, [5]))
+    assert c.stats()["skipped"] == 4 and c.stats()["evictions"] == 0
+    assert all(torch.equal(g, w) for g, w in zip(c.get(torch.tensor([0, 1, 2])[hit[:3]], "cpu"), _take(x, [0, 1, 2])))
+    c.lookup(torch.tensor([9]))  # the next batch: the old hits are evictable again
+    c.put(torch.tensor([9]), _take(x, [5]))
+    assert c.stats()["evictions"] == 1 and c.lookup(torch.tensor([9, 0])).tolist() == [True, False]
+
+
+def test_evict_none_keeps_stored_rows():
+    rb = _row_bytes("fp16")
+    c = _cache("fp16", budget=2 * rb, evict="none")
+    x = _rows(3)
+    c.put(torch.arange(2), _take(x, [0, 1]))
+    c.lookup(torch.tensor([7]))
+    c.put(torch.tensor([2]), _take(x, [2]))
+    st = c.stats()
+    assert st["evictions"] == 0 and st["skipped"] == 1 and c.lookup(torch.arange(3)).tolist() == [True, True, False]
+
+
+def test_auto_spills_device_then_host_then_disk(tmp_path):
+    rb = _row_bytes("fp16")
+    c = FeatureCache("fp16", "auto", budget=2 * rb, host_budget=3 * rb, path=tmp_path / "spill")
+    c.bind(FP, LAYOUT, "cpu")
+    x = _rows(7, seed=6)
+    keys = torch.arange(7) * 11
+    c.put(keys[:4], _take(x, range(4)))
+    c.put(keys[4:], _take(x, range(4, 7)))
+    st = c.stats()
+    assert (st["rows_device"], st["rows_host"], st["rows_disk"]) == (2, 3, 2)
+    assert (st["bytes_device"], st["bytes_host"]) == (2 * rb, 3 * rb) and st["evictions"] == 0
+    assert st["tiers"]["disk"]["budget"] == float("inf") and st["bytes_disk"] > 0
+    order = torch.tensor([6, 0, 3, 5, 1, 4, 2])
+    assert c.lookup(keys[order]).all()
+    got = c.get(keys[order], "cpu")
+    want = [t.half().float() for t in _take(x, order)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_auto_default_host_budget_and_temp_disk_tier():
+    c = FeatureCache("fp32", "auto", budget=_row_bytes("fp32"), host_budget=0)
+    c.bind(FP, LAYOUT, "cpu")
+    c.put(torch.arange(3), _rows(3))
+    st = c.stats()
+    assert (st["rows_device"], st["rows_host"], st["rows_disk"]) == (1, 0, 2)
+    tmp = st["path"]
+    assert tmp and os.path.isdir(tmp)
+    assert torch.equal(c.get(torch.tensor([2]), "cpu")[0], _rows(3)[0][2:])
+    c.close()
+    assert not os.path.exists(tmp)  # a temporary disk tier is removed
+    d = FeatureCache(budget="1GiB")
+    d.bind(FP, LAYOUT, "cpu")
+    assert 0 < d.stats()["tiers"]["host"]["budget"] <= 4 * 2**30
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# statistics, clear, invalidation
+# ---------------------------------------------------------------------------------------------------------------
+def test_stats_are_explicit():
+    c = _cache("fp8")
+    c.put(torch.arange(5), _rows(5))
+    c.note_segment_time(0.5, 5)  # 0.1 s per sample
+    c.lookup(torch.arange(7))
+    c.get(torch.arange(3), "cpu")
+    st = c.stats()
+    for key in ("hits", "misses", "stores", "evictions", "invalidations", "corrupt", "skipped", "escaped",
+                "codec", "where", "rows_device", "rows_host", "rows_disk", "bytes_device", "bytes_host",
+                "bytes_disk", "time_saved_s", "tiers"):  # fmt: skip
+        assert key in st
+    assert (st["hits"], st["misses"], st["stores"], st["lookups"]) == (3, 5, 5, 7)
+    assert st["codec"] == "fp8" and st["where"] == "host" and st["rows_host"] == 5 == len(c)
+    assert st["bytes_host"] == 5 * _row_bytes("fp8") == st["bytes"]
+    assert 0 < st["time_saved_s"] <= 0.3 and st["segment_s_per_row"] == pytest.approx(0.1)
+
+
+def test_clear_keeps_binding_and_counters():
+    c = _cache("fp16")
+    c.put(torch.arange(4), _rows(4))
+    c.clear()
+    st = c.stats()
+    assert len(c) == 0 and st["bytes_host"] == 0 and st["stores"] == 4 and c.fingerprint == FP
+    assert not c.lookup(torch.arange(4)).any()
+    c.put(torch.arange(2), _rows(2))
+    assert c.lookup(torch.arange(2)).all()
+
+
+def test_new_fingerprint_invalidates(tmp_path):
+    c = _cache("fp16", "auto", budget=_row_bytes("fp16"), host_budget=0, path=tmp_path / "inv")
+    c.put(torch.arange(3), _rows(3))
+    assert c.stats()["rows_disk"] == 2
+    c.bind(FP, LAYOUT, "cpu")  # same setup: nothing happens
+    assert len(c) == 3 and c.stats()["invalidations"] == 0
+    c.bind("ffffffffffffffff", [((4,), torch.float32)], "cpu")  # other weights, other boundary
+    assert len(c) == 0 and c.stats()["invalidations"] == 1 and c.fingerprint == "ffffffffffffffff"
+    c.put(torch.arange(3), [torch.ones(3, 4)])
+    assert torch.equal(c.get(torch.tensor([2]), "cpu")[0], torch.ones(1, 4))
+    c.flush()
+    head = json.loads((tmp_path / "inv" / "header.json").read_text())
+    assert head["fingerprint"] == "ffffffffffffffff" and head["layout"] == [[[4], "float32"]]
+
+
+def test_fingerprint_of():
+    w = [torch.randn(300, 301), torch.randn(5)]
+    facts = dict(freeze=[0, 1, 2], bn="frozen", dtype="torch.float32", codec="fp16", inputs="[3, 64, 64] float32")
+    a = fingerprint_of(w, **facts)
+    assert len(a) == 16 and int(a, 16) >= 0 and a == fingerprint_of([t.clone() for t in w], **facts)
+    w2 = [w[0].clone(), w[1].clone()]
+    w2[0][123, 45] += 1e-3
+    assert fingerprint_of(w2, **facts) != a
+    assert fingerprint_of(w, **{**facts, "bn": "train"}) != a
+    assert fingerprint_of(w, **{**facts, "codec": "fp8"}) != a
+    assert fingerprint_of([w[0].reshape(301, 300), w[1]], **facts) != a  # shape matters
+    assert fingerprint_of([w[0].half(), w[1]], **facts) != a
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# disk tier: persistence, corruption, truncation, foreign stores
+# ---------------------------------------------------------------------------------------------------------------
+def _worker(*args) -> dict:
+    r = subprocess.run([sys.executable, "-m", "tests._cache_worker", *map(str, args)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_disk_store_persists_across_processes(tmp_path):
+    store = tmp_path / "persist"
+    assert _worker("write", store, 9) == {"rows": 9}
+    head = json.loads((store / "header.json").read_text())
+    assert head["fingerprint"] == "feedc0de00000001" and head["codec"] == "fp32" and head["version"] == 1
+    out = _worker("read", store, 9)
+    assert out["hits"] == [True] * 9 + [False] and out["max_err"] == 0.0 and out["corrupt"] == 0
+    # corrupt one record's payload and truncate the data file: detected in a fresh process, never returned
+    data, rec = store / "slab_fp32.bin", 16 + 22 * 4  # an fp32 record: checksum, key, 22 floats
+    raw = bytearray(data.read_bytes())
+    raw[3 * rec + 40] ^= 0xFF  # a payload byte of record 3
+    data.write_bytes(bytes(raw[: 7 * rec + 50]))  # record 7 cut in half, record 8 gone
+    out = _worker("read", store, 9)
+    assert out["hits"] == [True, True, True, False, True, True, True, False, False, False]
+    assert out["max_err"] == 0.0 and out["corrupt"] == 3
+
+
+def test_flipped_bytes_are_detected_and_recomputed(tmp_path):
+    c = _cache("fp16", "disk", path=tmp_path / "flip")
+    x = _rows(5, seed=7)
+    c.put(torch.arange(5), x)
+    slab = c._tiers[0].slabs["fp16"]
+    slot = c._index[2][2]
+    slab.view[slot, 16 + 10] ^= 0x10  # a payload bit of key 2
+    slab.view[c._index[4][2], 9] ^= 0x01  # the stored key of key 4
+    assert c.lookup(torch.arange(5)).tolist() == [True, True, False, True, False]
+    assert c.stats()["corrupt"] == 2 and len(c) == 3
+    c.put(torch.tensor([2, 4]), _take(x, [2, 4]))  # the wrapper recomputes the misses
+    got = c.get(torch.arange(5), "cpu")
+    assert all(torch.equal(g, t.half().float()) for g, t in zip(got, x))
+    # get() without a verifying lookup: a bad record raises _Recompute naming the key, returns nothing
+    slab.view[c._index[1][2], 20] ^= 0x40
+    c.lookup(torch.tensor([99]))  # a new batch: the records verified by the last lookup are released
+    with pytest.raises(_Recompute, match="failed their checksum") as e:
+        c.get(torch.tensor([0, 1]), "cpu")
+    assert e.value.keys == [1] and isinstance(e.value, CacheError)
+    assert c.lookup(torch.tensor([0, 1])).tolist() == [True, False] and c.stats()["corrupt"] == 3
+
+
+def test_truncated_while_open_does_not_crash(tmp_path):
+    c = _cache("fp32", "disk", path=tmp_path / "trunc")
+    c.put(torch.arange(20), _rows(20))
+    c.flush()
+    os.truncate(tmp_path / "trunc" / "slab_fp32.bin", 5 * (16 + 22 * 4))
+    hit = c.lookup(torch.arange(20))
+    assert hit[:5].all() and not hit[5:].any() and c.stats()["corrupt"] == 15
+    assert torch.equal(c.get(torch.arange(5), "cpu")[0], _rows(20)[0][:5])
+    c.put(torch.arange(5, 20), _take(_rows(20), range(5, 20)))  # grows the file again
+    assert c.lookup(torch.arange(20)).all()
+
+
+def test_unreadable_index_is_rebuilt_from_records(tmp_path):
+    c = _cache("fp16", "disk", path=tmp_path / "idx")
+    c.put(torch.arange(6) + 100, _rows(6))
+    c.close()
+    (tmp_path / "idx" / "index.pt").write_bytes(b"garbage")
+    d = FeatureCache("fp16", "disk", "1MiB", tmp_path / "idx")
+    with pytest.warns(UserWarning, match="rebuilt from 6 verified records"):
+        d.bind(FP, LAYOUT, "cpu")
+    assert d.lookup(torch.arange(6) + 100).all()
+
+
+def test_foreign_store_is_refused_with_both_fingerprints(tmp_path):
+    store = tmp_path / "foreign"
+    c = _cache("fp16", "disk", path=store)
+    c.put(torch.arange(3), _rows(3))
+    c.close()
+    other = FeatureCache("fp16", "disk", "1MiB", store)
+    with pytest.raises(CacheError, match=f"{FP}.*fedcba9876543210.*clear it.*another path"):
+        other.bind("fedcba9876543210", LAYOUT, "cpu")
+    assert other.fingerprint is None and len(other) == 0
+    with pytest.raises(CacheError, match="codec 'fp16'.*codec 'bf16'"):
+        FeatureCache("bf16", "disk", "1MiB", store).bind(FP, LAYOUT, "cpu")
+    with pytest.raises(CacheError, match="layout"):
+        FeatureCache("fp16", "disk", "1MiB", store).bind(FP, [((9,), torch.float32)], "cpu")
+    same = FeatureCache("fp16", "disk", "1MiB", store)
+    same.bind(FP, LAYOUT, "cpu")
+    assert same.lookup(torch.arange(3)).all()  # the right model reads it
+    same.close()
+    other.clear()  # the documented fix: wipe the store, then bind
+    other.bind("fedcba9876543210", LAYOUT, "cpu")
+    assert len(other) == 0 and json.loads((store / "header.json").read_text())["fingerprint"] == "fedcba9876543210"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save / load
+# ---------------------------------------------------------------------------------------------------------------
+def test_save_load_roundtrip_across_tiers(tmp_path):
+    rb = _row_bytes("fp16")
+    c = FeatureCache("fp16", "auto", budget=2 * rb, host_budget=2 * rb, path=tmp_path / "live")
+    c.bind(FP, LAYOUT, "cpu")
+    x = _rows(7, seed=11)
+    x[0][5, 0, 0] = 3.0e5  # an escaped fp32 row
+    c.put(torch.arange(7) + 40, x)
+    before = c.get(torch.arange(7) + 40, "cpu")
+    c.save(tmp_path / "snap")
+    loaded = FeatureCache.load(tmp_path / "snap")
+    assert loaded.fingerprint == FP and loaded.codec == "fp16" and loaded.where == "auto" and len(loaded) == 7
+    st = loaded.stats()
+    assert (st["rows_device"], st["rows_host"]) == (2, 2) and st["tiers"]["device"]["budget"] == 2 * rb
+    loaded.bind(FP, LAYOUT, "cpu")
+    after = loaded.get(torch.arange(7) + 40, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # bit-identical: encoded bytes copied
+    with pytest.raises(CacheError, match="not empty"):
+        c.save(tmp_path / "snap")
+    wrong = FeatureCache.load(tmp_path / "snap")
+    with pytest.raises(CacheError, match=f"{FP}.*0000000000000000"):
+        wrong.bind("0000000000000000", LAYOUT, "cpu")
+
+
+def test_save_load_disk_cache_opens_in_place(tmp_path):
+    c = _cache("fp8", "disk", path=tmp_path / "d1")
+    x = _rows(4)
+    c.put(torch.arange(4), x)
+    before = c.get(torch.arange(4), "cpu")
+    c.save(tmp_path / "d2")
+    c.save(tmp_path / "d1")  # its own directory: a flush
+    for p in ("d1", "d2"):
+        loaded = FeatureCache.load(tmp_path / p)
+        assert loaded.where == "disk" and loaded.fingerprint == FP and len(loaded) == 4
+        assert all(torch.equal(a, b) for a, b in zip(before, loaded.get(torch.arange(4), "cpu")))
+        loaded.close()
+    with pytest.raises(CacheError, match="no saved FeatureCache"):
+        FeatureCache.load(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA: the device tier and the GPU reading pinned host rows directly
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("codec", ["fp16", "fp8"])
+def test_cuda_tiers_gather_into_the_batch(codec, tmp_path):
+    rb = _row_bytes(codec)
+    c = FeatureCache(codec, "auto", budget=3 * rb, host_budget=3 * rb, path=tmp_path / "gpu")
+    c.bind(FP, LAYOUT, "cuda")
+    x = [t.cuda() for t in _rows(8, seed=12)]
+    keys = torch.arange(8, device="cuda") * 5
+    c.put(keys, x)
+    st = c.stats()
+    assert (st["rows_device"], st["rows_host"], st["rows_disk"]) == (3, 3, 2)
+    host = c._tiers[1].slabs[codec]
+    assert host.stores[0].is_pinned() and c._tiers[0].slabs[codec].stores[0].is_cuda
+    ref = _cache(codec)  # the same rows through the CPU path
+    ref.put(keys.cpu(), [t.cpu() for t in x])
+    order = torch.tensor([7, 3, 0, 5, 1, 6, 2, 4])
+    assert c.lookup(keys[order]).all()
+    got = c.get(keys[order], "cuda")
+    want = ref.get(keys.cpu()[order], "cpu")
+    for g, w in zip(got, want):
+        assert g.is_cuda and torch.equal(g.cpu(), w)
+    half = c.get(keys[order[:4]], "cuda", dtype=torch.bfloat16)
+    assert half[0].dtype == torch.bfloat16 and half[0].is_cuda
+
+
+@pytest.mark.cuda
+def test_cuda_where_cuda_and_rebind_device(tmp_path):
+    c = FeatureCache("fp16", "host", "1MiB")
+    c.bind(FP, LAYOUT, "cpu")
+    x = _rows(4)
+    c.put(torch.arange(4), x)
+    c.bind(FP, LAYOUT, "cuda")  # the model moved: host rows get pinned, served to the GPU
+    assert c._tiers[0].slabs["fp16"].stores[0].is_pinned()
+    assert torch.equal(c.get(torch.arange(4), "cuda")[0].cpu(), x[0].half().float())
+    g = FeatureCache("fp32", "cuda", "1MiB")
+    g.bind(FP, LAYOUT, "cuda")
+    g.put(torch.arange(4), [t.cuda() for t in x])
+    assert torch.equal(g.get(torch.tensor([2, 0]), "cpu")[1], x[1][[2, 0]])
