@@ -857,17 +857,15 @@ class FeatureCache:
         self._counts["misses"] += len(ks)
         flat = [t.detach().reshape(len(ks), -1) for t in tensors]
         flat = [f if f.dtype in _IO else f.float() for f in flat]
-        finite, amax = None, None
+        amax = None  # per sample max |x| over its tensors; amax propagates NaN and inf, so it also flags them
         for f in flat:
             if f.shape[1] == 0:
                 continue
-            fi = torch.isfinite(f).all(1)
             am = f.abs().amax(1).float()
-            finite = fi if finite is None else finite & fi
-            amax = am if amax is None else torch.maximum(amax, am)
+            amax = am if amax is None else torch.maximum(amax, am)  # maximum propagates NaN too
         n = len(ks)
-        finite = [True] * n if finite is None else finite.cpu().tolist()
         amax = [0.0] * n if amax is None else amax.cpu().tolist()
+        finite = [math.isfinite(a) for a in amax]
         last: dict[int, int] = {k: j for j, k in enumerate(ks)}  # duplicate keys: the last row wins
         batch = set(ks)
         plan: dict[tuple[int, str], tuple[list[int], list[int]]] = {}
@@ -920,17 +918,20 @@ class FeatureCache:
                 return ti
         if self.evict == "none":
             return -1
-        # evict least-recently-used rows (never of the current batch or the last lookup's hits)
-        for k in list(self._index):
-            if k in batch or k in self._protected:
-                continue
-            ti = self._index[k][0]
-            if sizes[ti] > self._tiers[ti].budget:
-                continue
-            self._drop(k, evicted=True)
+        # evict least-recently-used rows (never of the current batch or the last lookup's hits); the LRU end
+        # holds evictable rows (hits and new rows move to the other end), so each search stops early
+        while True:
+            victim = next(
+                (k for k, (ti, _, _) in self._index.items()
+                 if k not in batch and k not in self._protected and sizes[ti] <= self._tiers[ti].budget),
+                None,
+            )  # fmt: skip
+            if victim is None:
+                return -1
+            ti = self._index[victim][0]
+            self._drop(victim, evicted=True)
             if self._tiers[ti].fits(sizes[ti]):
                 return ti
-        return -1
 
     def _drop(self, key: int, *, evicted: bool = False, corrupt: bool = False) -> None:
         ti, codec, slot = self._index.pop(key)
