@@ -6,6 +6,7 @@ from . import monitor
 from ._errors import CacheError, FreezeError, NativeError
 from ._native import native_info
 from .blocks import find_blocks
+from .cache import FeatureCache
 from .schedule import FreezeOut, GradientNorm, Linear, Unfreeze, apply_freeze, freeze_layers
 from .wrapper import FrozenModel, inspect, wrap
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheError",
     "FreezeError",
+    "FeatureCache",
     "FreezeOut",
     "FrozenModel",
     "GradientNorm",

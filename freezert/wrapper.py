@@ -329,7 +329,7 @@ class FrozenModel(nn.Module):
         if self._cache_bound(tensors) and seg.can_replay and bool(self._cache.lookup(keys).all()):
             boundary = self._cache_get(keys, seg.runners[-1].template)
             self._maybe_offload(seg)
-            with seg.replaying(batch, boundary):
+            with seg.swapped(self.model), seg.replaying(batch, boundary):
                 return self.model(*args, **kwargs)
         self._restore_offloaded(seg)
         captured: list = []

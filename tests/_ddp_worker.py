@@ -34,3 +34,19 @@ def run(rank: int, world: int, init_file: str, out_file: str) -> None:
         torch.save(grads, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def run_cached(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """Each rank caches its own shard (fp32 codec); the second epoch is served from the cache."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fm = freezert.wrap(build(), freeze=3, cache="fp32")
+        ddp = torch.nn.parallel.DistributedDataParallel(fm)
+        shard = batch().chunk(world)[rank]
+        for _ in range(2):  # epoch 1 fills, epoch 2 hits
+            ddp.zero_grad(set_to_none=True)
+            loss_of(ddp(shard)).backward()
+        grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in fm.model.named_parameters()}
+        torch.save({"grads": grads, "stats": fm.cache.stats()}, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
