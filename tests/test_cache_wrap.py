@@ -193,3 +193,31 @@ def test_disk_tier_persists_across_processes(tmp_path):
     assert runs[1] == {"hits": 6, "misses": 0}  # the second process never ran the backbone
     first, second = torch.load(tmp_path / "out0.pt"), torch.load(tmp_path / "out1.pt")
     assert (first - second).abs().max() / first.abs().max() < 2e-2
+
+
+def test_offload_is_a_no_op_on_cpu(yolo):
+    fm = freezert.wrap(yolo, freeze=10, cache="fp32", offload_frozen=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fm(x)
+        fm(x)
+    assert fm.offloads == 0 and all(p.device.type == "cpu" for p in fm.frozen_parameters())
+
+
+@pytest.mark.cuda
+def test_offload_frozen_weights_and_bring_them_back():
+    model = pretrained_like(yolov5("n", nc=3)).cuda()
+    ref = copy.deepcopy(model).eval()
+    fm = freezert.wrap(model, freeze=10, cache="fp32", offload_frozen=True).eval()
+    x, x2 = torch.randn(2, 3, 64, 64, device="cuda"), torch.randn(2, 3, 64, 64, device="cuda")
+    frozen = fm.frozen_parameters()
+    with torch.no_grad():
+        fm(x)
+        assert all(p.is_cuda for p in frozen)
+        out = fm(x)  # a full hit: the frozen weights leave the GPU
+        assert fm.offloads == 1 and all(p.device.type == "cpu" for p in frozen)
+        assert_outputs_close(out, ref(x), 1e-4)
+        out2 = fm(x2)  # a miss brings them back
+        assert all(p.is_cuda for p in frozen)
+        assert_outputs_close(out2, ref(x2), 1e-4)
+    assert fm.frozen_parameters()[0] is frozen[0]
