@@ -354,6 +354,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.cache:  # the feature-cache benchmark: its own epochs, variants and table
+        return cmd_bench_cache(args)
     device = _resolve_device(args.device)
     chosen = _pick(
         args,
@@ -411,12 +413,637 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# --- bench --cache: the feature cache across epochs -------------------------------------------------------
+#
+# A fixed synthetic dataset (no augmentation) is iterated in batches for several epochs. Variants:
+#   full fine-tune, naive freeze, freezert (freeze=N, no cache): every epoch costs the same;
+#   freezert+cache: epoch 1 runs the frozen prefix and fills the cache, epochs 2+ read it back (hits);
+#   floor: the boundary features are precomputed once into device memory (outside the timed epochs) and only
+#          the trainable part trains on them: what a perfect cache could at best do.
+
+CACHED, FLOOR = "freezert+cache", "floor"
+CACHE_VARIANTS = (FULL, NAIVE, FREEZERT, CACHED, FLOOR)
+_ENCODER_LAYERS, _ENCODER_FREEZE = 12, 8
+# Options left unset, by model family and device: CPU sizes finish in well under a minute on two cores.
+_CACHE_DEFAULTS = {
+    ("yolo", "cpu"): {"img": 64, "batch": 2, "dataset_size": 24, "epochs": 3, "warmup": 2},
+    ("yolo", "cuda"): {"img": 512, "batch": 48, "dataset_size": 384, "epochs": 3, "warmup": 3},
+    ("encoder", "cpu"): {"seq_len": 64, "batch": 8, "dataset_size": 64, "epochs": 3, "warmup": 2},
+    ("encoder", "cuda"): {"seq_len": 256, "batch": 32, "dataset_size": 512, "epochs": 3, "warmup": 3},
+}
+# BERT-base shape on GPU; a narrow encoder on CPU.
+_ENCODER_SIZES = {
+    "cpu": {"vocab_size": 1000, "d_model": 128, "nhead": 4, "dim_ff": 256},
+    "cuda": {"vocab_size": 30522, "d_model": 768, "nhead": 12, "dim_ff": 3072},
+}
+
+
+class _Unset(int):
+    """An option's default value, told apart from the same value given on the command line."""
+
+
+class _YoloTask:
+    """The built-in detector on uniform images with random per-level targets; the toy detection loss."""
+
+    family = "yolo"
+
+    def __init__(self, args, device: torch.device):
+        from .models import synthetic_images
+
+        self.initial = build_model(args.model)
+        _check_depth(self.initial, args)
+        det = self.initial.model[-1]
+        strides = [int(s) for s in det.stride.tolist()]
+
+        def data(n: int, g: torch.Generator):
+            x = synthetic_images(n, args.img, g)
+            t = [torch.rand(n, det.na, args.img // s, args.img // s, det.no, generator=g) for s in strides]
+            return x.to(device), [ti.to(device) for ti in t]
+
+        self.x, self.t = data(args.dataset_size, torch.Generator().manual_seed(args.seed))
+        self.warm = data(args.batch, torch.Generator().manual_seed(args.seed + 1))  # not in the dataset
+        self.describe = f"{args.model}, img {args.img}"
+
+    def batch(self, s: slice):
+        return self.x[s], [t[s] for t in self.t]
+
+    def forward(self, module: nn.Module, b, ids=None):
+        return module(b[0]) if ids is None else module(b[0], cache_ids=ids)
+
+    def loss(self, out, b) -> torch.Tensor:
+        from .models import detection_loss
+
+        return detection_loss(out, b[1])
+
+    def naive(self, model: nn.Module, n: int) -> None:
+        naive_freeze(model, n)
+
+    def optimizer(self, model: nn.Module, params=None):
+        return yolo_optimizer(model, params)
+
+    def floor_features(self, fm, b) -> dict[int, torch.Tensor]:
+        return {j: t.detach() for j, t in fm.segment.run(b[0]).items()}  # the driven path: {block: output}
+
+    def floor_forward(self, fm, feats, b):
+        return fm._run_tail(dict(feats))  # _run_tail adds the tail's saved outputs to the dict it is given
+
+
+class _EncoderTask:
+    """``transformer_encoder(num_layers=12)`` on token batches (B, L) with padding masks; cross-entropy."""
+
+    family = "encoder"
+
+    def __init__(self, args, device: torch.device):
+        from .models import transformer_encoder
+
+        self.sizes = dict(_ENCODER_SIZES[device.type])
+        self.classes = 4
+        self.initial = transformer_encoder(
+            num_layers=_ENCODER_LAYERS, num_classes=self.classes, max_len=max(512, args.seq_len), **self.sizes
+        )
+        if args.freeze >= _ENCODER_LAYERS:
+            raise SystemExit(
+                f"freezert: --freeze {args.freeze} would freeze every layer of the encoder ({_ENCODER_LAYERS}); "
+                f"pass at most {_ENCODER_LAYERS - 1}"
+            )
+        self.k = args.freeze
+        vocab, seq = self.sizes["vocab_size"], args.seq_len
+
+        def data(n: int, g: torch.Generator):
+            ids = torch.randint(1, vocab, (n, seq), generator=g)
+            lengths = torch.randint(max(seq // 2, 1), seq + 1, (n,), generator=g)
+            mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+            labels = torch.randint(0, self.classes, (n,), generator=g)
+            return ids.mul(mask).to(device), mask.to(device), labels.to(device)  # padding is token 0
+
+        self.data = data(args.dataset_size, torch.Generator().manual_seed(args.seed))
+        self.warm = data(args.batch, torch.Generator().manual_seed(args.seed + 1))
+        self.describe = (
+            f"encoder ({_ENCODER_LAYERS} layers, d_model {self.sizes['d_model']}, vocab {vocab}), L {seq}"
+        )
+
+    def batch(self, s: slice):
+        return tuple(t[s] for t in self.data)
+
+    def forward(self, module: nn.Module, b, ids=None):
+        if ids is None:
+            return module(b[0], attention_mask=b[1])
+        return module(b[0], attention_mask=b[1], cache_ids=ids)
+
+    def loss(self, out, b) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.float(), b[2])
+
+    def naive(self, model: nn.Module, n: int) -> None:
+        # the same set freezert freezes: the embeddings (its stem) and layers 0..n-1
+        prefixes = ("embed.",) + tuple(f"layers.{i}." for i in range(n))
+        for k, v in model.named_parameters():
+            v.requires_grad = not k.startswith(prefixes)
+
+    def optimizer(self, model: nn.Module, params=None):
+        params = list(model.parameters()) if params is None else list(params)  # naive: frozen ones included
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+
+    def floor_features(self, fm, b) -> torch.Tensor:
+        """The output of the last frozen layer, computed with the model's own modules."""
+        model = fm.model
+        keep = b[1].to(torch.bool)[:, None, None, :]
+        x = model.embed(b[0])
+        for layer in model.layers[: self.k]:
+            x = layer(x, keep)
+        return x.detach()
+
+    def floor_forward(self, fm, feats, b):
+        """Layers k.., norm, masked mean pooling and the head: the model's forward after the boundary."""
+        model = fm.model
+        keep = b[1].to(torch.bool)
+        mask = keep[:, None, None, :]
+        x = feats
+        for layer in model.layers[self.k:]:
+            x = layer(x, mask)
+        x = model.norm(x)
+        w = keep.to(x.dtype).unsqueeze(-1)
+        return model.head((x * w).sum(1) / w.sum(1).clamp_min(1.0))
+
+
+@dataclass
+class EpochResult:
+    name: str
+    trainable: int
+    epochs: list[dict] = field(default_factory=list)  # per epoch: step_ms, epoch_s, cache (counter deltas)
+    peak_bytes: int | None = None  # CUDA: max allocated during the variant, less what was resident before
+    loss: float | None = None
+    setup_s: float | None = None  # floor: the one-off precompute of the boundary features
+
+    @property
+    def first_ms(self) -> float:
+        return statistics.median(self.epochs[0]["step_ms"]) if self.epochs else float("nan")
+
+    @property
+    def rest_ms(self) -> float:
+        steps = [t for e in self.epochs[1:] for t in e["step_ms"]]
+        return statistics.median(steps) if steps else float("nan")
+
+    @property
+    def first_s(self) -> float:
+        return self.epochs[0]["epoch_s"] if self.epochs else float("nan")
+
+    @property
+    def rest_s(self) -> float:
+        rest = [e["epoch_s"] for e in self.epochs[1:]]
+        return statistics.median(rest) if rest else float("nan")
+
+
+_COUNTERS = ("lookups", "hits", "misses", "stores", "skipped", "evictions")
+
+
+class _EpochVariant:
+    """One variant of the cache benchmark: its model copy, optimizer and a timed training step."""
+
+    def __init__(self, name: str, task, args, device: torch.device, batches: list):
+        import freezert
+
+        self.name, self.task, self.device = name, task, device
+        self.cuda = device.type == "cuda"
+        model = copy.deepcopy(task.initial).to(device).train()
+        self.fm = None
+        if name == FULL:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            self.module, self.opt = model, task.optimizer(model)
+        elif name == NAIVE:
+            task.naive(model, args.freeze)
+            self.module, self.opt = model, task.optimizer(model)  # every parameter, as YOLOv5 does
+        else:
+            cache = None
+            if name == CACHED:
+                from .cache import FeatureCache
+
+                cache = FeatureCache(codec=args.codec, where=args.where)
+            self.fm = freezert.wrap(
+                model, freeze=args.freeze, bn=args.bn, channels_last=args.channels_last, graphs=args.graphs,
+                cache=cache,
+            )
+            self.module, self.opt = self.fm, task.optimizer(model, self.fm.trainable_parameters())
+        self.module.train()
+        self.amp = bool(args.amp) and self.cuda
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.ids = name == CACHED and args.ids
+        self.n = args.dataset_size
+        trainable = {id(p): p for p in self.module.parameters() if p.requires_grad}
+        self.result = EpochResult(name, sum(p.numel() for p in trainable.values()))
+        self.features: list = []
+        if name == FLOOR:
+            self._precompute(batches)
+
+    def _precompute(self, batches: list) -> None:
+        """The floor's boundary features for every batch, once, into device memory (timed as setup)."""
+        with torch.no_grad():
+            self.task.forward(self.fm, self.task.warm)  # builds the segment (and folds BN) on a warm-up batch
+            self._sync()
+            t0 = time.perf_counter()
+            self.features = [self.task.floor_features(self.fm, b) for _, b in batches]
+            self._sync()
+        self.result.setup_s = time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _kernel_context(self, b):
+        # The floor trains the tail with the same freezert.ops substitutions the wrapped variants get.
+        import contextlib
+
+        plan = self.fm._kernels_for((b[0],), {})
+        if not plan:
+            return contextlib.nullcontext()
+        from .ops.substitute import swapped
+
+        return swapped(self.fm.model, plan)
+
+    def _forward(self, i: int | None, s: slice | None, b):
+        if self.name == FLOOR:
+            if i is None:  # a warm-up batch: its features on the fly (untimed)
+                with torch.no_grad():
+                    feats = self.task.floor_features(self.fm, b)
+            else:
+                feats = self.features[i]
+            with self._kernel_context(b):
+                return self.task.floor_forward(self.fm, feats, b)
+        ids = None
+        if self.ids:
+            ids = torch.arange(s.start, s.stop) if s is not None else torch.arange(self.n, self.n + len(b[0]))
+        return self.task.forward(self.module, b, ids)
+
+    def step(self, i: int | None, s: slice | None, b) -> float:
+        """One optimizer step on batch ``i`` (slice ``s`` of the dataset; None: the warm-up batch), in ms."""
+        self._sync()
+        t0 = time.perf_counter()
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            loss = self.task.loss(self._forward(i, s, b), b)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self._sync()
+        self.result.loss = float(loss.detach())
+        return (time.perf_counter() - t0) * 1e3
+
+    def counters(self) -> dict[str, int]:
+        if self.fm is None or self.fm.cache is None:
+            return {}
+        st = self.fm.cache.stats()
+        return {k: int(st.get(k, 0)) for k in _COUNTERS}
+
+
+def _cache_defaults(args, device: torch.device) -> tuple[str, list[str]]:
+    """Fills unset options for ``bench --cache``; returns the model family and the defaults chosen."""
+    chosen = []
+    if getattr(args, "model", None) is None:
+        args.model = "yolov5m" if device.type == "cuda" else "yolov5n"
+        chosen.append(f"model={args.model}")
+    family = "encoder" if args.model == "encoder" else "yolo"
+    if not (family == "encoder" or args.model.startswith("yolov5")):
+        raise SystemExit(f"freezert: bench --cache trains yolov5n..yolov5x or encoder, not --model {args.model}")
+    for key, value in _CACHE_DEFAULTS[(family, device.type)].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+            chosen.append(f"{key}={value}")
+    defaults = {"codec": "fp16", "where": "auto", "ids": False, "seq_len": None, "img": None}
+    for key, value in defaults.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    if family == "encoder" and isinstance(args.freeze, _Unset):
+        args.freeze = _ENCODER_FREEZE
+        chosen.append(f"freeze={_ENCODER_FREEZE}")
+    return family, chosen
+
+
+def _check_cache_args(args, family: str, device: torch.device) -> None:
+    if args.freeze < 1:
+        raise SystemExit("freezert: --freeze must be at least 1: the cache keeps the frozen prefix's outputs")
+    if args.epochs < 2:
+        raise SystemExit(f"freezert: --epochs {args.epochs}: need at least 2 (epoch 1 fills the cache, 2+ hit it)")
+    if args.batch < 1 or args.dataset_size < args.batch:
+        raise SystemExit(
+            f"freezert: --dataset-size {args.dataset_size} must hold at least one --batch {args.batch} (batch >= 1)"
+        )
+    if args.warmup < 0:
+        raise SystemExit("freezert: --warmup must be at least 0")
+    if family == "yolo" and (args.img < 64 or args.img % 32):
+        raise SystemExit(f"freezert: --img {args.img} must be a multiple of 32 and at least 64 (the detector's stride)")
+    if family == "encoder" and not 1 <= args.seq_len <= 4096:
+        raise SystemExit(f"freezert: --seq-len {args.seq_len} must be between 1 and 4096")
+    if args.bn != "frozen":
+        raise SystemExit(
+            "freezert: --cache needs --bn frozen (batch statistics make a sample's features batch-dependent)"
+        )
+    if args.where == "cuda" and device.type != "cuda":
+        raise SystemExit("freezert: --where cuda keeps the cache in CUDA memory, but this run is on the CPU")
+
+
+def _fmt_bytes(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _sum_counts(epochs: list[dict]) -> dict[str, int]:
+    out = dict.fromkeys(_COUNTERS, 0)
+    for e in epochs:
+        for k, v in e.get("cache", {}).items():
+            out[k] += v
+    return out
+
+
+def _cache_ratios(results: dict[str, EpochResult]) -> dict[str, float | None]:
+    def ratio(a, b):
+        return None if a is None or b is None or not b or a != a or b != b else a / b
+
+    c, floor, full, naive, unc = (results.get(n) for n in (CACHED, FLOOR, FULL, NAIVE, FREEZERT))
+    get = lambda r, attr: getattr(r, attr) if r is not None else None  # noqa: E731
+    # Median steps rather than epoch sums: every epoch has the same steps, and a median shrugs off the odd
+    # preempted step on a shared machine. Epoch times are in the table and the JSON.
+    return {
+        "cached_vs_floor": ratio(get(c, "rest_ms"), get(floor, "rest_ms")),
+        "full_vs_cached": ratio(get(full, "rest_ms"), get(c, "rest_ms")),
+        "naive_vs_cached": ratio(get(naive, "rest_ms"), get(c, "rest_ms")),
+        "uncached_vs_cached": ratio(get(unc, "rest_ms"), get(c, "rest_ms")),
+        "fill_vs_uncached": ratio(get(c, "first_ms"), get(unc, "rest_ms")),
+        "cached_epoch_vs_floor": ratio(get(c, "rest_s"), get(floor, "rest_s")),
+        "full_epoch_vs_cached_epoch": ratio(get(full, "rest_s"), get(c, "rest_s")),
+    }
+
+
+def format_cache_table(results: dict[str, EpochResult], device: torch.device) -> str:
+    """Per variant: epoch 1 and epoch 2+ median step ms and epoch s, peak memory, ratios of epoch 2+ steps."""
+    head = (
+        f"{'variant':<15} {'ep1 ms':>9} {'ep2+ ms':>9} {'ep1 s':>8} {'ep2+ s':>8} {'peak MiB':>9} {'trainable':>11}"
+        f" {'/floor':>7} {'/full':>7} {'/naive':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    floor, full, naive = (results.get(n) for n in (FLOOR, FULL, NAIVE))
+    for name in CACHE_VARIANTS:
+        r = results.get(name)
+        if r is None:
+            continue
+        mem = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes is not None else "-"
+        lines.append(
+            f"{name:<15} {r.first_ms:>9.1f} {r.rest_ms:>9.1f} {r.first_s:>8.2f} {r.rest_s:>8.2f} {mem:>9}"
+            f" {r.trainable:>11,} {_ratio(r.rest_ms, floor and floor.rest_ms):>7}"
+            f" {_ratio(r.rest_ms, full and full.rest_ms):>7} {_ratio(r.rest_ms, naive and naive.rest_ms):>7}"
+        )
+    lines.append(
+        "ms: median step; s: epoch time (ep2+: median over epochs 2..); /floor /full /naive: ep2+ median step "
+        "ratios (below 1.00x is faster)"
+    )
+    if device.type == "cuda":
+        lines.append("peak memory: torch.cuda.max_memory_allocated per variant, less the resident dataset "
+                     "(cache device tier and floor features included)")
+    else:
+        lines.append("peak memory: not measured on CPU")
+    return "\n".join(lines)
+
+
+def _cache_summary(results: dict[str, EpochResult], stats: dict | None, ratios: dict, family: str) -> str:
+    lines = []
+    c = results.get(CACHED)
+    if c is not None and stats is not None:
+        fill, rest = c.epochs[0].get("cache", {}), _sum_counts(c.epochs[1:])
+        tiers = ", ".join(f"{t} {_fmt_bytes(stats.get(f'bytes_{t}', 0))}" for t in ("device", "host", "disk"))
+        lines.append(
+            f"cache ({stats.get('codec')}, where={stats.get('where')}): epoch 1 (fill): {fill.get('hits', 0)} hits, "
+            f"{fill.get('misses', 0)} misses, {fill.get('stores', 0)} stores; epochs 2+: {rest['hits']} hits, "
+            f"{rest['misses']} misses; {stats.get('rows')} rows, {_fmt_bytes(stats.get('bytes'))} ({tiers}); "
+            f"{stats.get('evictions', 0)} evictions, {stats.get('skipped', 0)} skipped"
+        )
+    f = results.get(FLOOR)
+    if f is not None and f.setup_s is not None:
+        lines.append(f"floor: boundary features precomputed once, kept in the model's device memory, in "
+                     f"{f.setup_s:.2f} s (outside its timed epochs)")
+
+    def r(key, fmt="{:.2f}x"):
+        v = ratios.get(key)
+        return "-" if v is None else fmt.format(v)
+
+    lines.append("ratios of median steps, epochs 2+ (every epoch has the same steps):")
+    lines.append(f"  cached / floor: {r('cached_vs_floor')} (goal on H100/H200: <= 1.15x)")
+    goal = " (goal on H100/H200, encoder freeze 8 of 12: >= 4x)" if family == "encoder" else ""
+    lines.append(f"  full fine-tune / cached: {r('full_vs_cached')} faster{goal}")
+    lines.append(f"  naive freeze / cached: {r('naive_vs_cached')} faster")
+    lines.append(f"  freezert (no cache) / cached: {r('uncached_vs_cached')} faster")
+    lines.append(f"  cache fill (epoch 1) / freezert (no cache): {r('fill_vs_uncached')} (the fill's overhead)")
+    lines.append(f"  epoch times: cached / floor {r('cached_epoch_vs_floor')}, "
+                 f"full fine-tune / cached {r('full_epoch_vs_cached_epoch')} faster")
+    return "\n".join(lines)
+
+
+_IO_FOR_CODEC = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float16}
+
+
+def host_bandwidth(device: torch.device, codec: str = "fp16", mib: int = 512, reps: int = 10) -> dict:
+    """Pinned-host->device copy bandwidth vs the native host-tier gather (``_native.gather_decode`` reading a
+    pinned store from the GPU), in GB/s of bytes read; CUDA events, synchronised before reading them."""
+    from . import _native
+
+    info = _native.native_info()
+    if not info.get("cuda_available"):
+        return {"skipped": "the native CUDA kernels are not usable here: "
+                           f"{info.get('cuda_reason') or info.get('reason') or 'not compiled with CUDA'}"}
+    with torch.cuda.device(device):
+        return _host_bandwidth(device, codec, mib, reps)
+
+
+def _host_bandwidth(device: torch.device, codec: str, mib: int, reps: int) -> dict:
+    from . import _native
+
+    nbytes = mib * 2**20
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def timed(fn) -> float:
+        fn()  # warm-up (allocations, first-touch)
+        torch.cuda.synchronize(device)
+        best = float("inf")
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        return best
+
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host.fill_(1)
+    copy_s = timed(lambda: host.to(device, non_blocking=True))
+    del host
+
+    # The host tier's gather: a batch of whole rows picked at random from a pinned store of the codec's dtype.
+    store_dtype = _native.CODECS[codec]
+    esize = torch.empty((), dtype=store_dtype).element_size()
+    dim = 128 * 1024  # elements per row (a boundary row of a mid-size model)
+    rows = max(nbytes // (dim * esize), 2)
+    batch = max(rows // 4, 1)
+    store = torch.empty(rows, dim, dtype=store_dtype, pin_memory=True)
+    store.view(torch.uint8).fill_(0x30)  # finite in every codec
+    scales = torch.ones(rows, dtype=torch.float32, pin_memory=True) if codec == "fp8" else None
+    index = torch.randperm(rows)[:batch].to(device)
+    out = torch.empty(batch, dim, dtype=_IO_FOR_CODEC[codec], device=device)
+    gather_s = timed(lambda: _native.gather_decode(store, scales, index, out, codec))
+    read = batch * dim * esize + (batch * 4 if codec == "fp8" else 0)
+    copy_gbs, gather_gbs = nbytes / copy_s / 1e9, read / gather_s / 1e9
+    return {
+        "copy_bytes": nbytes,
+        "copy_GBps": copy_gbs,
+        "gather_bytes_read": read,
+        "gather_rows": batch,
+        "gather_row_bytes": dim * esize,
+        "gather_GBps": gather_gbs,
+        "codec": codec,
+        "ratio": gather_gbs / copy_gbs,
+    }
+
+
+def _bandwidth_report(device: torch.device, codec: str) -> tuple[str, dict]:
+    if device.type != "cuda":
+        return "host-tier bandwidth check: needs a GPU (this run is on the CPU); skipped", {"skipped": "no GPU"}
+    bw = host_bandwidth(device, codec)
+    if "skipped" in bw:
+        return f"host-tier bandwidth check: skipped ({bw['skipped']})", bw
+    return (
+        f"host-tier bandwidth check ({codec}): pinned host->device copy {bw['copy_GBps']:.1f} GB/s, native gather "
+        f"from the pinned store {bw['gather_GBps']:.1f} GB/s of rows read ({bw['gather_rows']} rows of "
+        f"{bw['gather_row_bytes'] / 2**10:.0f} KiB): {100 * bw['ratio']:.0f}% of the copy (goal >= 80%)",
+        bw,
+    )
+
+
 def _cache_variant(args) -> dict | None:
-    """The ``--cache`` variant (freezert with the feature cache). Not wired yet: says so and returns None."""
+    """``--cache``: the feature-cache benchmark (variants across epochs, the floor, the host-tier bandwidth).
+
+    Prints its table and returns its numbers as a JSON-ready dict; None without ``--cache``.
+    """
     if not getattr(args, "cache", False):
         return None
-    print("--cache: the feature-cache variant is not available yet (the cache is not wired into wrap); skipped")
-    return None
+    import gc
+
+    device = _resolve_device(args.device)
+    family, chosen = _cache_defaults(args, device)
+    _check_cache_args(args, family, device)
+    try:
+        import freezert.cache  # noqa: F401
+    except ImportError as e:
+        print(f"--cache: freezert.cache is not importable ({e}); skipped")
+        return None
+    torch.manual_seed(args.seed)
+    task = _YoloTask(args, device) if family == "yolo" else _EncoderTask(args, device)
+    steps = args.dataset_size // args.batch
+    slices = [slice(i * args.batch, (i + 1) * args.batch) for i in range(steps)]
+    batches = [(s, task.batch(s)) for s in slices]
+    cuda = device.type == "cuda"
+    dev = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    keys = "explicit ids (--ids)" if args.ids else "content hashes"
+    print(
+        f"freezert bench --cache: {task.describe}, batch {args.batch}, dataset {steps * args.batch} samples "
+        f"({steps} steps/epoch), {args.epochs} epochs, freeze {args.freeze}, cache {args.codec} where={args.where} "
+        f"keyed by {keys}, {args.warmup} warm-up steps on other data, on {dev}"
+    )
+    if chosen:
+        print(f"defaults chosen for {device.type}: {', '.join(chosen)}")
+
+    results: dict[str, EpochResult] = {}
+    stats = None
+    bar = _progress(len(CACHE_VARIANTS) * (args.warmup + args.epochs * steps), "bench --cache", not args.quiet)
+    for name in CACHE_VARIANTS:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)  # the dataset and anything else already resident
+            torch.cuda.reset_peak_memory_stats(device)
+        v = _EpochVariant(name, task, args, device, batches)
+        for _ in range(args.warmup):
+            v.step(None, None, task.warm)
+            bar.update()
+        for _ in range(args.epochs):
+            before = v.counters()
+            v._sync()
+            t0 = time.perf_counter()
+            times = []
+            for i, (s, b) in enumerate(batches):
+                times.append(v.step(i, s, b))
+                bar.update()
+            v._sync()
+            epoch_s = time.perf_counter() - t0
+            after = v.counters()
+            v.result.epochs.append(
+                {"step_ms": times, "epoch_s": epoch_s, "cache": {k: after[k] - before.get(k, 0) for k in after}}
+            )
+        if cuda:
+            torch.cuda.synchronize(device)
+            v.result.peak_bytes = torch.cuda.max_memory_allocated(device) - base
+        if name == CACHED:
+            stats = v.fm.cache.stats()
+        results[name] = v.result
+        del v
+    bar.close()
+    gc.collect()
+
+    ratios = _cache_ratios(results)
+    print(format_cache_table(results, device))
+    print(_cache_summary(results, stats, ratios, family))
+    bw_line, bw = _bandwidth_report(device, args.codec)
+    print(bw_line)
+    out: dict = {
+        "config": dict(
+            _config(args, device), family=family, epochs=args.epochs, dataset_size=args.dataset_size,
+            steps_per_epoch=steps, codec=args.codec, where=args.where, ids=bool(args.ids),
+            seq_len=args.seq_len if family == "encoder" else None,
+            encoder=task.sizes if family == "encoder" else None,
+        ),
+        "variants": {},
+        "ratios": ratios,
+        "cache_stats": _jsonable(stats),
+        "bandwidth": bw,
+    }
+    for name, r in results.items():
+        out["variants"][name] = {
+            "trainable_params": r.trainable,
+            "epoch1_median_step_ms": r.first_ms,
+            "epoch2plus_median_step_ms": r.rest_ms,
+            "epoch1_s": r.first_s,
+            "epoch2plus_median_s": r.rest_s,
+            "epochs": r.epochs,
+            "peak_bytes": r.peak_bytes,
+            "final_loss": r.loss,
+            "setup_s": r.setup_s,
+        }
+    return out
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def cmd_bench_cache(args) -> int:
+    """``freezert bench --cache``: the feature-cache benchmark alone (see ``_cache_variant``)."""
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"freezert: --threads {args.threads} must be at least 1")
+        torch.set_num_threads(args.threads)
+    try:
+        data = _cache_variant(args)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) get their setting back
+    if data is None:
+        return 1
+    if args.json:
+        _write_json(args.json, data)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _config(args, device: torch.device) -> dict:
@@ -437,23 +1064,43 @@ def _write_json(path: str, data: dict) -> None:
 # --- argument parsing -----------------------------------------------------------------------------------
 
 
-def _train_options(p: argparse.ArgumentParser, steps_help: str) -> None:
-    p.add_argument("--model", default=None, choices=[m for m in MODELS if m.startswith("yolov5")],
-                   help="detector size (default: yolov5n on CPU; see the subcommand for GPU)")
+def _train_options(p: argparse.ArgumentParser, steps_help: str, models=None) -> None:
+    yolos = [m for m in MODELS if m.startswith("yolov5")]
+    p.add_argument("--model", default=None, choices=models or yolos,
+                   help="detector size (default: yolov5n on CPU; see the subcommand for GPU)"
+                   + ("; encoder with --cache" if models else ""))
     p.add_argument("--steps", type=int, default=None, help=steps_help)
     p.add_argument("--batch", type=int, default=None, help="batch size")
     p.add_argument("--img", type=int, default=None, help="square image size in pixels (a multiple of 32)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before measuring")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--freeze", type=int, default=10, help="freeze blocks 0..N-1 (default: 10, the backbone)")
+    p.add_argument("--freeze", type=int, default=_Unset(10),
+                   help="freeze blocks 0..N-1 (default: 10, the backbone; 8 of 12 layers for --cache --model encoder)")
     p.add_argument("--bn", default="frozen", choices=["frozen", "train"], help="freezert's frozen BatchNorm mode")
     p.add_argument("--amp", action="store_true", help="float16 autocast + GradScaler (CUDA only), as YOLOv5 trains")
     p.add_argument("--graphs", action="store_true", help="freezert: capture the frozen segment in a CUDA graph")
     p.add_argument("--channels-last", action="store_true", help="freezert: channels_last frozen segment")
-    p.add_argument("--cache", action="store_true", help="also run freezert with the feature cache (not available yet)")
+    p.add_argument("--cache", action="store_true",
+                   help="bench: the feature-cache benchmark instead: full fine-tune, naive freeze, freezert, "
+                   "freezert with the cache (epoch 1 fills, epochs 2+ hit) and the floor (the trainable part on "
+                   "precomputed features) over --epochs of a fixed --dataset-size, plus the host-tier gather "
+                   "bandwidth on a GPU; demo: the same after its table")
     p.add_argument("--json", default=None, metavar="PATH", help="write the numbers to PATH as JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cache_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("--cache", "the feature-cache benchmark (defaults by model and device)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs over the dataset (default: 3; at least 2)")
+    g.add_argument("--dataset-size", type=int, default=None, metavar="N",
+                   help="samples in the fixed synthetic dataset (default: yolo 24 CPU / 384 GPU; encoder 64 / 512)")
+    g.add_argument("--codec", default="fp16", choices=["fp16", "bf16", "fp8", "fp32"], help="the cache's codec")
+    g.add_argument("--where", default="auto", choices=["auto", "cuda", "host", "disk"], help="the cache's tier")
+    g.add_argument("--ids", action="store_true", help="key the cache by dataset index (cache_ids=) instead of content")
+    g.add_argument("--seq-len", type=int, default=None, help="encoder: tokens per sample (default: 64 CPU, 256 GPU)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the run (default: torch's); 1 keeps a shared, busy CPU from stalling")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -484,8 +1131,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Defaults: GPU yolov5m, 512 px, batch 48, 30 steps x 3 repeats; CPU yolov5n, 128 px, batch 4, "
         "10 steps x 3 repeats.",
     )
-    _train_options(p, "timed steps per variant and repeat (default: 30 on GPU, 10 on CPU)")
+    _train_options(p, "timed steps per variant and repeat (default: 30 on GPU, 10 on CPU)",
+                   models=[m for m in MODELS if m.startswith("yolov5")] + ["encoder"])
     p.add_argument("--repeats", type=int, default=None, help="round-robin repeats; the median is reported")
+    _cache_options(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

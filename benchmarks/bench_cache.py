@@ -1,0 +1,108 @@
+"""The feature cache's training step: cached (epochs 2+) vs the floor vs freezert without the cache.
+
+Run: ``pytest benchmarks/bench_cache.py --benchmark-only``. The floor trains the trainable part alone on
+boundary features precomputed into device memory; the cached step reads them back from ``FeatureCache``
+(fp16, where="auto") after one fill epoch; the uncached step runs the frozen prefix every time.
+On CUDA: the paper's scale (yolov5m 512 px batch 48; the encoder at BERT-base width, L 256, batch 32, freeze 8
+of 12), peak memory in ``extra_info``. Without CUDA: yolov5n 64 px batch 2 and a narrow encoder, L 32, batch 4.
+``FREEZERT_BENCH_SCALE`` = ``small`` or ``paper`` overrides the choice. ``freezert bench --cache`` runs the
+whole comparison (full fine-tune and naive freeze too, epoch by epoch) with ratios.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import types
+
+import pytest
+import torch
+
+try:
+    import freezert.cache  # noqa: F401
+
+    _CACHE_ERR = None
+except ImportError as e:  # the storage class lands separately
+    _CACHE_ERR = str(e)
+
+from freezert.cli import CACHED, FLOOR, FREEZERT, _EncoderTask, _EpochVariant, _YoloTask
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+SCALE = os.environ.get("FREEZERT_BENCH_SCALE", "paper" if CUDA else "small")
+if SCALE not in ("small", "paper"):
+    raise ValueError(f"FREEZERT_BENCH_SCALE={SCALE!r}: use 'small' or 'paper'")
+if SCALE == "paper" and not CUDA:
+    pytestmark = pytest.mark.skip(reason="FREEZERT_BENCH_SCALE=paper needs CUDA (BERT-base/yolov5m sizes)")
+elif _CACHE_ERR is not None:
+    pytestmark = pytest.mark.skip(reason=f"freezert.cache is not importable: {_CACHE_ERR}")
+
+STEPS = 4  # distinct batches in the dataset: the cached step cycles over stored rows, as an epoch does
+if SCALE == "paper":
+    YOLO = dict(model="yolov5m", img=512, batch=48)
+    ENCODER = dict(seq_len=256, batch=32)  # BERT-base width on CUDA (d_model 768, 12 heads, ff 3072)
+    ROUNDS, WARMUP = 20, 3
+else:
+    YOLO = dict(model="yolov5n", img=64, batch=2)
+    ENCODER = dict(seq_len=32, batch=4)  # d_model 128 on CPU
+    ROUNDS, WARMUP = 8, 1
+FREEZE = {"yolo": 10, "encoder": 8}
+
+
+def _args(family: str) -> types.SimpleNamespace:
+    sizes = dict(seq_len=0, img=0)
+    sizes.update(YOLO if family == "yolo" else dict(model="encoder", **ENCODER))
+    return types.SimpleNamespace(
+        **sizes, freeze=FREEZE[family], dataset_size=STEPS * sizes["batch"], seed=0, bn="frozen",
+        channels_last=False, graphs=False, amp=False, codec="fp16", where="auto", ids=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["yolo", "encoder"])
+def setup(request):
+    family = request.param
+    args = _args(family)
+    torch.manual_seed(0)
+    task = _YoloTask(args, DEVICE) if family == "yolo" else _EncoderTask(args, DEVICE)
+    slices = [slice(i * args.batch, (i + 1) * args.batch) for i in range(STEPS)]
+    return family, args, task, [(s, task.batch(s)) for s in slices]
+
+
+@pytest.mark.parametrize("variant", [CACHED, FLOOR, FREEZERT])
+def test_cache_step(benchmark, setup, variant):
+    family, args, task, batches = setup
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize(DEVICE)
+        base = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+    v = _EpochVariant(variant, task, args, DEVICE, batches)
+    for _ in range(WARMUP):
+        v.step(None, None, task.warm)
+    if variant == CACHED:
+        for i, (s, b) in enumerate(batches):  # the fill epoch (not timed)
+            v.step(i, s, b)
+        filled = v.counters()
+    it = iter(range(10**9))
+
+    def step():
+        i = next(it) % len(batches)
+        s, b = batches[i]
+        return v.step(i, s, b)
+
+    benchmark.group = f"cache-{family}-{SCALE}"
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    info = dict(
+        variant=variant, family=family, freeze=args.freeze, batch=args.batch, device=str(DEVICE),
+        trainable_params=v.result.trainable,
+        peak_mem_bytes=(torch.cuda.max_memory_allocated(DEVICE) - base) if CUDA else None,
+        peak_mem_note="torch.cuda.max_memory_allocated less the resident dataset" if CUDA else "not measured on CPU",
+    )  # fmt: skip
+    if variant == CACHED:
+        after = v.counters()
+        info.update(hits=after["hits"] - filled["hits"], misses=after["misses"] - filled["misses"],
+                    cache_bytes=v.fm.cache.stats()["bytes"])  # fmt: skip
+        assert info["misses"] == 0 and info["hits"] == (ROUNDS + 1) * args.batch  # every timed step was a hit
+    benchmark.extra_info.update(info)
+    assert v.result.loss is not None and v.result.loss == v.result.loss
