@@ -61,13 +61,12 @@ def test_demo_prints_three_variants_and_ratios(capsys, tmp_path):
 @needs_wrap
 def test_bench_round_robin_and_json(capsys, tmp_path):
     path = tmp_path / "bench.json"
-    assert main(["bench", "--steps", "1", "--repeats", "2", *TINY, "--json", str(path), "--cache"]) == 0
+    assert main(["bench", "--steps", "1", "--repeats", "2", *TINY, "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert set(_rows(out)) == {FULL, NAIVE, FREEZERT}
     assert "2 repeats x 1 steps" in out
-    assert "not available yet" in out  # --cache, until the feature cache is wired in
     data = json.loads(path.read_text())
-    assert data["config"]["repeats"] == 2 and data["cache"] is None
+    assert data["config"]["repeats"] == 2  # --cache has its own tests (tests/test_cli_cache.py)
     assert all(len(v["step_ms"]) == 2 for v in data["variants"].values())
 
 
