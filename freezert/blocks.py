@@ -24,6 +24,18 @@ class BlockTable:
     sources: list[list[int]] | None = None  # yolo only: absolute indices each block reads
 
     @property
+    def save(self) -> set[int]:
+        """YOLO's ``save``: blocks whose outputs a later block reads through an explicit ``.f`` entry."""
+        if self.kind != "yolo":
+            return set()
+        out = set()
+        for i, m in enumerate(self.modules):
+            for x in m.f if isinstance(m.f, (list, tuple)) else [m.f]:
+                if x != -1:
+                    out.add(x % i)
+        return out
+
+    @property
     def keys(self) -> list[str]:
         """Each block's attribute name inside its container."""
         return [n.rpartition(".")[2] for n in self.names]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
-
-import time
 
 from . import spec as _spec
 from ._errors import CacheError, FreezeError
@@ -65,7 +64,7 @@ class FrozenModel(nn.Module):
         self._table: BlockTable = table
         self._params = list(model.parameters())
         self._requires_grad = [p.requires_grad for p in self._params]
-        self._save = self._yolo_save(table)
+        self._save = table.save
         self._segment: FrozenSegment | None = None
         self._unwrapped = False
         self._cache = _make_cache(cache, bn)
@@ -81,17 +80,6 @@ class FrozenModel(nn.Module):
             self.schedule.attach(self)
 
     # -- the frozen set --------------------------------------------------------------------------------
-    @staticmethod
-    def _yolo_save(table: BlockTable) -> set[int]:
-        if table.kind != "yolo":
-            return set()
-        save = set()
-        for i, m in enumerate(table.modules):
-            for x in m.f if isinstance(m.f, (list, tuple)) else [m.f]:
-                if x != -1:
-                    save.add(x % i)
-        return save
-
     def _frozen_named(self) -> list[tuple[str, nn.Module]]:
         """Frozen blocks, plus the stem when block 0 is frozen, as (dotted name, module)."""
         t = self._table
@@ -292,7 +280,7 @@ class FrozenModel(nn.Module):
         """Binds the cache to this segment's fingerprint; ``boundary_like()`` gives example boundary rows."""
         from .cache import fingerprint_of
 
-        sig = tuple((tuple(t.shape[1:]), t.dtype) for t in tensors)
+        sig = _input_sig(tensors)
         bound = self._cache_sig
         if bound is not None and bound == (self._weights_token, sig):
             return
@@ -316,8 +304,7 @@ class FrozenModel(nn.Module):
         self._cache_sig = (self._weights_token, sig)
 
     def _cache_bound(self, tensors) -> bool:
-        sig = tuple((tuple(t.shape[1:]), t.dtype) for t in tensors)
-        return self._cache_sig == (self._weights_token, sig)
+        return self._cache_sig == (self._weights_token, _input_sig(tensors))
 
     def _forward_cached(self, seg: FrozenSegment, driven: bool, args, kwargs, cache_ids):
         batch, tensors = self._batch_tensors(args, kwargs)
@@ -450,6 +437,11 @@ class FrozenModel(nn.Module):
     def extra_repr(self) -> str:
         p = self._part
         return f"frozen={list(p.frozen)}, prefix={p.k}, boundary={list(p.boundary)}, bn={self.bn!r}"
+
+
+def _input_sig(tensors: list[torch.Tensor]) -> tuple:
+    """Per-sample shape and dtype of each batch input: what the cache's layout and fingerprint depend on."""
+    return tuple((tuple(t.shape[1:]), t.dtype) for t in tensors)
 
 
 def _sig_text(sig) -> str:
