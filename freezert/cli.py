@@ -872,7 +872,7 @@ def _host_bandwidth(device: torch.device, codec: str, mib: int, reps: int) -> di
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     host.fill_(1)
     copy_s = timed(lambda: host.to(device, non_blocking=True))
-    del host
+    host = None  # free the pinned buffer before the store is allocated
 
     # The host tier's gather: a batch of whole rows picked at random from a pinned store of the codec's dtype.
     store_dtype = _native.CODECS[codec]

@@ -7,41 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from freezert import FreezeError
-from freezert.ops import _registry as reg
 from freezert.ops import backend, batch_norm_act, batch_norm_act_reference
 
-CASES = [
-    pytest.param("cpu", torch.float32, 1e-5, id="cpu-fp32"),
-    pytest.param("cpu", torch.float16, 1e-3, id="cpu-fp16"),
-    pytest.param("cuda", torch.float32, 1e-5, id="cuda-fp32", marks=pytest.mark.cuda),
-    pytest.param("cuda", torch.float16, 1e-3, id="cuda-fp16", marks=pytest.mark.cuda),
-    pytest.param("cuda", torch.bfloat16, 1e-2, id="cuda-bf16", marks=pytest.mark.cuda),
-]
-
-
-@pytest.fixture(autouse=True)
-def _poison():
-    reg.set_poison(True)  # every kernel output starts as NaN: an unwritten element fails
-    reg.reset_backend()
-    yield
-    reg.set_poison(False)
-
-
-def expected_path(device: str) -> str:
-    if device == "cuda":
-        if reg.interpreting():
-            pytest.skip("the Triton interpreter is on: run CUDA tests with TRITON_INTERPRET=0")
-        return reg.TRITON
-    if not reg.interpreting():
-        pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 (tests/conftest.py sets it)")
-    return reg.INTERPRETER
-
-
-def assert_close(actual, expected, tol, what):
-    """Elementwise, with the absolute slack scaled by the reference's magnitude."""
-    expected = expected.float()
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+from ._ops_util import CASES, assert_close, expected_path, _poison  # noqa: F401 (_poison is an autouse fixture)
 
 
 def run_both(x, rm, rv, w, b, training, act, momentum=0.1, eps=1e-5):

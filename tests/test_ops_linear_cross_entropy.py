@@ -9,38 +9,9 @@ from freezert import FreezeError
 from freezert.ops import _registry as reg
 from freezert.ops import backend, linear_cross_entropy, linear_cross_entropy_reference
 
+from ._ops_util import CASES, assert_close, expected_path, _poison  # noqa: F401 (_poison is an autouse fixture)
+
 N, D = 29, 23
-CASES = [
-    pytest.param("cpu", torch.float32, 1e-5, id="cpu-fp32"),
-    pytest.param("cpu", torch.float16, 1e-3, id="cpu-fp16"),
-    pytest.param("cuda", torch.float32, 1e-5, id="cuda-fp32", marks=pytest.mark.cuda),
-    pytest.param("cuda", torch.float16, 1e-3, id="cuda-fp16", marks=pytest.mark.cuda),
-    pytest.param("cuda", torch.bfloat16, 1e-2, id="cuda-bf16", marks=pytest.mark.cuda),
-]
-
-
-@pytest.fixture(autouse=True)
-def _poison():
-    reg.set_poison(True)
-    reg.reset_backend()
-    yield
-    reg.set_poison(False)
-
-
-def expected_path(device: str) -> str:
-    if device == "cuda":
-        if reg.interpreting():
-            pytest.skip("the Triton interpreter is on: run CUDA tests with TRITON_INTERPRET=0")
-        return reg.TRITON
-    if not reg.interpreting():
-        pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 (tests/conftest.py sets it)")
-    return reg.INTERPRETER
-
-
-def assert_close(actual, expected, tol, what):
-    expected = expected.float()
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
 def make(device, dtype, v, ignore=True, bias=True):

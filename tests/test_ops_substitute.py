@@ -11,18 +11,7 @@ from torch import nn
 from freezert.ops import FusedConvBNAct, FusedLayerNorm, backend, plan_substitutions, swapped
 from freezert.ops import _registry as reg
 
-
-@pytest.fixture(autouse=True)
-def _poison():
-    reg.set_poison(True)
-    reg.reset_backend()
-    yield
-    reg.set_poison(False)
-
-
-def needs_interpreter():
-    if not reg.interpreting():
-        pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+from ._ops_util import needs_interpreter, _poison  # noqa: F401 (_poison is an autouse fixture)
 
 
 class ConvBlock(nn.Module):
