@@ -148,6 +148,22 @@ def block_table(model: nn.Module, blocks: str | None = None) -> BlockTable:
     return BlockTable("container", path, names, modules, _stem(model, path))
 
 
+def as_named_blocks(blocks, empty: str) -> list[tuple[str, nn.Module]]:
+    """Normalises a block list (modules or (name, module) pairs) to (name, module) pairs; ``empty``: the error
+    message for an empty list."""
+    out: list[tuple[str, nn.Module]] = []
+    for i, b in enumerate(blocks):
+        if isinstance(b, nn.Module):
+            out.append((str(i), b))
+        elif isinstance(b, tuple) and len(b) == 2 and isinstance(b[1], nn.Module):
+            out.append((str(b[0]), b[1]))
+        else:
+            raise FreezeError(f"block {i} is a {type(b).__name__}; pass blocks as modules or (name, module) pairs")
+    if not out:
+        raise FreezeError(empty)
+    return out
+
+
 def find_blocks(model: nn.Module, blocks: str | None = None) -> list[tuple[str, nn.Module]]:
     """The block sequence of ``model`` as (dotted name, module) pairs, in order."""
     t = block_table(model, blocks)

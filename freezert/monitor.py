@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ._errors import FreezeError
+from .blocks import as_named_blocks
 
 __all__ = ["GradientMonitor", "MemoryMonitor", "MonitorEvent", "block_grad_norms", "process_rss_bytes"]
 
@@ -38,17 +39,7 @@ def _as_blocks(blocks: Any) -> list[tuple[str, nn.Module]]:
             f"blocks={type(blocks).__name__} is a single module; pass its block list "
             "(freezert.blocks.find_blocks(model)) or a FrozenModel"
         )
-    out = []
-    for i, b in enumerate(blocks):
-        if isinstance(b, nn.Module):
-            out.append((str(i), b))
-        elif isinstance(b, tuple) and len(b) == 2 and isinstance(b[1], nn.Module):
-            out.append((str(b[0]), b[1]))
-        else:
-            raise FreezeError(f"block {i} is a {type(b).__name__}; pass modules or (name, module) pairs")
-    if not out:
-        raise FreezeError("no blocks to monitor; pass a non-empty block list")
-    return out
+    return as_named_blocks(blocks, "no blocks to monitor; pass a non-empty block list")
 
 
 def block_grad_norms(blocks: Sequence[Any]) -> list[float | None]:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ._errors import FreezeError
+from .blocks import as_named_blocks
 from .monitor import block_grad_norms
 
 __all__ = [
@@ -278,19 +279,7 @@ def _resolve_blocks(target: Any, blocks: Any = None) -> list[tuple[str, nn.Modul
                 blocks = list(target.named_children())
             else:
                 blocks = find_blocks(target)
-    out: list[tuple[str, nn.Module]] = []
-    for i, b in enumerate(blocks):
-        if isinstance(b, nn.Module):
-            out.append((str(i), b))
-        elif isinstance(b, tuple) and len(b) == 2 and isinstance(b[1], nn.Module):
-            out.append((str(b[0]), b[1]))
-        else:
-            raise FreezeError(
-                f"block {i} is a {type(b).__name__}; pass blocks as modules or (name, module) pairs"
-            )
-    if not out:
-        raise FreezeError("the model has no blocks to freeze; pass blocks=[...] explicitly")
-    return out
+    return as_named_blocks(blocks, "the model has no blocks to freeze; pass blocks=[...] explicitly")
 
 
 def _frozen_of(target: Any) -> tuple[int, ...]:
