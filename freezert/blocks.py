@@ -35,10 +35,8 @@ class BlockTable:
                     out.add(x % i)
         return out
 
-    @property
-    def keys(self) -> list[str]:
-        """Each block's attribute name inside its container."""
-        return [n.rpartition(".")[2] for n in self.names]
+    def __post_init__(self) -> None:
+        self.keys = [n.rpartition(".")[2] for n in self.names]  # each block's attribute name in its container
 
     def __len__(self) -> int:
         return len(self.modules)
