@@ -246,3 +246,19 @@ def test_kernels_substituted_in_the_trainable_part_only():
     assert type(model.features[4]) is nn.Sequential
     for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)  # running stats updated alike
+
+
+def test_bn_train_in_swap_mode_matches_naive_freezing():
+    model = pretrained_like(cnn_classifier(num_classes=5, width=16))
+    src = copy.deepcopy(model)
+    fm = freezert.wrap(model, freeze=3, bn="train").train()
+    ref = naive_reference(src, fm, bn="train").train()
+    for _ in range(2):
+        x = torch.randn(4, 3, 24, 24)
+        out, ref_out = fm(x), ref(x)
+        assert torch.equal(out, ref_out)
+        loss_of(out).backward()
+        loss_of(ref_out).backward()
+    for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
+        assert torch.equal(a, b), n  # running statistics of the frozen blocks kept updating, identically
+    assert_grads_match(model, ref, 1e-6)
