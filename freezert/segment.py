@@ -266,15 +266,18 @@ class FrozenSegment:
 
     def move(self, device: torch.device) -> None:
         """Moves the frozen weights (the user's tensors, keeping their identity) and the private copies."""
+        # Host-to-device copies may overlap; device-to-host copies stay blocking, so a host tensor is never
+        # read before its copy lands.
+        non_blocking = device.type == "cuda"
         for r in self.runners:
             for m in r.__dict__["target"].modules():
                 for store in (m._parameters, m._buffers):
-                    for key, t in store.items():
+                    for t in store.values():
                         if t is not None and t.device != device:
-                            t.data = t.data.to(device, non_blocking=True)
-        for o, kind, key, t, _, _ in self._records:
+                            t.data = t.data.to(device, non_blocking=non_blocking)
+        for _, _, _, t, _, _ in self._records:
             if t.device != device:
-                t.data = t.data.to(device, non_blocking=True)
+                t.data = t.data.to(device, non_blocking=non_blocking)
         self._records = [(o, kind, key, t, t._version, t.data_ptr()) for o, kind, key, t, _, _ in self._records]
         self._buffer_values = {k: v.to(device) for k, v in self._buffer_values.items()}
         self._graphs.clear()  # captured graphs point at the old memory
