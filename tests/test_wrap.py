@@ -262,3 +262,40 @@ def test_bn_train_in_swap_mode_matches_naive_freezing():
     for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
         assert torch.equal(a, b), n  # running statistics of the frozen blocks kept updating, identically
     assert_grads_match(model, ref, 1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernels_auto_trains_like_kernels_off_on_cuda(dtype):
+    """The built-in YOLO model, wrapped, with the Triton head vs without: same loss curve over 30 steps."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the Triton interpreter is on: run CUDA tests with TRITON_INTERPRET=0")
+    import freezert.ops as ops
+    from freezert.models import detection_loss, detection_targets_like
+
+    torch.manual_seed(0)
+    base = pretrained_like(yolov5("n", nc=3)).cuda()
+    curves = {}
+    for kernels in ("auto", False):
+        model = copy.deepcopy(base)
+        fm = freezert.wrap(model, freeze=10, kernels=kernels).train()
+        opt = torch.optim.SGD(fm.trainable_parameters(), lr=1e-2, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(30):
+            x = torch.rand(4, 3, 96, 96, generator=g).cuda()
+            with torch.autocast("cuda", dtype=dtype):
+                out = fm(x)
+            loss = detection_loss(out, detection_targets_like(out, generator=g))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        if kernels == "auto":
+            assert fm._kernel_plan and ops.backend()["batch_norm_act"] == "triton"
+        curves[kernels] = torch.tensor(losses)
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(curves["auto"], curves[False], rtol=tol, atol=tol)
+    assert curves[False][-1] < curves[False][0]
