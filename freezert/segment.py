@@ -151,6 +151,13 @@ class _Runner(nn.Module):
         self.prepared = not copy_module or not (fold or dtype is not None or channels_last)
         self.folded = 0
 
+    @property
+    def device(self) -> torch.device | None:
+        """Where this runner's last output lives (from its recorded template)."""
+        slots: list = []
+        _map_slots(self.template, lambda s: slots.append(s) or s)
+        return slots[0].device if slots else None
+
     def __getattr__(self, name):  # model code sometimes reads attributes of its blocks
         try:
             return super().__getattr__(name)

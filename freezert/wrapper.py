@@ -314,19 +314,25 @@ class FrozenModel(nn.Module):
             return self._run_tail(self._cached_boundary(seg, args[0], keys, tensors, ids_mode))
         # swap mode: the model's own forward runs; on a full hit the runners replay the cached boundary.
         if self._cache_bound(tensors) and seg.can_replay and bool(self._cache.lookup(keys).all()):
-            boundary = self._cache_get(keys, seg.runners[-1].template)
+            boundary = self._cache.get(keys, seg.runners[-1].device)  # decoded to the layout's dtypes
             self._maybe_offload(seg)
             with seg.swapped(self.model), seg.replaying(batch, boundary):
                 return self.model(*args, **kwargs)
         self._restore_offloaded(seg)
         captured: list = []
-        handle = seg.runners[-1].register_forward_hook(lambda m, a, out: captured.append(out))
+        started: list[float] = []
+        handles = [
+            seg.runners[0].register_forward_pre_hook(lambda m, a: started.append(time.perf_counter())),
+            seg.runners[-1].register_forward_hook(lambda m, a, out: captured.append((time.perf_counter(), out))),
+        ]
         try:
             with seg.swapped(self.model):
                 out = self.model(*args, **kwargs)
         finally:
-            handle.remove()
-        produced = flatten_tensors(captured[-1])
+            for h in handles:
+                h.remove()
+        self._cache.note_segment_time(captured[-1][0] - started[0], batch)
+        produced = flatten_tensors(captured[-1][1])
         if any(t.dim() == 0 or t.shape[0] != batch for t in produced):
             raise CacheError(
                 f"block {seg.names[-1]!r} returns tensors without the batch dimension ({batch}) first, so its "
@@ -338,14 +344,6 @@ class FrozenModel(nn.Module):
             miss = (~hit).nonzero().squeeze(1)
             self._cache.put(keys[miss], [t[miss.to(t.device)] for t in produced])
         return out
-
-    def _cache_get(self, keys, template) -> list[torch.Tensor]:
-        from .segment import _map_slots
-
-        slots: list = []
-        _map_slots(template, lambda s: slots.append(s) or s)
-        got = self._cache.get(keys, slots[0].device)
-        return [g.to(s.dtype) if g.dtype != s.dtype else g for g, s in zip(got, slots)]
 
     def _cached_boundary(self, seg: FrozenSegment, x: torch.Tensor, keys, tensors, ids_mode: bool):
         cache, order = self._cache, self._part.boundary
@@ -360,10 +358,9 @@ class FrozenModel(nn.Module):
         hit = cache.lookup(keys)
         n_hit = int(hit.sum())
         if n_hit == len(keys):
-            got = cache.get(keys, x.device)
+            got = cache.get(keys, x.device)  # decoded to the layout's dtypes: the segment's output dtypes
             self._maybe_offload(seg)
-            return {j: g.to(x.dtype) if g.is_floating_point() and x.is_floating_point() else g
-                    for j, g in zip(order, got)}
+            return dict(zip(order, got))
         self._restore_offloaded(seg)
         miss = (~hit).nonzero().squeeze(1)
         t0 = time.perf_counter()
