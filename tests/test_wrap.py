@@ -299,3 +299,13 @@ def test_kernels_auto_trains_like_kernels_off_on_cuda(dtype):
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     torch.testing.assert_close(curves["auto"], curves[False], rtol=tol, atol=tol)
     assert curves[False][-1] < curves[False][0]
+
+
+def test_root_sequential_is_driven_and_matches():
+    def stage(c1, c2):
+        return nn.Sequential(nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU())
+
+    model = nn.Sequential(stage(3, 8), stage(8, 8), stage(8, 12), stage(12, 12), nn.Flatten(), nn.Linear(12 * 81, 4))
+    model = pretrained_like(model, torch.randn(4, 3, 9, 9))
+    fm, _ = _compare(model, 3, lambda: ((torch.randn(3, 3, 9, 9),), {}))
+    assert fm._table.kind == "sequential" and fm.boundary == [2] and fm.segment.folded == 3
