@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Self
 
 import torch
 import torch.nn as nn
@@ -116,10 +119,76 @@ class VariantResult:
     step_ms: list[float] = field(default_factory=list)  # one median per repeat (bench) or every step (demo)
     peak_bytes: int | None = None
     loss: float | None = None
+    monitor: dict | None = None  # _Monitors.data: what the memory and gradient monitors saw (plain data)
 
     @property
     def median_ms(self) -> float:
         return statistics.median(self.step_ms) if self.step_ms else float("nan")
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+class _Monitors:
+    """One variant's ``MemoryMonitor`` and ``GradientMonitor`` (over its blocks), as a context manager.
+
+    On exit, ``data`` holds plain numbers only (no reference to the model survives, so a finished variant's
+    weights can be freed): the memory summary, per-step block norms, window means and CVs, the events, and a
+    memory trace (the monitor's latest sample after each step) for ``--plot``.
+    """
+
+    def __init__(self, blocks, freeze: int, device: torch.device, reset_peak: bool = True):
+        from .monitor import GradientMonitor, MemoryMonitor
+
+        self.grad = GradientMonitor(blocks)
+        self.mem = MemoryMonitor(device=device, reset_peak=reset_peak)
+        self.freeze = freeze  # blocks 0..freeze-1: frozen in the naive and freezert variants, trained in full
+        self.trace: list[tuple[float, int]] = []
+        self.skipped = 0  # AMP steps the GradScaler skipped (non-finite gradients): not recorded
+        self.data: dict | None = None
+
+    def __enter__(self) -> Self:
+        self.mem.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        memory = self.mem.stop()
+        g = self.grad.summary()
+        self.data = {
+            "memory": memory,
+            "frozen_blocks": f"0..{self.freeze - 1}",
+            "grad_norm_frozen_blocks": _mean(g["mean"][: self.freeze]),  # None: no gradient reached them
+            "grad_norm_trainable_blocks": _mean(g["mean"][self.freeze :]),
+            "cv_mean": _mean(g["cv"]),
+            "window": self.grad.window,
+            "amp_skipped_steps": self.skipped,
+            "gradients": g,  # steps, blocks, last, mean, cv (per block, over the window), ratio, event kinds
+            "norms": self.grad.history,  # per step, per block (None: no gradient)
+            "events": [asdict(e) for e in self.grad.events],
+            "memory_trace": self.trace,  # (seconds since start, bytes): CUDA allocated, or process RSS on CPU
+        }
+        self.grad = self.mem = None
+
+    def after_backward(self, skip_nonfinite: bool = False) -> None:
+        """Records this step's block norms; with ``skip_nonfinite`` (AMP), not those of a step the GradScaler
+        skipped (its first steps usually overflow), which would make the window's means inf."""
+        from .monitor import block_grad_norms
+
+        norms = block_grad_norms(self.grad.blocks)
+        if skip_nonfinite and not all(math.isfinite(x) for x in norms if x is not None):
+            self.skipped += 1
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # events are printed in the monitor table instead
+            self.grad.record(norms)
+
+    def after_step(self) -> None:
+        s = self.mem.summary()
+        cur = s["cuda_allocated_bytes"] if self.mem.cuda else s["rss_bytes"]
+        if cur is not None and s["duration_s"] is not None:
+            self.trace.append((s["duration_s"], cur))
 
 
 class _Variant:
@@ -128,20 +197,24 @@ class _Variant:
     def __init__(self, name: str, initial: nn.Module, args, device: torch.device):
         self.name = name
         model = copy.deepcopy(initial).to(device).train()
+        import freezert
+
         if name == FULL:
             for p in model.parameters():
                 p.requires_grad_(True)
             self.module, self.opt = model, yolo_optimizer(model)
+            self.blocks = freezert.find_blocks(model)
         elif name == NAIVE:
             naive_freeze(model, args.freeze)
             self.module, self.opt = model, yolo_optimizer(model)  # all params, as YOLOv5
+            self.blocks = freezert.find_blocks(model)
         else:
-            import freezert
-
             fm = freezert.wrap(
                 model, freeze=args.freeze, bn=args.bn, channels_last=args.channels_last, graphs=args.graphs
             )
             self.module, self.opt = fm, yolo_optimizer(model, fm.trainable_parameters())
+            self.blocks = fm.blocks
+        self.mon: _Monitors | None = None  # attached around the steps the monitors should see
         self.module.train()
         self.device = device
         self.amp = bool(args.amp) and device.type == "cuda"
@@ -162,13 +235,25 @@ class _Variant:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             loss = detection_loss(self.module(x), t)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
+        self.scaler.step(self.opt)  # unscales the gradients in place first: the monitor sees true norms
         self.scaler.update()
+        untimed = 0.0
+        if self.mon is not None:
+            # The gradient norms are read before zero_grad, with the timer paused: their kernels and host sync
+            # are subtracted from the step time.
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            t1 = time.perf_counter()
+            self.mon.after_backward(skip_nonfinite=self.amp)
+            untimed = time.perf_counter() - t1
         self.opt.zero_grad(set_to_none=True)  # grads do not stay resident between steps
         if cuda:
             torch.cuda.synchronize(self.device)
+        ms = (time.perf_counter() - t0 - untimed) * 1e3
         self.result.loss = float(loss.detach())
-        return (time.perf_counter() - t0) * 1e3
+        if self.mon is not None:
+            self.mon.after_step()  # a memory sample for --plot, after the timer stopped
+        return ms
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -232,6 +317,117 @@ def format_table(results: dict[str, VariantResult], device: torch.device) -> str
     return "\n".join(lines)
 
 
+def _mib(b) -> str:
+    return f"{b / 2**20:.0f}" if b is not None else "-"
+
+
+def _norm(x) -> str:
+    return "none" if x is None else f"{x:.3g}"
+
+
+def format_monitor_table(results: dict[str, VariantResult], freeze: int) -> str:
+    """One line per variant: peak memory as the monitor saw it, mean gradient norm of blocks 0..freeze-1 and of
+    the rest, the mean CV over the window, event names; then the events' messages and the monitor's notes."""
+    mons = {n: results[n].monitor for n in VARIANTS if n in results and results[n].monitor}
+    if not mons:
+        return ""
+    frozen, rest = f"grad 0..{freeze - 1}", f"grad {freeze}.."
+    # Rows are indented: lines that start with a variant name belong to the comparison table above.
+    head = f"{'monitors':<18} {'peak memory':>24} {frozen:>10} {rest:>10} {'CV':>6}  events"
+    lines = [head, "-" * len(head)]
+    notes: list[str] = []
+    window = None
+    for name, m in mons.items():
+        mem = m["memory"]
+        if mem["cuda_peak_allocated_bytes"] is not None:
+            peak = f"alloc {_mib(mem['cuda_peak_allocated_bytes'])}"
+            if mem["nvml_used_peak_bytes"] is not None:
+                peak += f" / NVML {_mib(mem['nvml_used_peak_bytes'])}"
+            peak += " MiB"
+        else:
+            peak = f"RSS {_mib(mem['rss_peak_bytes'])} MiB"
+        cv = "-" if m["cv_mean"] is None else f"{m['cv_mean']:.2f}"
+        events = ", ".join(f"{e['kind']}@{e['step']}" for e in m["events"]) or "-"
+        lines.append(
+            f"  {name:<16} {peak:>24} {_norm(m['grad_norm_frozen_blocks']):>10}"
+            f" {_norm(m['grad_norm_trainable_blocks']):>10} {cv:>6}  {events}"
+        )
+        lines += [f"    {name}: {e['kind']}: {e['message']}" for e in m["events"]]
+        if m["amp_skipped_steps"]:
+            skipped = m["amp_skipped_steps"]
+            lines.append(f"    {name}: {skipped} steps skipped by the GradScaler (inf/NaN): not recorded")
+        if mem["note"] and mem["note"] not in notes:
+            notes.append(mem["note"])
+        window = m["window"]
+    lines.append(
+        f"grad a..b: mean per-block L2 gradient norm over the last <={window} steps (none: no gradient); "
+        "CV: std/mean over that window, averaged over blocks"
+    )
+    lines += [f"monitor note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def write_plot(path: str, results: dict[str, VariantResult], freeze: int) -> str:
+    """``--plot``: a PNG of each variant's per-block gradient norms over steps (heat maps) and memory over time.
+
+    Returns the line to print; without matplotlib, says so and writes nothing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return f"--plot: matplotlib is not installed (pip install matplotlib); nothing written to {path}"
+    mons = [(n, results[n].monitor) for n in VARIANTS if n in results and results[n].monitor]
+    if not mons:
+        return f"--plot: no monitor data; nothing written to {path}"
+    grids = []
+    for _, m in mons:
+        rows = [[math.log10(x) if x is not None and x > 0 else math.nan for x in step] for step in m["norms"]]
+        grids.append(np.ma.masked_invalid(np.array(rows, dtype=float).T.reshape(len(m["gradients"]["blocks"]), -1)))
+    finite = [g.compressed() for g in grids if g.count()]
+    lo, hi = (min(f.min() for f in finite), max(f.max() for f in finite)) if finite else (0.0, 1.0)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
+    fig, axes = plt.subplots(len(mons) + 1, 1, figsize=(9, 2.4 * (len(mons) + 1)), constrained_layout=True)
+    im = None
+    for ax, (name, m), grid in zip(axes, mons, grids):
+        nb, ns = grid.shape
+        im = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi,
+                       extent=(0.5, ns + 0.5, -0.5, nb - 0.5))
+        ax.axhline(freeze - 0.5, color="white", linestyle="--", linewidth=1)
+        for e in m["events"]:
+            ax.axvline(e["step"], color="red", linestyle=":", linewidth=1)
+        ax.set_title(f"{name}: log10 gradient L2 norm per block (grey: no gradient; dashed: freeze {freeze})",
+                     fontsize=9)
+        ax.set_ylabel("block")
+        ax.set_xlabel("step")
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[:-1]), label="log10 norm")
+    ax = axes[-1]
+    cuda = any(m["memory"]["cuda_peak_allocated_bytes"] is not None for _, m in mons)
+    for name, m in mons:
+        if m["memory_trace"]:
+            ts, bs = zip(*m["memory_trace"])
+            ax.plot(ts, [b / 2**20 for b in bs], label=name, linewidth=1)
+    ax.set_xlabel("seconds since the variant's monitor started")
+    ax.set_ylabel("CUDA allocated MiB" if cuda else "process RSS MiB")
+    ax.set_title("memory as the monitor sampled it, after each step", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def _report_monitors(args, results: dict[str, VariantResult]) -> None:
+    table = format_monitor_table(results, args.freeze)
+    if table:
+        print(table)
+    if args.plot:
+        print(write_plot(args.plot, results, args.freeze))
+
+
 def _results_json(results: dict[str, VariantResult], config: dict) -> dict:
     naive, full = results.get(NAIVE), results.get(FULL)
 
@@ -250,6 +446,7 @@ def _results_json(results: dict[str, VariantResult], config: dict) -> dict:
             "time_vs_full": ratio(r.median_ms, full and full.median_ms),
             "mem_vs_naive": ratio(r.peak_bytes, naive and naive.peak_bytes),
             "mem_vs_full": ratio(r.peak_bytes, full and full.peak_bytes),
+            "monitor": r.monitor,
         }
     return out
 
@@ -329,16 +526,23 @@ def cmd_demo(args) -> int:
         v = _Variant(name, initial, args, device)
         total = args.warmup + args.steps
         bar = _progress(total, name, not args.quiet)
+        # Every step (warm-up included) runs under the monitors. The gradient norms are taken with the step's
+        # timer paused (see _Variant.step); the memory sampler is a daemon thread waking every 50 ms, which
+        # does run during the timed steps (microseconds per sample). The allocator peaks were reset just above,
+        # before the variant was built: the monitor keeps them (reset_peak=False), so its peak is the table's.
+        v.mon = _Monitors(v.blocks, args.freeze, device, reset_peak=False)
         t0 = time.perf_counter()
-        for i in range(total):
-            ms = v.step(batches[i % len(batches)])
-            if i >= args.warmup:
-                v.result.step_ms.append(ms)
-            bar.update()
-            if args.budget and len(v.result.step_ms) >= 3 and time.perf_counter() - t0 > args.budget:
-                stopped.append(f"{name} after {len(v.result.step_ms)} timed steps")
-                break
+        with v.mon:
+            for i in range(total):
+                ms = v.step(batches[i % len(batches)])
+                if i >= args.warmup:
+                    v.result.step_ms.append(ms)
+                bar.update()
+                if args.budget and len(v.result.step_ms) >= 3 and time.perf_counter() - t0 > args.budget:
+                    stopped.append(f"{name} after {len(v.result.step_ms)} timed steps")
+                    break
         bar.close()
+        v.result.monitor, v.mon = v.mon.data, None
         if device.type == "cuda":
             v.result.peak_bytes = torch.cuda.max_memory_allocated(device)
         results[name] = v.result
@@ -346,6 +550,7 @@ def cmd_demo(args) -> int:
     print(format_table(results, device))
     if stopped:
         print(f"time budget ({args.budget:.0f} s per variant) reached: stopped {'; '.join(stopped)}")
+    _report_monitors(args, results)
     _cache_variant(args)
     if args.json:
         _write_json(args.json, _results_json(results, _config(args, device)))
@@ -354,6 +559,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.cache and args.plot:
+        print("--plot: bench --cache runs no monitors; nothing written")
     if args.cache:  # the feature-cache benchmark: its own epochs, variants and table
         return cmd_bench_cache(args)
     device = _resolve_device(args.device)
@@ -365,7 +572,11 @@ def cmd_bench(args) -> int:
     )
     _check_yolo(args)
     _header("bench", args, device, chosen)
-    print(f"{args.repeats} repeats x {args.steps} steps per variant, round-robin, {args.warmup} warmup steps excluded")
+    mon_steps = max(args.steps, 2)  # the CV needs two steps
+    print(
+        f"{args.repeats} repeats x {args.steps} steps per variant, round-robin, {args.warmup} warmup steps excluded; "
+        f"then {mon_steps} untimed steps per variant under the monitors"
+    )
     torch.manual_seed(args.seed)
     initial = build_model(args.model)
     _check_depth(initial, args)
@@ -385,7 +596,7 @@ def cmd_bench(args) -> int:
         variants.append(v)
 
     peaks: dict[str, list[int]] = {v.name: [] for v in variants}
-    bar = _progress(args.repeats * len(variants) * args.steps, "bench", not args.quiet)
+    bar = _progress((args.repeats * args.steps + mon_steps) * len(variants), "bench", not args.quiet)
     for _ in range(args.repeats):
         for v in variants:
             if cuda:
@@ -398,12 +609,25 @@ def cmd_bench(args) -> int:
             v.result.step_ms.append(statistics.median(times))
             if cuda:
                 peaks[v.name].append(torch.cuda.max_memory_allocated(device) - base + v.static_bytes)
+    # The monitors get a pass of their own after the timed repeats: untimed steps, so neither the gradient
+    # norms nor the memory sampler thread touch the timings above. All three variants stay resident here, so
+    # the monitor's memory is the process's (the table's peak is per variant).
+    for v in variants:
+        loss = v.result.loss
+        v.mon = _Monitors(v.blocks, args.freeze, device)
+        with v.mon:
+            for i in range(mon_steps):
+                v.step(batches[i % len(batches)])
+                bar.update()
+        v.result.monitor, v.mon = v.mon.data, None
+        v.result.loss = loss  # the reported loss stays the timed run's
     bar.close()
     results = {v.name: v.result for v in variants}
     if cuda:
         for v in variants:
             v.result.peak_bytes = max(peaks[v.name])
     print(format_table(results, device))
+    _report_monitors(args, results)
     cache = _cache_variant(args)
     if args.json:
         data = _results_json(results, _config(args, device))
@@ -1086,6 +1310,9 @@ def _train_options(p: argparse.ArgumentParser, steps_help: str, models=None) -> 
                    "precomputed features) over --epochs of a fixed --dataset-size, plus the host-tier gather "
                    "bandwidth on a GPU; demo: the same after its table")
     p.add_argument("--json", default=None, metavar="PATH", help="write the numbers to PATH as JSON")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="write a PNG of per-block gradient norms over steps and memory over time (needs "
+                   "matplotlib; not with bench --cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
