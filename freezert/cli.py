@@ -37,10 +37,13 @@ def build_model(name: str) -> nn.Module:
     """A built-in example model by CLI name (``yolov5n``..``yolov5x``, ``cnn``, ``encoder``)."""
     from . import models
 
+    # The example models stand in for pretrained networks: BatchNorm statistics measured on synthetic images,
+    # so frozen BatchNorm normalises as a trained backbone's would (fresh statistics would mis-scale it).
+    g = torch.Generator().manual_seed(0)
     if name.startswith("yolov5") and len(name) == 7:
-        return models.yolov5(name[-1])
+        return models.calibrate_batchnorm(models.yolov5(name[-1]), torch.rand(4, 3, 128, 128, generator=g))
     if name == "cnn":
-        return models.cnn_classifier()
+        return models.calibrate_batchnorm(models.cnn_classifier(), torch.rand(4, 3, 64, 64, generator=g))
     if name == "encoder":
         return models.transformer_encoder()
     raise SystemExit(f"freezert: unknown model {name!r}; choose from {', '.join(MODELS)}")

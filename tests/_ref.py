@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from freezert.models import calibrate_batchnorm
+
 
 def pretrained_like(model: nn.Module, sample: torch.Tensor | None = None, seed: int = 1) -> nn.Module:
     """Gives BatchNorm the state of a trained net: running statistics that match the activations it sees
@@ -21,16 +23,9 @@ def pretrained_like(model: nn.Module, sample: torch.Tensor | None = None, seed: 
             n = m.running_mean.numel()
             m.weight.copy_(torch.rand(n, generator=g) + 0.5)
             m.bias.copy_(torch.rand(n, generator=g) - 0.5)
-        momenta = [m.momentum for m in bns]
-        was_training = model.training
+    calibrate_batchnorm(model, sample)
+    with torch.no_grad():
         for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batch
-        model.train()
-        model(sample)
-        model.train(was_training)
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
             n = m.running_mean.numel()
             m.running_mean.add_(0.1 * (torch.rand(n, generator=g) - 0.5) * m.running_var.sqrt())
             m.running_var.mul_(0.9 + 0.2 * torch.rand(n, generator=g))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._calibrate import calibrate_batchnorm
 from .cnn import CNNClassifier, cnn_classifier
 from .encoder import EncoderBlock, TransformerEncoderClassifier, transformer_encoder
 from .yolo import (
@@ -17,6 +18,7 @@ __all__ = [
     "EncoderBlock",
     "TransformerEncoderClassifier",
     "YOLOv5",
+    "calibrate_batchnorm",
     "cnn_classifier",
     "detection_loss",
     "detection_targets_like",
