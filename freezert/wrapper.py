@@ -314,10 +314,11 @@ class FrozenModel(nn.Module):
             return self._run_tail(self._cached_boundary(seg, args[0], keys, tensors, ids_mode))
         # swap mode: the model's own forward runs; on a full hit the runners replay the cached boundary.
         if self._cache_bound(tensors) and seg.can_replay and bool(self._cache.lookup(keys).all()):
-            boundary = self._cache.get(keys, seg.runners[-1].device)  # decoded to the layout's dtypes
-            self._maybe_offload(seg)
-            with seg.swapped(self.model), seg.replaying(batch, boundary):
-                return self.model(*args, **kwargs)
+            boundary = self._get_or_none(keys, seg.runners[-1].device)  # decoded to the layout's dtypes
+            if boundary is not None:
+                self._maybe_offload(seg)
+                with seg.swapped(self.model), seg.replaying(batch, boundary):
+                    return self.model(*args, **kwargs)
         self._restore_offloaded(seg)
         captured: list = []
         started: list[float] = []
@@ -345,6 +346,15 @@ class FrozenModel(nn.Module):
             self._cache.put(keys[miss], [t[miss.to(t.device)] for t in produced])
         return out
 
+    def _get_or_none(self, keys, device) -> list[torch.Tensor] | None:
+        """Cached rows for ``keys``, or None when a disk record failed its checksum (it is dropped: recompute)."""
+        from .cache import _Recompute
+
+        try:
+            return self._cache.get(keys, device)
+        except _Recompute:
+            return None
+
     def _cached_boundary(self, seg: FrozenSegment, x: torch.Tensor, keys, tensors, ids_mode: bool):
         cache, order = self._cache, self._part.boundary
 
@@ -358,9 +368,12 @@ class FrozenModel(nn.Module):
         hit = cache.lookup(keys)
         n_hit = int(hit.sum())
         if n_hit == len(keys):
-            got = cache.get(keys, x.device)  # decoded to the layout's dtypes: the segment's output dtypes
-            self._maybe_offload(seg)
-            return dict(zip(order, got))
+            got = self._get_or_none(keys, x.device)  # decoded to the layout's dtypes: the segment's outputs'
+            if got is not None:
+                self._maybe_offload(seg)
+                return dict(zip(order, got))
+            hit = cache.lookup(keys)  # the records that failed verification are gone now: misses
+            n_hit = int(hit.sum())
         self._restore_offloaded(seg)
         miss = (~hit).nonzero().squeeze(1)
         t0 = time.perf_counter()
@@ -370,7 +383,9 @@ class FrozenModel(nn.Module):
         if n_hit == 0:
             return fresh
         hits = hit.nonzero().squeeze(1)
-        got = cache.get(keys[hits], x.device)
+        got = self._get_or_none(keys[hits], x.device)
+        if got is None:  # a stored record went bad after the lookup verified it: compute the whole batch
+            return seg.run(x)
         out = {}
         for j, g in zip(order, got):
             f = fresh[j]
