@@ -886,16 +886,10 @@ class FeatureCache:
                 codec = _ESC
             if k in self._index:
                 self._drop(k)
-            ti = self._place(codec, batch)
-            if ti < 0:
-                self._counts["skipped"] += 1
+            claimed = self._claim(k, codec, batch)
+            if claimed is None:
                 continue
-            slab = self._slab(ti, codec)
-            slot = slab.alloc()
-            tier = self._tiers[ti]
-            tier.used += self._row_bytes(codec, tier.name)
-            tier.rows += 1
-            self._index[k] = (ti, codec, slot)
+            ti, _, slot = claimed
             self._counts["stores"] += 1
             self._counts["escaped"] += codec != self.codec
             rows, slots = plan.setdefault((ti, codec), ([], []))
@@ -909,6 +903,21 @@ class FeatureCache:
                 slab.encode([ks[r] for r in rows], slots, src)
             else:
                 slab.encode(slots, src)
+
+    def _claim(self, key: int, codec: str, batch: set[int]):
+        """A slot for ``key``'s new row of ``codec``, indexed and accounted: (tier index, slab, slot), or None
+        (counted as skipped) when no tier can take it."""
+        ti = self._place(codec, batch)
+        if ti < 0:
+            self._counts["skipped"] += 1
+            return None
+        slab = self._slab(ti, codec)
+        slot = slab.alloc()
+        tier = self._tiers[ti]
+        tier.used += self._row_bytes(codec, tier.name)
+        tier.rows += 1
+        self._index[key] = (ti, codec, slot)
+        return ti, slab, slot
 
     def _place(self, codec: str, batch: set[int]) -> int:
         """The tier index for a new row of ``codec`` (evicting LRU rows if allowed), or -1: not stored."""
@@ -1126,16 +1135,10 @@ class FeatureCache:
                 keep = [j for j, good in enumerate(ok) if good]
                 payload, scales = slab.unpack(rec[keep])
                 for j, k in enumerate([gk[j] for j in keep]):
-                    ti = self._place(codec, set())
-                    if ti < 0:
-                        self._counts["skipped"] += 1
+                    claimed = self._claim(k, codec, set())
+                    if claimed is None:
                         continue
-                    dst = self._slab(ti, codec)
-                    slot = dst.alloc()
-                    tier = self._tiers[ti]
-                    tier.used += self._row_bytes(codec, tier.name)
-                    tier.rows += 1
-                    self._index[k] = (ti, codec, slot)
+                    _, dst, slot = claimed
                     p = [x[j : j + 1] for x in payload]
                     s = [x[j : j + 1] if x is not None else None for x in scales]
                     if isinstance(dst, _DiskSlab):
