@@ -387,40 +387,33 @@ def _fp8_encode_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _validate_scatter(src: Any, index: Any, store: Any, scales: Any, codec: Any) -> bool:
-    fn = "encode_scatter"
+def _validate_rows_call(fn: str, name: str, rows: Any, index: Any, store: Any, scales: Any, codec: Any,
+                        *, written: bool) -> bool:
+    """Every check before a codec kernel touches ``rows`` (src when encoding, out when decoding), ``index`` and
+    the store; returns True when the store is in (pinned) host memory and ``rows`` on a GPU."""
     codec = _check_codec(fn, codec)
-    _check_tensor(fn, "src", src)
+    _check_tensor(fn, name, rows)
     _check_tensor(fn, "index", index)
     _check_store(fn, store, scales, codec)
-    _check_dtype(fn, "src", src, tuple(_IO_ELEM), "src.float()")
+    fix = f"torch.empty({tuple(rows.shape)}, dtype=torch.float32)" if written else f"{name}.float()"
+    _check_dtype(fn, name, rows, tuple(_IO_ELEM), fix)
     _check_dtype(fn, "index", index, (torch.int64,), "index.long()")
-    _check_rows(fn, "src", src, store, index)
-    _check_contiguous(fn, "src", src, written=False)
+    _check_rows(fn, name, rows, store, index)
+    _check_contiguous(fn, name, rows, written=written)
     _check_contiguous(fn, "index", index, written=False)
-    host = _check_placement(fn, "src", src, index, store)
+    host = _check_placement(fn, name, rows, index, store)
     if host:
         _check_host_scales(fn, scales, codec)
     _check_index_bounds(fn, index, store.shape[0])
     return host
+
+
+def _validate_scatter(src: Any, index: Any, store: Any, scales: Any, codec: Any) -> bool:
+    return _validate_rows_call("encode_scatter", "src", src, index, store, scales, codec, written=False)
 
 
 def _validate_gather(store: Any, scales: Any, index: Any, out: Any, codec: Any) -> bool:
-    fn = "gather_decode"
-    codec = _check_codec(fn, codec)
-    _check_tensor(fn, "out", out)
-    _check_tensor(fn, "index", index)
-    _check_store(fn, store, scales, codec)
-    _check_dtype(fn, "out", out, tuple(_IO_ELEM), f"torch.empty({tuple(out.shape)}, dtype=torch.float32)")
-    _check_dtype(fn, "index", index, (torch.int64,), "index.long()")
-    _check_rows(fn, "out", out, store, index)
-    _check_contiguous(fn, "out", out, written=True)
-    _check_contiguous(fn, "index", index, written=False)
-    host = _check_placement(fn, "out", out, index, store)
-    if host:
-        _check_host_scales(fn, scales, codec)
-    _check_index_bounds(fn, index, store.shape[0])
-    return host
+    return _validate_rows_call("gather_decode", "out", out, index, store, scales, codec, written=True)
 
 
 def encode_scatter_reference(
