@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._swap import swapped
 from .blocks import BlockTable
 from .partition import Partition
 
@@ -302,20 +303,9 @@ class FrozenSegment:
         return False
 
     # -- swap mode: the model's own forward calls the runners in place of its frozen modules --------------
-    @contextlib.contextmanager
-    def swapped(self, root: nn.Module) -> Iterator[None]:
-        """Temporarily puts the runners in place of the frozen modules inside ``root``."""
-        done: list[tuple[nn.Module, str, nn.Module]] = []
-        try:
-            for name, runner in zip(self.names, self.runners):
-                parent_name, _, leaf = name.rpartition(".")
-                parent = root.get_submodule(parent_name) if parent_name else root
-                done.append((parent, leaf, parent._modules[leaf]))
-                parent._modules[leaf] = runner
-            yield
-        finally:
-            for parent, leaf, original in reversed(done):
-                parent._modules[leaf] = original
+    def swapped(self, root: nn.Module):
+        """Context manager: the runners stand in place of the frozen modules inside ``root``."""
+        return swapped(root, list(zip(self.names, self.runners)))
 
     @property
     def can_replay(self) -> bool:

@@ -7,12 +7,12 @@ The input module is never edited by ``plan_substitutions``; ``swapped`` edits it
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .._swap import Handle, apply_substitutions, restore, swapped  # noqa: F401 (re-exported)
 from .batch_norm_act import batch_norm_act
 from .layer_norm import layer_norm
 
@@ -132,39 +132,3 @@ def plan_substitutions(module: nn.Module, *, skip: Callable[[str], bool] = lambd
 
     visit("", module)
     return plan
-
-
-Handle = list[tuple[nn.Module, str, nn.Module]]
-
-
-def apply_substitutions(module: nn.Module, plan: list[tuple[str, nn.Module]]) -> Handle:
-    """Swap each planned replacement into ``module``; returns what ``restore`` needs to undo it."""
-    done: Handle = []
-    try:
-        for name, rep in plan:
-            parent_name, _, key = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            if key not in parent._modules:
-                raise KeyError(f"{name!r} is not a submodule of {type(module).__name__}")
-            done.append((parent, key, parent._modules[key]))
-            parent._modules[key] = rep
-    except BaseException:
-        restore(done)
-        raise
-    return done
-
-
-def restore(handle: Handle) -> None:
-    """Put back the original modules recorded by ``apply_substitutions`` (in reverse order)."""
-    for parent, key, old in reversed(handle):
-        parent._modules[key] = old
-
-
-@contextlib.contextmanager
-def swapped(module: nn.Module, plan: list[tuple[str, nn.Module]]) -> Iterator[nn.Module]:
-    """Within the block, ``module`` runs with the replacements; the originals return on exit."""
-    handle = apply_substitutions(module, plan)
-    try:
-        yield module
-    finally:
-        restore(handle)
