@@ -17,16 +17,21 @@ from .partition import Partition
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _map_tensors(obj, fn):
-    if isinstance(obj, torch.Tensor):
+def _map_leaves(obj, leaf: type, fn):
+    """``obj`` (nested tuples, namedtuples, lists, dicts) with every ``leaf`` instance replaced by ``fn(leaf)``."""
+    if isinstance(obj, leaf):
         return fn(obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_map_tensors(o, fn) for o in obj))
+        return type(obj)(*(_map_leaves(o, leaf, fn) for o in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(o, fn) for o in obj)
+        return type(obj)(_map_leaves(o, leaf, fn) for o in obj)
     if isinstance(obj, dict):
-        return type(obj)((k, _map_tensors(v, fn)) for k, v in obj.items())
+        return type(obj)((k, _map_leaves(v, leaf, fn)) for k, v in obj.items())
     return obj
+
+
+def _map_tensors(obj, fn):
+    return _map_leaves(obj, torch.Tensor, fn)
 
 
 def _shared_copy(module: nn.Module) -> nn.Module:
@@ -112,15 +117,7 @@ def flatten_tensors(obj) -> list[torch.Tensor]:
 
 
 def _map_slots(obj, fn):
-    if isinstance(obj, _Slot):
-        return fn(obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_map_slots(o, fn) for o in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_slots(o, fn) for o in obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _map_slots(v, fn)) for k, v in obj.items())
-    return obj
+    return _map_leaves(obj, _Slot, fn)
 
 
 def rebuild(template, tensors: list[torch.Tensor]):
