@@ -241,6 +241,10 @@ class FrozenModel(nn.Module):
             if self._cache is not None:
                 raise CacheError("cache= needs frozen blocks from block 0 on (a frozen prefix); freeze=N with N >= 1")
             return self.model(*args, **kwargs)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in flatten_tensors((args, kwargs))):
+            # An input that needs a gradient (saliency, adversarial examples) must get it through the frozen
+            # blocks too, as with naive freezing: no inference segment, no cache for this call.
+            return self.model(*args, **kwargs)
         seg = self._ensure_segment()
         driven = self._table.kind in ("yolo", "sequential") and len(args) == 1 and not kwargs
         driven = driven and isinstance(args[0], torch.Tensor)

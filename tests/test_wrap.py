@@ -11,7 +11,7 @@ import torch.nn as nn
 import freezert
 from freezert.models import cnn_classifier, transformer_encoder, yolov5
 
-from ._ref import assert_grads_match, assert_outputs_close, loss_of, naive_reference, pretrained_like
+from ._ref import assert_grads_match, assert_outputs_close, loss_of, naive_reference, pretrained_like, rel_err
 
 FP32_TOL = 1e-4
 
@@ -309,3 +309,17 @@ def test_root_sequential_is_driven_and_matches():
     model = pretrained_like(model, torch.randn(4, 3, 9, 9))
     fm, _ = _compare(model, 3, lambda: ((torch.randn(3, 3, 9, 9),), {}))
     assert fm._table.kind == "sequential" and fm.boundary == [2] and fm.segment.folded == 3
+
+
+def test_inputs_that_need_a_gradient_get_it_through_the_frozen_blocks():
+    model = pretrained_like(cnn_classifier(num_classes=5, width=16))
+    src = copy.deepcopy(model)
+    fm = freezert.wrap(model, freeze=3, cache="fp32").train()
+    ref = naive_reference(src, fm)  # in fm's mode, frozen BN in eval
+    x = torch.randn(2, 3, 24, 24, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    loss_of(fm(x)).backward()
+    loss_of(ref(x_ref)).backward()
+    assert x.grad is not None and rel_err(x.grad, x_ref.grad) < 1e-4
+    assert_grads_match(model, ref, 1e-3)
+    assert fm.cache.stats()["misses"] == 0  # that call bypassed the cache
