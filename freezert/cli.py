@@ -880,7 +880,7 @@ class _EpochVariant:
         # The floor trains the tail with the same freezert.ops substitutions the wrapped variants get.
         import contextlib
 
-        plan = self.fm._kernels_for((b[0],), {})
+        plan = self.fm._kernels_for([b[0]])
         if not plan:
             return contextlib.nullcontext()
         from .ops.substitute import swapped

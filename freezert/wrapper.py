@@ -207,21 +207,21 @@ class FrozenModel(nn.Module):
 
     def forward(self, *args, cache_ids=None, **kwargs):
         self._check_live()
-        plan = self._kernels_for(args, kwargs)
+        inputs = flatten_tensors((args, kwargs))  # once per call: kernels, grad check and cache keys read it
+        plan = self._kernels_for(inputs)
         if not plan:
-            return self._forward(args, kwargs, cache_ids)
+            return self._forward(args, kwargs, cache_ids, inputs)
         from .ops.substitute import swapped
 
         with swapped(self.model, plan):
-            return self._forward(args, kwargs, cache_ids)
+            return self._forward(args, kwargs, cache_ids, inputs)
 
-    def _kernels_for(self, args, kwargs) -> list:
+    def _kernels_for(self, inputs: list[torch.Tensor]) -> list:
         """The trainable part's Conv-BN-act blocks and LayerNorms to run through freezert.ops (CUDA, or forced)."""
         if self.kernels is False:
             return []
         if self.kernels == "auto":
-            first = next(iter(flatten_tensors((args, kwargs))), None)
-            if first is None or not first.is_cuda:
+            if not inputs or not inputs[0].is_cuda:
                 return []
         if self._kernel_plan is None:
             from .ops.substitute import plan_substitutions
@@ -234,14 +234,14 @@ class FrozenModel(nn.Module):
             self._kernel_plan = plan_substitutions(self.model, skip=skip)
         return self._kernel_plan
 
-    def _forward(self, args, kwargs, cache_ids):
+    def _forward(self, args, kwargs, cache_ids, inputs: list[torch.Tensor]):
         if cache_ids is not None and self._cache is None:
             raise CacheError("cache_ids= was given but this model has no cache; wrap it with cache='fp16' (or True)")
         if self._part.k == 0:
             if self._cache is not None:
                 raise CacheError("cache= needs frozen blocks from block 0 on (a frozen prefix); freeze=N with N >= 1")
             return self.model(*args, **kwargs)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in flatten_tensors((args, kwargs))):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             # An input that needs a gradient (saliency, adversarial examples) must get it through the frozen
             # blocks too, as with naive freezing: no inference segment, no cache for this call.
             return self.model(*args, **kwargs)
@@ -249,15 +249,15 @@ class FrozenModel(nn.Module):
         driven = self._table.kind in ("yolo", "sequential") and len(args) == 1 and not kwargs
         driven = driven and isinstance(args[0], torch.Tensor)
         if self._cache is not None:
-            return self._forward_cached(seg, driven, args, kwargs, cache_ids)
+            return self._forward_cached(seg, driven, args, kwargs, cache_ids, inputs)
         if driven:
             return self._run_tail(seg.run(args[0]))
         with seg.swapped(self.model):
             return self.model(*args, **kwargs)
 
     # -- the feature cache ---------------------------------------------------------------------------------
-    def _batch_tensors(self, args, kwargs) -> tuple[int, list[torch.Tensor]]:
-        tensors = [t for t in flatten_tensors((args, kwargs)) if t.dim() > 0]
+    def _batch_tensors(self, inputs: list[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
+        tensors = [t for t in inputs if t.dim() > 0]
         if not tensors:
             raise CacheError("the cache keys samples by their input tensors, but this call passed none")
         batch = tensors[0].shape[0]
@@ -310,8 +310,8 @@ class FrozenModel(nn.Module):
     def _cache_bound(self, tensors) -> bool:
         return self._cache_sig == (self._weights_token, _input_sig(tensors))
 
-    def _forward_cached(self, seg: FrozenSegment, driven: bool, args, kwargs, cache_ids):
-        batch, tensors = self._batch_tensors(args, kwargs)
+    def _forward_cached(self, seg: FrozenSegment, driven: bool, args, kwargs, cache_ids, inputs):
+        batch, tensors = self._batch_tensors(inputs)
         keys = self._keys(batch, tensors, cache_ids)
         ids_mode = cache_ids is not None
         if driven:
