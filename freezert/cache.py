@@ -480,7 +480,7 @@ class FeatureCache:
         self._get_s = 0.0
         self._counts = dict.fromkeys(
             ("lookups", "hits", "misses", "stores", "skipped", "nonfinite", "escaped", "evictions",
-             "evicted_bytes", "invalidations", "corrupt"), 0)  # fmt: skip
+             "evicted_bytes", "invalidations", "corrupt", "extended"), 0)  # fmt: skip
 
     # -- binding ---------------------------------------------------------------------------------------------------
     def bind(self, fingerprint: str, layout, device) -> None:
@@ -514,6 +514,80 @@ class FeatureCache:
             self._tiers = []
             raise
         self._bound = True
+
+    def extend(self, fingerprint: str, layout, device, convert, *, chunk_bytes: int = 64 * 2**20) -> int:
+        """Re-binds to ``fingerprint``/``layout`` keeping every stored row, converted rather than dropped.
+
+        For a deeper cut of the same frozen prefix: ``convert(rows)`` maps a batch of stored boundary rows (the
+        bound layout, decoded on the bound device) to the new boundary's rows, batch-first in ``layout`` order.
+        The converted rows are staged in host memory (at most half the available RAM, most recently used
+        first; older rows beyond that are dropped and recomputed on their next miss), then stored under the new
+        binding in their old LRU order. Records that fail their checksum are dropped, never converted.
+        Returns how many rows were carried over (``stats()["extended"]`` adds them up).
+        """
+        if not self._bound or not self._tiers or not len(self._index) or fingerprint == self.fingerprint:
+            self.bind(fingerprint, layout, device)
+            return 0
+        layout = self._check_layout(layout)
+        counts, get_s = dict(self._counts), self._get_s
+        row_bytes = sum(math.prod(s) * max(dt.itemsize, 4) for s, dt in self.layout)
+        step = max(1, chunk_bytes // max(row_bytes, 1))
+        order = list(self._index)
+        try:
+            staged = self._convert_rows(layout, convert, step)
+        except BaseException:  # nothing was re-bound: the rows, their LRU order and the traffic stay as they were
+            for key in ("lookups", "hits"):
+                self._counts[key] = counts[key]
+            self._get_s = get_s
+            for k in order:
+                if k in self._index:
+                    self._index.move_to_end(k)
+            raise
+        self.bind(fingerprint, layout, device)  # a new fingerprint: the old rows are dropped here
+        carried = 0
+        for ks, host in reversed(staged):  # oldest first, so the LRU order survives
+            self.put(torch.tensor(ks, dtype=torch.int64), [t.to(self.device) for t in host])
+            carried += len(ks)
+        # what users read as traffic (lookups, hits, misses) and the invalidation are not the forward's doing
+        for key in ("lookups", "hits", "misses", "invalidations"):
+            self._counts[key] = counts[key]
+        self._counts["extended"] += carried
+        self._get_s = get_s
+        self._seg_s = self._seg_rows = 0  # the segment's per-row time changed with its depth
+        return carried
+
+    def _convert_rows(self, layout, convert, step: int) -> list[tuple[list[int], list[torch.Tensor]]]:
+        """``extend``'s first half: (keys, converted rows on the host) per chunk, most recently used first."""
+        room = _available_ram() / 2
+        keys = list(self._index)  # LRU first (lookup and get reorder the index; extend restores the order)
+        staged: list[tuple[list[int], list[torch.Tensor]]] = []
+        for hi in range(len(keys), 0, -step):  # most recently used first: those are kept if RAM runs short
+            chunk = keys[max(0, hi - step) : hi]
+            hit = self.lookup(torch.tensor(chunk, dtype=torch.int64)).tolist()  # verifies disk records
+            ks = [k for k, h in zip(chunk, hit) if h]
+            try:
+                rows = self.get(torch.tensor(ks, dtype=torch.int64), self.device) if ks else []
+            except _Recompute as e:  # went bad after the lookup: dropped; convert the rest
+                bad = set(e.keys)
+                ks = [k for k in ks if k not in bad]
+                rows = self.get(torch.tensor(ks, dtype=torch.int64), self.device) if ks else []
+            if not ks:
+                continue
+            new = [t.detach() for t in convert(rows)]
+            if len(new) != len(layout) or any(
+                tuple(t.shape) != (len(ks), *shape) for t, (shape, _) in zip(new, layout)
+            ):
+                got = [tuple(t.shape) for t in new]
+                raise CacheError(
+                    f"extend(): convert() returned shapes {got} for {len(ks)} row(s), but the new layout needs "
+                    f"{[(len(ks), *s) for s, _ in layout]}; return one batch-first tensor per boundary tensor"
+                )
+            host = [t.to("cpu") for t in new]
+            room -= sum(t.numel() * t.element_size() for t in host)
+            if room < 0:
+                break
+            staged.append((ks, host))
+        return staged
 
     def _check_layout(self, layout) -> list[tuple[tuple[int, ...], torch.dtype]]:
         try:

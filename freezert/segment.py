@@ -221,6 +221,11 @@ class _Slot:
         return torch.zeros((), dtype=self.dtype, device=self.device).expand(batch, *self.shape[1:])
 
 
+def frozen_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``modules``, in the segment's record order (what fingerprints hash)."""
+    return [t for _, _, _, t in _tensor_records(modules)]
+
+
 def _tensor_records(modules: list[nn.Module]):
     for m in modules:
         for sub in m.modules():
@@ -330,10 +335,16 @@ class FrozenSegment:
             return self._run_graphed(x)
         return self._run_eager(x)
 
-    def _run_eager(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        y: dict[int, torch.Tensor] = {}
+    def run_from(self, y: dict[int, torch.Tensor], start: int) -> dict[int, torch.Tensor]:
+        """Runs blocks ``start..k-1`` only, on ``y``: the outputs of blocks below ``start`` that they read (the
+        boundary of a shallower cut at ``start``); returns this segment's boundary, as ``run`` does."""
+        return self._run_eager(None, start, y)
+
+    def _run_eager(self, x, start: int = 0, y: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        y = {} if y is None else dict(y)
         sources = self.table.sources
-        for i, r in enumerate(self.block_runners):
+        for i in range(start, len(self.block_runners)):
+            r = self.block_runners[i]
             if i == 0:
                 inp = x
             elif sources is None:

@@ -69,6 +69,7 @@ class FrozenModel(nn.Module):
         self._unwrapped = False
         self._cache = _make_cache(cache, bn)
         self._cache_sig = None  # (weights token, input signature) the cache is bound for
+        self._cache_part: Partition | None = None  # the cut whose boundary the cache's rows hold
         self._weights_token = 0  # bumped whenever the segment is rebuilt from (possibly) new weights
         self.offload_frozen = bool(offload_frozen)
         self._offloaded_from: torch.device | None = None  # where the frozen weights live when not offloaded
@@ -238,7 +239,9 @@ class FrozenModel(nn.Module):
         if cache_ids is not None and self._cache is None:
             raise CacheError("cache_ids= was given but this model has no cache; wrap it with cache='fp16' (or True)")
         if self._part.k == 0:
-            if self._cache is not None:
+            # Under a schedule the prefix may be empty for a while (Linear before freeze_start): nothing to cache
+            # yet, so run plainly; a fixed freeze= without a prefix can never use the cache: say so.
+            if self._cache is not None and self.schedule is None:
                 raise CacheError("cache= needs frozen blocks from block 0 on (a frozen prefix); freeze=N with N >= 1")
             return self.model(*args, **kwargs)
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
@@ -280,10 +283,29 @@ class FrozenModel(nn.Module):
             key = h if key is None else key * 1099511628211 + h  # int64 arithmetic wraps: a 64-bit mix
         return key
 
-    def _bind_cache(self, seg: FrozenSegment, tensors, ids_mode: bool, boundary_like) -> None:
-        """Binds the cache to this segment's fingerprint; ``boundary_like()`` gives example boundary rows."""
+    def _prefix_fingerprint(self, k: int, sig) -> str:
+        """The cache fingerprint of the prefix ``0..k-1`` (stem included) as its weights are now."""
         from .cache import fingerprint_of
+        from .segment import frozen_tensors
 
+        t = self._table
+        modules = [m for _, m in t.stem] + t.modules[:k]
+        return fingerprint_of(
+            frozen_tensors(modules),
+            freeze=list(range(k)),
+            bn=self.bn,
+            dtype=str(self.dtype),
+            codec=self._cache.codec,
+            inputs=_sig_text(sig),
+        )
+
+    def _bind_cache(self, seg: FrozenSegment, tensors, ids_mode: bool, boundary_like, driven: bool = False) -> None:
+        """Binds the cache to this segment's fingerprint; ``boundary_like()`` gives example boundary rows.
+
+        When freezing moved deeper since the rows were stored (same input signature, same weights of the old
+        prefix) and freezert drives the block graph, the stored rows are carried to the new cut by running only
+        the blocks between the two cuts on them (``FeatureCache.extend``); otherwise a new fingerprint drops them.
+        """
         sig = _input_sig(tensors)
         bound = self._cache_sig
         if bound is not None and bound == (self._weights_token, sig):
@@ -293,19 +315,31 @@ class FrozenModel(nn.Module):
                 f"cache_ids refer to samples stored for inputs {_sig_text(bound[1])}, but this batch has "
                 f"{_sig_text(sig)}; use new ids for new inputs or call fm.cache.clear()"
             )
-        weights = [t for _, _, _, t, _, _ in seg._records]
-        fp = fingerprint_of(
-            weights,
-            freeze=list(self._part.frozen[: self._part.k]),
-            bn=self.bn,
-            dtype=str(self.dtype),
-            codec=self._cache.codec,
-            inputs=_sig_text(sig),
-        )
+        fp = self._prefix_fingerprint(self._part.k, sig)
         example = boundary_like()
         layout = [(tuple(t.shape[1:]), t.dtype) for t in example]
-        self._cache.bind(fp, layout, example[0].device)
+        old = self._cache_part
+        if (
+            driven
+            and old is not None
+            and bound is not None
+            and bound[1] == sig
+            and 0 < old.k < self._part.k
+            and len(self._cache)
+            and self._cache.fingerprint == self._prefix_fingerprint(old.k, sig)
+        ):
+            new_order = self._part.boundary
+
+            def convert(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+                with torch.no_grad():
+                    y = seg.run_from(dict(zip(old.boundary, rows)), old.k)
+                return [y[j] for j in new_order]
+
+            self._cache.extend(fp, layout, example[0].device, convert)
+        else:
+            self._cache.bind(fp, layout, example[0].device)
         self._cache_sig = (self._weights_token, sig)
+        self._cache_part = self._part
 
     def _cache_bound(self, tensors) -> bool:
         return self._cache_sig == (self._weights_token, _input_sig(tensors))
@@ -368,7 +402,7 @@ class FrozenModel(nn.Module):
                 y = seg.run(x[:1])  # learns the boundary layout (once per segment build)
             return [y[j] for j in order]
 
-        self._bind_cache(seg, tensors, ids_mode, probe)
+        self._bind_cache(seg, tensors, ids_mode, probe, driven=True)
         hit = cache.lookup(keys)
         n_hit = int(hit.sum())
         if n_hit == len(keys):

@@ -308,6 +308,42 @@ def test_new_fingerprint_invalidates(tmp_path):
     assert head["fingerprint"] == "ffffffffffffffff" and head["layout"] == [[[4], "float32"]]
 
 
+def test_extend_converts_rows_keeps_lru_order_and_traffic_counters():
+    c = _cache("fp32", budget=10 * _row_bytes("fp32"))
+    x = _rows(6, seed=4)
+    c.put(torch.arange(6), x)
+    c.lookup(torch.tensor([1]))
+    c.get(torch.tensor([1]), "cpu")  # key 1 becomes the most recently used
+    before = c.stats()
+    new_layout = [((5,), torch.float32)]
+    seen = []
+
+    def convert(rows):  # a stand-in for the blocks between two cuts: row sums of the first tensor
+        seen.append(len(rows[0]))
+        return [rows[0].sum(1) + rows[1][:, :1]]
+
+    # 4 rows per chunk (22 fp32 values = 88 bytes each): the 6 rows convert in two chunks
+    assert c.extend("fedcba9876543210", new_layout, "cpu", convert, chunk_bytes=4 * 88) == 6
+    st = c.stats()
+    assert sorted(seen) == [2, 4] and c.fingerprint == "fedcba9876543210" and c.layout == new_layout
+    assert st["extended"] == 6 and st["invalidations"] == 0 and st["stores"] == before["stores"] + 6
+    assert (st["lookups"], st["hits"], st["misses"]) == (before["lookups"], before["hits"], before["misses"])
+    assert list(c._index) == [0, 2, 3, 4, 5, 1]  # the old LRU order
+    got = c.get(torch.arange(6), "cpu")[0]
+    torch.testing.assert_close(got, x[0].sum(1) + x[1][:, :1], rtol=0, atol=0)
+    # the new layout fills a 10-row budget with 6 rows of 20 bytes: nothing was evicted
+    assert st["evictions"] == 0 and st["rows_host"] == 6
+
+
+def test_extend_refuses_a_convert_of_the_wrong_shape():
+    c = _cache("fp16")
+    c.put(torch.arange(3), _rows(3))
+    with pytest.raises(CacheError, match=r"convert\(\) returned shapes \[\(3, 4\)\].*needs \[\(3, 5\)\]"):
+        c.extend("fedcba9876543210", [((5,), torch.float32)], "cpu", lambda rows: [torch.zeros(3, 4)])
+    assert len(c) == 3 and c.fingerprint == FP  # nothing the cache had is lost
+    assert list(c._index) == [0, 1, 2] and c.stats()["lookups"] == 0 and c.lookup(torch.arange(3)).all()
+
+
 def test_fingerprint_of():
     w = [torch.randn(300, 301), torch.randn(5)]
     facts = dict(freeze=[0, 1, 2], bn="frozen", dtype="torch.float32", codec="fp16", inputs="[3, 64, 64] float32")
