@@ -106,3 +106,45 @@ def test_cache_step(benchmark, setup, variant):
         assert info["misses"] == 0 and info["hits"] == (ROUNDS + 1) * args.batch  # every timed step was a hit
     benchmark.extra_info.update(info)
     assert v.result.loss is not None and v.result.loss == v.result.loss
+
+
+@pytest.mark.parametrize("variant", ["extend", "refill"])
+def test_deeper_freeze_epoch(benchmark, variant):
+    """The first epoch after freezing moves from 6 to 10 blocks, with a filled cache: carried to the new cut
+    ("extend": only blocks 6..9 run on the stored rows) vs started over ("refill": the prefix runs again)."""
+    import copy
+
+    import freezert
+
+    args = _args("yolo")
+    torch.manual_seed(0)
+    task = _YoloTask(args, DEVICE)
+    xs = [task.x[i * args.batch : (i + 1) * args.batch] for i in range(STEPS)]
+
+    def fresh():
+        fm = freezert.wrap(copy.deepcopy(task.initial).to(DEVICE), freeze=6, cache="fp16").eval()
+        with torch.no_grad():
+            for x in xs:
+                fm(x)
+        if variant == "extend":
+            fm.set_freeze(10)
+        else:  # what a cache that cannot extend costs: a new one at the new depth
+            fm = freezert.wrap(fm.unwrap(), freeze=10, cache="fp16").eval()
+        return (fm,), {}
+
+    def epoch(fm):
+        with torch.no_grad():
+            for x in xs:
+                fm(x)
+        if CUDA:
+            torch.cuda.synchronize(DEVICE)
+        return fm
+
+    benchmark.group = f"cache-deeper-{SCALE}"
+    fm = benchmark.pedantic(epoch, setup=fresh, rounds=ROUNDS, iterations=1)
+    st = fm.cache.stats()
+    n = STEPS * args.batch
+    assert st["extended"] == (n if variant == "extend" else 0)
+    assert st["misses"] == n  # extend: the fill at depth 6 only; refill: the new cache's fill at depth 10
+    assert st["hits"] == (n if variant == "extend" else 0)
+    benchmark.extra_info.update(variant=variant, rows=n, extended=st["extended"], device=str(DEVICE))
