@@ -264,6 +264,34 @@ def test_bn_train_in_swap_mode_matches_naive_freezing():
     assert_grads_match(model, ref, 1e-6)
 
 
+@pytest.mark.slow
+def test_wrapped_yolo_with_kernels_trains_like_without():
+    """The built-in YOLO model, wrapped, with the Triton head forced on (the interpreter on CPU, about 25 s) vs
+    off: same loss, same gradients, same running statistics for a training step (the CUDA test below runs 30
+    steps in fp16/bf16). Batch 6: at 32 px the head's first blocks are 1x1, so BN sees one value per sample."""
+    pytest.importorskip("triton")
+    import freezert.ops as ops
+    from freezert.models import detection_loss, detection_targets_like
+
+    base = pretrained_like(yolov5("n", nc=3))
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 32, 32, generator=g)
+    runs = {}
+    for kernels in (True, False):
+        model = copy.deepcopy(base)
+        fm = freezert.wrap(model, freeze=10, kernels=kernels).train()
+        out = fm(x)
+        loss = detection_loss(out, detection_targets_like(out, generator=torch.Generator().manual_seed(2)))
+        loss.backward()
+        if kernels:
+            assert len(fm._kernel_plan) >= 20 and ops.backend()["batch_norm_act"] in ("triton", "triton-interpreter")
+        runs[kernels] = (loss.detach(), model)
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
+    assert_grads_match(runs[True][1], runs[False][1], 1e-4)  # frozen ones: None in both
+    for (n, a), (_, b) in zip(runs[True][1].named_buffers(), runs[False][1].named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernels_auto_trains_like_kernels_off_on_cuda(dtype):
