@@ -41,7 +41,10 @@ for s in "${stages[@]}"; do
         step bench_e2e 240 python3 -m freezert bench --quiet --json "$OUT/bench.json"
         step bench_amp 240 python3 -m freezert bench --quiet --amp --graphs --json "$OUT/bench_amp_graphs.json"
         step cache_yolo 300 python3 -m freezert bench --cache --quiet --json "$OUT/cache_yolo.json"
-        step cache_enc 300 python3 -m freezert bench --cache --quiet --model encoder --json "$OUT/cache_enc.json" ;;
+        step cache_enc 300 python3 -m freezert bench --cache --quiet --model encoder --json "$OUT/cache_enc.json"
+        step alternate 300 python3 benchmarks/alternate.py --rounds 100
+        step bench_cache 420 python3 -m pytest benchmarks/bench_cache.py --benchmark-only -q -p no:cacheprovider \
+            --benchmark-columns=median,iqr,rounds --benchmark-json "$OUT/bench_cache.json" ;;
     ops)
         step ops 420 env TRITON_INTERPRET=0 python3 -m pytest benchmarks/bench_ops.py --benchmark-only -q \
             -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-json "$OUT/ops.json" ;;
