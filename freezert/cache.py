@@ -519,7 +519,7 @@ class FeatureCache:
         """Re-binds to ``fingerprint``/``layout`` keeping every stored row, converted rather than dropped.
 
         For a deeper cut of the same frozen prefix: ``convert(rows)`` maps a batch of stored boundary rows (the
-        bound layout, decoded on the bound device) to the new boundary's rows, batch-first in ``layout`` order.
+        bound layout, decoded on ``device``) to the new boundary's rows, batch-first in ``layout`` order.
         The converted rows are staged in host memory (at most half the available RAM, most recently used
         first; older rows beyond that are dropped and recomputed on their next miss), then stored under the new
         binding in their old LRU order. Records that fail their checksum are dropped, never converted.
@@ -534,7 +534,7 @@ class FeatureCache:
         step = max(1, chunk_bytes // max(row_bytes, 1))
         order = list(self._index)
         try:
-            staged = self._convert_rows(layout, convert, step)
+            staged = self._convert_rows(layout, convert, step, torch.device(device))
         except BaseException:  # nothing was re-bound: the rows, their LRU order and the traffic stay as they were
             for key in ("lookups", "hits"):
                 self._counts[key] = counts[key]
@@ -556,8 +556,9 @@ class FeatureCache:
         self._seg_s = self._seg_rows = 0  # the segment's per-row time changed with its depth
         return carried
 
-    def _convert_rows(self, layout, convert, step: int) -> list[tuple[list[int], list[torch.Tensor]]]:
-        """``extend``'s first half: (keys, converted rows on the host) per chunk, most recently used first."""
+    def _convert_rows(self, layout, convert, step: int, device) -> list[tuple[list[int], list[torch.Tensor]]]:
+        """``extend``'s first half: (keys, converted rows on the host) per chunk, most recently used first; the
+        stored rows are decoded on ``device``, where the new binding (and ``convert``) runs."""
         room = _available_ram() / 2
         keys = list(self._index)  # LRU first (lookup and get reorder the index; extend restores the order)
         staged: list[tuple[list[int], list[torch.Tensor]]] = []
@@ -566,11 +567,11 @@ class FeatureCache:
             hit = self.lookup(torch.tensor(chunk, dtype=torch.int64)).tolist()  # verifies disk records
             ks = [k for k, h in zip(chunk, hit) if h]
             try:
-                rows = self.get(torch.tensor(ks, dtype=torch.int64), self.device) if ks else []
+                rows = self.get(torch.tensor(ks, dtype=torch.int64), device) if ks else []
             except _Recompute as e:  # went bad after the lookup: dropped; convert the rest
                 bad = set(e.keys)
                 ks = [k for k in ks if k not in bad]
-                rows = self.get(torch.tensor(ks, dtype=torch.int64), self.device) if ks else []
+                rows = self.get(torch.tensor(ks, dtype=torch.int64), device) if ks else []
             if not ks:
                 continue
             new = [t.detach() for t in convert(rows)]

@@ -163,3 +163,17 @@ def test_deeper_freeze_extends_a_device_tier_cache():
     st = fm.cache.stats()
     assert st["extended"] == 4 and st["hits"] == 4 and st["rows_device"] == 4
     assert_outputs_close(out, ref(x), 2e-2)
+
+
+@pytest.mark.cuda
+def test_deeper_freeze_after_moving_to_cuda_converts_on_the_new_device(yolo):
+    ref = copy.deepcopy(yolo).cuda().eval()
+    fm = freezert.wrap(yolo, freeze=6, cache=freezert.FeatureCache("fp32", "host")).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        fm(x)  # rows stored from a CPU run
+        fm.cuda()
+        fm.set_freeze(10)
+        out = fm(x.cuda())  # the same content on CUDA: the stored rows are carried, decoded on CUDA
+    assert fm.cache.stats()["extended"] == 3 and fm.cache.stats()["hits"] == 3
+    assert_outputs_close(out, ref(x.cuda()), 1e-3)
