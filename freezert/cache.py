@@ -174,13 +174,22 @@ class _MemSlab(_Slab):
         self.cap = 0
         self.stores: list[torch.Tensor] = []
         self.scales: list[torch.Tensor | None] = []
+        # A GPU gather of a pinned store runs after decode() returns; torch's pinned allocator does not know
+        # the kernel reads the block. The CPU waits on this event before it frees or rewrites the store.
+        self._reading: Any = None
         self._alloc_tensors(0)
+
+    def _wait_reads(self) -> None:
+        if self._reading is not None:
+            self._reading.synchronize()
+            self._reading = None
 
     def _new(self, n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
         t = torch.empty((n, d) if d >= 0 else (n,), dtype=dtype, device=self.device)
         return t.pin_memory() if self.pinned and n else t
 
     def _alloc_tensors(self, cap: int) -> None:
+        self._wait_reads()
         old_s, old_c, n = self.stores, self.scales, min(self.cap, cap, self.top)
         sdt = _native.CODECS[self.codec]
         self.stores = [self._new(cap, d, sdt) for d in self.dims]
@@ -201,6 +210,7 @@ class _MemSlab(_Slab):
         )
 
     def move(self, device: torch.device, pinned: bool) -> None:
+        self._wait_reads()
         self.device, self.pinned = device, pinned
         self.stores = [s.to(device) for s in self.stores]
         self.scales = [c.to(device) if c is not None else None for c in self.scales]
@@ -221,6 +231,8 @@ class _MemSlab(_Slab):
                 pass
             elif not (x.device.type == "cuda" and store.device.type == "cpu" and store.is_pinned()):
                 x = x.to(store.device)
+            if x.device.type == "cpu":  # written by the CPU, not in stream order after a pending GPU gather
+                self._wait_reads()
             idx = torch.tensor(slots, dtype=torch.int64).to(x.device)
             _native.encode_scatter(x, idx, store, sc, self.codec)
             if x.device.type == "cuda" and store.device.type == "cpu":
@@ -236,6 +248,8 @@ class _MemSlab(_Slab):
             target = out if direct else torch.empty(out.shape, dtype=out.dtype, device=store.device)
             idx = torch.tensor(slots, dtype=torch.int64).to(target.device)
             _native.gather_decode(store, sc, idx, target, self.codec)
+            if target.device.type == "cuda" and store.device.type == "cpu":
+                self._reading = torch.cuda.current_stream(target.device).record_event()
             if not direct:
                 out.copy_(target)
 
@@ -245,6 +259,7 @@ class _MemSlab(_Slab):
 
     def write_raw(self, slots: list[int], payload: list[torch.Tensor], scales: list[torch.Tensor | None]) -> None:
         self.ensure(max(slots) + 1)
+        self._wait_reads()
         idx = torch.tensor(slots, dtype=torch.int64).to(self.device)
         for i in range(len(self.dims)):
             self.stores[i][idx] = payload[i].to(self.device)

@@ -535,3 +535,19 @@ def test_cuda_where_cuda_and_rebind_device(tmp_path):
     g.bind(FP, LAYOUT, "cuda")
     g.put(torch.arange(4), [t.cuda() for t in x])
     assert torch.equal(g.get(torch.tensor([2, 0]), "cpu")[1], x[1][[2, 0]])
+
+
+@pytest.mark.cuda
+def test_cuda_pinned_store_is_not_freed_or_rewritten_under_a_pending_gather():
+    c = FeatureCache("fp16", "host", "1MiB")
+    c.bind(FP, LAYOUT, "cuda")
+    x = [t.cuda() for t in _rows(4, seed=2)]
+    c.put(torch.arange(4), x)
+    slab = c._tiers[0].slabs["fp16"]
+    assert c.lookup(torch.arange(4)).all()
+    got = c.get(torch.arange(4), "cuda")
+    assert slab._reading is not None  # the gather may still be reading the pinned store
+    c.put(torch.arange(4, 40), [t.repeat(9, *([1] * (t.dim() - 1))) for t in x])  # grows: the old store is freed
+    assert slab._reading is None and slab.cap >= 40
+    for g, t in zip(got, x):
+        assert torch.equal(g.cpu(), t.half().float().cpu())
