@@ -176,11 +176,24 @@ def _check_codec(fn: str, codec: Any) -> str:
     return codec
 
 
-def _check_index_bounds(fn: str, index: torch.Tensor, n_rows: int) -> None:
+def _check_index_bounds(fn: str, index: torch.Tensor, n_rows: int, *, unique: bool = False) -> None:
+    """Every index within the store (and, with ``unique``, none twice), read back in one device sync."""
     if index.numel() == 0:
         return
-    lo, hi = (int(v) for v in torch.stack(torch.aminmax(index)).tolist())  # one device sync
+    if unique:
+        s = index.sort().values
+        repeated = (s[1:] == s[:-1]).any() if s.numel() > 1 else s.new_zeros((), dtype=torch.bool)
+        lo, hi, dup = (int(v) for v in torch.stack([s[0], s[-1], repeated.long()]).tolist())
+    else:
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(index)).tolist())
+        dup = 0
     if lo >= 0 and hi < n_rows:
+        if dup:
+            twice = int(s[1:][s[1:] == s[:-1]][0])
+            raise _fail(
+                f"{fn}: index holds row {twice} more than once; the rows of a scatter are written in parallel, "
+                "so a row given twice could end up mixing both sources: pass unique row indices"
+            )
         return
     bad = ((index < 0) | (index >= n_rows)).nonzero()[0, 0]
     pos, val = int(bad), int(index[bad])
@@ -404,7 +417,7 @@ def _validate_rows_call(fn: str, name: str, rows: Any, index: Any, store: Any, s
     host = _check_placement(fn, name, rows, index, store)
     if host:
         _check_host_scales(fn, scales, codec)
-    _check_index_bounds(fn, index, store.shape[0])
+    _check_index_bounds(fn, index, store.shape[0], unique=not written)
     return host
 
 
@@ -467,7 +480,7 @@ def encode_scatter(
     codec's dtype (uint8 e4m3fn bits for fp8, with float32 ``scales`` (N,); ignored otherwise).
     fp8 rows are stored as ``clamp(x / scale, ±448)`` with ``scale = amax(|row|) / 448`` (1 for
     an all-zero row). A CUDA ``src`` may write a pinned CPU store directly (synchronise the
-    stream before the CPU reads it). Duplicate indices: which row wins is unspecified.
+    stream before the CPU reads it). Duplicate indices are refused (NativeError): rows are written in parallel.
     """
     host = _validate_scatter(src, index, store, scales, codec)
     batch, dim = int(src.shape[0]), int(src.shape[1])

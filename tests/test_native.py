@@ -388,6 +388,7 @@ SCATTER_ERRORS = [
     (dict(src=torch.randn(3, 6)), r"encode_scatter: src has 6 columns but the store has D = 4"),
     (dict(src=torch.randn(4, 3).t()), r"encode_scatter: src is not contiguous \(strides \(1, 3\)\); pass src.contiguous\(\)"),
     (dict(index=torch.tensor([0, 7, 1])), r"encode_scatter: index\[1\] = 7 is outside \[0, 5\)"),
+    (dict(index=torch.tensor([2, 0, 2])), r"encode_scatter: index holds row 2 more than once; .*pass unique row indices$"),
     (dict(store=torch.zeros(4, 5, dtype=torch.uint8).t()), r"encode_scatter: store is not contiguous .* written in place"),
     (dict(codec="int8"), r"encode_scatter: codec 'int8' is not supported"),
     (dict(codec="fp16"), r"encode_scatter: store has dtype torch.uint8 but codec 'fp16' keeps rows in torch.float16; .*or the codec that matches the store$"),
