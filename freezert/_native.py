@@ -15,6 +15,7 @@ import functools
 import math
 import operator
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -106,11 +107,35 @@ def _cuda_device_count() -> int:
 
 
 def _native_cuda() -> Any:
-    """The module when its CUDA kernels can run here, else None."""
+    """The module when its CUDA kernels can run here, else None (warning once why, when it was built)."""
     lib = _lib()
-    if lib is None or not lib.cuda_compiled or _cuda_device_count() == 0:
+    if lib is None:
+        return None  # not built, FREEZERT_NO_NATIVE or the test hook: native_info() says why
+    if not lib.cuda_compiled or _cuda_device_count() == 0:
+        _warn_cuda_fallback(lib)
         return None
     return lib
+
+
+@functools.cache
+def _warn_cuda_fallback(lib: Any) -> None:
+    if not lib.cuda_compiled:
+        why, fix = "was built without its CUDA kernels (no nvcc at install time)", "with nvcc on PATH"
+    else:
+        why = f"cannot run its CUDA kernels here ({lib.cuda_status()})"
+        fix = f"with an nvcc of torch's CUDA {torch.version.cuda} and a driver that supports it"
+    warnings.warn(
+        f"freezert._C {why}: CUDA tensors are hashed and encoded by the plain-torch fallbacks, which are "
+        f"correct but slower; reinstall {fix} (pip install -e .) to use the kernels",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _on(device: torch.device):
+    """Makes ``device`` torch's current device for a native CUDA call, so the call never switches devices
+    (switching, on a thread that has no CUDA context yet, would create one on device 0)."""
+    return torch.cuda.device(device)
 
 
 def native_info() -> dict[str, Any]:
@@ -384,7 +409,8 @@ def hash_rows(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
         lib.hash_rows_cpu(x.data_ptr(), rows, row_bytes, s, out.data_ptr())
         return out
     if x.device.type == "cuda" and (lib := _native_cuda()) is not None:
-        lib.hash_rows_cuda(x.data_ptr(), rows, row_bytes, s, out.data_ptr(), x.device.index, _stream(x.device))
+        with _on(x.device):
+            lib.hash_rows_cuda(x.data_ptr(), rows, row_bytes, s, out.data_ptr(), x.device.index, _stream(x.device))
         return out
     return hash_rows_reference(x, seed=seed)
 
@@ -492,7 +518,8 @@ def encode_scatter(
     if src.device.type == "cpu" and (lib := _lib()) is not None:
         lib.encode_scatter_cpu(*args)
     elif src.device.type == "cuda" and (lib := _native_cuda()) is not None:
-        lib.encode_scatter_cuda(*args, host, src.device.index, _stream(src.device))
+        with _on(src.device):
+            lib.encode_scatter_cuda(*args, host, src.device.index, _stream(src.device))
     else:
         _encode_scatter_reference(src, index, store, scales, codec)
 
@@ -520,7 +547,8 @@ def gather_decode(
     if out.device.type == "cpu" and (lib := _lib()) is not None:
         lib.gather_decode_cpu(*args)
     elif out.device.type == "cuda" and (lib := _native_cuda()) is not None:
-        lib.gather_decode_cuda(*args, host, out.device.index, _stream(out.device))
+        with _on(out.device):
+            lib.gather_decode_cuda(*args, host, out.device.index, _stream(out.device))
     else:
         _gather_decode_reference(store, scales, index, out, codec)
     return out

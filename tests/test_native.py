@@ -483,3 +483,16 @@ def test_cuda_validation_messages():
     with pytest.raises(NativeError, match=r"^gather_decode: scales is in pageable CPU memory; pin it"):
         nat.gather_decode(s8.pin_memory(), sc8, torch.tensor([0, 1, 2], device="cuda"), out, "fp8")
 
+
+
+def test_cuda_fallback_warns_once_naming_the_fix():
+    lib = nat._lib()
+    if lib is None:
+        pytest.skip("the native extension is not built here")
+    if lib.cuda_compiled and nat._cuda_device_count() > 0:
+        pytest.skip("the CUDA kernels run here: nothing falls back")
+    nat._warn_cuda_fallback.cache_clear()
+    with pytest.warns(RuntimeWarning, match=r"^freezert\._C .*plain-torch fallbacks.*; reinstall .*pip install -e \.") as rec:
+        assert nat._native_cuda() is None
+        assert nat._native_cuda() is None
+    assert sum("freezert._C" in str(w.message) for w in rec) == 1

@@ -10,9 +10,13 @@
 namespace freezert {
 
 inline void cuda_check(cudaError_t err, const char* what, const char* where) {
-  if (err != cudaSuccess)
+  if (err != cudaSuccess) {
+    // A failed runtime call also sets the thread's last error; clear it (non-sticky errors), or the
+    // launch check of the next, unrelated call would report this error again.
+    (void)cudaGetLastError();
     throw std::runtime_error(std::string("freezert._C.") + where + ": CUDA error in " + what + ": " +
                              cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  }
 }
 #define FRZ_CUDA_CHECK(expr, where) ::freezert::cuda_check((expr), #expr, where)
 
