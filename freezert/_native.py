@@ -123,7 +123,8 @@ def _warn_cuda_fallback(lib: Any) -> None:
         why, fix = "was built without its CUDA kernels (no nvcc at install time)", "with nvcc on PATH"
     else:
         why = f"cannot run its CUDA kernels here ({lib.cuda_status()})"
-        fix = f"with an nvcc of torch's CUDA {torch.version.cuda} and a driver that supports it"
+        tv = torch.version.cuda
+        fix = f"with an nvcc of torch's CUDA {tv} and a driver that supports it" if tv else "with a matching nvcc"
     warnings.warn(
         f"freezert._C {why}: CUDA tensors are hashed and encoded by the plain-torch fallbacks, which are "
         f"correct but slower; reinstall {fix} (pip install -e .) to use the kernels",
