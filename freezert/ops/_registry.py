@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any
@@ -18,6 +19,12 @@ _LAST: dict[str, str] = {}
 # so an element the kernel forgets to write fails the comparison with the reference.
 _POISON = False
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def on_device(t: torch.Tensor):
+    """Makes ``t``'s CUDA device current while an op launches its kernels: Triton launches on the current
+    device, so an op on ``cuda:1`` while device 0 is current would read the wrong memory."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @functools.cache

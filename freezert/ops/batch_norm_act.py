@@ -380,5 +380,6 @@ def batch_norm_act(
     if path == reg.REFERENCE:
         return batch_norm_act_reference(input, running_mean, running_var, weight, bias,
                                         training, momentum, eps, activation)
-    return _BatchNormAct.apply(input, running_mean, running_var, weight, bias,
-                               bool(training), float(momentum), float(eps), act)
+    with reg.on_device(input):
+        return _BatchNormAct.apply(input, running_mean, running_var, weight, bias,
+                                   bool(training), float(momentum), float(eps), act)

@@ -177,4 +177,5 @@ def layer_norm(
     path = reg.choose("layer_norm", input, weight, bias, supported=ok)
     if path == reg.REFERENCE:
         return layer_norm_reference(input, shape, weight, bias, eps)
-    return _LayerNorm.apply(input, weight, bias, n, float(eps))
+    with reg.on_device(input):
+        return _LayerNorm.apply(input, weight, bias, n, float(eps))

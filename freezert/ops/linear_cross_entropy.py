@@ -50,7 +50,8 @@ def _kernels() -> SimpleNamespace:
     def ce_rows(z_ptr, stride_z, tgt_ptr, scale_ptr, loss_ptr, V, ignore_index, smoothing,
                 WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
         # One row of logits: online max / sum-exp over V, loss, then (optionally) d loss / d logits
-        # written over the logits, scaled by the row's scale (1/n_valid, 1, or grad_output[row]).
+        # written over the logits, scaled by the row's scale (1, or grad_output[row] for "none"). The mean's
+        # 1/n_valid is applied in fp32 in backward: folded in here, fp16 gradients of size p/n would underflow.
         row = tl.program_id(0)
         zrow = z_ptr + row.to(tl.int64) * stride_z
         t = tl.load(tgt_ptr + row)
@@ -63,14 +64,17 @@ def _kernels() -> SimpleNamespace:
             mask = offs < V
             z = tl.load(zrow + offs, mask=mask, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            # a block of -inf logits (a bias masking classes) so far: shift by 0, not -inf (-inf - -inf = NaN)
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
             m = m_new
             zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
         lse = m + tl.log(s)
         valid = t != ignore_index
         in_range = (t >= 0) & (t < V)
         zt = tl.load(zrow + t, mask=valid & in_range, other=0.0).to(tl.float32)
-        loss = lse - (1.0 - smoothing) * zt - (smoothing / V) * zsum
+        # without smoothing, skip the sum term: 0 * (a sum holding -inf) would be NaN
+        loss = lse - (1.0 - smoothing) * zt - tl.where(smoothing > 0.0, (smoothing / V) * zsum, 0.0)
         loss = tl.where(in_range, loss, float("nan"))  # torch raises; we flag the row
         tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
         if WRITE_GRAD:
@@ -122,16 +126,12 @@ def _chunked(x, weight, bias, target, row_scale, ignore_index, smoothing, chunk,
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, target, bias, ignore_index, smoothing, reduction, chunk):
+    def forward(ctx, x, weight, target, bias, ignore_index, smoothing, reduction, chunk, out_dtype):
         n = x.shape[0]
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         need_b = need_b and bias is not None
-        valid = target != ignore_index
-        if reduction == "mean":
-            n_valid = valid.sum().to(torch.float32)
-            row_scale = torch.ones(n, device=x.device, dtype=torch.float32) / n_valid
-        else:
-            row_scale = torch.ones(n, device=x.device, dtype=torch.float32)
+        n_valid = (target != ignore_index).sum().to(torch.float32)
+        row_scale = torch.ones(n, device=x.device, dtype=torch.float32)
         eager = reduction != "none"  # gradients do not depend on grad_output row by row
         loss, gx, gw, gb = _chunked(x, weight, bias, target, row_scale, ignore_index, smoothing, chunk,
                                     need_x and eager, need_w and eager, need_b and eager)
@@ -139,15 +139,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.ignore_index, ctx.smoothing = ignore_index, smoothing
         ctx.need = (need_x, need_w, need_b)
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.n_valid = n_valid
         if eager:
             ctx.save_for_backward(gx, gw, gb)
         else:
             ctx.save_for_backward(x, weight, bias, target)
         if reduction == "mean":
-            return (loss.sum() / n_valid).to(x.dtype)
+            return (loss.sum() / n_valid).to(out_dtype)
         if reduction == "sum":
-            return loss.sum().to(x.dtype)
-        return loss.to(x.dtype)
+            return loss.sum().to(out_dtype)
+        return loss.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -155,7 +156,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         xdt, wdt, bdt = ctx.dtypes
         if ctx.reduction != "none":
             gx, gw, gb = ctx.saved_tensors
-            g = grad.float()
+            # mean: every row ignored gives a NaN loss but zero gradients, as eager (nothing to divide)
+            g = grad.float() / ctx.n_valid.clamp_min(1.0) if ctx.reduction == "mean" else grad.float()
             gx = (gx * g).to(xdt) if need_x else None
             gw = (gw * g).to(wdt) if need_w else None
             gb = (gb * g).to(bdt) if need_b else None
@@ -165,7 +167,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                      ctx.smoothing, ctx.chunk, need_x, need_w, need_b)
             gw = gw.to(wdt) if need_w else None
             gb = gb.to(bdt) if need_b else None
-        return gx, gw, None, gb, None, None, None, None
+        return gx, gw, None, gb, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -217,8 +219,10 @@ def linear_cross_entropy(
         if reg.choose("linear_cross_entropy", input, weight, bias, target) == reg.REFERENCE:
             return linear_cross_entropy_reference(input, weight, target, bias, ignore_index,
                                                   label_smoothing, reduction)
-    with torch.autocast(device_type, enabled=False):
-        loss = _LinearCrossEntropy.apply(input.contiguous(), weight.contiguous(), target.contiguous(),
+    # Under autocast the loss is fp32, as eager's cross-entropy: cast inside the Function, so the incoming
+    # gradient (a GradScaler scale of 65536 is above fp16's range) never passes through the input dtype.
+    out_dtype = torch.float32 if autocast else input.dtype
+    with torch.autocast(device_type, enabled=False), reg.on_device(input):
+        return _LinearCrossEntropy.apply(input.contiguous(), weight.contiguous(), target.contiguous(),
                                          None if bias is None else bias.contiguous(), int(ignore_index),
-                                         float(label_smoothing), reduction, int(chunk))
-    return loss.float() if autocast else loss
+                                         float(label_smoothing), reduction, int(chunk), out_dtype)
