@@ -141,7 +141,7 @@ def _record(op: str, p: dict) -> list:
             weight = torch.empty(v, d, dtype=dt, **meta).requires_grad_(p["grad"])
             target = torch.empty(n, dtype=torch.int64, **meta)
             chunk = max(1, min(n, mod._CHUNK_ELEMENTS // v))  # as linear_cross_entropy() picks it
-            loss = mod._LinearCrossEntropy.apply(x, weight, target, None, -100, 0.1, p["reduction"], chunk)
+            loss = mod._LinearCrossEntropy.apply(x, weight, target, None, -100, 0.1, p["reduction"], chunk, dt)
             if p["grad"]:
                 loss.backward(torch.empty_like(loss))
     finally:
@@ -158,8 +158,9 @@ def _specialise(kernel, args, kwargs, target):
     backend = make_backend(target)
     kwargs = dict(kwargs)
     kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # newer Tritons only (not 3.6)
+        if hasattr(knobs.compilation, knob):
+            kwargs[knob] = getattr(knobs.compilation, knob)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     return kernel._pack_args(backend, kwargs, bound, specialization, options)

@@ -70,8 +70,9 @@ def _kernels() -> SimpleNamespace:
         mask_n = cols < N
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # 1-D accumulators: [BLOCK_M, BLOCK_N] tiles would hold two more row blocks in registers (spills)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db = tl.zeros([BLOCK_N], dtype=tl.float32)
         for rb in range(pid, tl.cdiv(M, BLOCK_M), nprog):
             rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
             mask_m = rows < M
@@ -82,8 +83,8 @@ def _kernels() -> SimpleNamespace:
             mean = tl.load(mean_ptr + rows, mask=mask_m, other=0.0)
             rstd = tl.load(rstd_ptr + rows, mask=mask_m, other=0.0)
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            dw += dy * xhat
-            db += dy
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
             if NEED_DX:
                 wdy = dy
                 if HAS_W:
@@ -92,8 +93,8 @@ def _kernels() -> SimpleNamespace:
                 c2 = tl.sum(wdy, axis=1) / N
                 dx = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
                 tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(dw_ptr + pid * N + cols, tl.sum(dw, axis=0), mask=mask_n)
-        tl.store(db_ptr + pid * N + cols, tl.sum(db, axis=0), mask=mask_n)
+        tl.store(dw_ptr + pid * N + cols, dw, mask=mask_n)
+        tl.store(db_ptr + pid * N + cols, db, mask=mask_n)
 
     return SimpleNamespace(forward=forward, backward=backward)
 
