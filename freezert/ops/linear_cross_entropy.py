@@ -74,7 +74,7 @@ def _kernels() -> SimpleNamespace:
         in_range = (t >= 0) & (t < V)
         zt = tl.load(zrow + t, mask=valid & in_range, other=0.0).to(tl.float32)
         # without smoothing, skip the sum term: 0 * (a sum holding -inf) would be NaN
-        loss = lse - (1.0 - smoothing) * zt - tl.where(smoothing > 0.0, (smoothing / V) * zsum, 0.0)
+        loss = lse - (1.0 - smoothing) * zt - (smoothing / V) * tl.where(smoothing > 0.0, zsum, 0.0)
         loss = tl.where(in_range, loss, float("nan"))  # torch raises; we flag the row
         tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
         if WRITE_GRAD:
