@@ -11,6 +11,7 @@ also disables loading an installed ``freezert._C`` (everything runs the referenc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -133,10 +134,11 @@ def _warn_cuda_fallback(lib: Any) -> None:
     )
 
 
-def _on(device: torch.device):
-    """Makes ``device`` torch's current device for a native CUDA call, so the call never switches devices
-    (switching, on a thread that has no CUDA context yet, would create one on device 0)."""
-    return torch.cuda.device(device)
+def on_device(t: torch.Tensor):
+    """Makes ``t``'s CUDA device current around a launch (a no-op for CPU tensors). Native calls then never
+    switch devices (which, on a thread with no CUDA context yet, would create one on device 0), and Triton,
+    which launches on the current device, never reads a ``cuda:1`` tensor from device 0."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def native_info() -> dict[str, Any]:
@@ -410,7 +412,7 @@ def hash_rows(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
         lib.hash_rows_cpu(x.data_ptr(), rows, row_bytes, s, out.data_ptr())
         return out
     if x.device.type == "cuda" and (lib := _native_cuda()) is not None:
-        with _on(x.device):
+        with on_device(x):
             lib.hash_rows_cuda(x.data_ptr(), rows, row_bytes, s, out.data_ptr(), x.device.index, _stream(x.device))
         return out
     return hash_rows_reference(x, seed=seed)
@@ -519,7 +521,7 @@ def encode_scatter(
     if src.device.type == "cpu" and (lib := _lib()) is not None:
         lib.encode_scatter_cpu(*args)
     elif src.device.type == "cuda" and (lib := _native_cuda()) is not None:
-        with _on(src.device):
+        with on_device(src):
             lib.encode_scatter_cuda(*args, host, src.device.index, _stream(src.device))
     else:
         _encode_scatter_reference(src, index, store, scales, codec)
@@ -548,7 +550,7 @@ def gather_decode(
     if out.device.type == "cpu" and (lib := _lib()) is not None:
         lib.gather_decode_cpu(*args)
     elif out.device.type == "cuda" and (lib := _native_cuda()) is not None:
-        with _on(out.device):
+        with on_device(out):
             lib.gather_decode_cuda(*args, host, out.device.index, _stream(out.device))
     else:
         _gather_decode_reference(store, scales, index, out, codec)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Any
 
 import torch
+
+from .._native import on_device  # noqa: F401 (the ops' launches use it as reg.on_device)
 
 TRITON = "triton"
 INTERPRETER = "triton-interpreter"
@@ -19,12 +20,6 @@ _LAST: dict[str, str] = {}
 # so an element the kernel forgets to write fails the comparison with the reference.
 _POISON = False
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def on_device(t: torch.Tensor):
-    """Makes ``t``'s CUDA device current while an op launches its kernels: Triton launches on the current
-    device, so an op on ``cuda:1`` while device 0 is current would read the wrong memory."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @functools.cache
