@@ -463,6 +463,23 @@ class FrozenModel(nn.Module):
                 y[i] = x
         return x
 
+    # -- transparency: trainers look for the user's model and its attributes ------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The user's model, where trainers look for it (Ultralytics' and Lightning's ``unwrap_model`` follow
+        ``.module``, as for DDP)."""
+        return self.model
+
+    def __getattr__(self, name: str):
+        # nn.Module.__getattr__ finds parameters, buffers and submodules of the wrapper itself; anything else
+        # (``criterion``, ``names``, ``config``, ``yaml``, ``stride``) falls through to the user's model.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "model" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self._modules["model"], name)
+
     # -- state and copies --------------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
         """The wrapped model's own state_dict (same keys as the plain model)."""
