@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from ._errors import FreezeError
 from .blocks import as_named_blocks
@@ -32,7 +34,9 @@ __all__ = [
     "Unfreeze",
     "apply_freeze",
     "freeze_layers",
+    "freeze_layers_state_dict",
     "linear_fraction",
+    "load_freeze_layers_state_dict",
     "rebuild_ddp",
     "record_forward_order",
 ]
@@ -96,34 +100,85 @@ def _leaf_param_layers(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+class _UseRecorder(TorchFunctionMode):
+    """Sees every torch function call of one forward and reports the tensors it reads (parameters included).
+
+    Module hooks miss parameters used without their module's ``forward``: ``nn.MultiheadAttention`` reads
+    ``out_proj.weight`` directly (issue 9), so a hook-based order put ``out_proj`` last.
+    """
+
+    def __init__(self, see: Callable[[Any], None]):
+        super().__init__()
+        self._see = see
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for leaf in tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor):
+                self._see(leaf)
+        return func(*args, **kwargs)
+
+
 class _OrderRecorder:
-    """Records the order in which layers first run during one forward pass of the root, then removes itself.
+    """Orders layers by the first use of their parameters (or first call) in one forward of the root.
 
     It holds no reference to the root module, so the weak per-model registry below does not keep models alive.
+    ``on_done`` callbacks run once the order is known.
     """
 
     def __init__(self, root: nn.Module, layers: list[nn.Module]):
         self._layers = list(layers)
-        self._seen: list[nn.Module] = []
-        self._seen_ids: set[int] = set()
+        self._owner: dict[int, int] = {}
+        for i, m in enumerate(self._layers):
+            for p in m.parameters():
+                self._owner.setdefault(id(p), i)  # a shared parameter belongs to the first layer that owns it
+        self._seen: list[int] = []
+        self._seen_set: set[int] = set()
+        self._depth = 0
+        self._mode: _UseRecorder | None = None
         self.order: list[nn.Module] | None = None
-        self._handles = [m.register_forward_pre_hook(self._pre) for m in self._layers]
-        self._handles.append(root.register_forward_hook(self._done))
+        self.on_done: list[Callable[[], None]] = []
+        self._handles = [m.register_forward_pre_hook(self._layer_called) for m in self._layers]
+        self._idx = {id(m): i for i, m in enumerate(self._layers)}
+        self._handles.append(root.register_forward_pre_hook(self._start))
+        self._handles.append(root.register_forward_hook(self._done, always_call=True))
 
-    def _pre(self, module: nn.Module, args: Any) -> None:
-        if id(module) not in self._seen_ids:
-            self._seen_ids.add(id(module))
-            self._seen.append(module)
+    def _mark(self, i: int) -> None:
+        if i not in self._seen_set:
+            self._seen_set.add(i)
+            self._seen.append(i)
+
+    def _layer_called(self, module: nn.Module, args: Any) -> None:
+        self._mark(self._idx[id(module)])
+
+    def _tensor_used(self, t: torch.Tensor) -> None:
+        i = self._owner.get(id(t))
+        if i is not None:
+            self._mark(i)
+
+    def _start(self, module: nn.Module, args: Any) -> None:
+        self._depth += 1
+        if self._depth == 1 and self.order is None:
+            self._mode = _UseRecorder(self._tensor_used)
+            self._mode.__enter__()
 
     def _done(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.order is not None:
+        self._depth -= 1
+        if self._depth > 0 or self._mode is None:
             return
+        self._mode.__exit__(None, None, None)
+        self._mode = None
         # Layers that did not run keep their registration order, after the ones that did.
-        self.order = self._seen + [m for m in self._layers if id(m) not in self._seen_ids]
+        self._set_order(self._seen + [i for i in range(len(self._layers)) if i not in self._seen_set])
+
+    def _set_order(self, idx: list[int]) -> None:
+        self.order = [self._layers[i] for i in idx]
         for h in self._handles:
             h.remove()
-        self._handles = []
-        self._seen, self._seen_ids = [], set()
+        self._handles, self._seen, self._seen_set = [], [], set()
+        done, self.on_done = self.on_done, []
+        for fn in done:
+            fn()
 
 
 @dataclass
@@ -132,23 +187,51 @@ class _FunctionalState:
     registration: list[nn.Module]
     frozen_ids: set[int]
     depth: int = 0
+    pending: list[Optimizer] | None = None  # a freeze decided before the order was known
 
     def layers(self) -> list[nn.Module]:
         return self.recorder.order if self.recorder.order is not None else self.registration
+
+    def apply(self, optimizers: list[Optimizer]) -> None:
+        """Freezes the first ``depth`` layers in forward order (never the last) and fixes the optimizers."""
+        layers = self.layers()
+        for layer in layers[: min(self.depth, max(len(layers) - 1, 0))]:
+            self.frozen_ids.add(id(layer))
+        params: dict[int, nn.Parameter] = {}
+        for layer in layers[:-1]:
+            if id(layer) in self.frozen_ids:
+                for p in layer.parameters():
+                    params[id(p)] = p
+        _remove_params(optimizers, params)
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
+
+    def apply_pending(self) -> None:
+        if self.pending is not None:
+            opts, self.pending = self.pending, None
+            self.apply(opts)
 
 
 _FUNCTIONAL: "weakref.WeakKeyDictionary[nn.Module, _FunctionalState]" = weakref.WeakKeyDictionary()
 
 
-def record_forward_order(model: nn.Module) -> None:
-    """Watches the next forward pass of ``model`` to order its layers by execution (done once per model).
-
-    ``freeze_layers`` calls this itself on first use; call it before training so that even the first
-    ``freeze_layers`` call that freezes anything already knows the execution order.
-    """
-    if model not in _FUNCTIONAL:
+def _functional_state(model: nn.Module) -> _FunctionalState:
+    st = _FUNCTIONAL.get(model)
+    if st is None:
         layers = _leaf_param_layers(model)
-        _FUNCTIONAL[model] = _FunctionalState(_OrderRecorder(model, layers), layers, set())
+        st = _FUNCTIONAL[model] = _FunctionalState(_OrderRecorder(model, layers), layers, set())
+        st.recorder.on_done.append(st.apply_pending)
+    return st
+
+
+def record_forward_order(model: nn.Module) -> None:
+    """Watches the next forward pass of ``model`` to order its layers by first use (done once per model).
+
+    ``freeze_layers`` calls this itself on first use; a first call that already freezes something before any
+    forward was seen applies its freeze at the end of the next forward, in forward order.
+    """
+    _functional_state(model)
 
 
 def freeze_layers(
@@ -161,28 +244,62 @@ def freeze_layers(
     """Drop-in for Composer's ``freeze_layers``: freezes the first ``int(pct * (num_layers - 1))`` layers.
 
     Layers are Composer's (modules without children that own parameters); unlike Composer they are ordered by
-    forward execution (recorded at the first forward after the first call, see ``record_forward_order``),
-    frozen parameters leave the optimizers *and* their optimizer state is purged (composer#1002), and the
-    frozen set never shrinks. Returns ``(freeze_depth, freeze_percentage)`` like Composer.
+    forward execution (the first use of each layer's parameters in one recorded forward), frozen parameters
+    leave the optimizers *and* their optimizer state is purged (composer#1002), and the frozen set never
+    shrinks. Returns ``(freeze_depth, freeze_percentage)`` like Composer. Checkpoint the functional state with
+    ``freeze_layers_state_dict``.
     """
     freeze_percentage = linear_fraction(current_duration, freeze_start, freeze_level)
-    record_forward_order(model)
-    st = _FUNCTIONAL[model]
-    layers = st.layers()
-    depth = max(int(freeze_percentage * len(layers[0:-1])), st.depth)  # the last layer is never frozen
+    st = _functional_state(model)
+    depth = max(int(freeze_percentage * len(st.registration[0:-1])), st.depth)  # the last layer is never frozen
     st.depth = depth
-    params: dict[int, nn.Parameter] = {}
-    for layer in layers[:depth]:
-        st.frozen_ids.add(id(layer))
-    for layer in layers[:-1] if layers else []:
-        if id(layer) in st.frozen_ids:
-            for p in layer.parameters():
-                params[id(p)] = p
-    _remove_params(_as_optimizers(optimizers), params)
-    for p in params.values():
-        p.requires_grad_(False)
-        p.grad = None
+    opts = _as_optimizers(optimizers)
+    if st.recorder.order is None and depth > 0:
+        # No forward seen yet: registration order would freeze the wrong layers (a head registered first).
+        # The freeze lands at the end of the next forward, in forward order; its gradients never reach an
+        # optimizer because the parameters leave the optimizers then, before any step.
+        st.pending = opts
+    else:
+        st.apply(opts)
     return depth, freeze_percentage
+
+
+def freeze_layers_state_dict(model: nn.Module) -> dict:
+    """The functional form's memory for ``model`` (forward order by layer name, depth) for a checkpoint."""
+    st = _functional_state(model)
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    order = None if st.recorder.order is None else [names[id(m)] for m in st.recorder.order]
+    return {"version": _STATE_VERSION, "kind": "freeze_layers", "order": order, "depth": st.depth}
+
+
+def load_freeze_layers_state_dict(
+    model: nn.Module, state: dict, optimizers: Optimizer | Sequence[Optimizer] | None = None
+) -> None:
+    """Restores ``freeze_layers_state_dict`` into ``model`` (a new object after resuming) and re-applies it.
+
+    Call it before ``optimizer.load_state_dict``: frozen parameters leave ``optimizers`` as they had when saved.
+    """
+    if not isinstance(state, dict) or state.get("kind") != "freeze_layers" or state.get("version") != _STATE_VERSION:
+        raise FreezeError(
+            f"freeze_layers state {state!r:.80} is not understood; pass what freeze_layers_state_dict() returned"
+        )
+    st = _functional_state(model)
+    if state["order"] is not None:
+        by_name = dict(model.named_modules(remove_duplicate=False))
+        missing = [n for n in state["order"] if n not in by_name]
+        if missing:
+            raise FreezeError(
+                f"the checkpoint's freeze_layers order names layer {missing[0]!r}, which this model does not have; "
+                "resume into the same architecture"
+            )
+        idx = {id(m): i for i, m in enumerate(st.recorder._layers)}
+        st.recorder._set_order([idx[id(by_name[n])] for n in state["order"]])
+    st.depth = max(st.depth, int(state["depth"]))
+    opts = _as_optimizers(optimizers)
+    if st.recorder.order is None and st.depth > 0:
+        st.pending = opts
+    else:
+        st.apply(opts)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ from freezert.schedule import (
     Unfreeze,
     apply_freeze,
     freeze_layers,
+    freeze_layers_state_dict,
     linear_fraction,
+    load_freeze_layers_state_dict,
     record_forward_order,
 )
 
@@ -138,6 +140,7 @@ def test_freeze_layers_orders_layers_by_forward_execution():
 def test_freeze_layers_purges_state_checkpoints_and_depth_only_grows(tmp_path):
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    record_forward_order(model)
     train_step(model, opt, 0)
     assert len(opt.state) == 8
     depth, _ = freeze_layers(model, opt, 0.8, freeze_start=0.0, freeze_level=1.0)
@@ -559,3 +562,82 @@ def test_wrap_with_a_schedule_object_drives_the_segment():
     assert torch.allclose(out, model(x), atol=1e-6)
     state = fm.freeze_state_dict()
     assert state["frozen"] == [0, 1] and "schedule" in state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the functional form: forward order by parameter use, first calls, checkpoints
+
+
+class EncoderClassifier(nn.Module):
+    """A real nn.TransformerEncoder (its out_proj runs without its forward) and a classifier head."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+def test_freeze_layers_orders_transformer_out_proj_by_use_and_keeps_the_head_trainable():
+    m = EncoderClassifier()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    record_forward_order(m)
+    m(torch.randn(2, 5, 8)).sum().backward()
+    depth, _ = freeze_layers(m, opt, 1.0, freeze_start=0.0, freeze_level=1.0)
+    assert depth == len(composer_layers(m, [])) - 1
+    assert all(p.requires_grad for p in m.head.parameters())  # issue 9: the head was frozen, out_proj kept
+    assert not any(p.requires_grad for p in m.encoder.layers[1].self_attn.out_proj.parameters())
+    assert {id(p) for p in m.head.parameters()} <= in_optimizer(opt)
+
+
+def test_freeze_layers_first_call_before_any_forward_uses_forward_order():
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+            self.mid = nn.Linear(4, 4)
+            self.stem = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.mid(torch.relu(self.stem(x)))))
+
+    m = HeadFirst()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    depth, _ = freeze_layers(m, opt, 1.0, freeze_start=0.0, freeze_level=1.0)
+    assert depth == 2
+    before = [p.detach().clone() for p in m.parameters()]
+    m(torch.randn(2, 3)).sum().backward()  # the pending freeze lands here, in forward order
+    opt.step()
+    assert all(p.requires_grad for p in m.head.parameters())
+    assert not any(p.requires_grad for p in [*m.stem.parameters(), *m.mid.parameters()])
+    assert in_optimizer(opt) == {id(p) for p in m.head.parameters()}
+    for p, b in zip(m.parameters(), before):
+        assert torch.equal(p, b) == (p is not m.head.weight and p is not m.head.bias)
+
+
+def test_freeze_layers_state_resumes_into_a_new_model_object():
+    torch.manual_seed(1)
+    a = EncoderClassifier()
+    b = EncoderClassifier()
+    b.load_state_dict(a.state_dict())
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
+    x = torch.randn(2, 5, 8)
+    a(x)
+    freeze_layers(a, opt_a, 0.7, freeze_start=0.5, freeze_level=1.0)
+    state = freeze_layers_state_dict(a)
+    opt_sd = opt_a.state_dict()
+    # resume: a new model object and a new optimizer over all parameters
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+    load_freeze_layers_state_dict(b, state, opt_b)
+    opt_b.load_state_dict(opt_sd)  # group sizes match: frozen parameters already left opt_b
+    for t in [0.8, 1.0]:
+        da, _ = freeze_layers(a, opt_a, t, freeze_start=0.5, freeze_level=1.0)
+        db, _ = freeze_layers(b, opt_b, t, freeze_start=0.5, freeze_level=1.0)
+        assert da == db
+        assert [p.requires_grad for p in a.parameters()] == [p.requires_grad for p in b.parameters()]
+    assert all(p.requires_grad for p in b.head.parameters())
+    with pytest.raises(FreezeError, match="freeze_layers_state_dict"):
+        load_freeze_layers_state_dict(b, {"depth": 3})
