@@ -21,6 +21,8 @@ from torch.optim import Optimizer
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from torch.nn.modules.batchnorm import _BatchNorm
+
 from ._errors import FreezeError
 from .blocks import as_named_blocks
 from .monitor import block_grad_norms
@@ -406,12 +408,60 @@ def _frozen_of(target: Any) -> tuple[int, ...]:
 
 
 def _block_param_sets(
-    blocks: list[tuple[str, nn.Module]], frozen: tuple[int, ...]
+    blocks: list[tuple[str, nn.Module]], frozen: tuple[int, ...], train_bn: bool = False
 ) -> dict[int, nn.Parameter]:
-    """Parameters of the frozen blocks that no trainable block shares (tied weights keep training)."""
+    """Parameters of the frozen blocks that no trainable block shares (tied weights keep training).
+
+    With ``train_bn`` the BatchNorms' own parameters keep training too (Lightning's ``train_bn=True``).
+    """
     fz = set(frozen)
     trainable = _unique_params([m for i, (_, m) in enumerate(blocks) if i not in fz])
+    if train_bn:
+        trainable.update(_unique_params([b for i in fz for b in _bns(blocks[i][1])]))
     return {k: p for k, p in _unique_params([blocks[i][1] for i in sorted(fz)]).items() if k not in trainable}
+
+
+def _bns(module: nn.Module) -> list[_BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, _BatchNorm)]
+
+
+# BatchNorms that a schedule froze in a plain module, with the hook that keeps them in eval mode: the
+# trainer's model.train() at every epoch start would otherwise switch them back (pytorch#66073).
+_FROZEN_BN: "weakref.WeakKeyDictionary[_BatchNorm, Any]" = weakref.WeakKeyDictionary()
+
+
+def _keep_eval(module: nn.Module, args: Any) -> None:
+    module.training = False
+
+
+def _set_frozen_bns(target: nn.Module, blocks: list[tuple[str, nn.Module]], frozen: tuple[int, ...], train_bn: bool):
+    """Frozen blocks' BatchNorms stop updating running statistics (eval mode) unless ``train_bn``."""
+    want: dict[int, _BatchNorm] = {} if train_bn else {id(b): b for i in frozen for b in _bns(blocks[i][1])}
+    mine = {id(b) for _, m in blocks for b in _bns(m)}
+    for bn in [b for b in list(_FROZEN_BN.keys()) if id(b) in mine and id(b) not in want]:
+        _FROZEN_BN.pop(bn).remove()
+        bn.train(target.training)
+    for bn in want.values():
+        if bn not in _FROZEN_BN:
+            _FROZEN_BN[bn] = bn.register_forward_pre_hook(_keep_eval)
+        bn.eval()
+
+
+def _frozen_now(target: Any, blocks: list[tuple[str, nn.Module]]) -> tuple[int, ...]:
+    """The frozen set a schedule finds at attach: freezert's, plus blocks frozen by hand in a plain module."""
+    if hasattr(target, "set_freeze"):
+        return _frozen_of(target)
+    return tuple(sorted(set(_frozen_of(target)) | set(_hand_frozen(blocks))))
+
+
+def _hand_frozen(blocks: list[tuple[str, nn.Module]]) -> tuple[int, ...]:
+    """Blocks whose parameters all have requires_grad=False (frozen by hand, outside freezert)."""
+    out = []
+    for i, (_, m) in enumerate(blocks):
+        ps = list(m.parameters())
+        if ps and not any(p.requires_grad for p in ps):
+            out.append(i)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -432,6 +482,7 @@ def apply_freeze(
     *,
     blocks: Sequence[Any] | None = None,
     lr: float | None = None,
+    train_bn: bool = False,
 ) -> FreezeChange:
     """Makes exactly ``indices`` the frozen blocks of ``target`` and fixes the optimizer(s) to match.
 
@@ -439,6 +490,8 @@ def apply_freeze(
     blocks are ``blocks`` (default: ``find_blocks``). Frozen parameters leave every param group and their
     optimizer state is purged; parameters that become trainable again return as a new param group (one per
     group they came from, hyperparameters copied from it) with learning rate ``lr`` (default: that group's).
+    In a plain module, frozen blocks' BatchNorms run in eval mode (running statistics fixed) unless ``train_bn``,
+    which keeps their parameters training too; blocks frozen by hand count as frozen, so ``indices=[]`` thaws them.
     """
     blk = _resolve_blocks(target, blocks)
     n = len(blk)
@@ -450,13 +503,15 @@ def apply_freeze(
     new = tuple(sorted(set(want)))
     if len(new) >= n:
         raise FreezeError(f"freezing all {n} blocks leaves nothing to train; freeze at most {n - 1}")
-    prev = _frozen_of(target)
-    opts = _as_optimizers(optimizer)
     fm = hasattr(target, "set_freeze")
+    prev = _frozen_of(target)
+    if not fm:
+        prev = tuple(sorted(set(prev) | set(_hand_frozen(blk))))
+    opts = _as_optimizers(optimizer)
     if fm and hasattr(target, "frozen_parameters"):  # includes the stem frozen together with block 0
         was_frozen = {id(p): p for p in target.frozen_parameters()}
     else:
-        was_frozen = _block_param_sets(blk, prev)
+        was_frozen = _block_param_sets(blk, prev, train_bn)
     if fm:
         target.set_freeze(list(new) or None)
         if hasattr(target, "frozen_parameters"):
@@ -464,10 +519,11 @@ def apply_freeze(
         else:
             now_frozen = _block_param_sets(blk, new)
     else:
-        now_frozen = _block_param_sets(blk, new)
+        now_frozen = _block_param_sets(blk, new, train_bn)
         for p in now_frozen.values():
             p.requires_grad_(False)
         _PLAIN_FROZEN[target] = new
+        _set_frozen_bns(target, blk, new, train_bn)
     for p in now_frozen.values():
         p.grad = None
     # Always remove the whole frozen set (idempotent): a fresh optimizer after resume may still hold it.
@@ -585,6 +641,7 @@ class Schedule:
         self._current: tuple[int, ...] = ()
         self._pending: dict | None = None
         self._lr_schedulers: list[Any] = []
+        self.train_bn = False
 
     # -- decision (pure apart from the schedule's own memory) ---------------------------------------------
     def frozen_blocks(self, progress: float, n_blocks: int) -> list[int]:
@@ -612,19 +669,24 @@ class Schedule:
         *,
         blocks: Sequence[Any] | None = None,
         lr_schedulers: Any = None,
+        train_bn: bool | None = None,
     ) -> "Schedule":
         """Binds the schedule to a model (FrozenModel or plain module + ``blocks``) and optimizer(s); returns self.
 
-        Call again with only ``optimizer=`` to bind an optimizer created after the model was wrapped. LR
+        Call again with only ``optimizer=`` to bind an optimizer created later (after wrapping, or a new fit's):
+        the frozen set leaves it. ``train_bn=True`` keeps frozen blocks' BatchNorms training (plain modules). LR
         schedulers passed as ``lr_schedulers`` learn about param groups added by unfreezing (their
         ``base_lrs`` grow); without that, torch's schedulers leave a new group's learning rate untouched.
         """
         if lr_schedulers is not None:
             self._lr_schedulers = list(lr_schedulers) if isinstance(lr_schedulers, (list, tuple)) else [lr_schedulers]
+        if train_bn is not None:
+            self.train_bn = bool(train_bn)
+        rebind = target is None and optimizer is not None
         if target is not None:
             self._target = target
             self._blocks = _resolve_blocks(target, blocks)
-            self._current = _frozen_of(target)
+            self._current = _frozen_now(target, self._blocks)
             self._initial = self._initial_from(target)
         if optimizer is not None:
             self._optimizers = _as_optimizers(optimizer)
@@ -633,13 +695,16 @@ class Schedule:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self.load_state_dict(pending)
+        elif rebind and self._current:
+            # A new optimizer (a new fit, a rebuilt trainer): the frozen set leaves it too.
+            self._apply(self._current)
         elif self._initial:
             # Frozen parameters leave the optimizer from the start (the user may have passed them all).
             self._apply(self._current if self._keeps_initial else self._initial)
         return self
 
     def _initial_from(self, target: nn.Module) -> tuple[int, ...]:
-        return _frozen_of(target)
+        return _frozen_now(target, self._blocks or [])
 
     @property
     def frozen(self) -> list[int]:
@@ -661,7 +726,9 @@ class Schedule:
 
     def _apply(self, indices: Sequence[int], lr: float | None = None) -> FreezeChange:
         counts = [len(o.param_groups) for o in self._optimizers]
-        change = apply_freeze(self._target, self._optimizers, indices, blocks=self._blocks, lr=lr)
+        change = apply_freeze(
+            self._target, self._optimizers, indices, blocks=self._blocks, lr=lr, train_bn=self.train_bn
+        )
         self._current = tuple(sorted(set(indices)))
         for opt, n in zip(self._optimizers, counts):
             for sch in self._lr_schedulers:
@@ -737,7 +804,7 @@ class Schedule:
             self._pending = state
             return
         frozen = tuple(state["frozen"])
-        apply_freeze(self._target, self._optimizers, frozen, blocks=self._blocks)
+        apply_freeze(self._target, self._optimizers, frozen, blocks=self._blocks, train_bn=self.train_bn)
         self._current = frozen
         layouts = state.get("optimizers")
         if layouts is not None and self._optimizers:

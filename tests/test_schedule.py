@@ -641,3 +641,59 @@ def test_freeze_layers_state_resumes_into_a_new_model_object():
     assert all(p.requires_grad for p in b.head.parameters())
     with pytest.raises(FreezeError, match="freeze_layers_state_dict"):
         load_freeze_layers_state_dict(b, {"depth": 3})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# trainer-facing gaps (issue 11): BatchNorm in frozen blocks, re-binding, thawing hand-frozen blocks
+
+
+def bn_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU()),
+        nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU()),
+        nn.Linear(6, 2),
+    )
+
+
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_schedule_on_a_plain_model_fixes_frozen_batchnorm_unless_train_bn(train_bn):
+    model = bn_net().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = Linear(0.0, 1.0).attach(model, opt, blocks=list(model), train_bn=train_bn)
+    sched.step(0.6)  # int(0.6 * 2) = 1 block frozen
+    bn0, bn1 = model[0][1], model[1][1]
+    stats = bn0.running_mean.clone()
+    model.train()  # what every trainer does at each epoch start
+    train_step(model, opt, 0)
+    assert torch.equal(bn0.running_mean, stats) != train_bn
+    assert bn0.weight.requires_grad == train_bn and (id(bn0.weight) in in_optimizer(opt)) == train_bn
+    assert not model[0][0].weight.requires_grad
+    assert bn1.training and model[0][1].training == train_bn
+    apply_freeze(model, opt, [], blocks=list(model))  # thawed: back to the model's mode, statistics move
+    train_step(model, opt, 1)
+    assert bn0.training and not torch.equal(bn0.running_mean, stats)
+
+
+def test_a_schedule_rebinds_to_a_new_fits_optimizer():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = Linear(0.0, 1.0).attach(model, opt, blocks=list(model))
+    sched.step(0.7)
+    assert sched.frozen == [0, 1]
+    opt2 = torch.optim.SGD(model.parameters(), lr=0.1)  # a new fit builds its optimizer over everything
+    sched.attach(optimizer=opt2)
+    frozen = {id(p) for i in (0, 1) for p in model[i].parameters()}
+    assert not frozen & in_optimizer(opt2)
+    sched.step(1.0)
+    assert sched.frozen == [0, 1, 2] and not {id(p) for p in model[2].parameters()} & in_optimizer(opt2)
+
+
+def test_apply_freeze_empty_thaws_blocks_frozen_by_hand():
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    change = apply_freeze(model, opt, [], blocks=list(model), lr=0.01)
+    assert change.unfrozen == (0,)
+    assert all(p.requires_grad for p in model.parameters())
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.01
+    assert {id(p) for p in model[0].parameters()} == {id(p) for p in opt.param_groups[1]["params"]}
