@@ -13,8 +13,15 @@ from .._native import on_device  # noqa: F401 (the ops' launches use it as reg.o
 TRITON = "triton"
 INTERPRETER = "triton-interpreter"
 REFERENCE = "reference"
+LEAN = "lean"  # the plain-torch autograd Functions that save only what backward needs (any device)
+
+# What a caller may ask an op for: "triton" (Triton where it runs, else the eager reference: the default),
+# "lean" (the plain-torch lean Function everywhere), "auto" (Triton on CUDA, the lean Function elsewhere).
+IMPLS = ("triton", "lean", "auto")
 
 OPS = ("batch_norm_act", "layer_norm", "linear_cross_entropy")
+# ops with only a plain-torch path: reported by backend() once they have run
+_LEAN_ONLY = ("activation",)
 _LAST: dict[str, str] = {}
 # Test hook: when set, every output buffer the Triton path allocates is filled with NaN first,
 # so an element the kernel forgets to write fails the comparison with the reference.
@@ -55,6 +62,29 @@ def choose(op: str, *tensors: torch.Tensor | None, supported: bool = True) -> st
     return path
 
 
+def check_impl(impl: str) -> str:
+    """``impl`` itself when it is one of ``IMPLS``; else a FreezeError naming the choices."""
+    if impl not in IMPLS:
+        from .._errors import FreezeError
+
+        raise FreezeError(f"impl={impl!r} is not a kernel path; use one of {list(IMPLS)}")
+    return impl
+
+
+def lean_here(impl: str, *tensors: torch.Tensor | None) -> bool:
+    """True when ``impl`` sends these tensors to the lean plain-torch path ("auto": anything not all-CUDA)."""
+    if impl == "lean":
+        return True
+    if impl == "auto":
+        return not all(t.device.type == "cuda" for t in tensors if isinstance(t, torch.Tensor))
+    return False
+
+
+def record(op: str, path: str) -> None:
+    """Note that ``op`` just ran ``path`` (for ``backend()``)."""
+    _LAST[op] = path
+
+
 def _choose(tensors: tuple[Any, ...], supported: bool) -> str:
     if not supported or not triton_available():
         return REFERENCE
@@ -81,7 +111,9 @@ def backend() -> dict[str, str]:
         default = INTERPRETER
     else:
         default = TRITON if torch.cuda.is_available() else REFERENCE
-    return {op: _LAST.get(op, default) for op in OPS}
+    report = {op: _LAST.get(op, default) for op in OPS}
+    report.update({op: _LAST[op] for op in _LEAN_ONLY if op in _LAST})
+    return report
 
 
 def reset_backend() -> None:

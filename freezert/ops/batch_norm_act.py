@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from .._errors import FreezeError
 from . import _registry as reg
+from .activation import act_backward, act_forward, check_activation
+from .recompute import mark_recomputable
 
 _ACTS = {"silu": 0, "relu": 1, "identity": 2}
 
@@ -36,14 +38,9 @@ def batch_norm_act_reference(
     eps: float = 1e-5,
     activation: str | None = "silu",
 ) -> torch.Tensor:
-    """``act(F.batch_norm(...))`` in plain torch: what the Triton path must match."""
-    code = _act_code(activation)
-    y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if code == 0:
-        return F.silu(y)
-    if code == 1:
-        return F.relu(y)
-    return y
+    """``act(F.batch_norm(...))`` in plain torch: what the Triton and lean paths must match."""
+    act = check_activation(activation)
+    return act_forward(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps), act)
 
 
 @functools.cache
@@ -346,7 +343,75 @@ class _BatchNormAct(torch.autograd.Function):
         return dx, None, None, dw, db, None, None, None, None
 
 
-def batch_norm_act(
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over (N, C, ...)."""
+    return v.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _bn_act_value(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, act: str) -> torch.Tensor:
+    """``act(x * scale + shift)`` per channel, in fp32 at least: the lean forward and its recompute recipe."""
+    xs = x if x.dtype == torch.float64 else x.float()
+    return act_forward(xs * _bcast(scale, x) + _bcast(shift, x), act).to(x.dtype)
+
+
+class _LeanBatchNormAct(torch.autograd.Function):
+    """Plain-torch BN + act saving only the input and per-channel (mean, invstd); any device, compilable."""
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, act):
+        dims = [0] + list(range(2, x.dim()))
+        # statistics in fp32 at least (fp16/bf16 inputs), as the Triton path and eager BN do
+        xs = x if x.dtype == torch.float64 else x.float()
+        if training:
+            var, mean = torch.var_mean(xs, dim=dims, correction=0)
+            invstd = torch.rsqrt(var + eps)
+            if running_mean is not None:
+                n = x.numel() // x.shape[1]
+                with torch.no_grad():
+                    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                    unbiased = var * (n / max(n - 1, 1))
+                    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        else:
+            # copies: the running buffers may change in place before backward runs
+            mean = running_mean.detach().to(xs.dtype, copy=True)
+            invstd = torch.rsqrt(running_var.detach().to(xs.dtype) + eps)
+        scale = invstd if weight is None else invstd * weight.to(xs.dtype)
+        shift = -mean * scale if bias is None else bias.to(xs.dtype) - mean * scale
+        y = _bn_act_value(x, scale, shift, act=act)
+        ctx.save_for_backward(x, mean, invstd, weight, bias)
+        ctx.training, ctx.act = training, act
+        # (scale, shift) go out too: with them a later save of y can be a recipe (ops.recompute)
+        ctx.mark_non_differentiable(scale, shift)
+        return y, scale, shift
+
+    @staticmethod
+    def backward(ctx, dy, _dscale=None, _dshift=None):
+        x, mean, invstd, weight, bias = ctx.saved_tensors
+        dims = [0] + list(range(2, x.dim()))
+        xs = x if x.dtype == torch.float64 else x.float()
+        dy = dy.to(xs.dtype)
+        # recomputed here instead of saved: the normalised value and the activation's input
+        xhat = (xs - _bcast(mean, x)) * _bcast(invstd, x)
+        w = None if weight is None else weight.to(xs.dtype)
+        z = xhat if w is None else xhat * _bcast(w, x)
+        if bias is not None:
+            z = z + _bcast(bias.to(xs.dtype), x)
+        dz = act_backward(z, dy, ctx.act)
+        sdz = dz.sum(dims)
+        sdzx = (dz * xhat).sum(dims)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            wi = invstd if w is None else invstd * w
+            if ctx.training:
+                count = x.numel() // x.shape[1]
+                dz = dz - _bcast(sdz / count, x) - xhat * _bcast(sdzx / count, x)
+            dx = (dz * _bcast(wi, x)).to(x.dtype)
+        dw = sdzx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[3] else None
+        db = sdz.to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None
+        return dx, None, None, dw, db, None, None, None, None
+
+
+def batch_norm_act_lean(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
@@ -357,12 +422,20 @@ def batch_norm_act(
     eps: float = 1e-5,
     activation: str | None = "silu",
 ) -> torch.Tensor:
-    """``act(F.batch_norm(...))`` in one pass; backward recomputes it from the input (Triton path).
+    """``act(F.batch_norm(...))`` as a plain-torch autograd Function saving the input and (mean, invstd).
 
-    Same arguments and running-statistics update as ``F.batch_norm`` (``momentum`` is a float; the
-    cumulative average of ``momentum=None`` is ``nn.BatchNorm``'s job, done by ``FusedConvBNAct``).
+    Any device and dtype; activations as in ``freezert.ops.activation`` (silu, relu, gelu, gelu_tanh, identity).
     """
-    act = _act_code(activation)
+    act = check_activation(activation)
+    _check_args(input, running_mean, running_var, training, momentum)
+    reg.record("batch_norm_act", reg.LEAN)
+    y, scale, shift = _LeanBatchNormAct.apply(input, running_mean, running_var, weight, bias,
+                                              bool(training), float(momentum), float(eps), act)
+    # inside ops.recompute_saved(), a later op saving y stores (input, scale, shift) instead
+    return mark_recomputable(y, functools.partial(_bn_act_value, act=act), input, scale, shift)
+
+
+def _check_args(input, running_mean, running_var, training, momentum) -> None:
     if momentum is None:
         raise FreezeError("momentum=None is not a batch_norm_act argument; pass 1/num_batches_tracked "
                           "as nn.BatchNorm does (FusedConvBNAct does this for you)")
@@ -375,9 +448,41 @@ def batch_norm_act(
         per_channel = input.numel() // max(1, input.shape[1])
         if per_channel <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(input.shape)}")
+
+
+def batch_norm_act(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str | None = "silu",
+    *,
+    impl: str = "triton",
+) -> torch.Tensor:
+    """``act(F.batch_norm(...))`` in one pass; backward recomputes it from the input (Triton path).
+
+    ``impl``: "triton" (Triton where it runs, else the eager reference), "lean" (``batch_norm_act_lean``),
+    "auto" (Triton on CUDA, lean elsewhere).
+
+    Same arguments and running-statistics update as ``F.batch_norm`` (``momentum`` is a float; the
+    cumulative average of ``momentum=None`` is ``nn.BatchNorm``'s job, done by ``FusedConvBNAct``).
+    """
+    impl = reg.check_impl(impl)
+    if impl != "triton" and (check_activation(activation) not in _ACTS or reg.lean_here(impl, input)):
+        return batch_norm_act_lean(input, running_mean, running_var, weight, bias,
+                                   training, momentum, eps, activation)
+    act = _act_code(activation)
+    _check_args(input, running_mean, running_var, training, momentum)
     path = reg.choose("batch_norm_act", input, running_mean, running_var, weight, bias,
                       supported=input.numel() > 0)
     if path == reg.REFERENCE:
+        if impl == "auto":  # CUDA tensors Triton cannot take (float64, no triton): still lean
+            return batch_norm_act_lean(input, running_mean, running_var, weight, bias,
+                                       training, momentum, eps, activation)
         return batch_norm_act_reference(input, running_mean, running_var, weight, bias,
                                         training, momentum, eps, activation)
     with reg.on_device(input):

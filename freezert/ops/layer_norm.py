@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from .._errors import FreezeError
 from . import _registry as reg
 
 # Rows longer than this go to the reference: a row must fit in one block of registers.
@@ -148,6 +149,61 @@ class _LayerNorm(torch.autograd.Function):
         return (dx.view(ctx.shape) if need_dx else None), dw, db, None, None
 
 
+class _LeanLayerNorm(torch.autograd.Function):
+    """Plain-torch LayerNorm saving the input and fp32 (mean, rstd) per row; any device, compilable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, n, eps):
+        x2 = x.reshape(-1, n)
+        xs = x2 if x2.dtype == torch.float64 else x2.float()
+        var, mean = torch.var_mean(xs, dim=1, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        y = (xs - mean[:, None]) * rstd[:, None]
+        if weight is not None:
+            y = y * weight.reshape(-1).to(xs.dtype)
+        if bias is not None:
+            y = y + bias.reshape(-1).to(xs.dtype)
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        ctx.n, ctx.shape, ctx.has_b = n, x.shape, bias is not None
+        return y.to(x.dtype).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        n = ctx.n
+        xs = x2 if x2.dtype == torch.float64 else x2.float()
+        dy2 = dy.reshape(-1, n).to(xs.dtype)
+        xhat = (xs - mean[:, None]) * rstd[:, None]  # recomputed, not saved
+        dw = (dy2 * xhat).sum(0).to(weight.dtype).view(weight.shape) \
+            if weight is not None and ctx.needs_input_grad[1] else None
+        db = dy2.sum(0).to(dy.dtype) if ctx.has_b and ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            wdy = dy2 if weight is None else dy2 * weight.reshape(-1).to(xs.dtype)
+            c1 = (xhat * wdy).mean(1, keepdim=True)
+            c2 = wdy.mean(1, keepdim=True)
+            dx = ((wdy - xhat * c1 - c2) * rstd[:, None]).to(x2.dtype).view(ctx.shape)
+        if db is not None:
+            db = db.view(weight.shape) if weight is not None else db.view(-1)
+        return dx, dw, db, None, None
+
+
+def layer_norm_lean(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.layer_norm`` as a plain-torch autograd Function saving the input and per-row (mean, rstd)."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
+        raise FreezeError(f"normalized_shape={shape} does not match the input's trailing dimensions "
+                          f"{tuple(input.shape)}; pass the input's last dimensions")
+    reg.record("layer_norm", reg.LEAN)
+    return _LeanLayerNorm.apply(input, weight, bias, math.prod(shape), float(eps))
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -158,8 +214,17 @@ def layer_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    impl: str = "triton",
 ) -> torch.Tensor:
-    """``F.layer_norm`` with Triton forward and backward (rows up to 16384 elements)."""
+    """``F.layer_norm`` with Triton forward and backward (rows up to 16384 elements).
+
+    ``impl``: "triton" (Triton where it runs, else the reference), "lean" (``layer_norm_lean``), "auto"
+    (Triton on CUDA, lean elsewhere).
+    """
+    impl = reg.check_impl(impl)
+    if reg.lean_here(impl, input):
+        return layer_norm_lean(input, normalized_shape, weight, bias, eps)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     n = math.prod(shape)
     ok = (
@@ -177,6 +242,8 @@ def layer_norm(
         bias = None if bias is None else bias.float()
     path = reg.choose("layer_norm", input, weight, bias, supported=ok)
     if path == reg.REFERENCE:
+        if impl == "auto" and ok:
+            return layer_norm_lean(input, shape, weight, bias, eps)
         return layer_norm_reference(input, shape, weight, bias, eps)
     with reg.on_device(input):
         return _LayerNorm.apply(input, weight, bias, n, float(eps))

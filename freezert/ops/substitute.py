@@ -12,14 +12,23 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .._swap import Handle, apply_substitutions, restore, swapped  # noqa: F401 (re-exported)
+import contextlib
+from collections.abc import Iterator
+
+from .._swap import Handle, apply_substitutions, restore  # noqa: F401 (re-exported)
+from .._swap import swapped as _swapped
+from . import _registry as reg
 from .batch_norm_act import batch_norm_act
 from .layer_norm import layer_norm
+from .recompute import recompute_saved
 
 _ACT_NAMES: dict[type, str] = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "identity"}
+_TRITON_ACTS = ("silu", "relu", "identity")
 
 
 def _act_name(m: nn.Module) -> str | None:
+    if type(m) is nn.GELU:  # the lean path only: the Triton kernels know silu / relu / identity
+        return "gelu" if m.approximate == "none" else "gelu_tanh"
     return _ACT_NAMES.get(type(m))
 
 
@@ -37,11 +46,13 @@ class FusedConvBNAct(nn.Module):
     """``act(bn(conv(x)))`` with BN and the activation fused; children are the original modules."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module,
-                 names: tuple[str, str, str] = ("conv", "bn", "act")):
+                 names: tuple[str, str, str] = ("conv", "bn", "act"), impl: str = "triton"):
         super().__init__()
         activation = _act_name(act)
-        if activation is None:
-            raise ValueError(f"activation {type(act).__name__} is not fusable; use SiLU, ReLU or Identity")
+        if activation is None or (impl == "triton" and activation not in _TRITON_ACTS):
+            raise ValueError(f"activation {type(act).__name__} is not fusable; use SiLU, ReLU or Identity"
+                             " (or GELU with impl='lean' / 'auto')")
+        self._impl = reg.check_impl(impl)
         self._names = names
         self._activation = activation
         for name, mod in zip(names, (conv, bn, act)):
@@ -59,14 +70,15 @@ class FusedConvBNAct(nn.Module):
         use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
         track = not bn.training or bn.track_running_stats
         return batch_norm_act(y, bn.running_mean if track else None, bn.running_var if track else None,
-                              bn.weight, bn.bias, use_batch, factor, bn.eps, self._activation)
+                              bn.weight, bn.bias, use_batch, factor, bn.eps, self._activation, impl=self._impl)
 
 
 class FusedLayerNorm(nn.Module):
     """``nn.LayerNorm`` calling the fused op; registers the original weight / bias Parameter objects."""
 
-    def __init__(self, ln: nn.LayerNorm):
+    def __init__(self, ln: nn.LayerNorm, impl: str = "triton"):
         super().__init__()
+        self._impl = reg.check_impl(impl)
         self.normalized_shape = tuple(ln.normalized_shape)
         self.eps = ln.eps
         self.elementwise_affine = ln.elementwise_affine
@@ -75,14 +87,14 @@ class FusedLayerNorm(nn.Module):
         self.training = ln.training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, impl=self._impl)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
-def _replacement(m: nn.Module) -> nn.Module | None:
-    rep = _fused(m)
+def _replacement(m: nn.Module, impl: str) -> nn.Module | None:
+    rep = _fused(m, impl)
     if rep is not None:
         # plain attributes a parent may read, e.g. YOLO's per-layer .f / .i / .type / .np
         for key, value in vars(m).items():
@@ -91,32 +103,40 @@ def _replacement(m: nn.Module) -> nn.Module | None:
     return rep
 
 
-def _fused(m: nn.Module) -> nn.Module | None:
+def _fusable_act(act: nn.Module, impl: str) -> str | None:
+    name = _act_name(act)
+    return name if name is not None and (impl != "triton" or name in _TRITON_ACTS) else None
+
+
+def _fused(m: nn.Module, impl: str) -> nn.Module | None:
     if _hooked(m):
         return None
     if type(m) is nn.LayerNorm:
-        return FusedLayerNorm(m)
+        return FusedLayerNorm(m, impl)
     if type(m) is nn.Sequential and len(m) == 3:
         conv, bn, act = m[0], m[1], m[2]
-        if isinstance(conv, nn.Conv2d) and _plain_bn(bn) and _act_name(act) in ("silu", "relu") \
+        if isinstance(conv, nn.Conv2d) and _plain_bn(bn) and _fusable_act(act, impl) not in (None, "identity") \
                 and not _hooked(conv) and not _hooked(bn) and not _hooked(act):
-            return FusedConvBNAct(conv, bn, act, names=tuple(m._modules))
+            return FusedConvBNAct(conv, bn, act, names=tuple(m._modules), impl=impl)
         return None
     children = m._modules
     if set(children) == {"conv", "bn", "act"}:  # YOLOv5 / Ultralytics Conv: forward is act(bn(conv(x)))
         conv, bn, act = children["conv"], children["bn"], children["act"]
-        if isinstance(conv, nn.Conv2d) and _plain_bn(bn) and _act_name(act) is not None \
+        if isinstance(conv, nn.Conv2d) and _plain_bn(bn) and _fusable_act(act, impl) is not None \
                 and not _hooked(bn) and not _hooked(act):
-            return FusedConvBNAct(conv, bn, act)
+            return FusedConvBNAct(conv, bn, act, impl=impl)
     return None
 
 
-def plan_substitutions(module: nn.Module, *, skip: Callable[[str], bool] = lambda name: False
-                       ) -> list[tuple[str, nn.Module]]:
+def plan_substitutions(module: nn.Module, *, skip: Callable[[str], bool] = lambda name: False,
+                       impl: str = "triton") -> list[tuple[str, nn.Module]]:
     """(dotted name, replacement) for each Conv-BN-act block and LayerNorm below ``module``.
 
     ``skip(name)`` excludes a candidate (e.g. frozen blocks); the root itself is never replaced.
+    ``impl``: "triton" (Triton kernels where they run, else eager), "lean" (the plain-torch lean
+    Functions on every device), "auto" (Triton on CUDA inputs, lean elsewhere; decided per call).
     """
+    reg.check_impl(impl)
     plan: list[tuple[str, nn.Module]] = []
 
     def visit(prefix: str, m: nn.Module) -> None:
@@ -124,7 +144,7 @@ def plan_substitutions(module: nn.Module, *, skip: Callable[[str], bool] = lambd
             if child is None:
                 continue
             full = f"{prefix}.{name}" if prefix else name
-            rep = None if skip(full) else _replacement(child)
+            rep = None if skip(full) else _replacement(child, impl)
             if rep is not None:
                 plan.append((full, rep))
             else:
@@ -132,3 +152,19 @@ def plan_substitutions(module: nn.Module, *, skip: Callable[[str], bool] = lambd
 
     visit("", module)
     return plan
+
+
+def lean_plan(plan: list[tuple[str, nn.Module]]) -> bool:
+    """True when some replacement may run the lean path (``impl`` "lean" or "auto")."""
+    return any(getattr(rep, "_impl", "triton") != "triton" for _, rep in plan)
+
+
+@contextlib.contextmanager
+def swapped(module: nn.Module, plan: list[tuple[str, nn.Module]], *, recompute: bool = True) -> Iterator[nn.Module]:
+    """``module`` runs with the replacements inside the block; a lean plan also stores the activations that
+    later layers save as recipes over the BN input (``ops.recompute``), unless ``recompute=False``."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_swapped(module, plan))
+        if recompute and lean_plan(plan):
+            stack.enter_context(recompute_saved())
+        yield module

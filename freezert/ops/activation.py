@@ -1,0 +1,83 @@
+"""Activations as plain-torch autograd Functions that save only their input; the helpers fused ops share.
+
+``act_forward`` / ``act_backward`` are the formulas the lean Conv-BN-act and any other fused op recompute
+in backward; ``activation`` is the standalone op (eager SiLU/GELU already save only their input, so its use
+is as the recompute building block and the ``torch.compile``-friendly form), ``activation_reference`` eager.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._errors import FreezeError
+from . import _registry as reg
+
+ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh", "identity")
+
+
+def check_activation(name: str | None) -> str:
+    """The canonical activation name (None means identity); refuses names the lean path does not know."""
+    name = "identity" if name is None else name
+    if name not in ACTIVATIONS:
+        raise FreezeError(f"activation={name!r} is not supported; use one of {list(ACTIVATIONS)} or None")
+    return name
+
+
+def act_forward(z: torch.Tensor, name: str) -> torch.Tensor:
+    """``act(z)`` for a canonical name (a Python branch on a constant: traceable by torch.compile)."""
+    if name == "silu":
+        return F.silu(z)
+    if name == "relu":
+        return F.relu(z)
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    return z
+
+
+def act_backward(z: torch.Tensor, dy: torch.Tensor, name: str) -> torch.Tensor:
+    """``dy * act'(z)``, from the activation's input ``z`` alone."""
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return dy * (s * (1 + z * (1 - s)))
+    if name == "relu":
+        return torch.where(z > 0, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+    if name == "gelu":
+        cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
+        pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+        return dy * (cdf + z * pdf)
+    if name == "gelu_tanh":
+        k = math.sqrt(2 / math.pi)
+        inner = k * (z + 0.044715 * z * z * z)
+        t = torch.tanh(inner)
+        return dy * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z))
+    return dy
+
+
+class _Activation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, name):
+        ctx.name = name
+        ctx.save_for_backward(x)
+        return act_forward(x, name)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return act_backward(x, dy, ctx.name), None
+
+
+def activation_reference(input: torch.Tensor, name: str | None = "silu") -> torch.Tensor:
+    """The eager activation: what ``activation`` must match."""
+    return act_forward(input, check_activation(name))
+
+
+def activation(input: torch.Tensor, name: str | None = "silu") -> torch.Tensor:
+    """``act(input)`` as a plain-torch autograd Function that saves only the input (any device)."""
+    name = check_activation(name)
+    reg.record("activation", reg.LEAN)
+    return _Activation.apply(input, name)

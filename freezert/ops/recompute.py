@@ -1,0 +1,61 @@
+"""Saved activations stored as a recipe: a fused op's output that a later op saves is recomputed in backward.
+
+A lean Conv-BN-act saves its input ``y`` anyway; when the next convolution saves the activation ``a`` too,
+eager keeps both. Inside ``recompute_saved()`` a tensor marked by ``mark_recomputable(a, fn, *args)`` is packed
+as ``(fn, args)`` instead, and ``fn(*args)`` rebuilds it (bit for bit: the forward's own expression) when
+backward unpacks it. Other saved tensors go to the enclosing ``saved_tensors_hooks`` (e.g. ``save_on_cpu``, a
+measurement), and so do a recipe's arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+_ATTR = "_freezert_recipe"
+_RECIPE = object()
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except Exception:  # very old torch
+        return False
+
+
+def mark_recomputable(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """Record that ``out == fn(*args)`` so a later save of ``out`` can store the recipe; returns ``out``."""
+    # only while autograd records (no_grad outputs are never saved) and outside torch.compile's tracing
+    if out.requires_grad and torch.is_grad_enabled() and not _compiling():
+        setattr(out, _ATTR, (fn, args))
+    return out
+
+
+def _outer_hooks():
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
+
+
+@contextlib.contextmanager
+def recompute_saved() -> Iterator[None]:
+    """Within the block, saving a ``mark_recomputable`` tensor stores its recipe instead of its data."""
+    outer = _outer_hooks()
+    opack, ounpack = outer if outer is not None else (None, None)
+
+    def pack(t: torch.Tensor):
+        recipe = t.__dict__.get(_ATTR) if hasattr(t, "__dict__") else None
+        if recipe is not None:
+            fn, args = recipe
+            return (_RECIPE, fn, tuple(opack(a) for a in args) if opack else args)
+        return opack(t) if opack else t
+
+    def unpack(p):
+        if isinstance(p, tuple) and len(p) == 3 and p[0] is _RECIPE:
+            _, fn, args = p
+            return fn(*(tuple(ounpack(a) for a in args) if ounpack else args))
+        return ounpack(p) if ounpack else p
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
