@@ -1,0 +1,156 @@
+"""freezert.quant: weight-only int8 / fp8 frozen layers within their format's error bounds, at one byte a weight."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from freezert import FreezeError
+from freezert.models import cnn_classifier, yolov5
+from freezert.quant import QuantConv, QuantLinear, dequantize, quantize_frozen_, quantize_weight, quantized_bytes
+
+
+def _elementwise_bound(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The largest |w - dequantize(quantize(w))| the format allows, per element.
+
+    int8, symmetric per channel: round to the nearest step ``scale = amax / 127``, so half a step.
+    fp8 e4m3 after scaling to amax = 448: 3 mantissa bits give a relative error of at most 2^-4 for normal
+    values; below 2^-6 (subnormal) the step is 2^-9, so at most 2^-10 absolute, in scaled units.
+    """
+    amax = w.abs().reshape(w.shape[0], -1).amax(1).view((-1,) + (1,) * (w.dim() - 1))
+    if fmt == "int8":
+        return (amax / 127 / 2).expand_as(w)
+    scale = amax / 448
+    return w.abs() * 2.0**-4 + scale * 2.0**-10
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("shape", [(37, 53), (16, 3, 3, 5), (5, 1)], ids=str)
+def test_weight_round_trip_within_the_format_bound(fmt, shape):
+    w = torch.randn(shape, dtype=torch.float64) * torch.rand(shape[0], *[1] * (len(shape) - 1)) * 3
+    w[0] = 0  # an all-zero channel must not divide by zero
+    q, scale = quantize_weight(w, fmt)
+    assert q.dtype == (torch.int8 if fmt == "int8" else torch.float8_e4m3fn) and scale.shape == (shape[0],)
+    err = (dequantize(q, scale, torch.float64) - w).abs()
+    assert (err <= _elementwise_bound(w, fmt) * (1 + 1e-6) + 1e-12).all()
+    assert (dequantize(q, scale)[0] == 0).all()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_linear_output_error_within_derived_bound(fmt):
+    """|y_q - y|_j <= sum_k bound_jk |x_k| (triangle inequality over the weight errors), and the relative
+    Frobenius error is near its expected size for Gaussian weights (int8: amax/(254 sqrt 3 rms) ~ 0.8%)."""
+    lin = nn.Linear(96, 40)
+    x = torch.randn(7, 96)
+    holder = nn.Sequential(copy.deepcopy(lin))
+    assert quantize_frozen_(holder, fmt) == ["0"]
+    q = holder[0]
+    assert isinstance(q, QuantLinear)
+    y, yq = lin(x), q(x)
+    bound = x.abs() @ _elementwise_bound(lin.weight.detach(), fmt).t()
+    assert ((yq - y).abs() <= bound * (1 + 1e-4) + 1e-5).all()
+    rel = ((yq - y).norm() / y.norm()).item()
+    assert rel < (0.02 if fmt == "int8" else 0.06), rel
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_conv_layers_and_bytes(fmt):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 6, 3, groups=2, bias=False),
+                          nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"))
+    ref = copy.deepcopy(model)
+    names = quantize_frozen_(model, fmt)
+    assert names == ["0", "2"]  # a reflect-padded conv pads in its own forward: left alone
+    assert isinstance(model[0], QuantConv) and isinstance(model[2], QuantConv) and model[3] is not ref[3]
+    x, s = torch.randn(2, 3, 9, 7), torch.randn(3, 4, 11)
+    for a, b, inp in ((model[0], ref[0], x), (model[2], ref[2], s)):
+        y, yq = b(inp), a(inp)
+        assert yq.shape == y.shape
+        assert ((yq - y).norm() / y.norm()).item() < (0.02 if fmt == "int8" else 0.06)
+    nbytes = quantized_bytes(model)
+    n_weights = ref[0].weight.numel() + ref[2].weight.numel()
+    assert nbytes["weights"] == n_weights  # one byte a weight
+    assert nbytes["scales"] == 4 * (8 + 6)  # one fp32 scale per output channel
+
+
+def test_user_layers_are_not_edited_and_half_inputs_work():
+    model = cnn_classifier(width=8)
+    copy_ = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize_frozen_(copy_, "int8", filter=lambda name, m: name.startswith("features"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert isinstance(copy_.fc, nn.Linear) and isinstance(copy_.features[0][0], QuantConv)
+    copy_.eval().half()
+    out = copy_(torch.rand(2, 3, 16, 16).half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_refusals_name_the_value():
+    with pytest.raises(FreezeError, match="'int4'"):
+        quantize_frozen_(nn.Sequential(nn.Linear(2, 2)), "int4")
+    with pytest.raises(FreezeError, match="bare Linear"):
+        quantize_frozen_(nn.Linear(2, 2))
+
+
+def test_yolo_frozen_backbone_int8_keeps_outputs_close():
+    torch.manual_seed(0)
+    model = yolov5("n").eval()
+    q = copy.deepcopy(model)
+    for i in range(10):
+        quantize_frozen_(q.model[i], "int8")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref, out = model(x)[0], q(x)[0]
+    assert ((out - ref).norm() / ref.norm()).item() < 0.02
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg), lambda m: m.model.layers
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=6, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg), lambda m: m.transformer.h
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("fmt,tol", [("int8", 0.03), ("fp8", 0.1)])
+def test_transformer_first_two_thirds_quantized(build, fmt, tol):
+    torch.manual_seed(0)
+    model, layers = build()
+    model.eval()
+    q = copy.deepcopy(model)
+    names = [n for layer in layers(q)[:4] for n in quantize_frozen_(layer, fmt)]
+    assert len(names) >= 16
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        ref, out = model(ids).logits, q(ids).logits
+    assert ((out - ref).norm() / ref.norm()).item() < tol
+    frozen_fp32 = sum(p.numel() * 4 for layer in layers(model)[:4] for p in layer.parameters() if p.dim() == 2)
+    qb = sum(quantized_bytes(layer)["weights"] for layer in layers(q)[:4])
+    assert qb * 4 == frozen_fp32  # the frozen matrices at one byte a weight
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_cuda_hardware_matmul_close_to_dequantized(fmt):
+    lin = nn.Linear(256, 128).cuda()
+    holder = nn.Sequential(copy.deepcopy(lin))
+    quantize_frozen_(holder, fmt)
+    q = holder[0]
+    x = torch.randn(64, 256, device="cuda")
+    ref = lin(x)
+    hw = q(x)
+    q.compute = "dequantize"
+    deq = q(x)
+    # the hardware path also quantizes the activations per row: at most about twice the weight-only error
+    tol = 0.03 if fmt == "int8" else 0.12
+    assert ((hw - ref).norm() / ref.norm()).item() < tol
+    assert ((deq - ref).norm() / ref.norm()).item() < tol / 2
