@@ -55,15 +55,13 @@ for _tag, _name in enumerate(
     if isinstance(getattr(torch, _name, None), torch.dtype):
         _DTYPE_TAGS[getattr(torch, _name)] = _tag
 
-# Codec name -> store dtype; element codes shared with csrc/common.h (enum Elem).
-CODECS: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp8": torch.uint8,
-}
-_CODEC_ELEM = {"fp32": 0, "fp16": 1, "bf16": 2, "fp8": 3}
-_IO_ELEM = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Codec name -> store dtype, and the element codes shared with csrc/common.h (enum Elem): read from the one codec
+# table (freezert/cache/codecs.py, a leaf module).
+from .cache.codecs import CODECS as _CODEC_TABLE  # noqa: E402
+from .cache.codecs import IO_ELEM as _IO_ELEM  # noqa: E402
+
+CODECS: dict[str, torch.dtype] = {name: c.store for name, c in _CODEC_TABLE.items()}
+_CODEC_ELEM = {name: c.elem for name, c in _CODEC_TABLE.items()}
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,6 +34,15 @@ def _cache(codec="fp16", where="host", budget="1MiB", path=None, **kw) -> Featur
     return c
 
 
+def _flip(cache: FeatureCache, key: int, offset: int, mask: int) -> None:
+    """XORs one byte of ``key``'s disk record (offset within the record) in its slab file."""
+    ti, codec, slot, _ = cache._index[key]
+    slab = cache._tiers[ti].slabs[codec]
+    pos = slot * slab.rec + offset
+    b = os.pread(slab.fd, 1, pos)
+    os.pwrite(slab.fd, bytes([b[0] ^ mask]), pos)
+
+
 def _take(rows: list[torch.Tensor], idx) -> list[torch.Tensor]:
     idx = torch.as_tensor(idx)
     return [r[idx] for r in rows]
@@ -176,7 +185,8 @@ def test_unbound_cache_and_argument_validation():
 
 def test_sample_larger_than_every_budget_is_refused():
     c = FeatureCache("fp16", "auto", budget=40, host_budget=40, disk_budget=60)
-    with pytest.raises(CacheError, match=r"cannot hold a sample.*44 B.*'fp16'.*device 40 B, host 40 B, disk 60 B"):
+    with pytest.raises(CacheError, match=r"cannot hold a sample.*'fp16'.*device: 44 B per sample, budget 40 B, host: 44 B per sample, budget 40 B, "
+                       r"disk: 72 B per sample, budget 60 B"):
         c.bind(FP, LAYOUT, "cpu")
     assert c.fingerprint is None  # nothing half-bound
     FeatureCache("fp8", "host", budget=40).bind(FP, LAYOUT, "cpu")  # 30 bytes a row in fp8: fits
@@ -372,11 +382,11 @@ def test_disk_store_persists_across_processes(tmp_path):
     store = tmp_path / "persist"
     assert _worker("write", store, 9) == {"rows": 9}
     head = json.loads((store / "header.json").read_text())
-    assert head["fingerprint"] == "feedc0de00000001" and head["codec"] == "fp32" and head["version"] == 1
+    assert head["fingerprint"] == "feedc0de00000001" and head["codec"] == "fp32" and head["version"] == 2
     out = _worker("read", store, 9)
     assert out["hits"] == [True] * 9 + [False] and out["max_err"] == 0.0 and out["corrupt"] == 0
     # corrupt one record's payload and truncate the data file: detected in a fresh process, never returned
-    data, rec = store / "slab_fp32.bin", 16 + 22 * 4  # an fp32 record: checksum, key, 22 floats
+    data, rec = store / "slab_fp32.bin", 24 + 22 * 4  # an fp32 record: checksum, key, content, 22 floats
     raw = bytearray(data.read_bytes())
     raw[3 * rec + 40] ^= 0xFF  # a payload byte of record 3
     data.write_bytes(bytes(raw[: 7 * rec + 50]))  # record 7 cut in half, record 8 gone
@@ -389,17 +399,15 @@ def test_flipped_bytes_are_detected_and_recomputed(tmp_path):
     c = _cache("fp16", "disk", path=tmp_path / "flip")
     x = _rows(5, seed=7)
     c.put(torch.arange(5), x)
-    slab = c._tiers[0].slabs["fp16"]
-    slot = c._index[2][2]
-    slab.view[slot, 16 + 10] ^= 0x10  # a payload bit of key 2
-    slab.view[c._index[4][2], 9] ^= 0x01  # the stored key of key 4
+    _flip(c, 2, 24 + 10, 0x10)  # a payload bit of key 2
+    _flip(c, 4, 9, 0x01)  # the stored key of key 4
     assert c.lookup(torch.arange(5)).tolist() == [True, True, False, True, False]
     assert c.stats()["corrupt"] == 2 and len(c) == 3
     c.put(torch.tensor([2, 4]), _take(x, [2, 4]))  # the wrapper recomputes the misses
     got = c.get(torch.arange(5), "cpu")
     assert all(torch.equal(g, t.half().float()) for g, t in zip(got, x))
     # get() without a verifying lookup: a bad record raises _Recompute naming the key, returns nothing
-    slab.view[c._index[1][2], 20] ^= 0x40
+    _flip(c, 1, 20, 0x40)  # its content field
     c.lookup(torch.tensor([99]))  # a new batch: the records verified by the last lookup are released
     with pytest.raises(_Recompute, match="failed their checksum") as e:
         c.get(torch.tensor([0, 1]), "cpu")
@@ -411,7 +419,7 @@ def test_truncated_while_open_does_not_crash(tmp_path):
     c = _cache("fp32", "disk", path=tmp_path / "trunc")
     c.put(torch.arange(20), _rows(20))
     c.flush()
-    os.truncate(tmp_path / "trunc" / "slab_fp32.bin", 5 * (16 + 22 * 4))
+    os.truncate(tmp_path / "trunc" / "slab_fp32.bin", 5 * (24 + 22 * 4))
     hit = c.lookup(torch.arange(20))
     assert hit[:5].all() and not hit[5:].any() and c.stats()["corrupt"] == 15
     assert torch.equal(c.get(torch.arange(5), "cpu")[0], _rows(20)[0][:5])
@@ -485,6 +493,7 @@ def test_save_load_disk_cache_opens_in_place(tmp_path):
     before = c.get(torch.arange(4), "cpu")
     c.save(tmp_path / "d2")
     c.save(tmp_path / "d1")  # its own directory: a flush
+    c.close()  # one writer per directory: loading d1 in place opens it for writing
     for p in ("d1", "d2"):
         loaded = FeatureCache.load(tmp_path / p)
         assert loaded.where == "disk" and loaded.fingerprint == FP and len(loaded) == 4

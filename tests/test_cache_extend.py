@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -117,7 +118,8 @@ def test_extension_drops_bad_records_instead_of_carrying_them(yolo, tmp_path):
         fm(x)
         cache.flush()
         slab = cache._tier("disk").slabs["fp32"]
-        slab.view[1, 64] ^= 0x5A  # one payload byte of the second record
+        pos = slab.rec + 64  # one payload byte of the second record
+        os.pwrite(slab.fd, bytes([os.pread(slab.fd, 1, pos)[0] ^ 0x5A]), pos)
         fm.set_freeze(10)
         ref = copy.deepcopy(yolo).eval()
         out = fm(x)

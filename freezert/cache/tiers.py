@@ -1,0 +1,221 @@
+"""Memory tiers: size parsing and budgets, slot allocation, and slabs of encoded rows in device or host memory."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+import torch
+
+from .. import _native
+from .._errors import CacheError
+from .codecs import CODECS
+
+__all__ = ["MemSlab", "Slab", "Tier", "available_ram", "fmt_bytes", "parse_bytes"]
+
+TIERS = ("device", "host", "disk")
+WHERE = {"auto": ("device", "host", "disk"), "cuda": ("device",), "host": ("host",), "disk": ("disk",)}
+MAX_BYTES = 2**62  # larger than any machine's memory or disk; a bigger number is a typo, not a budget
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(name: str, value: Any, *, allow_none: bool = False) -> float:
+    """Bytes from an int or a string like '20GiB'; math.inf for None (where allowed) or 'unlimited'."""
+    if value is None and allow_none:
+        return math.inf
+    if isinstance(value, str) and value.strip().lower() in ("unlimited", "inf", "none") and allow_none:
+        return math.inf
+    n = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) or math.isfinite(value):
+            n = int(value)  # exact for ints of any length (float() of 10**400 would overflow)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)(?:\.(\d*))?\s*([a-zA-Z]*)\s*|\s*\.(\d+)\s*([a-zA-Z]*)\s*", value)
+        if m:
+            whole, frac, unit = (m.group(1), m.group(2), m.group(3)) if m.group(1) else ("0", m.group(4), m.group(5))
+            if unit.lower() in _UNITS and len(whole) <= 30:  # no float overflow: at most 30 digits before scaling
+                n = int(float(f"{whole}.{frac or 0}") * _UNITS[unit.lower()])
+            elif unit.lower() in _UNITS:
+                n = MAX_BYTES + 1
+    extra = " or None (unlimited)" if allow_none else ""
+    if n is not None and n > MAX_BYTES:
+        raise CacheError(
+            f"{name}={_short(value)} is more than 2**62 bytes, larger than any machine; pass a real size like "
+            f"'20GiB'{extra}"
+        )
+    if n is not None and n >= 0:
+        return float(n)
+    raise CacheError(
+        f"{name}={_short(value)} is not a size; pass a non-negative int of bytes or a string like '20GiB', "
+        f"'512MiB', '1.5GB'{extra}"
+    )
+
+
+def _short(value: Any) -> str:
+    r = repr(value)
+    return r if len(r) <= 40 else f"{r[:20]}...{r[-8:]} ({len(r)} characters)"
+
+
+def available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def fmt_bytes(n: float) -> str:
+    if n == math.inf:
+        return "unlimited"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class Tier:
+    """One tier's budget and accounting, and its slabs (the main codec, and the fp32 escape when used)."""
+
+    def __init__(self, name: str, budget: float):
+        self.name, self.budget = name, budget
+        self.used = 0  # bytes of rows stored
+        self.rows = 0
+        self.slabs: dict[str, Any] = {}
+        self.readonly = False  # a disk tier whose directory cannot be written: serves rows, stores none
+
+    def fits(self, nbytes: int) -> bool:
+        return not self.readonly and self.used + nbytes <= self.budget
+
+
+class Slab:
+    """Slot allocation shared by memory and disk slabs."""
+
+    def __init__(self, codec: str, dims: list[int]):
+        self.codec = codec
+        self.dims = dims
+        self.free: list[int] = []
+        self.top = 0  # slots ever handed out (high-water mark)
+
+    def alloc(self) -> int:
+        if self.free:
+            return self.free.pop()
+        self.top += 1
+        return self.top - 1
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def reset(self) -> None:
+        self.free, self.top = [], 0
+
+
+class MemSlab(Slab):
+    """Rows in tensors (cap, D_i) of the codec's store dtype (+ float32 scales (cap,) for fp8)."""
+
+    def __init__(self, codec: str, dims: list[int], device: torch.device, pinned: bool, max_slots: int):
+        super().__init__(codec, dims)
+        self.device, self.pinned, self.max_slots = device, pinned, max(1, max_slots)
+        self.cap = 0
+        self.stores: list[torch.Tensor] = []
+        self.scales: list[torch.Tensor | None] = []
+        # A GPU gather of a pinned store runs after decode() returns; torch's pinned allocator does not know
+        # the kernel reads the block. The CPU waits on this event before it frees or rewrites the store.
+        self._reading: Any = None
+        self._alloc_tensors(0)
+
+    def _wait_reads(self) -> None:
+        if self._reading is not None:
+            self._reading.synchronize()
+            self._reading = None
+
+    def _new(self, n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty((n, d) if d >= 0 else (n,), dtype=dtype, device=self.device)
+        return t.pin_memory() if self.pinned and n else t
+
+    def _alloc_tensors(self, cap: int) -> None:
+        self._wait_reads()
+        old_s, old_c, n = self.stores, self.scales, min(self.cap, cap, self.top)
+        c = CODECS[self.codec]
+        self.stores = [self._new(cap, d, c.store) for d in self.dims]
+        self.scales = [self._new(cap, -1, torch.float32) if c.scaled else None for _ in self.dims]
+        for i in range(len(old_s) if n else 0):
+            self.stores[i][:n].copy_(old_s[i][:n])
+            if old_c[i] is not None:
+                self.scales[i][:n].copy_(old_c[i][:n])
+        self.cap = cap
+
+    def ensure(self, slots_needed: int) -> None:
+        if slots_needed > self.cap:
+            self._alloc_tensors(max(slots_needed, min(self.max_slots, max(2 * self.cap, 16))))
+
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.stores) + sum(
+            c.numel() * 4 for c in self.scales if c is not None
+        )
+
+    def move(self, device: torch.device, pinned: bool) -> None:
+        self._wait_reads()
+        self.device, self.pinned = device, pinned
+        self.stores = [s.to(device) for s in self.stores]
+        self.scales = [c.to(device) if c is not None else None for c in self.scales]
+        if pinned:
+            self.stores = [s.pin_memory() if s.numel() else s for s in self.stores]
+            self.scales = [c.pin_memory() if c is not None and c.numel() else c for c in self.scales]
+
+    def free_memory(self) -> None:
+        self.reset()
+        self._alloc_tensors(0)
+
+    def encode(self, slots: list[int], src: list[torch.Tensor]) -> None:
+        """Encodes float rows src[i] (n, D_i) into the given slots."""
+        self.ensure(max(slots) + 1)
+        for i, x in enumerate(src):
+            store, sc = self.stores[i], self.scales[i]
+            if x.device == store.device:
+                pass
+            elif not (x.device.type == "cuda" and store.device.type == "cpu" and store.is_pinned()):
+                x = x.to(store.device)
+            if x.device.type == "cpu":  # written by the CPU, not in stream order after a pending GPU gather
+                self._wait_reads()
+            idx = torch.tensor(slots, dtype=torch.int64).to(x.device)
+            _native.encode_scatter(x.contiguous(), idx, store, sc, self.codec)
+            if x.device.type == "cuda" and store.device.type == "cpu":
+                torch.cuda.current_stream(x.device).synchronize()  # the CPU may read the pinned store next
+
+    def decode(self, slots: list[int], outs: list[torch.Tensor]) -> None:
+        """outs[i] (n, D_i) float32/16/bf16 <- decoded rows."""
+        for i, out in enumerate(outs):
+            store, sc = self.stores[i], self.scales[i]
+            direct = store.device == out.device or (
+                out.device.type == "cuda" and store.device.type == "cpu" and store.is_pinned()
+            )
+            target = out if direct else torch.empty(out.shape, dtype=out.dtype, device=store.device)
+            idx = torch.tensor(slots, dtype=torch.int64).to(target.device)
+            _native.gather_decode(store, sc, idx, target, self.codec)
+            if target.device.type == "cuda" and store.device.type == "cpu":
+                self._reading = torch.cuda.current_stream(target.device).record_event()
+            if not direct:
+                out.copy_(target)
+
+    def read_raw(self, slots: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        idx = torch.tensor(slots, dtype=torch.int64).to(self.device)
+        return [s[idx].cpu() for s in self.stores], [c[idx].cpu() if c is not None else None for c in self.scales]
+
+    def write_raw(self, slots: list[int], payload: list[torch.Tensor], scales: list[torch.Tensor | None]) -> None:
+        self.ensure(max(slots) + 1)
+        self._wait_reads()
+        idx = torch.tensor(slots, dtype=torch.int64).to(self.device)
+        for i in range(len(self.dims)):
+            self.stores[i][idx] = payload[i].to(self.device)
+            if self.scales[i] is not None:
+                self.scales[i][idx] = scales[i].to(self.device)
