@@ -20,15 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_cache as bc  # noqa: E402
 
-from freezert.cli import CACHED, FLOOR, FREEZERT, _EncoderTask, _EpochVariant, _YoloTask  # noqa: E402
+from freezert.bench import CACHED, FLOOR, FREEZERT, EpochVariant  # noqa: E402
 
 
 def run(family: str, rounds: int) -> dict[str, float]:
-    args = bc._args(family)
-    torch.manual_seed(0)
-    task = (_YoloTask if family == "yolo" else _EncoderTask)(args, bc.DEVICE)
-    batches = [(s, task.batch(s)) for s in (slice(i * args.batch, (i + 1) * args.batch) for i in range(bc.STEPS))]
-    variants = {n: _EpochVariant(n, task, args, bc.DEVICE, batches) for n in (CACHED, FLOOR, FREEZERT)}
+    config, task, batches = bc.make_task(family)
+    variants = {n: EpochVariant(n, task, config, bc.DEVICE, batches) for n in (CACHED, FLOOR, FREEZERT)}
     for v in variants.values():
         v.step(None, None, task.warm)
         for i, (s, b) in enumerate(batches):  # the cached variant's fill epoch; a warm-up for the others

@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import gc
 import os
-import types
 
 import pytest
 import torch
 
-try:
-    import freezert.cache  # noqa: F401
-
-    _CACHE_ERR = None
-except ImportError as e:  # the storage class lands separately
-    _CACHE_ERR = str(e)
-
-from freezert.cli import CACHED, FLOOR, FREEZERT, _EncoderTask, _EpochVariant, _YoloTask
+from freezert.bench import (
+    CACHED,
+    FLOOR,
+    FREEZERT,
+    CacheConfig,
+    EncoderTask,
+    EpochVariant,
+    TrainConfig,
+    YoloTask,
+    epoch_batches,
+)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -34,8 +36,6 @@ if SCALE not in ("small", "paper"):
     raise ValueError(f"FREEZERT_BENCH_SCALE={SCALE!r}: use 'small' or 'paper'")
 if SCALE == "paper" and not CUDA:
     pytestmark = pytest.mark.skip(reason="FREEZERT_BENCH_SCALE=paper needs CUDA (BERT-base/yolov5m sizes)")
-elif _CACHE_ERR is not None:
-    pytestmark = pytest.mark.skip(reason=f"freezert.cache is not importable: {_CACHE_ERR}")
 
 STEPS = 4  # distinct batches in the dataset: the cached step cycles over stored rows, as an epoch does
 if SCALE == "paper":
@@ -49,35 +49,33 @@ else:
 FREEZE = {"yolo": 10, "encoder": 8}
 
 
-def _args(family: str) -> types.SimpleNamespace:
-    sizes = dict(seq_len=0, img=0)
-    sizes.update(YOLO if family == "yolo" else dict(model="encoder", **ENCODER))
-    return types.SimpleNamespace(
-        **sizes, freeze=FREEZE[family], dataset_size=STEPS * sizes["batch"], seed=0, bn="frozen",
-        channels_last=False, graphs=False, amp=False, codec="fp16", where="auto", ids=False,
-    )  # fmt: skip
+def make_task(family: str):
+    """(training config, task, one epoch's (slice, batch) pairs) at this file's sizes for ``family``."""
+    config = TrainConfig(freeze=FREEZE[family])
+    torch.manual_seed(0)
+    if family == "yolo":
+        task = YoloTask(**YOLO, dataset_size=STEPS * YOLO["batch"], freeze=config.freeze, device=DEVICE)
+    else:
+        task = EncoderTask(**ENCODER, dataset_size=STEPS * ENCODER["batch"], freeze=config.freeze, device=DEVICE)
+    batch = (YOLO if family == "yolo" else ENCODER)["batch"]
+    return config, task, epoch_batches(task, batch, STEPS * batch)
 
 
 @pytest.fixture(scope="module", params=["yolo", "encoder"])
 def setup(request):
-    family = request.param
-    args = _args(family)
-    torch.manual_seed(0)
-    task = _YoloTask(args, DEVICE) if family == "yolo" else _EncoderTask(args, DEVICE)
-    slices = [slice(i * args.batch, (i + 1) * args.batch) for i in range(STEPS)]
-    return family, args, task, [(s, task.batch(s)) for s in slices]
+    return (request.param, *make_task(request.param))
 
 
 @pytest.mark.parametrize("variant", [CACHED, FLOOR, FREEZERT])
 def test_cache_step(benchmark, setup, variant):
-    family, args, task, batches = setup
+    family, config, task, batches = setup
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
         torch.cuda.synchronize(DEVICE)
         base = torch.cuda.memory_allocated(DEVICE)
         torch.cuda.reset_peak_memory_stats(DEVICE)
-    v = _EpochVariant(variant, task, args, DEVICE, batches)
+    v = EpochVariant(variant, task, config, DEVICE, batches, CacheConfig())
     for _ in range(WARMUP):
         v.step(None, None, task.warm)
     if variant == CACHED:
@@ -94,7 +92,7 @@ def test_cache_step(benchmark, setup, variant):
     benchmark.group = f"cache-{family}-{SCALE}"
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     info = dict(
-        variant=variant, family=family, freeze=args.freeze, batch=args.batch, device=str(DEVICE),
+        variant=variant, family=family, freeze=config.freeze, batch=len(batches[0][1][0]), device=str(DEVICE),
         trainable_params=v.result.trainable,
         peak_mem_bytes=(torch.cuda.max_memory_allocated(DEVICE) - base) if CUDA else None,
         peak_mem_note="torch.cuda.max_memory_allocated less the resident dataset" if CUDA else "not measured on CPU",
@@ -103,7 +101,8 @@ def test_cache_step(benchmark, setup, variant):
         after = v.counters()
         info.update(hits=after["hits"] - filled["hits"], misses=after["misses"] - filled["misses"],
                     cache_bytes=v.fm.cache.stats()["bytes"])  # fmt: skip
-        assert info["misses"] == 0 and info["hits"] == (ROUNDS + 1) * args.batch  # every timed step was a hit
+        calls = next(it)  # steps taken: ROUNDS + 1 warm-up, or 1 under --benchmark-disable
+        assert info["misses"] == 0 and info["hits"] == calls * info["batch"]  # every timed step was a hit
     benchmark.extra_info.update(info)
     assert v.result.loss is not None and v.result.loss == v.result.loss
 
@@ -116,10 +115,8 @@ def test_deeper_freeze_epoch(benchmark, variant):
 
     import freezert
 
-    args = _args("yolo")
-    torch.manual_seed(0)
-    task = _YoloTask(args, DEVICE)
-    xs = [task.x[i * args.batch : (i + 1) * args.batch] for i in range(STEPS)]
+    _, task, batches = make_task("yolo")
+    xs = [b[0] for _, b in batches]
 
     def fresh():
         fm = freezert.wrap(copy.deepcopy(task.initial).to(DEVICE), freeze=6, cache="fp16").eval()
@@ -143,7 +140,7 @@ def test_deeper_freeze_epoch(benchmark, variant):
     benchmark.group = f"cache-deeper-{SCALE}"
     fm = benchmark.pedantic(epoch, setup=fresh, rounds=ROUNDS, iterations=1)
     st = fm.cache.stats()
-    n = STEPS * args.batch
+    n = sum(len(x) for x in xs)
     assert st["extended"] == (n if variant == "extend" else 0)
     assert st["misses"] == n  # extend: the fill at depth 6 only; refill: the new cache's fill at depth 10
     assert st["hits"] == (n if variant == "extend" else 0)

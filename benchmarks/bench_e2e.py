@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import gc
 import os
-import types
 
 import pytest
 import torch
 
-import freezert
-from freezert.cli import FREEZERT, FULL, NAIVE, _synthetic_batches, _Variant, build_model
+from freezert.bench import FREEZERT, FULL, NAIVE, TrainConfig, Variant, build_model, synthetic_batches
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -29,7 +27,6 @@ else:
     MODEL, IMG, BATCH, ROUNDS, WARMUP = "yolov5n", 128, 4, 10, 2
 FREEZE = 10
 
-pytestmark = pytest.mark.skipif(not hasattr(freezert, "wrap"), reason="freezert.wrap is not importable yet")
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +37,16 @@ def initial():
 
 @pytest.fixture(scope="module")
 def batch(initial):
-    return _synthetic_batches(initial, 1, BATCH, IMG, DEVICE)[0]
+    return synthetic_batches(initial, 1, BATCH, IMG, DEVICE)[0]
 
 
 @pytest.mark.parametrize("variant", [FULL, NAIVE, FREEZERT])
 def test_train_step(benchmark, initial, batch, variant):
-    args = types.SimpleNamespace(freeze=FREEZE, bn="frozen", channels_last=False, graphs=False, amp=False)
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(DEVICE)
-    v = _Variant(variant, initial, args, DEVICE)
+    v = Variant(variant, initial, TrainConfig(freeze=FREEZE), DEVICE)
     for _ in range(WARMUP):
         v.step(batch)
     benchmark.group = f"e2e-{MODEL}-{IMG}px-b{BATCH}"

@@ -1,88 +1,170 @@
-"""The command line, in-process at tiny sizes: inspect, demo and bench print the three variants and ratios."""
+"""The command line, in-process at tiny sizes: inspect on built-in and user models, demo and bench."""
 
 import json
+import sys
 
 import pytest
+import torch
+from torch import nn
 
-import freezert
-from freezert.cli import FREEZERT, FULL, NAIVE, main, naive_freeze, yolo_optimizer
-from freezert.models import yolov5
-
-# The core runtime (freezert.wrap) landed separately from the CLI; skip, rather than fail, where it is absent.
-needs_wrap = pytest.mark.skipif(
-    not (hasattr(freezert, "wrap") and hasattr(freezert, "inspect")),
-    reason="freezert.wrap/freezert.inspect are not importable yet (the core runtime has not landed)",
-)
+from freezert.bench import FREEZERT, FULL, NAIVE
+from freezert.cli import build_parser, main, parse_freeze
 
 TINY = ["--device", "cpu", "--model", "yolov5n", "--img", "64", "--batch", "1", "--warmup", "1", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # One thread: on a shared two-core machine two OpenMP threads can stall for seconds when another process runs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _rows(out: str) -> dict[str, str]:
     return {name: line for line in out.splitlines() for name in (FULL, NAIVE, FREEZERT) if line.startswith(name)}
 
 
-@needs_wrap
 def test_inspect_prints_the_cut(capsys):
     assert main(["inspect", "--model", "yolov5n", "--freeze", "10"]) == 0
     out = capsys.readouterr().out
     assert "25 blocks" in out and "boundary: 4, 6, 9" in out
 
 
-@needs_wrap
 @pytest.mark.parametrize("model,freeze", [("cnn", "2"), ("encoder", "3")])
 def test_inspect_other_models(capsys, model, freeze):
     assert main(["inspect", "--model", model, "--freeze", freeze]) == 0
     assert "frozen" in capsys.readouterr().out
 
 
-@needs_wrap
+@pytest.mark.parametrize(
+    "text,value",
+    [("10", 10), ("0.5", 0.5), ("model.3", "model.3"), ("0,1,2", [0, 1, 2]), ("model.1,model.2", ["model.1", "model.2"]),
+     ("3,", [3]), ("none", None)],
+)  # fmt: skip
+def test_parse_freeze_takes_every_form(text, value):
+    assert parse_freeze(text) == value
+
+
+def _frozen_rows(out: str) -> list[int]:
+    rows = [line.split() for line in out.splitlines()]
+    return [int(r[0]) for r in rows if len(r) > 4 and r[0].isdigit() and r[4] == "frozen"]
+
+
+@pytest.mark.parametrize(
+    "freeze,frozen",
+    [("0.2", [0, 1, 2, 3, 4]), ("model.3", [3]), ("0,1,2", [0, 1, 2]), ("model.1,model.2", [1, 2]), ("4,", [4])],
+)
+def test_inspect_accepts_every_freeze_form(capsys, freeze, frozen):
+    assert main(["inspect", "--model", "yolov5n", "--freeze", freeze]) == 0
+    out = capsys.readouterr().out
+    assert _frozen_rows(out) == frozen, out
+
+
 def test_inspect_bad_freeze_is_a_clean_error(capsys):
     assert main(["inspect", "--model", "cnn", "--freeze", "99"]) == 2
     assert "freezert:" in capsys.readouterr().err
+    assert main(["inspect", "--model", "yolov5n", "--freeze", "model.99"]) == 2
+    assert "matches no block" in capsys.readouterr().err
 
 
-@needs_wrap
-def test_demo_prints_three_variants_and_ratios(capsys, tmp_path):
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def tiny_factory() -> nn.Module:
+    return _Tiny()
+
+
+def test_inspect_user_factory(capsys, monkeypatch, tmp_path):
+    pkg = tmp_path / "mymodels.py"
+    pkg.write_text("from torch import nn\ndef build():\n    return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["inspect", "--model", "mymodels:build", "--freeze", "1"]) == 0  # found in the working directory
+    out = capsys.readouterr().out
+    assert "Sequential: 3 blocks" in out and _frozen_rows(out) == [0]
+    assert main(["inspect", "--model", f"{__name__}:tiny_factory", "--freeze", "layers.2"]) == 0
+    assert _frozen_rows(capsys.readouterr().out) == [2]
+
+
+def test_inspect_checkpoint(capsys, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), path)
+    assert main(["inspect", "--model", str(path), "--freeze", "0.5"]) == 0
+    assert _frozen_rows(capsys.readouterr().out) == [0]
+    yolo = tmp_path / "yolo.pt"
+    torch.save({"model": nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)), "epoch": 3}, yolo)
+    assert main(["inspect", "--model", str(yolo), "--freeze", "2"]) == 0  # Ultralytics' {"model": ...} layout
+    assert _frozen_rows(capsys.readouterr().out) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "model,match",
+    [("weights", "holds a state_dict"), ("nosuch.module:f", "cannot import"), ("yolov9", "neither a built-in")],
+)
+def test_inspect_bad_model_says_what_to_pass(tmp_path, model, match):
+    if model == "weights":
+        model = str(tmp_path / "w.pt")
+        torch.save(nn.Linear(2, 2).state_dict(), model)
+    with pytest.raises(SystemExit, match=match):
+        main(["inspect", "--model", model])
+
+
+def test_help_is_per_subcommand():
+    sub = build_parser()._subparsers._group_actions[0].choices
+    demo, bench, inspect = (sub[n].format_help() for n in ("demo", "bench", "inspect"))
+    assert "--cache" not in demo and "--repeats" not in demo and "bench" not in demo
+    assert "alternated step by step" in demo and "--budget" in demo
+    assert "--cache" in bench and "--budget" not in bench
+    assert "package.module:factory" in inspect and "--steps" not in inspect
+
+
+def test_demo_alternates_shows_spread_and_verdict(capsys, tmp_path):
     path = tmp_path / "demo.json"
     assert main(["demo", "--steps", "3", *TINY, "--json", str(path)]) == 0
     out = capsys.readouterr().out
     rows = _rows(out)
     assert set(rows) == {FULL, NAIVE, FREEZERT}
-    assert "time/naive" in out and "time/full" in out
+    assert "alternated step by step" in out and "IQR ms" in out and "time/naive" in out
     assert "1.00x" in rows[NAIVE] and "1.00x" in rows[FULL]
-    assert "not measured on CPU" in out
+    assert out.rstrip().splitlines()[-1].startswith("verdict: freezert is ")
     data = json.loads(path.read_text())
     v = data["variants"]
-    assert len(v[FREEZERT]["step_ms"]) == 3
+    assert len(v[FREEZERT]["step_ms"]) == 3 and v[FREEZERT]["q1_ms"] <= v[FREEZERT]["median_ms"] <= v[FREEZERT]["q3_ms"]
     assert v[FREEZERT]["trainable_params"] == v[NAIVE]["trainable_params"] < v[FULL]["trainable_params"]
     assert v[NAIVE]["time_vs_naive"] == pytest.approx(1.0)
+    assert 0 < v[NAIVE]["train_bytes"] < v[FULL]["train_bytes"]  # frozen blocks: no gradients, no optimizer state
+    assert data["verdict"].startswith("verdict:")
 
 
-@needs_wrap
 def test_bench_round_robin_and_json(capsys, tmp_path):
     path = tmp_path / "bench.json"
     assert main(["bench", "--steps", "1", "--repeats", "2", *TINY, "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert set(_rows(out)) == {FULL, NAIVE, FREEZERT}
-    assert "2 repeats x 1 steps" in out
+    assert "round-robin, 2 repeats x 1 steps" in out and "verdict:" in out
     data = json.loads(path.read_text())
     assert data["config"]["repeats"] == 2  # --cache has its own tests (tests/test_cli_cache.py)
     assert all(len(v["step_ms"]) == 2 for v in data["variants"].values())
 
 
-def test_naive_freeze_is_yolov5s_rule():
-    m = naive_freeze(yolov5("n", nc=2), 10)
-    frozen = {k.split(".")[1] for k, p in m.named_parameters() if not p.requires_grad}
-    assert frozen == {str(i) for i in range(10)}
-    # model.1. must not freeze model.11.+ (whole components)
-    assert all(p.requires_grad for k, p in m.named_parameters() if k.startswith("model.1") and len(k.split(".")[1]) == 2)
-    opt = yolo_optimizer(m)  # YOLOv5 hands every parameter, frozen ones included, to the optimizer
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
-    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 5e-4}
-    assert all(g["momentum"] == 0.937 and g["nesterov"] for g in opt.param_groups)
+def test_plot_without_matplotlib_fails_before_the_run(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    png = tmp_path / "demo.png"
+    assert main(["demo", "--steps", "50", *TINY, "--plot", str(png)]) == 2
+    captured = capsys.readouterr()
+    assert "freezert[plot]" in captured.err and "matplotlib" in captured.err
+    assert captured.out == "" and not png.exists()  # nothing ran
 
 
-def test_demo_rejects_non_detector(capsys):
+def test_demo_rejects_non_detector():
     with pytest.raises(SystemExit):
         main(["demo", "--model", "cnn"])
 
@@ -93,6 +175,6 @@ def test_demo_rejects_bad_sizes(bad):
         main(["demo", "--device", "cpu", "--quiet", *bad])
 
 
-def test_demo_freeze_everything_is_a_clean_error():
-    with pytest.raises(SystemExit, match="at most 24"):
-        main(["demo", "--freeze", "25", *TINY, "--steps", "1"])
+def test_demo_freeze_everything_is_a_clean_error(capsys):
+    assert main(["demo", "--freeze", "25", *TINY, "--steps", "1"]) == 2
+    assert "at most 24" in capsys.readouterr().err

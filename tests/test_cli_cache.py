@@ -5,16 +5,8 @@ import json
 import pytest
 import torch
 
-from freezert.cli import CACHE_VARIANTS, CACHED, FLOOR, FREEZERT, main
-
-try:
-    import freezert.cache  # noqa: F401
-
-    _CACHE_ERR = None
-except ImportError as e:  # the storage class lands separately from the CLI
-    _CACHE_ERR = str(e)
-
-pytestmark = pytest.mark.skipif(_CACHE_ERR is not None, reason=f"freezert.cache is not importable: {_CACHE_ERR}")
+from freezert.bench import CACHE_VARIANTS, CACHED, FLOOR, FREEZERT
+from freezert.cli import main
 
 # One thread: on a shared two-core machine two OpenMP threads stall for seconds whenever another process
 # holds a core.
@@ -86,7 +78,7 @@ def test_bench_cache_encoder_with_ids(capsys, tmp_path):
         (["--where", "cuda"], "CPU"),
         (["--dataset-size", "1"], "dataset-size"),
         (["--bn", "train"], "bn frozen"),
-        (["--freeze", "12"], "at most 11"),
+        (["--plot", "x.png"], "no plot"),
     ],
 )
 def test_bench_cache_rejects_bad_options(bad, match):
@@ -94,3 +86,8 @@ def test_bench_cache_rejects_bad_options(bad, match):
         pytest.skip("--where cuda is valid with a GPU")
     with pytest.raises(SystemExit, match=match):
         main([*ENCODER, *bad])  # the last --epochs wins
+
+
+def test_bench_cache_freeze_everything_is_a_clean_error(capsys):
+    assert main([*ENCODER, "--freeze", "12"]) == 2
+    assert "at most 11" in capsys.readouterr().err
