@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +71,9 @@ class SavedMeter:
 
     ``blocks`` (name -> module) attributes each storage to the innermost block running when it was first
     saved (``None`` outside every block); ``exclude`` tensors (parameters, buffers) are not counted.
-    Enter it outside any other saved-tensor hooks of interest: the innermost hooks see the saves.
+    ``.inputs`` / ``.outputs``: per block, bytes of its tensor inputs (what a checkpointed block keeps) and
+    autograd-tracked outputs (what a later block may have to save). Enter it outside other saved-tensor
+    hooks of interest: the innermost hooks see the saves.
     """
 
     def __init__(self, blocks: Mapping[str, nn.Module] | None = None, exclude: Iterable[torch.Tensor] = ()):
@@ -78,12 +81,22 @@ class SavedMeter:
         self._exclude = {_storage_key(t) for t in exclude}
         self._seen: dict[tuple[str, int], tuple[str | None, int]] = {}
         self._stack: list[str] = []
+        self._in: dict[str, dict] = {}
+        self._out: dict[str, dict] = {}
         self._handles: list[Any] = []
         self._hooks: contextlib.AbstractContextManager | None = None
 
     @property
     def total(self) -> int:
         return sum(n for _, n in self._seen.values())
+
+    @property
+    def inputs(self) -> dict[str, int]:
+        return {k: sum(v.values()) for k, v in self._in.items()}
+
+    @property
+    def outputs(self) -> dict[str, int]:
+        return {k: sum(v.values()) for k, v in self._out.items()}
 
     @property
     def per_block(self) -> dict[str | None, int]:
@@ -120,17 +133,20 @@ class SavedMeter:
     def _enter_block(self, name: str, mod: nn.Module):
         def hook(module, args, kwargs):
             self._stack.append(name)
-            if isinstance(module, _Checkpointed) and torch.is_grad_enabled():
+            if torch.is_grad_enabled():
+                _note(self._in.setdefault(name, {}), _tensors((args, kwargs)))
+            if (isinstance(module, _Checkpointed) or module in _CHECKPOINTING) and torch.is_grad_enabled():
                 # checkpoint keeps its inputs alive for the recompute (not through saved-tensor hooks)
                 for t in _tensors((args, kwargs)):
-                    if t.requires_grad or t.grad_fn is not None:
-                        self._count(t, name)
+                    self._count(t, name)
         return hook
 
     def _leave_block(self, name: str):
         def hook(module, args, output):
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
+            if torch.is_grad_enabled():
+                _note(self._out.setdefault(name, {}), _tracked(output))
         return hook
 
 
@@ -143,6 +159,15 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _tensors(v)
+
+
+def _note(seen: dict, ts: Iterable[torch.Tensor]) -> None:
+    for t in ts:
+        seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
+
+
+def _tracked(obj: Any) -> Iterator[torch.Tensor]:
+    return (t for t in _tensors(obj) if t.requires_grad or t.grad_fn is not None)
 
 
 def saved_bytes(fn: Callable[[], Any], *, exclude: Iterable[torch.Tensor] = (),
@@ -189,17 +214,19 @@ def forward_flops(fn: Callable[[], Any], blocks: Mapping[str, nn.Module]) -> dic
 
 def plan_recompute(saved: Mapping[str, int], budget: int | float | str, *,
                    cost: Mapping[str, float] | None = None, inputs: Mapping[str, int] | None = None,
-                   fixed: int = 0, resolution: int = 4096) -> set[str]:
+                   outputs: Mapping[str, int] | None = None, fixed: int = 0, resolution: int = 4096) -> set[str]:
     """Blocks to checkpoint so ``fixed + saved bytes <= budget`` at the least recomputation cost.
 
-    ``saved``: bytes each block saves; ``inputs``: bytes a checkpointed block still keeps (its inputs; 0 if
-    unknown); ``cost``: the block's forward cost (FLOPs; default its saved bytes). A 0/1 knapsack over bytes
-    rounded up to ``resolution`` steps, so the plan never exceeds the budget. Infeasible budgets raise.
+    ``saved``: bytes each block saves; ``inputs``: bytes a checkpointed block still keeps (its inputs);
+    ``outputs``: bytes a later block may have to save once this one no longer does (its outputs; a
+    conservative charge); ``cost``: the block's forward cost (FLOPs; default its saved bytes). A 0/1 knapsack
+    over bytes rounded up to ``resolution`` steps, so the plan never exceeds the budget. Infeasible budgets
+    raise a FreezeError that names the minimum.
     """
     budget_b = parse_bytes(budget)
-    inputs = inputs or {}
+    inputs, outputs = inputs or {}, outputs or {}
     cost = cost if cost is not None else {k: float(v) for k, v in saved.items()}
-    gain = {k: max(0, int(v) - int(inputs.get(k, 0))) for k, v in saved.items()}
+    gain = {k: max(0, int(v) - int(inputs.get(k, 0)) - int(outputs.get(k, 0))) for k, v in saved.items()}
     total = int(fixed) + sum(int(v) for v in saved.values())
     if total <= budget_b:
         return set()
@@ -229,6 +256,10 @@ def plan_recompute(saved: Mapping[str, int], budget: int | float | str, *,
             chosen.discard(names[i])
             b -= math.ceil(gain[names[i]] / unit)
     return chosen
+
+
+# the modules that run under checkpoint right now (``checkpointed``): a meter counts their kept inputs
+_CHECKPOINTING: weakref.WeakSet = weakref.WeakSet()
 
 
 class _Checkpointed(nn.Module):
@@ -291,8 +322,14 @@ def checkpointed(model: nn.Module, names: Iterable[str]) -> Iterator[nn.Module]:
         if name == "":
             raise FreezeError("the root module cannot be checkpointed in place; name its blocks instead")
         plan.append((name, _Checkpointed(mod)))
+    inner = [rep._inner for _, rep in plan]
     with swapped(model, plan):
-        yield model
+        _CHECKPOINTING.update(inner)
+        try:
+            yield model
+        finally:
+            for m in inner:
+                _CHECKPOINTING.discard(m)
 
 
 # --- the report -------------------------------------------------------------------------------------------
