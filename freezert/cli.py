@@ -335,31 +335,12 @@ def _run_cache(args) -> dict:
     print(bench.cache_summary(results, stats, ratios, family))
     bw = bench.host_bandwidth(device, args.codec)
     print(bench.bandwidth_line(bw, args.codec))
-    out: dict = {
-        "config": dict(
-            _config(args, device), family=family, epochs=args.epochs, dataset_size=args.dataset_size,
-            steps_per_epoch=steps, codec=args.codec, where=args.where, ids=bool(args.ids),
-            seq_len=args.seq_len if family == "encoder" else None,
-            encoder=task.sizes if family == "encoder" else None,
-        ),  # fmt: skip
-        "variants": {},
-        "ratios": ratios,
-        "cache_stats": bench.jsonable(stats),
-        "bandwidth": bw,
-    }
-    for name, r in results.items():
-        out["variants"][name] = {
-            "trainable_params": r.trainable,
-            "epoch1_median_step_ms": r.first_ms,
-            "epoch2plus_median_step_ms": r.rest_ms,
-            "epoch1_s": r.first_s,
-            "epoch2plus_median_s": r.rest_s,
-            "epochs": r.epochs,
-            "peak_bytes": r.peak_bytes,
-            "final_loss": r.loss,
-            "setup_s": r.setup_s,
-        }
-    return out
+    config = dict(
+        _config(args, device), family=family, epochs=args.epochs, dataset_size=args.dataset_size,
+        steps_per_epoch=steps, codec=args.codec, where=args.where, ids=bool(args.ids),
+        seq_len=args.seq_len if family == "encoder" else None, encoder=getattr(task, "sizes", None),
+    )  # fmt: skip
+    return bench.cache_results_json(results, stats, ratios, bw, config)
 
 
 # --- argument parsing -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from .cache_bench import (
 from .monitors import Monitors
 from .report import (
     bandwidth_line,
+    cache_results_json,
     cache_summary,
     format_cache_table,
     format_monitor_table,
@@ -81,6 +82,7 @@ __all__ = [
     "bandwidth_line",
     "build_model",
     "cache_ratios",
+    "cache_results_json",
     "cache_summary",
     "check_depth",
     "compare",

@@ -281,6 +281,26 @@ def cache_summary(results: dict[str, EpochResult], stats: dict | None, ratios: d
     return "\n".join(lines)
 
 
+def cache_results_json(results: dict[str, EpochResult], stats: dict | None, ratios: dict, bandwidth: dict,
+                       config: dict) -> dict:  # fmt: skip
+    """The cache benchmark as JSON-ready data: config, per-variant epochs, ratios, cache stats, bandwidth."""
+    out: dict = {"config": config, "variants": {}, "ratios": ratios, "cache_stats": jsonable(stats),
+                 "bandwidth": bandwidth}  # fmt: skip
+    for name, r in results.items():
+        out["variants"][name] = {
+            "trainable_params": r.trainable,
+            "epoch1_median_step_ms": r.first_ms,
+            "epoch2plus_median_step_ms": r.rest_ms,
+            "epoch1_s": r.first_s,
+            "epoch2plus_median_s": r.rest_s,
+            "epochs": r.epochs,
+            "peak_bytes": r.peak_bytes,
+            "final_loss": r.loss,
+            "setup_s": r.setup_s,
+        }
+    return out
+
+
 def bandwidth_line(bw: dict, codec: str) -> str:
     """The host-tier bandwidth check, in words (``bw`` from :func:`host_bandwidth`)."""
     if "skipped" in bw:
