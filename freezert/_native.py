@@ -320,7 +320,7 @@ def _splitmix64(x: int) -> int:
 
 
 def _hash_prepare(fn: str, x: Any, seed: Any) -> tuple[torch.Tensor, int, int, int]:
-    """Validates; returns (contiguous x, rows, bytes per row, mixed seed)."""
+    """Validates; returns (x, not yet made contiguous, rows, bytes per row, mixed seed)."""
     _check_tensor(fn, "x", x)
     if x.dim() == 0:
         raise _fail(f"{fn}: x is a 0-d tensor; pass at least one dimension of rows, e.g. x.reshape(1)")
@@ -339,12 +339,51 @@ def _hash_prepare(fn: str, x: Any, seed: Any) -> tuple[torch.Tensor, int, int, i
     s = _splitmix64(s ^ len(row_shape))
     for d in row_shape:
         s = _splitmix64(s ^ d)
-    x = x.resolve_conj().resolve_neg().contiguous()
+    x = x.detach().resolve_conj().resolve_neg()
     return x, int(x.shape[0]), math.prod(row_shape) * x.element_size(), s
 
 
+_HASH_CHUNK = 64 << 20  # bytes of a non-contiguous input copied at a time
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the standard strides (``contiguous()`` keeps any stride on a size-1 or empty dimension)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
+def _hash_rows_by_chunks(fn: str, x: torch.Tensor, seed: int, kernel) -> torch.Tensor:  # noqa: ANN001
+    """Runs ``kernel(dense x, rows, row_bytes, mixed seed)`` without materialising a broadcast ``x``: rows that
+    share their bytes (stride 0 on the batch dimension) are hashed once, other views a chunk of rows at a time."""
+    x, rows, row_bytes, s = _hash_prepare(fn, x, seed)
+    if rows > 1 and x.stride(0) == 0:  # every row is the same bytes (an expanded tensor)
+        return _hash_rows_by_chunks(fn, x[:1], seed, kernel).expand(rows).contiguous()
+    if x.is_contiguous():
+        return kernel(x, rows, row_bytes, s)
+    if row_bytes > _HASH_CHUNK and row_bytes > _available_bytes() // 2:
+        raise _fail(
+            f"{fn}: x is a non-contiguous view whose rows take {row_bytes} bytes each, more than half the free "
+            "memory, and hashing needs one row in memory at a time; hash a smaller view, or pass x.contiguous() "
+            "if it fits"
+        )
+    step = max(1, _HASH_CHUNK // max(row_bytes, 1))
+    parts = [kernel(_dense(x[lo : lo + step]), min(step, rows - lo), row_bytes, s) for lo in range(0, rows, step)]
+    return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+
+def _available_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
 def _row_bytes_cpu(x: torch.Tensor, rows: int, row_bytes: int) -> torch.Tensor:
-    return x.detach().cpu().reshape(-1).view(torch.uint8).reshape(rows, row_bytes)
+    if rows * row_bytes == 0:
+        return torch.zeros((rows, row_bytes), dtype=torch.uint8)
+    flat = x.detach().cpu().reshape(-1)
+    if flat.stride(0) != 1:  # a 1-element view keeps its odd stride through contiguous(); view(uint8) needs 1
+        flat = _dense(flat)
+    return flat.view(torch.uint8).reshape(rows, row_bytes)
 
 
 def _hash_numpy(b: Any, row_bytes: int, seed: int) -> Any:
@@ -384,7 +423,10 @@ def _hash_python(rows_of_bytes: list[bytes], row_bytes: int, seed: int) -> list[
 
 def hash_rows_reference(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     """Pure numpy (or, without numpy, pure Python) version of :func:`hash_rows`; same values."""
-    x, rows, row_bytes, s = _hash_prepare("hash_rows_reference", x, seed)
+    return _hash_rows_by_chunks("hash_rows_reference", x, seed, _hash_reference_kernel)
+
+
+def _hash_reference_kernel(x: torch.Tensor, rows: int, row_bytes: int, s: int) -> torch.Tensor:
     b = _row_bytes_cpu(x, rows, row_bytes)
     try:
         import numpy  # noqa: F401
@@ -400,9 +442,13 @@ def hash_rows(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     Per row: view the bytes as little-endian uint64 words w_i (zero-padded tail),
     ``h = sum_i splitmix64(w_i ^ i * 0x9E3779B97F4A7C15) mod 2**64``, then
     ``splitmix64(h ^ splitmix64(row_bytes ^ seed'))`` where seed' mixes ``seed``, the dtype
-    and the row shape. Identical on CPU and CUDA, across runs and processes.
+    and the row shape. Identical on CPU and CUDA, across runs and processes. A broadcast
+    (expanded) input is hashed without materialising it.
     """
-    x, rows, row_bytes, s = _hash_prepare("hash_rows", x, seed)
+    return _hash_rows_by_chunks("hash_rows", x, seed, _hash_kernel)
+
+
+def _hash_kernel(x: torch.Tensor, rows: int, row_bytes: int, s: int) -> torch.Tensor:
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
     if rows == 0:
         return out
@@ -413,7 +459,7 @@ def hash_rows(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
         with on_device(x):
             lib.hash_rows_cuda(x.data_ptr(), rows, row_bytes, s, out.data_ptr(), x.device.index, _stream(x.device))
         return out
-    return hash_rows_reference(x, seed=seed)
+    return _hash_reference_kernel(x, rows, row_bytes, s)
 
 
 # ---------------------------------------------------------------------------------------
@@ -444,8 +490,35 @@ def _validate_rows_call(fn: str, name: str, rows: Any, index: Any, store: Any, s
     host = _check_placement(fn, name, rows, index, store)
     if host:
         _check_host_scales(fn, scales, codec)
+    sc = [("scales", scales)] if codec == "fp8" else []
+    if written:  # gather: out is written, store/scales/index are read
+        _check_no_overlap(fn, [(name, rows)], [("store", store), ("index", index), *sc])
+    else:  # scatter: store and scales are written, src/index are read
+        _check_no_overlap(fn, [("store", store), *sc], [(name, rows), ("index", index)])
+        if sc:
+            _check_no_overlap(fn, [("store", store)], sc)
     _check_index_bounds(fn, index, store.shape[0], unique=not written)
     return host
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _check_no_overlap(fn: str, written: list, read: list) -> None:
+    """Refuses a written tensor sharing memory with another argument: the kernels read and write in parallel, so
+    an aliased call gives results that depend on thread timing (all are contiguous here: spans are exact)."""
+    for wn, w in written:
+        for rn, r in read:
+            if w.numel() == 0 or r.numel() == 0 or w.device.type != r.device.type:
+                continue
+            (a0, a1), (b0, b1) = _span(w), _span(r)
+            if a0 < b1 and b0 < a1:
+                raise _fail(
+                    f"{fn}: {wn} overlaps {rn} in memory (they share storage); the kernel would read what it "
+                    f"writes: pass separate tensors, e.g. {rn}.clone()"
+                )
 
 
 def _validate_scatter(src: Any, index: Any, store: Any, scales: Any, codec: Any) -> bool:
