@@ -743,13 +743,12 @@ class FeatureCache:
         limit = self.epoch_rows or _AUTO_EPOCH_ROWS
         out_of_room = self._counts["evictions"] or self._counts["skipped"] > self._counts["nonfinite"]
         if self._content_misses >= limit or (self.epoch_rows is None and out_of_room):
-            why = (f"{self._content_misses} rows" + (" (epoch_rows=)" if self.epoch_rows else "")
-                   + (", and it is full" if out_of_room else ""))  # fmt: skip
-            self._warn_once("no_reuse", f"freezert: the feature cache has computed and stored {why} without serving "
-                            "a single one: no input has arrived twice. With random augmentation every epoch's inputs "
-                            "differ, so their content keys never repeat and the cache only costs time and memory; "
-                            "cache un-augmented inputs (or pass cache_ids= to have changed inputs detected), or drop "
-                            "cache=. Pass FeatureCache(epoch_rows=len(dataset)) to time this check to your dataset")  # fmt: skip
+            full = ", and is now full" if out_of_room else ""
+            self._warn_once("no_reuse", f"freezert: the feature cache stored {self._content_misses} rows without "
+                            f"serving any{full}: no input has arrived twice. With random augmentation every epoch's "
+                            "inputs differ, so their content keys never repeat and the cache only costs time and "
+                            "memory; cache un-augmented inputs (or pass cache_ids= to have changed inputs detected), "
+                            "or drop cache=. Pass FeatureCache(epoch_rows=len(dataset)) to time this check to your dataset")  # fmt: skip
 
     def _warn_once(self, what: str, msg: str) -> None:
         if what not in self._warned:
