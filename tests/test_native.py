@@ -496,3 +496,70 @@ def test_cuda_fallback_warns_once_naming_the_fix():
         assert nat._native_cuda() is None
         assert nat._native_cuda() is None
     assert sum("freezert._C" in str(w.message) for w in rec) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# issue 10: aliased outputs, odd-strided views in the fallback, broadcast inputs
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("native", [True, False])
+def test_gather_into_its_own_store_is_refused(native, monkeypatch):
+    monkeypatch.setattr(nat, "_FORCE_REFERENCE", not native)
+    store = torch.tensor([[0.0], [3.0], [6.0], [9.0]])
+    with pytest.raises(NativeError, match=r"^gather_decode: out overlaps store in memory.*store.clone\(\)"):
+        nat.gather_decode(store, None, torch.tensor([3, 2, 1, 0]), store, "fp32")  # was [9, 6, 6, 9]
+    with pytest.raises(NativeError, match=r"out overlaps store"):
+        nat.gather_decode(store, None, torch.tensor([3, 2]), store[2:], "fp32")
+    out = nat.gather_decode(store, None, torch.tensor([3, 2, 1, 0]), torch.empty(4, 1), "fp32")
+    assert out.flatten().tolist() == [9.0, 6.0, 3.0, 0.0]
+    idx = torch.tensor([1, 0])
+    with pytest.raises(NativeError, match=r"out overlaps index"):  # out written over the index it reads
+        nat.gather_decode(torch.zeros(4, 2), None, idx, idx.view(torch.float32).view(2, 2), "fp32")
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_scatter_from_its_own_store_is_refused(codec):
+    store, scales = _store(6, 4, codec)
+    if codec == "fp32":
+        with pytest.raises(NativeError, match=r"^encode_scatter: store overlaps src in memory"):
+            nat.encode_scatter(store[:2], torch.tensor([3, 4]), store, scales, codec)
+    if codec == "fp8":
+        src = scales[:4].view(1, 4)  # the scales are written: reading them as rows would race
+        with pytest.raises(NativeError, match=r"^encode_scatter: scales overlaps src in memory"):
+            nat.encode_scatter(src, torch.tensor([5]), store, scales, codec)
+    src = torch.randn(2, 4)
+    nat.encode_scatter(src, torch.tensor([3, 4]), store, scales, codec)  # separate tensors: fine
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_hash_one_element_and_empty_strided_views(native, monkeypatch):
+    monkeypatch.setattr(nat, "_FORCE_REFERENCE", not native)
+    base = torch.arange(24.0).reshape(4, 6)
+    for v in (base[:, ::2][:1], base[::3, ::2][1:2], base[:, ::2][:0], base.t()[:1], base[:1, ::4][:, :1],
+              base[:, ::2][:, :0]):  # fmt: skip
+        assert torch.equal(nat.hash_rows(v), nat.hash_rows(v.clone(memory_format=torch.contiguous_format)))
+        assert torch.equal(nat.hash_rows_reference(v), nat.hash_rows_reference(v.contiguous().clone()))
+
+
+def test_hash_of_a_broadcast_input_does_not_materialise_it():
+    row = torch.randn(1, 2**16)
+    x = row.expand(2**22, 2**16)  # 1 TiB if it were copied
+    h = nat.hash_rows(x)
+    assert h.shape == (2**22,) and bool((h == nat.hash_rows(row)[0]).all())
+    assert torch.equal(nat.hash_rows_reference(row.expand(5, 2**16)), nat.hash_rows(row).expand(5))
+    inner = torch.randn(6, 1).expand(6, 3 * 2**20)  # broadcast inside each row: hashed a chunk of rows at a time
+    assert torch.equal(nat.hash_rows(inner), nat.hash_rows(inner.contiguous()))
+
+
+@pytest.mark.cuda
+def test_cuda_gather_and_scatter_refuse_overlap_and_pinned_host_gather_matches():
+    store = torch.tensor([[0.0], [3.0], [6.0], [9.0]], device="cuda")
+    with pytest.raises(NativeError, match="out overlaps store"):
+        nat.gather_decode(store, None, torch.tensor([3, 2, 1, 0], device="cuda"), store, "fp32")
+    with pytest.raises(NativeError, match="store overlaps src"):
+        nat.encode_scatter(store[:2], torch.tensor([2, 3], device="cuda"), store, None, "fp32")
+    host = store.cpu().pin_memory()
+    out = nat.gather_decode(host, None, torch.tensor([3, 2, 1, 0], device="cuda"), torch.empty(4, 1, device="cuda"),
+                            "fp32")  # fmt: skip
+    assert out.flatten().tolist() == [9.0, 6.0, 3.0, 0.0]
+    x = torch.randn(1, 300, device="cuda").expand(1000, 300)
+    assert torch.equal(nat.hash_rows(x).cpu(), nat.hash_rows(x.cpu().contiguous()))
