@@ -386,3 +386,62 @@ def test_deepcopy_of_a_wrapped_model_with_a_disk_cache(tmp_path):
     want = fm(x)
     twin = copy.deepcopy(fm)  # Ultralytics' EMA does this
     torch.testing.assert_close(twin(x), want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA: the same guarantees on the device tier, the pinned host tier read by the GPU, and a CUDA model's disk tier
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "fp8"])
+@pytest.mark.parametrize("where", ["cuda", "host"])
+def test_cuda_tiny_rows_keep_their_precision(codec, where):
+    c = FeatureCache(codec, where, "64MiB")
+    c.bind(FP, LAYOUT, "cuda")
+    x = [t.cuda() for t in _rows(6, seed=4)]
+    x[1] = x[1] * 1e-8
+    c.put(torch.arange(6), x)
+    hit, got = c.fetch(torch.arange(6), "cuda")
+    assert hit.all() and all(g.is_cuda for g in got)
+    if where == "host":
+        assert c._tiers[0].slabs[c.codec if not c.stats()["escaped"] else "fp32"].stores[0].is_pinned()
+    rel = {"fp16": 2**-11, "bf16": 2**-8, "fp8": 2**-4}[codec]
+    for g, t in zip(got, x):
+        amax = t.reshape(6, -1).abs().amax(1)
+        assert ((g - t).reshape(6, -1).abs() <= amax[:, None] * rel).all()
+    assert c.stats()["escaped_small"] == (6 if codec == "fp16" else 0)
+
+
+@pytest.mark.cuda
+def test_cuda_model_disk_tier_survives_a_truncated_slab(tmp_path):
+    code = """
+        import os, sys, torch
+        from freezert.cache import FeatureCache
+        lay = [((3, 5), torch.float32), ((7,), torch.float32)]
+        c = FeatureCache("fp32", "disk", 8 * 112, sys.argv[1])
+        c.bind("0123456789abcdef", lay, "cuda")
+        x = [torch.randn(8, 3, 5, device="cuda"), torch.randn(8, 7, device="cuda")]
+        c.put(torch.arange(8), x)
+        os.truncate(os.path.join(sys.argv[1], "slab_fp32.bin"), 0)
+        for step in range(1, 4):
+            c.put(torch.arange(8) + 100 * step, x)
+        hit, rows = c.fetch(torch.arange(8) + 300, "cuda")
+        assert hit.all() and rows[0].is_cuda and torch.equal(rows[0], x[0])
+        print("ok")
+    """
+    r = _run(code, str(tmp_path / "s"))
+    assert r.returncode == 0 and r.stdout.startswith("ok"), f"exit {r.returncode}: {r.stderr[-2000:]}"
+
+
+@pytest.mark.cuda
+def test_cuda_fetch_mixes_device_pinned_host_and_disk_rows(tmp_path):
+    rb = 22 * 2
+    c = FeatureCache("fp16", "auto", budget=3 * rb, host_budget=3 * rb, path=tmp_path / "d")
+    c.bind(FP, LAYOUT, "cuda")
+    x = [t.cuda() for t in _rows(9, seed=8)]
+    c.put(torch.arange(9), x)
+    assert c.stats()["rows_device"] == 3 and c.stats()["rows_host"] == 3 and c.stats()["rows_disk"] == 3
+    perm = torch.randperm(9)
+    hit, got = c.fetch(perm, "cuda")
+    assert hit.all()
+    for g, t in zip(got, x):
+        assert torch.equal(g, t[perm.cuda()].half().float())
