@@ -434,17 +434,29 @@ def _keep_eval(module: nn.Module, args: Any) -> None:
     module.training = False
 
 
+def _fix_bn(bn: _BatchNorm) -> None:
+    """Puts a frozen block's BatchNorm in eval mode and keeps it there through later ``.train()`` calls."""
+    if bn not in _FROZEN_BN:
+        _FROZEN_BN[bn] = bn.register_forward_pre_hook(_keep_eval)
+    bn.eval()
+
+
+def _release_bn(bn: _BatchNorm, training: bool) -> None:
+    """Undoes ``_fix_bn``: the BatchNorm follows ``training`` (its model's mode) again."""
+    hook = _FROZEN_BN.pop(bn, None)
+    if hook is not None:
+        hook.remove()
+        bn.train(training)
+
+
 def _set_frozen_bns(target: nn.Module, blocks: list[tuple[str, nn.Module]], frozen: tuple[int, ...], train_bn: bool):
     """Frozen blocks' BatchNorms stop updating running statistics (eval mode) unless ``train_bn``."""
     want: dict[int, _BatchNorm] = {} if train_bn else {id(b): b for i in frozen for b in _bns(blocks[i][1])}
     mine = {id(b) for _, m in blocks for b in _bns(m)}
     for bn in [b for b in list(_FROZEN_BN.keys()) if id(b) in mine and id(b) not in want]:
-        _FROZEN_BN.pop(bn).remove()
-        bn.train(target.training)
+        _release_bn(bn, target.training)
     for bn in want.values():
-        if bn not in _FROZEN_BN:
-            _FROZEN_BN[bn] = bn.register_forward_pre_hook(_keep_eval)
-        bn.eval()
+        _fix_bn(bn)
 
 
 def _frozen_now(target: Any, blocks: list[tuple[str, nn.Module]]) -> tuple[int, ...]:
