@@ -127,7 +127,7 @@ def _record(op: str, p: dict) -> list:
             weight = torch.empty(c, dtype=pdt, **meta).requires_grad_()
             bias = torch.empty(c, dtype=pdt, **meta).requires_grad_()
             rm, rv = torch.empty(c, dtype=pdt, **meta), torch.empty(c, dtype=pdt, **meta)
-            y = mod._BatchNormAct.apply(x, rm, rv, weight, bias, p["training"], 0.1, 1e-5, mod._act_code(p["act"]))
+            y, _, _ = mod._BatchNormAct.apply(x, rm, rv, weight, bias, p["training"], 0.1, 1e-5, mod._act_code(p["act"]))
             y.backward(torch.empty_like(y))
         elif op == "layer_norm":
             x = torch.empty(p["m"], p["n"], dtype=dt, **meta).requires_grad_()

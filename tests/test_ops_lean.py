@@ -120,9 +120,10 @@ def test_layer_norm_lean_matches_eager(dtype, tol, shape, norm, affine):
 
 
 @pytest.mark.parametrize("dtype,tol", TOLS)
-@pytest.mark.parametrize("name", ["silu", "relu", "gelu", "gelu_tanh", "identity"])
+@pytest.mark.parametrize("name", ["silu", "relu", "relu6", "hardswish", "gelu", "gelu_tanh", "identity"])
 def test_activation_matches_eager(dtype, tol, name):
-    x = torch.randn(5, 17, dtype=dtype) * 3
+    x = torch.randn(5, 17, dtype=dtype) * 4
+    x[0, :6] = torch.tensor([-3.0, 3.0, 0.0, 6.0, -2.5, 5.5], dtype=dtype)  # the kinks of relu6 / hardswish
     xl, xr = _leaves(x, x)
     y, yr = activation(xl, name), activation_reference(xr, name)
     g = torch.randn(5, 17, dtype=dtype)
@@ -227,3 +228,49 @@ def test_gelu_fuses_only_on_the_lean_path():
     model = nn.Sequential(block, nn.Conv2d(4, 2, 1))
     assert [n for n, _ in plan_substitutions(model, impl="lean")] == ["0"]
     assert plan_substitutions(model) == []
+
+
+def test_standalone_activation_output_saved_as_recipe():
+    """fc2(gelu(fc1(x))): eager saves x, the GELU input and its output; lean saves the output as a recipe."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16), nn.SiLU(inplace=True), nn.Linear(16, 4))
+    ref = copy.deepcopy(mlp)
+    plan = plan_substitutions(mlp, impl="lean")
+    assert [n for n, _ in plan] == ["1"]  # the in-place SiLU already shares its storage with the next save
+    x = torch.randn(8, 16, dtype=torch.float32)
+    params = [*mlp.parameters(), *ref.parameters()]
+
+    def lean():
+        with swapped(mlp, plan):
+            mlp(x).square().mean().backward()
+
+    ours = saved_bytes(lean, exclude=params)
+    base = saved_bytes(lambda: ref(x).square().mean().backward(), exclude=params)
+    assert base - ours == 8 * 64 * 4  # the GELU output
+    for a, b in zip(mlp.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_torchvision_conv_norm_activation_fuses():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.mobilenet_v2(num_classes=10, dropout=0.0).double()
+    model.features[:10].requires_grad_(False)
+    lean = copy.deepcopy(model)
+    frozen = [f"features.{i}" for i in range(10)]
+    plan = plan_substitutions(lean, skip=_frozen_skip(frozen), impl="lean")
+    assert sum(type(r).__name__ == "FusedConvBNAct" for _, r in plan) >= 10
+    x = torch.rand(4, 3, 48, 48, dtype=torch.float64)
+    exclude = [*model.parameters(), *model.buffers(), *lean.parameters(), *lean.buffers()]
+
+    def step_lean():
+        with swapped(lean, plan):
+            lean(x).square().mean().backward()
+
+    ours = saved_bytes(step_lean, exclude=exclude)
+    base = saved_bytes(lambda: model(x).square().mean().backward(), exclude=exclude)
+    assert ours < base
+    grads = [(a.grad, b.grad) for a, b in zip(lean.parameters(), model.parameters()) if b.grad is not None]
+    scale = max(b.abs().max().item() for _, b in grads)
+    for a, b in grads:
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * scale)

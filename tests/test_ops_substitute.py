@@ -190,3 +190,28 @@ def test_training_curve_matches_eager_cuda(dtype):
         curves.append(torch.tensor(losses))
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     torch.testing.assert_close(curves[1], curves[0], rtol=tol, atol=tol)
+
+
+def test_triton_path_stores_activations_as_recipes():
+    """The next conv's saved input becomes a recipe over the fused block's own saved input: fewer bytes,
+    gradients as eager's (the recipe reruns the same kernel, so the recomputed input is bit-identical)."""
+    needs_interpreter()
+    from freezert.memory import saved_bytes
+
+    torch.manual_seed(0)
+    model = Stack()
+    eager = copy.deepcopy(model)
+    plan = plan_substitutions(model)
+    x = torch.randn(2, 3, 9, 11)
+    params = [*model.parameters(), *model.buffers(), *eager.parameters(), *eager.buffers()]
+
+    def fused():
+        with swapped(model, plan):
+            model(x).square().mean().backward()
+
+    ours = saved_bytes(fused, exclude=params)
+    assert backend()["batch_norm_act"] == reg.INTERPRETER
+    base = saved_bytes(lambda: eager(x).square().mean().backward(), exclude=params)
+    assert ours <= 0.5 * base, (ours, base)
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)

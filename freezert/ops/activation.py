@@ -7,6 +7,7 @@ is as the recompute building block and the ``torch.compile``-friendly form), ``a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 
 from .._errors import FreezeError
 from . import _registry as reg
+from .recompute import mark_recomputable
 
-ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh", "identity")
+ACTIVATIONS = ("silu", "relu", "relu6", "hardswish", "gelu", "gelu_tanh", "identity")
 
 
 def check_activation(name: str | None) -> str:
@@ -32,6 +34,10 @@ def act_forward(z: torch.Tensor, name: str) -> torch.Tensor:
         return F.silu(z)
     if name == "relu":
         return F.relu(z)
+    if name == "relu6":
+        return F.relu6(z)
+    if name == "hardswish":
+        return F.hardswish(z)
     if name == "gelu":
         return F.gelu(z)
     if name == "gelu_tanh":
@@ -46,6 +52,10 @@ def act_backward(z: torch.Tensor, dy: torch.Tensor, name: str) -> torch.Tensor:
         return dy * (s * (1 + z * (1 - s)))
     if name == "relu":
         return torch.where(z > 0, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+    if name == "relu6":  # hardtanh's convention: no gradient at the kinks
+        return torch.where((z > 0) & (z < 6), dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+    if name == "hardswish":  # torch's hardswish_backward: 0 up to -3, x/3 + 1/2 strictly between, 1 from 3 on
+        return dy * torch.where(z <= -3, torch.zeros_like(z), torch.where(z < 3, z / 3 + 0.5, torch.ones_like(z)))
     if name == "gelu":
         cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
         pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
@@ -77,7 +87,15 @@ def activation_reference(input: torch.Tensor, name: str | None = "silu") -> torc
 
 
 def activation(input: torch.Tensor, name: str | None = "silu") -> torch.Tensor:
-    """``act(input)`` as a plain-torch autograd Function that saves only the input (any device)."""
+    """``act(input)`` as a plain-torch autograd Function that saves only the input (any device).
+
+    Inside ``ops.recompute_saved()`` a later op that saves the output stores a recipe over the input instead
+    (eager keeps both: e.g. ``fc2(gelu(fc1(x)))`` saves the GELU input and its output).
+    """
     name = check_activation(name)
     reg.record("activation", reg.LEAN)
-    return _Activation.apply(input, name)
+    return mark_recomputable(_Activation.apply(input, name), functools.partial(_value, name=name), input)
+
+
+def _value(x: torch.Tensor, *, name: str) -> torch.Tensor:
+    return act_forward(x, name)

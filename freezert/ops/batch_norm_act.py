@@ -282,6 +282,19 @@ def _like(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, dtype=g.dtype).copy_(g)
 
 
+def _triton_value(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | None,
+                  bias: torch.Tensor | None, *, act: int, geo: _Geometry | None = None) -> torch.Tensor:
+    """The forward kernel's ``act(bn(x))`` from saved statistics: the Triton forward and its recompute recipe."""
+    k = _kernels()
+    geo = geo or _Geometry(x)
+    w = weight if weight is not None else torch.ones(geo.C, device=x.device, dtype=torch.float32)
+    b = bias if bias is not None else torch.zeros(geo.C, device=x.device, dtype=torch.float32)
+    y = reg.empty_like(x)
+    with reg.on_device(x):
+        k.forward[(geo.grid_c, geo.K)](x, y, mean, invstd, w, b, *geo.args(), ACT=act, **geo.meta())
+    return y
+
+
 class _BatchNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, act):
@@ -309,15 +322,16 @@ class _BatchNormAct(torch.autograd.Function):
             # copies: the running buffers may change in place before backward runs
             mean = running_mean.detach().to(torch.float32, copy=True)
             invstd = torch.rsqrt(running_var.detach().float() + eps)
-        y = reg.empty_like(x)
-        k.forward[(geo.grid_c, geo.K)](x, y, mean, invstd, w, b, *geo.args(), ACT=act, **geo.meta())
+        y = _triton_value(x, mean, invstd, weight, bias, act=act, geo=geo)
         ctx.save_for_backward(x, mean, invstd, w, b)
         ctx.training, ctx.act = training, act
         ctx.has_w, ctx.has_b = weight is not None, bias is not None
-        return y
+        # (mean, invstd) go out too: with them a later save of y can be a recipe (ops.recompute)
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _dmean=None, _dinvstd=None):
         k = _kernels()
         x, mean, invstd, w, b = ctx.saved_tensors
         geo = _Geometry(x)
@@ -485,6 +499,9 @@ def batch_norm_act(
                                        training, momentum, eps, activation)
         return batch_norm_act_reference(input, running_mean, running_var, weight, bias,
                                         training, momentum, eps, activation)
-    with reg.on_device(input):
-        return _BatchNormAct.apply(input, running_mean, running_var, weight, bias,
-                                   bool(training), float(momentum), float(eps), act)
+    x = _dense(input)
+    with reg.on_device(x):
+        y, mean, invstd = _BatchNormAct.apply(x, running_mean, running_var, weight, bias,
+                                              bool(training), float(momentum), float(eps), act)
+    # inside ops.recompute_saved(), a later op saving y stores a recipe: the same kernel on the saved input
+    return mark_recomputable(y, functools.partial(_triton_value, act=act), x, mean, invstd, weight, bias)

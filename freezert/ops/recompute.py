@@ -25,8 +25,11 @@ def _compiling() -> bool:
         return False
 
 
-def mark_recomputable(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-    """Record that ``out == fn(*args)`` so a later save of ``out`` can store the recipe; returns ``out``."""
+def mark_recomputable(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: torch.Tensor | None) -> torch.Tensor:
+    """Record that ``out == fn(*args)`` (bit for bit) so a later save of ``out`` can store the recipe; returns ``out``.
+
+    ``args`` should be tensors autograd saves anyway (the op's own saved input and statistics): the recipe
+    then costs no memory of its own."""
     # only while autograd records (no_grad outputs are never saved) and outside torch.compile's tracing
     if out.requires_grad and torch.is_grad_enabled() and not _compiling():
         setattr(out, _ATTR, (fn, args))
@@ -48,13 +51,13 @@ def recompute_saved() -> Iterator[None]:
         recipe = t.__dict__.get(_ATTR) if hasattr(t, "__dict__") else None
         if recipe is not None:
             fn, args = recipe
-            return (_RECIPE, fn, tuple(opack(a) for a in args) if opack else args)
+            return (_RECIPE, fn, tuple(None if a is None else opack(a) for a in args) if opack else args)
         return opack(t) if opack else t
 
     def unpack(p):
         if isinstance(p, tuple) and len(p) == 3 and p[0] is _RECIPE:
             _, fn, args = p
-            return fn(*(tuple(ounpack(a) for a in args) if ounpack else args))
+            return fn(*(tuple(None if a is None else ounpack(a) for a in args) if ounpack else args))
         return ounpack(p) if ounpack else p
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from .._swap import Handle, apply_substitutions, restore  # noqa: F401 (re-exported)
 from .._swap import swapped as _swapped
 from . import _registry as reg
+from .activation import activation
 from .batch_norm_act import batch_norm_act
 from .layer_norm import layer_norm
 from .recompute import recompute_saved
@@ -26,10 +27,19 @@ _ACT_NAMES: dict[type, str] = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "i
 _TRITON_ACTS = ("silu", "relu", "identity")
 
 
+# the lean path only: the Triton kernels know silu / relu / identity
+_LEAN_ACT_NAMES: dict[type, str] = {nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}
+
+
 def _act_name(m: nn.Module) -> str | None:
-    if type(m) is nn.GELU:  # the lean path only: the Triton kernels know silu / relu / identity
+    if type(m) is nn.GELU:
         return "gelu" if m.approximate == "none" else "gelu_tanh"
-    return _ACT_NAMES.get(type(m))
+    return _ACT_NAMES.get(type(m)) or _LEAN_ACT_NAMES.get(type(m))
+
+
+def _sequential(m: nn.Module) -> bool:
+    # nn.Sequential itself, or a subclass that only names it (torchvision's Conv2dNormActivation)
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
 def _plain_bn(m: nn.Module) -> bool:
@@ -103,6 +113,23 @@ def _replacement(m: nn.Module, impl: str) -> nn.Module | None:
     return rep
 
 
+class LeanActivation(nn.Module):
+    """A standalone activation module through ``ops.activation``: its output, when a later layer saves it,
+    becomes a recipe over the input the activation saves anyway (lean path only)."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self._activation = _act_name(act)
+        self._impl = "lean"
+        self.training = act.training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return activation(x, self._activation)
+
+    def extra_repr(self) -> str:
+        return self._activation
+
+
 def _fusable_act(act: nn.Module, impl: str) -> str | None:
     name = _act_name(act)
     return name if name is not None and (impl != "triton" or name in _TRITON_ACTS) else None
@@ -113,7 +140,10 @@ def _fused(m: nn.Module, impl: str) -> nn.Module | None:
         return None
     if type(m) is nn.LayerNorm:
         return FusedLayerNorm(m, impl)
-    if type(m) is nn.Sequential and len(m) == 3:
+    if impl != "triton" and _act_name(m) not in (None, "identity") and not getattr(m, "inplace", False):
+        # in-place activations already share one storage between what they and the next layer save
+        return LeanActivation(m)
+    if _sequential(m) and len(m) == 3:
         conv, bn, act = m[0], m[1], m[2]
         if isinstance(conv, nn.Conv2d) and _plain_bn(bn) and _fusable_act(act, impl) not in (None, "identity") \
                 and not _hooked(conv) and not _hooked(bn) and not _hooked(act):
@@ -154,17 +184,17 @@ def plan_substitutions(module: nn.Module, *, skip: Callable[[str], bool] = lambd
     return plan
 
 
-def lean_plan(plan: list[tuple[str, nn.Module]]) -> bool:
-    """True when some replacement may run the lean path (``impl`` "lean" or "auto")."""
-    return any(getattr(rep, "_impl", "triton") != "triton" for _, rep in plan)
+def _recipes(plan: list[tuple[str, nn.Module]]) -> bool:
+    """True when some replacement marks its output recomputable (every fused Conv-BN-act path does)."""
+    return any(isinstance(rep, (FusedConvBNAct, LeanActivation)) for _, rep in plan)
 
 
 @contextlib.contextmanager
 def swapped(module: nn.Module, plan: list[tuple[str, nn.Module]], *, recompute: bool = True) -> Iterator[nn.Module]:
-    """``module`` runs with the replacements inside the block; a lean plan also stores the activations that
-    later layers save as recipes over the BN input (``ops.recompute``), unless ``recompute=False``."""
+    """``module`` runs with the replacements inside the block; the fused blocks' activations that later
+    layers save are stored as recipes over the BN input (``ops.recompute``), unless ``recompute=False``."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(_swapped(module, plan))
-        if recompute and lean_plan(plan):
+        if recompute and _recipes(plan):
             stack.enter_context(recompute_saved())
         yield module
