@@ -46,8 +46,9 @@ def test_compare_alternates_in_blocks(tiny, block, rounds):
 def test_compare_budget_stops_after_three_steps(tiny):
     initial, batches = tiny
     run = bench.compare(initial, batches, TrainConfig(freeze=10), torch.device("cpu"), steps=50, budget_s=1e-9,
-                        variants=(FREEZERT,))  # fmt: skip
+                        monitor_steps=10, variants=(FREEZERT,))  # fmt: skip
     assert len(run.results[FREEZERT].step_ms) == 3 and "3 of 50 steps" in run.stopped
+    assert run.results[FREEZERT].monitor["gradients"]["steps"] == 2  # a spent budget cuts the monitors too
 
 
 def _result(name, times, mem=None):
