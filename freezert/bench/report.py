@@ -158,8 +158,8 @@ def write_plot(path: str, results: dict[str, VariantResult], device: torch.devic
         vs = f"\n{_ratio(results[n].median_ms, naive.median_ms)} naive" if naive and n != NAIVE else ""
         ax_t.annotate(f"{results[n].median_ms:.1f} ms{vs}", (i, results[n].median_ms), xytext=(24, 0),
                       textcoords="offset points", va="center", fontsize=8)  # fmt: skip
-    ax_t.set_ylabel("ms per step (box: IQR, line: median, whiskers: 1.5 IQR)")
-    ax_t.set_title("training step time (lower is better)", fontsize=10)
+    ax_t.set_ylabel("ms per step")
+    ax_t.set_title("training step time (lower is better)\nbox: IQR, line: median, whiskers: 1.5 IQR", fontsize=10)
     ax_t.set_ylim(bottom=0)
     mem = [results[n].memory_bytes for n in names]
     if all(m is not None for m in mem):
