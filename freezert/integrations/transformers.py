@@ -1,0 +1,94 @@
+"""Hugging Face: train a ``freezert.wrap``-ped model with ``transformers.Trainer``; ``FreezertCallback`` steps
+its schedule and checkpoints it.
+
+    fm = freezert.wrap(model, freeze=4)                      # or freeze=freezert.Linear(0.5, 1.0)
+    args = TrainingArguments(..., remove_unused_columns=False)
+    trainer = Trainer(model=fm, args=args, train_dataset=ds, callbacks=[FreezertCallback()])
+    trainer.train()
+    fm.module.save_pretrained(out)                           # config.json + weights, plain keys
+
+``remove_unused_columns=False`` is needed: the Trainer drops batch columns that the model's ``forward`` does not
+name, and ``FrozenModel.forward`` takes ``*args, **kwargs``. See docs/INTEGRATIONS.md for ``config``,
+gradient checkpointing and PEFT.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from . import require
+
+require("transformers", "hf", "transformers")
+
+from transformers import TrainerCallback  # noqa: E402
+
+from .._errors import FreezeError  # noqa: E402
+
+__all__ = ["STATE_FILE", "FreezertCallback"]
+
+#: The schedule's state, written into each ``checkpoint-N`` folder the Trainer saves.
+STATE_FILE = "freezert_schedule.pt"
+
+
+class FreezertCallback(TrainerCallback):
+    """Binds a ``FrozenModel``'s schedule to the Trainer's optimizer and LR scheduler and steps it.
+
+    Progress is ``global_step / max_steps``; ``GradientNorm`` reads gradients before each optimizer step. The
+    schedule's state goes into every checkpoint folder; call ``load(checkpoint_dir)`` before
+    ``trainer.train(resume_from_checkpoint=checkpoint_dir)`` so the Trainer builds its optimizer over the
+    parameters that were trainable when it saved.
+    """
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self._pending: dict | None = None
+
+    def _schedule(self, model: Any):
+        sched = getattr(model, "schedule", None) if model is not None else None
+        return sched if hasattr(sched, "step") and hasattr(sched, "attach") else None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        self.model = model
+        if model is not None and hasattr(model, "set_freeze") and args.remove_unused_columns:
+            raise FreezeError(
+                "TrainingArguments(remove_unused_columns=True) drops every batch column of a FrozenModel (its forward "
+                "takes *args, **kwargs); pass remove_unused_columns=False"
+            )
+        sched = self._schedule(model)
+        if sched is not None and optimizer is not None:
+            sched.attach(optimizer=optimizer, lr_schedulers=lr_scheduler)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        sched = self._schedule(model or self.model)
+        if sched is not None and sched.needs_grad_norms:
+            sched.after_backward()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        sched = self._schedule(model or self.model)
+        if sched is not None and state.max_steps:
+            sched.step(min(state.global_step / state.max_steps, 1.0))
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        sched = self._schedule(model or self.model)
+        if sched is None or not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        torch.save(sched.state_dict(), os.path.join(folder, STATE_FILE))
+
+    def load(self, model: Any, checkpoint_dir: str) -> None:
+        """Re-applies the frozen set saved in ``checkpoint_dir`` to ``model`` (a FrozenModel with a schedule)."""
+        sched = self._schedule(model)
+        if sched is None:
+            raise FreezeError(
+                f"load() got a {type(model).__name__} without a schedule; pass the FrozenModel made by "
+                "freezert.wrap(model, freeze=<schedule>)"
+            )
+        path = os.path.join(checkpoint_dir, STATE_FILE)
+        if not os.path.exists(path):
+            raise FreezeError(f"{path} does not exist; pass a checkpoint-N folder saved with FreezertCallback")
+        sched._optimizers = []  # the layout waits for the resumed fit's optimizer (on_train_begin)
+        sched.load_state_dict(torch.load(path, weights_only=False))

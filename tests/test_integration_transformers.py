@@ -1,0 +1,98 @@
+"""freezert.integrations.transformers: a real transformers.Trainer on a tiny BERT (built from a config, nothing
+downloaded) with a FrozenModel in the loop gives naive freezing's losses; schedules step and checkpoint."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+warnings.filterwarnings("ignore", module="transformers")
+
+import freezert  # noqa: E402
+from freezert import Linear  # noqa: E402
+from freezert._errors import FreezeError  # noqa: E402
+from freezert.integrations.transformers import STATE_FILE, FreezertCallback  # noqa: E402
+
+
+def tiny_bert():
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=48,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32, num_labels=3,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self, n=32):
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(1, 64, (n, 12), generator=g)
+        self.mask = torch.ones(n, 12, dtype=torch.long)
+        self.mask[::3, 8:] = 0
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def train(model, tmp_path, name, callbacks=(), resume=None, **kw):
+    args = dict(
+        output_dir=str(tmp_path / name), per_device_train_batch_size=8, max_steps=8, learning_rate=1e-3,
+        logging_steps=1, use_cpu=True, report_to=[], seed=0, save_strategy="no", remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    args.update(kw)
+    trainer = transformers.Trainer(
+        model=model, args=transformers.TrainingArguments(**args), train_dataset=Data(), callbacks=list(callbacks)
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_trainer_with_a_wrapped_bert_gives_naive_freezings_losses(tmp_path):
+    naive = tiny_bert()
+    for m in (naive.bert.embeddings, *naive.bert.encoder.layer[:2]):
+        m.requires_grad_(False)
+    _, ref = train(naive, tmp_path, "naive")
+    fm = freezert.wrap(tiny_bert(), freeze=2)
+    trainer, got = train(fm, tmp_path, "fz", callbacks=[FreezertCallback()])
+    assert len(got) == 8 and got == pytest.approx(ref, rel=1e-4)
+    for (n, a), b in zip(naive.named_parameters(), fm.module.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), n
+    # config falls through; save_pretrained of the plain model writes config + plain keys that load back
+    assert fm.config.num_hidden_layers == 4
+    fm.module.save_pretrained(tmp_path / "out")
+    back = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "out")
+    for a, b in zip(back.parameters(), fm.module.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_schedule_steps_with_the_trainer_and_resumes_from_its_checkpoint(tmp_path):
+    fm = freezert.wrap(tiny_bert(), freeze=Linear(0.25, 1.0))
+    trainer, _ = train(fm, tmp_path, "a", callbacks=[FreezertCallback()], save_strategy="steps", save_steps=4)
+    assert fm.frozen_indices == [0, 1, 2]  # int((1 - .25) / .75 * 3) blocks at the end
+    frozen = {id(p) for p in fm.frozen_parameters()}
+    assert not frozen & {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert (tmp_path / "a" / "checkpoint-4" / STATE_FILE).exists()
+    # resume at step 4 into a new model object: the Trainer must build its optimizer over what trained then
+    fm2 = freezert.wrap(tiny_bert(), freeze=Linear(0.25, 1.0))
+    cb = FreezertCallback()
+    cb.load(fm2, str(tmp_path / "a" / "checkpoint-4"))
+    at4 = fm2.frozen_indices
+    assert at4 == [0]  # progress 0.5 -> int(1/3 * 3) = 1 block
+    train(fm2, tmp_path, "a", callbacks=[cb], save_strategy="no", resume=str(tmp_path / "a" / "checkpoint-4"))
+    assert fm2.frozen_indices == [0, 1, 2]
+    for a, b in zip(fm.module.parameters(), fm2.module.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_remove_unused_columns_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(FreezeError, match="remove_unused_columns=False"):
+        train(freezert.wrap(tiny_bert(), freeze=2), tmp_path, "x", callbacks=[FreezertCallback()],
+              remove_unused_columns=True)
