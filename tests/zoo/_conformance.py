@@ -1,0 +1,386 @@
+"""The zoo's conformance harness: a wrapped model against naive freezing of a deep copy, in float64.
+
+One function, ``conform``, checks everything the issue asks of one (model, freeze, inputs, mode): outputs and
+every trainable gradient equal naive freezing (relative error <= 1e-9 against a floor relative to the norm),
+frozen parameters get no gradient, running statistics and the state_dict match after optimizer steps, a
+second epoch on the same inputs is served from the cache and is still exact, and ``unwrap()`` gives back
+every ``requires_grad`` flag and every module's ``training`` flag as they were before ``wrap``.
+
+The frozen set is read from the wrapped model *after* its first forward (the planner may freeze the stem
+then); the reference is built from that set only, so anything the planner gets wrong about which parameters
+are frozen or which modules run in eval mode shows up as a difference, not as a matching mistake.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import freezert
+
+TOL = 1e-9  # float64: folding and no-grad replay differ from eager by rounding only
+# The cache's exact codec stores float32 rows: a float64 model served from it is off by float32 rounding,
+# amplified by the trainable part (measured: resnet50 gradients 2e-6, timm efficientnet_b0 and yolo11n's
+# Detect head 1.6e-5). A stale or zeroed boundary is off by 1e-1 to 1.
+CACHE_TOL = 1e-4
+FLOOR = 1e-6  # a tensor's error is measured against max(its own max, FLOOR * the largest one's max)
+DTYPE = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------------
+# optional packages: skip locally, fail in CI
+
+
+def need(module: str):
+    """Imports a zoo package; without it the test skips, or fails when ``FREEZERT_ZOO=require`` (CI)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        msg = f"{module} is not importable ({e}); install the zoo extra: pip install -e '.[test,zoo]'"
+        if os.environ.get("FREEZERT_ZOO") == "require":
+            pytest.fail(f"FREEZERT_ZOO=require: {msg}", pytrace=False)
+        pytest.skip(msg, allow_module_level=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building models: float64, no randomness in the forward, BatchNorm statistics of a trained net
+
+
+def no_dropout(model: nn.Module) -> nn.Module:
+    """Dropout, stochastic depth and drop-path off, whatever the package calls them."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        elif type(m).__name__ == "StochasticDepth":  # torchvision
+            m.p = 0.0
+        elif type(m).__name__ == "DropPath":  # timm
+            m.drop_prob = 0.0
+    return model
+
+
+def settle_batchnorm(model: nn.Module, args: tuple = (), kwargs: dict | None = None, seed: int = 1) -> nn.Module:
+    """Gives every BatchNorm non-trivial affine parameters and running statistics: those of the activations it
+    sees on ``model(*args, **kwargs)`` (cumulative average over two train-mode forwards), then jittered, so a
+    fold that used the wrong statistics, or a frozen BN left in train mode, changes the output."""
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return model
+    g = torch.Generator().manual_seed(seed)
+    was = {m: m.training for m in model.modules()}
+    with torch.no_grad():
+        for m in bns:
+            n = m.num_features
+            if m.affine:
+                m.weight.copy_(torch.rand(n, generator=g, dtype=m.weight.dtype) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g, dtype=m.bias.dtype) - 0.5)
+            m.reset_running_stats()
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.momentum = None  # cumulative average
+        model.train()
+        for _ in range(2):
+            model(*args, **(kwargs or {}))
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+            n = m.num_features
+            m.running_mean.add_(0.1 * (torch.rand(n, generator=g, dtype=m.running_mean.dtype) - 0.5)
+                                * m.running_var.sqrt())  # fmt: skip
+            m.running_var.mul_(0.8 + 0.4 * torch.rand(n, generator=g, dtype=m.running_var.dtype))
+            m.num_batches_tracked.fill_(100)
+    for m, t in was.items():
+        m.training = t
+    return model
+
+
+def prepare(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> nn.Module:
+    """A freshly built model made ready for the zoo: float64, no dropout, settled BatchNorm, eval/train as built."""
+    model = no_dropout(model.to(DTYPE))
+    return settle_batchnorm(model, args, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# comparisons
+
+
+def flat(out) -> list[torch.Tensor]:
+    """The tensors of a model output (tensor, tuple/list, dict, Hugging Face ModelOutput), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if out is None or isinstance(out, (int, float, str, bool)):
+        return []
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in flat(o)]
+    return []
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
+    """max|a - b| / max(max|b|, scale); 0 for two empty tensors."""
+    a, b = a.detach().double(), b.detach().double()
+    if b.numel() == 0:
+        return 0.0
+    denom = max(b.abs().max().item(), scale or 0.0, 1e-300)
+    return (a - b).abs().max().item() / denom
+
+
+def assert_same_outputs(out, ref_out, tol: float = TOL, what: str = "output") -> None:
+    fo, fr = flat(out), flat(ref_out)
+    assert len(fo) == len(fr), f"{what}: {len(fo)} tensors, naive freezing gives {len(fr)}"
+    assert all(torch.isfinite(t).all() for t in fr if t.is_floating_point()), f"{what}: naive freezing is not finite"
+    floor = FLOOR * max((t.detach().double().abs().max().item() for t in fr if t.is_floating_point() and t.numel()),
+                        default=0.0)  # fmt: skip
+    for i, (a, b) in enumerate(zip(fo, fr)):
+        assert a.shape == b.shape, f"{what}[{i}]: shape {tuple(a.shape)}, naive freezing gives {tuple(b.shape)}"
+        if not b.is_floating_point():
+            assert torch.equal(a, b), f"{what}[{i}] differs from naive freezing"
+            continue
+        e = rel_err(a, b, floor)
+        assert e <= tol, f"{what}[{i}]: relative error {e:.3g} against naive freezing (tolerance {tol:g})"
+
+
+def weighted_loss(out, seed: int = 7) -> torch.Tensor:
+    """sum over every floating output tensor of (out * fixed random weights): the same for both models."""
+    g = torch.Generator().manual_seed(seed)
+    total = None
+    for t in flat(out):
+        if not t.is_floating_point():
+            continue
+        w = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+        if t.requires_grad:
+            term = (t * w).sum()
+            total = term if total is None else total + term
+    assert total is not None, "no output requires grad: nothing trains"
+    return total
+
+
+def assert_same_grads(model: nn.Module, ref: nn.Module, frozen: set[str], tol: float = TOL) -> None:
+    """Trainable gradients equal the reference's; frozen parameters get none."""
+    ref_params = dict(ref.named_parameters())
+    big = max((q.grad.abs().max().item() for q in ref_params.values() if q.grad is not None and q.grad.numel()),
+              default=0.0)  # fmt: skip
+    bad = []
+    for n, p in model.named_parameters():
+        q = ref_params[n]
+        if n in frozen:
+            if p.grad is not None:
+                bad.append(f"frozen {n} got a gradient")
+            continue
+        if q.grad is None:
+            if p.grad is not None and p.grad.abs().max() > 0:
+                bad.append(f"{n} got a gradient; naive freezing gives none")
+            continue
+        if p.grad is None:
+            bad.append(f"{n} got no gradient; naive freezing gives one (max {q.grad.abs().max().item():.3g})")
+            continue
+        e = rel_err(p.grad, q.grad, FLOOR * big)
+        if e > tol:
+            bad.append(f"{n}: gradient relative error {e:.3g}")
+    assert not bad, f"{len(bad)} gradient(s) differ from naive freezing: " + "; ".join(bad[:6])
+
+
+def assert_same_state(model: nn.Module, ref: nn.Module, tol: float = TOL) -> None:
+    """Same state_dict keys; parameters and buffers (running statistics included) equal, each against a floor
+    relative to the largest entry (BERT's zero-initialised key bias gets a gradient of pure rounding)."""
+    a, b = model.state_dict(), ref.state_dict()
+    assert list(a) == list(b), f"state_dict keys differ: {sorted(set(a) ^ set(b))[:6]}"
+    big = max((y.abs().max().item() for y in b.values() if y.is_floating_point() and y.numel()), default=0.0)
+    bad = []
+    for k in b:
+        x, y = a[k], b[k]
+        if not y.is_floating_point():
+            if not torch.equal(x, y):
+                bad.append(f"{k}: {x.flatten()[:4].tolist()} vs {y.flatten()[:4].tolist()}")
+        elif rel_err(x, y, FLOOR * big) > tol:
+            bad.append(f"{k}: relative error {rel_err(x, y, FLOOR * big):.3g}")
+    assert not bad, f"{len(bad)} state_dict entries differ from naive freezing: " + "; ".join(bad[:6])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# naive freezing
+
+
+def naive(pristine: nn.Module, frozen: set[str], modes: dict[str, bool]) -> nn.Module:
+    """``pristine`` (a copy of the model taken before wrapping) frozen the naive way: requires_grad=False on
+    ``frozen``; every module all of whose parameters are frozen in eval mode (its BatchNorm uses running
+    statistics, as in freezert's inference segment); the rest in the mode ``modes`` gives (as before wrap)."""
+    ref = pristine
+    for n, m in ref.named_modules():
+        m.training = modes[n]
+    for n, p in ref.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    ids = {id(p) for n, p in ref.named_parameters() if n in frozen}
+    for m in ref.modules():
+        ps = list(m.parameters())
+        if ps and all(not p.requires_grad for p in ps) and any(id(p) in ids for p in ps):
+            m.eval()
+    return ref
+
+
+def grad_max(params: Iterable[nn.Parameter]) -> float:
+    return max((p.grad.abs().max().item() for p in params if p.grad is not None and p.grad.numel()), default=0.0)
+
+
+def sgd_step(params: Iterable[nn.Parameter], lr: float) -> None:
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+            p.grad = None
+
+
+STEP = 1e-2  # the largest parameter change of one step: visible, never blowing a random-weight model up
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the check
+
+
+def frozen_names(model: nn.Module, before: dict[str, bool]) -> set[str]:
+    return {n for n, p in model.named_parameters() if before[n] and not p.requires_grad}
+
+
+class Twin:
+    """A wrapped model beside naive freezing of a copy, fed the same calls and stepped together.
+
+    ``train=None`` leaves every module's mode as the user set it before wrapping. The first call goes through
+    the wrapped model first: the frozen set is read after it, and the reference is frozen by that set. With a
+    cache the tolerance is ``CACHE_TOL`` (float32 rows), unless ``tol`` says otherwise.
+    """
+
+    def __init__(self, model: nn.Module, freeze, *, train: bool | None = True, cache=None,
+                 expect_frozen: Callable[[str], bool] | None = None, tol: float = TOL, **opts):  # fmt: skip
+        if train is not None:
+            model.train(train)
+        if cache is not None and tol == TOL:
+            tol = CACHE_TOL
+        self.model, self.freeze, self.cache, self.tol, self.opts = model, freeze, cache, tol, opts
+        self.expect_frozen = expect_frozen
+        self.rg_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.mode_before = {n: m.training for n, m in model.named_modules()}
+        self.pristine = copy.deepcopy(model)
+        self.fm = freezert.wrap(model, freeze, cache=cache, **opts)
+        self.ref: nn.Module | None = None
+        self.frozen: set[str] = set()
+        self.eager: dict = {}
+        self.calls = 0
+
+    def _plan_reference(self) -> None:
+        model, freeze = self.model, self.freeze
+        frozen = self.frozen = frozen_names(model, self.rg_before)
+        assert frozen, f"freeze={freeze!r} froze no parameter"
+        assert len(frozen) < sum(self.rg_before.values()), f"freeze={freeze!r} froze every trainable parameter"
+        if self.expect_frozen is not None:
+            want = {n for n, rg in self.rg_before.items() if rg and self.expect_frozen(n)}
+            assert frozen == want, (f"freeze={freeze!r} froze the wrong parameters: unexpected "
+                                    f"{sorted(frozen - want)[:5]}, missing {sorted(want - frozen)[:5]}")  # fmt: skip
+        assert list(self.fm.state_dict()) == list(self.pristine.state_dict()), "the wrapped state_dict keys differ"
+        self.eager = dict(getattr(self.fm, "eager_blocks", None) or {})
+        self.ref = naive(self.pristine, frozen, self.mode_before)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.ref_trainable = [p for p in self.ref.parameters() if p.requires_grad]
+        assert len(self.trainable) == len(self.ref_trainable)
+
+    def step(self, *args, **kwargs) -> dict:
+        """One call on both, the loss's backward, the comparisons, an SGD step on both; returns the cache's
+        counter deltas for this call (lookups, hits, misses) when there is a cache."""
+        before = dict(self.fm.cache.stats()) if self.cache is not None else None
+        out = self.fm(*args, **kwargs)
+        if self.ref is None:
+            self._plan_reference()
+        ref_out = self.ref(*args, **kwargs)
+        what = f"call {self.calls}"
+        assert_same_outputs(out, ref_out, self.tol, f"{what} output")
+        weighted_loss(out).backward()
+        weighted_loss(ref_out).backward()
+        assert_same_grads(self.model, self.ref, self.frozen, self.tol)
+        lr = STEP / max(grad_max(self.ref_trainable), 1e-300)  # one scalar for both models
+        sgd_step(self.trainable, lr)
+        sgd_step(self.ref_trainable, lr)
+        assert_same_state(self.model, self.ref, self.tol)
+        self.calls += 1
+        if before is None:
+            return {}
+        st = self.fm.cache.stats()
+        return {k: st[k] - before[k] for k in ("lookups", "hits", "misses")}
+
+    def unwrap(self) -> None:
+        """``unwrap()`` gives back the model, every requires_grad and training flag as before wrap, and the
+        same state as naive freezing's."""
+        back = self.fm.unwrap()
+        assert back is self.model
+        rg = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        changed = sorted(k for k in self.rg_before if rg[k] != self.rg_before[k])
+        assert not changed, f"unwrap() left requires_grad changed on {changed[:5]}"
+        modes = {n: m.training for n, m in self.model.named_modules()}
+        changed = sorted(k for k in self.mode_before if modes.get(k) != self.mode_before[k])
+        assert not changed, f"unwrap() left the training flag changed on {[n or '<root>' for n in changed[:5]]}"
+        if self.ref is not None:
+            assert_same_state(self.model, self.ref, self.tol)
+
+
+def all_hits(d: dict) -> bool:
+    return d["hits"] > 0 and d["misses"] == 0 and d["hits"] == d["lookups"]
+
+
+@dataclass
+class Result:
+    fm: Any
+    frozen: set[str]  # parameter names frozen by the wrap (read after the first forward)
+    eager: dict = field(default_factory=dict)  # fm.eager_blocks after the first forward, where it exists
+    hits: int = 0  # cache hits in the last epoch
+
+
+def conform(
+    model: nn.Module,
+    freeze,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    train: bool | None = True,
+    cache=None,
+    expect_frozen: Callable[[str], bool] | None = None,
+    epochs: int = 2,
+    hits: bool = True,
+    tol: float = TOL,
+    **opts,
+) -> Result:
+    """Wraps ``model`` (float64, in ``train`` mode) with ``freeze``; runs ``epochs`` optimizer steps on the same
+    inputs beside naive freezing of a copy, checking outputs, gradients, frozen gradients, state and, with
+    ``cache``, that every later epoch is all hits; then checks ``unwrap()``. Returns what the wrap decided."""
+    kwargs = kwargs or {}
+    twin = Twin(model, freeze, train=train, cache=cache, expect_frozen=expect_frozen, tol=tol, **opts)
+    res = Result(twin.fm, set())
+    for epoch in range(epochs):
+        d = twin.step(*args, **kwargs)
+        if cache is not None and epoch and hits:
+            assert all_hits(d), f"epoch {epoch} on the same inputs was not all cache hits: {d}"
+            res.hits = d["hits"]
+    res.frozen, res.eager = twin.frozen, twin.eager
+    twin.unwrap()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# expected frozen sets
+
+
+def under(*prefixes: str) -> Callable[[str], bool]:
+    """Parameter names under any of ``prefixes`` (whole dotted components)."""
+    return lambda n: any(n == p or n.startswith(p + ".") for p in prefixes)
+
+
+def images(batch: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+

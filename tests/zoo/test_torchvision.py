@@ -1,0 +1,99 @@
+"""torchvision classifiers built from their builders (random weights, nothing downloaded) against naive freezing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import freezert
+
+from ._conformance import conform, images, need, prepare, under
+
+tv = need("torchvision")
+
+# Stride-32 CNNs at 64 px end at 2x2, so train-mode BatchNorm at batch 2 sees 8 values per channel (at 32 px, 2
+# values: the gradient amplifies float64 rounding past the tolerance in naive freezing itself).
+X64 = images(size=64)
+X32 = images(size=32)
+
+BUILD = {
+    "resnet50": (lambda: tv.models.resnet50(), X64),
+    "convnext_tiny": (lambda: tv.models.convnext_tiny(stochastic_depth_prob=0.0), X64),
+    "vit_b_16": (lambda: tv.models.vit_b_16(image_size=32), X32),
+    "mobilenet_v3_large": (lambda: tv.models.mobilenet_v3_large(dropout=0.0), X64),
+    "efficientnet_b0": (lambda: tv.models.efficientnet_b0(dropout=0.0, stochastic_depth_prob=0.0), X64),
+}
+_BASES: dict = {}
+
+
+def base(name: str) -> torch.nn.Module:
+    """A deep copy of the prepared model (built once per session)."""
+    if name not in _BASES:
+        build, x = BUILD[name]
+        torch.manual_seed(0)
+        _BASES[name] = prepare(build(), (x,))
+    return copy.deepcopy(_BASES[name])
+
+
+RESNET_BLOCKS = ["stem", "layer1", "layer2", "layer3", "layer4"]
+RESNET_STEM = ("conv1", "bn1")
+
+
+def resnet_frozen(n: int):
+    return under(*RESNET_STEM, *RESNET_BLOCKS[1:n])
+
+
+# (model, freeze, train, cache, expected frozen parameters or None)
+CASES = [
+    ("resnet50", 1, True, None, resnet_frozen(1)),
+    ("resnet50", 2, False, "fp32", resnet_frozen(2)),
+    ("resnet50", 4, True, "fp32", resnet_frozen(4)),
+    ("convnext_tiny", 2, True, None, under("features.0", "features.1")),
+    ("convnext_tiny", 5, False, "fp32", under(*(f"features.{i}" for i in range(5)))),
+    ("vit_b_16", 3, True, None, None),
+    ("vit_b_16", 9, False, None, None),
+    ("mobilenet_v3_large", 4, True, None, under(*(f"features.{i}" for i in range(4)))),
+    ("mobilenet_v3_large", 12, True, "fp32", under(*(f"features.{i}" for i in range(12)))),
+    ("efficientnet_b0", 3, False, None, under(*(f"features.{i}" for i in range(3)))),
+    ("efficientnet_b0", 7, True, "fp32", under(*(f"features.{i}" for i in range(7)))),
+]
+
+
+@pytest.mark.parametrize(
+    "name,freeze,train,cache,expect", CASES,
+    ids=[f"{c[0]}-freeze{c[1]}-{'train' if c[2] else 'eval'}{'-' + c[3] if c[3] else ''}" for c in CASES],
+)
+def test_same_function_as_naive_freezing(name, freeze, train, cache, expect):
+    x = BUILD[name][1]
+    res = conform(base(name), freeze, (x,), train=train, cache=cache, expect_frozen=expect)
+    if name == "vit_b_16":
+        # the encoder blocks are frozen, the classifier head is not
+        layer = under(*(f"encoder.layers.encoder_layer_{i}" for i in range(freeze)))
+        assert {n for n in res.frozen if layer(n)} == {n for n, _ in res.fm.model.named_parameters() if layer(n)}
+        assert not any(n.startswith("heads.") for n in res.frozen)
+
+
+def test_resnet50_blocks_are_stem_and_four_stages():
+    fm = freezert.wrap(base("resnet50"), 2)
+    fm(X64)
+    assert [n for n, _ in fm.blocks] == RESNET_BLOCKS
+
+
+def test_resnet50_freeze1_freezes_only_the_stem():
+    """Today's block finder puts the blocks inside layer4, and freeze=1 freezes 57% of resnet50."""
+    model = base("resnet50")
+    fm = freezert.wrap(model, 1)
+    fm(X64)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    stem = sum(p.numel() for n, p in model.named_parameters() if n.startswith(RESNET_STEM))
+    assert frozen == stem, f"freeze=1 froze {frozen:,} parameters; the stem (conv1, bn1) has {stem:,}"
+
+
+def test_inspect_lists_the_resnet50_stages_and_the_head():
+    text = freezert.inspect(base("resnet50"), 2)
+    assert isinstance(text, str)
+    rows = text.splitlines()
+    for name in [*RESNET_BLOCKS, "fc"]:
+        assert any(f" {name} " in f" {r} " for r in rows), f"inspect has no row for {name!r}:\n{text}"

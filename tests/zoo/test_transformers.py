@@ -1,0 +1,79 @@
+"""Hugging Face transformers built from tiny configs (random weights, nothing downloaded) against naive freezing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ._conformance import DTYPE, conform, need, prepare, under
+
+transformers = need("transformers")
+transformers.logging.set_verbosity_error()
+
+B, T = 2, 12
+G = torch.Generator().manual_seed(3)
+IDS = torch.randint(0, 97, (B, T), generator=G)
+MASK = torch.ones(B, T, dtype=torch.long)
+MASK[1, 9:] = 0  # padding: the mask reaches the frozen blocks
+PIXELS = torch.randn(B, 3, 32, 32, generator=G, dtype=DTYPE)
+NO_DROP = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+SMALL = dict(hidden_size=32, num_attention_heads=4, intermediate_size=48)
+
+
+def bert():
+    cfg = transformers.BertConfig(vocab_size=97, num_hidden_layers=4, max_position_embeddings=32, **SMALL, **NO_DROP)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def vit():
+    cfg = transformers.ViTConfig(num_hidden_layers=4, image_size=32, patch_size=8, **SMALL, **NO_DROP)
+    return transformers.ViTForImageClassification(cfg)
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=4, n_head=4, use_cache=False,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def llama():
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   use_cache=False)  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)
+
+
+TEXT = {"input_ids": IDS, "attention_mask": MASK}
+BUILD = {
+    "bert": (bert, TEXT, "bert.embeddings", "bert.encoder.layer"),
+    "vit": (vit, {"pixel_values": PIXELS}, "vit.embeddings", "vit.encoder.layer"),
+    "gpt2": (gpt2, TEXT, ("transformer.wte", "transformer.wpe"), "transformer.h"),
+    "llama": (llama, TEXT, "model.embed_tokens", "model.layers"),
+}
+_BASES: dict = {}
+
+
+def base(name: str) -> torch.nn.Module:
+    if name not in _BASES:
+        torch.manual_seed(0)
+        _BASES[name] = prepare(BUILD[name][0](), (), BUILD[name][1])
+    return copy.deepcopy(_BASES[name])
+
+
+CASES = [(name, f, train, cache) for name in BUILD for f, train, cache in [(1, True, None), (3, False, "fp32")]]
+
+
+@pytest.mark.parametrize(
+    "name,freeze,train,cache", CASES,
+    ids=[f"{c[0]}-freeze{c[1]}-{'train' if c[2] else 'eval'}{'-' + c[3] if c[3] else ''}" for c in CASES],
+)
+def test_same_function_as_naive_freezing(name, freeze, train, cache):
+    _, inputs, stem, layers = BUILD[name]
+    model = base(name)
+    if name == "vit" and hasattr(model.vit, "layers"):  # transformers 5 names ViT's blocks vit.layers
+        layers = "vit.layers"
+    stem = (stem,) if isinstance(stem, str) else stem
+    expect = under(*stem, *(f"{layers}.{i}" for i in range(freeze)))
+    conform(model, freeze, (), dict(inputs), train=train, cache=cache, expect_frozen=expect)

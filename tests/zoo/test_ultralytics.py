@@ -1,0 +1,50 @@
+"""Ultralytics DetectionModel from its yaml configs (random weights, nothing downloaded): freeze as the seed
+paper (4, 10, 22), a list, a name; the frozen set is exactly the parameters of ``model.{i}`` for frozen i."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ._conformance import conform, images, need, prepare, under
+
+need("ultralytics")
+from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+
+X = images(size=64)
+_BASES: dict = {}
+
+
+def base(cfg: str) -> torch.nn.Module:
+    if cfg not in _BASES:
+        torch.manual_seed(0)
+        _BASES[cfg] = prepare(DetectionModel(cfg, nc=3, verbose=False), (X,))
+    return copy.deepcopy(_BASES[cfg])
+
+
+def blocks(idx) -> object:
+    return under(*(f"model.{i}" for i in idx))
+
+
+# (freeze, frozen block indices, train, cache)
+FREEZES = [
+    (4, range(4), True, None),
+    (10, range(10), False, "fp32"),
+    (22, range(22), True, "fp32"),
+    ([0, 1, 2, 5], [0, 1, 2, 5], True, "fp32"),  # block 5 sits after trainable blocks 3, 4: it runs eagerly
+    (["model.0", "model.1", "model.2"], range(3), False, None),  # names, matched on whole dotted components
+]
+CASES = [(cfg, *f) for cfg in ("yolov8n.yaml", "yolo11n.yaml") for f in FREEZES]
+
+
+@pytest.mark.parametrize(
+    "cfg,freeze,idx,train,cache", CASES,
+    ids=[f"{c[0].split('.')[0]}-freeze{c[1]}-{'train' if c[3] else 'eval'}{'-' + c[4] if c[4] else ''}"
+         .replace(" ", "").replace("'", "") for c in CASES],  # fmt: skip
+)
+def test_same_function_as_naive_freezing(cfg, freeze, idx, train, cache):
+    model = base(cfg)
+    res = conform(model, freeze, (X,), train=train, cache=cache, expect_frozen=blocks(idx))
+    assert [n for n, _ in res.fm.blocks] == [f"model.{i}" for i in range(len(model.model))]
