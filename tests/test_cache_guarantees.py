@@ -306,16 +306,35 @@ def test_a_read_only_store_is_served_and_never_written(tmp_path):
     with pytest.raises(CacheError, match="read-only store"):
         r.clear()
     r.close()
-    if os.geteuid() != 0:  # root ignores permission bits
-        for name in os.listdir(store):
-            os.chmod(store / name, 0o444)
-        os.chmod(store, 0o555)
-        try:
-            with pytest.warns(UserWarning, match="not writable"):
-                ro = _cache("fp32", "disk", path=store)
-            assert ro.fetch(torch.arange(3), "cpu")[0].all()
-        finally:
-            os.chmod(store, 0o755)
+    # a directory this process cannot write (root ignores permission bits: drop that capability with setpriv)
+    code = """
+        import sys, torch, warnings
+        from freezert.cache import FeatureCache
+        warnings.simplefilter("always")
+        c = FeatureCache("fp32", "disk", "1MiB", sys.argv[1])
+        with warnings.catch_warnings(record=True) as w:
+            c.bind("0123456789abcdef", [((3, 5), torch.float32), ((7,), torch.float32)], "cpu")
+        hit, _ = c.fetch(torch.arange(3), "cpu")
+        c.put(torch.tensor([9]), [torch.zeros(1, 3, 5), torch.zeros(1, 7)])
+        c.close()
+        print(int(hit.sum()), any("not writable" in str(x.message) for x in w), c.stats()["skipped"])
+    """
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a directory unwritable to this process")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    for name in os.listdir(store):
+        os.chmod(store / name, 0o444)
+    os.chmod(store, 0o555)
+    try:
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        r = subprocess.run([*prefix, sys.executable, "-c", textwrap.dedent(code), str(store)], capture_output=True,
+                           text=True, env=env, timeout=120)  # fmt: skip
+    finally:
+        os.chmod(store, 0o755)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["3", "True", "1"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -445,3 +464,39 @@ def test_cuda_fetch_mixes_device_pinned_host_and_disk_rows(tmp_path):
     assert hit.all()
     for g, t in zip(got, x):
         assert torch.equal(g, t[perm.cuda()].half().float())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# through the wrapper: pass once it calls fetch(keys, device, content=...) in ids mode (wrapper.py is not ours)
+# ---------------------------------------------------------------------------------------------------------------
+def _tiny_wrapped():
+    import freezert
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    return m, freezert.wrap(m, freeze=1, cache="fp32").eval()
+
+
+@pytest.mark.xfail(reason="wrapper.py passes content= to fetch() in ids mode (lead's rewrite)", strict=False)
+def test_wrap_refuses_one_id_for_two_inputs():
+    _, fm = _tiny_wrapped()
+    with pytest.raises(CacheError, match="appears at positions 0 and 2"):
+        fm(torch.randn(3, 4), cache_ids=[0, 1, 0])
+
+
+@pytest.mark.xfail(reason="wrapper.py passes content= to fetch() in ids mode (lead's rewrite)", strict=False)
+def test_wrap_recomputes_an_augmented_sample_under_its_id():
+    m, fm = _tiny_wrapped()
+    fm(torch.randn(3, 4), cache_ids=[0, 1, 2])
+    x2 = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="augmentation"):
+        out = fm(x2, cache_ids=[0, 1, 2])
+    torch.testing.assert_close(out, m(x2))
+
+
+@pytest.mark.xfail(reason="wrapper.py converts cache_ids with freezert.cache.ids_to_keys (lead's rewrite)",
+                   strict=False)  # fmt: skip
+def test_wrap_cache_ids_beyond_int64_is_a_clear_error():
+    _, fm = _tiny_wrapped()
+    with pytest.raises(CacheError, match="outside int64"):
+        fm(torch.randn(1, 4), cache_ids=[2**63])
