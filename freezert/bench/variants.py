@@ -234,19 +234,11 @@ class Variant:
 
         Weights are left out (the same model in every variant); storages are counted once, parameters never.
         """
+        from ..memory import SavedMeter
         from ..models import detection_loss
 
-        params = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
-        saved: dict[int, int] = {}
-
-        def pack(t: torch.Tensor):
-            s = t.untyped_storage()
-            if s.data_ptr() not in params and s.device.type != "meta":
-                saved[s.data_ptr()] = s.nbytes()
-            return t
-
         x, t = batch
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with SavedMeter(exclude=self.module.parameters()) as saved:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 loss = detection_loss(self.module(x), t)
         self.scaler.scale(loss).backward()
@@ -258,5 +250,5 @@ class Variant:
             for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v)
         }  # fmt: skip
         self.opt.zero_grad(set_to_none=True)
-        self.result.train_bytes = sum(saved.values()) + grads + sum(state.values())
+        self.result.train_bytes = saved.total + grads + sum(state.values())
         return self.result.train_bytes
