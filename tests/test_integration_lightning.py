@@ -149,7 +149,7 @@ def test_freeze_unfreeze_function():
     assert not bn.weight.requires_grad
     model.train()
     stats = bn.running_mean.clone()
-    model(torch.randn(4, 32)) if hasattr(model, "forward") and False else model.backbone(torch.randn(4, 32))
+    model.backbone(torch.randn(4, 32))
     assert not bn.training and torch.equal(bn.running_mean, stats)  # eval, not track_running_stats=False
     assert not model.backbone[3].weight.requires_grad
 

@@ -73,6 +73,17 @@ def test_trainer_with_a_wrapped_bert_gives_naive_freezings_losses(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_gradient_checkpointing_on_the_trainable_layers_gives_the_same_losses(tmp_path):
+    naive = tiny_bert()
+    for m in (naive.bert.embeddings, *naive.bert.encoder.layer[:2]):
+        m.requires_grad_(False)
+    _, ref = train(naive, tmp_path, "naive", max_steps=4, gradient_checkpointing=True)
+    fm = freezert.wrap(tiny_bert(), freeze=2)
+    _, got = train(fm, tmp_path, "fz", max_steps=4, gradient_checkpointing=True, callbacks=[FreezertCallback()])
+    assert fm.module.bert.encoder.layer[3].gradient_checkpointing  # the call fell through to the user's model
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
 def test_a_schedule_steps_with_the_trainer_and_resumes_from_its_checkpoint(tmp_path):
     fm = freezert.wrap(tiny_bert(), freeze=Linear(0.25, 1.0))
     trainer, _ = train(fm, tmp_path, "a", callbacks=[FreezertCallback()], save_strategy="steps", save_steps=4)
