@@ -550,11 +550,11 @@ class FeatureCache:
         for codec, group in by_slab.items():
             slots = [self._index[k][2] for k in group]
             rec, ok = self._tiers[disk_ti].slabs[codec].read(group, slots)
+            contents = DiskSlab.contents_of(rec)
             for j, (k, good) in enumerate(zip(group, ok)):
                 if good:
-                    recs[k] = (codec, rec[j])
-                    c = DiskSlab.contents_of(rec[j : j + 1])[0]
-                    stored[k] = None if c == NO_CONTENT else c
+                    recs[k] = (codec, rec, j)
+                    stored[k] = None if contents[j] == NO_CONTENT else contents[j]
                 else:
                     bad.add(k)
         stale = [k for k in present if k not in bad and k in want and stored[k] is not None and stored[k] != want[k]]
@@ -582,12 +582,13 @@ class FeatureCache:
         for k in self._protected:
             self._index.move_to_end(k)
             if k in recs:
-                self._staged[k] = (recs[k][0], self._index[k][2], recs[k][1])
+                self._staged[k] = (recs[k][0], self._index[k][2], recs[k][1][recs[k][2]])
         self._stored_content = stored
         return hit, {k: v for k, v in recs.items() if k in self._protected}
 
     def _decode(self, ks: list[int], device: torch.device, recs: dict, dtype=None) -> list[torch.Tensor]:
-        """Rows of ``ks`` (all stored; disk ones given verified in ``recs``) decoded on ``device``."""
+        """Rows of ``ks`` (all stored; disk ones verified in ``recs``: key -> (codec, records, row)) decoded on
+        ``device``."""
         want = [dtype or dt for _, dt in self.layout]
         dec = [w if w in IO_DTYPES else torch.float32 for w in want]
         outs = [torch.empty(len(ks), d, dtype=dt, device=device) for d, dt in zip(self._dims(), dec)]
@@ -600,7 +601,7 @@ class FeatureCache:
             whole = len(groups) == 1
             dst = outs if whole else [torch.empty(len(pos), o.shape[1], dtype=o.dtype, device=device) for o in outs]
             if self._tiers[ti].name == "disk":
-                slab.decode(torch.stack([recs[ks[p]][1] for p in pos]), dst)
+                slab.decode(_gather_records([recs[ks[p]] for p in pos]), dst)
             else:
                 slab.decode([self._index[ks[p]][2] for p in pos], dst)
             if not whole:
@@ -641,14 +642,14 @@ class FeatureCache:
                 continue
             s = self._staged.get(k)
             if s is not None and s[0] == codec and s[1] == slot:
-                recs[k] = (codec, s[2])
+                recs[k] = (codec, s[2].view(1, -1), 0)
             else:
                 by_slab.setdefault(codec, []).append(k)
         for codec, group in by_slab.items():
             rec, ok = self._tiers[disk_ti].slabs[codec].read(group, [self._index[k][2] for k in group])
             for j, (k, good) in enumerate(zip(group, ok)):
                 if good:
-                    recs[k] = (codec, rec[j])
+                    recs[k] = (codec, rec, j)
                 else:
                     bad.append(k)
         if bad:
@@ -992,6 +993,18 @@ class FeatureCache:
                         dst.write_records([slot], dst.build([k], [contents[j]], p, s))
                     else:
                         dst.write_raw([slot], p, s)
+
+
+def _gather_records(srcs: list[tuple[str, torch.Tensor, int]]) -> torch.Tensor:
+    """The records (n, rec) named by (codec, records tensor, row) triples, without a copy when they are one
+    tensor's rows in order (a fetch reads each slab's records in one tensor)."""
+    base = srcs[0][1]
+    if all(t is base for _, t, _ in srcs):
+        rows = [j for _, _, j in srcs]
+        if rows == list(range(base.shape[0])):
+            return base
+        return base.index_select(0, torch.tensor(rows, dtype=torch.int64))
+    return torch.cat([t[j : j + 1] for _, t, j in srcs])
 
 
 def _check_dir_path(path: str) -> None:
