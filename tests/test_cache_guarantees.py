@@ -500,3 +500,27 @@ def test_wrap_cache_ids_beyond_int64_is_a_clear_error():
     _, fm = _tiny_wrapped()
     with pytest.raises(CacheError, match="outside int64"):
         fm(torch.randn(1, 4), cache_ids=[2**63])
+
+
+def test_a_read_only_store_outlived_by_a_new_fingerprint_is_left_alone(tmp_path):
+    store = tmp_path / "s"
+    c = _cache("fp32", "disk", path=store)
+    c.put(torch.arange(3), _rows(3))
+    c.close()
+    r = _cache("fp32", "auto", path=store, readonly=True)
+    assert r.fetch(torch.arange(3), "cpu")[0].all()
+    with pytest.warns(UserWarning, match="read-only cache store.*previous frozen setup"):
+        r.bind(FP2, LAYOUT, "cpu")  # the weights changed: its rows are stale, and the store is not ours to wipe
+    assert not r.fetch(torch.arange(3), "cpu")[0].any()
+    r.put(torch.arange(2), _take(_rows(3), [0, 1]))  # kept in memory tiers
+    assert r.fetch(torch.arange(2), "cpu")[0].all() and r.stats()["rows_disk"] == 0
+    assert json.loads((store / "header.json").read_text())["fingerprint"] == FP and len(os.listdir(store)) == 3
+
+
+def test_partial_hits_count_as_reuse_for_the_no_reuse_warning():
+    c = _cache("fp32", budget="1GiB", epoch_rows=8)
+    c.put(torch.arange(8), _rows(8))
+    assert c.lookup(torch.arange(4) + 6).tolist() == [True, True, False, False]  # found, never served by get
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c.put(torch.arange(8) + 100, _rows(8))

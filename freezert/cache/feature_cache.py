@@ -132,7 +132,9 @@ class FeatureCache:
         self._finalizer: Any = None
         self._warned: set[str] = set()
         self._counts = Counters()
-        self._content_misses = 0  # rows handed to put() under content keys while nothing was ever served
+        self._content_misses = 0  # rows handed to put() under content keys while no stored row was ever found
+        self._found = 0  # rows a fetch/lookup found stored and verified (served or not: partial batches)
+        self._detached = False  # a read-only store left behind by an invalidation: no longer read
         self._stored_content: dict[int, int | None] = {}  # content of the last fetch's stored rows (for extend)
 
     # -- copies and pickles ----------------------------------------------------------------------------------------
@@ -185,7 +187,9 @@ class FeatureCache:
         self.fingerprint, self.layout, self.device = fingerprint, layout, device
         try:
             self._build_tiers()
-            if self.path is not None or self._disk_dir is not None:
+            if self._detached and self._tier("disk") is not None:
+                self._tier("disk").readonly = True
+            elif self.path is not None or self._disk_dir is not None:
                 self._open_disk(self._disk_dir or self.path)
         except BaseException:
             self._close_disk_files()
@@ -306,7 +310,13 @@ class FeatureCache:
             for slab in self._disk_slabs:
                 slab.close()
             self._disk_slabs[:] = []
-            if not self._disk_readonly():
+            if self._disk_readonly():  # never deleted: this cache stops reading it, and keeps new rows in memory
+                self._detached = True
+                self._warn_once("detached", f"freezert: the read-only cache store {self._disk_dir!r} holds features "
+                                "of the previous frozen setup; they are no longer served, and new rows are not "
+                                "stored there")  # fmt: skip
+                self._disk_dir = None
+            else:
                 _disk.remove_store_files(self._disk_dir)
         self._tiers = []
 
@@ -579,6 +589,7 @@ class FeatureCache:
         gone = bad | set(stale) | unverified
         hit = [k in self._index and k not in gone for k in ks]
         self._protected = {k for k, h in zip(ks, hit) if h}
+        self._found += len(self._protected)
         for k in self._protected:
             self._index.move_to_end(k)
             if k in recs:
@@ -738,7 +749,7 @@ class FeatureCache:
 
     def _note_content_misses(self, n: int) -> None:
         """Content keys never hit under augmentation: say so once, after an epoch's worth of misses with no hit."""
-        if self._counts["hits"] or "no_reuse" in self._warned:
+        if self._found or "no_reuse" in self._warned:
             return
         self._content_misses += n
         limit = self.epoch_rows or _AUTO_EPOCH_ROWS
