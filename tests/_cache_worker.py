@@ -32,10 +32,9 @@ def main() -> None:
         print(json.dumps({"rows": len(cache)}))
         return  # no flush(): the index is written at interpreter exit
     probe = torch.cat([keys, torch.tensor([99])])
-    hit = cache.lookup(probe)
+    hit, got = cache.fetch(probe, "cpu")
     out = {"hits": hit.tolist(), "rows": len(cache)}
     if hit.any():
-        got = cache.get(probe[hit], "cpu")
         want = [r[hit[:n]] for r in rows(n)]
         out["max_err"] = max(float((a - b).abs().max()) for a, b in zip(got, want))
     out["corrupt"] = cache.stats()["corrupt"]

@@ -524,3 +524,20 @@ def test_partial_hits_count_as_reuse_for_the_no_reuse_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         c.put(torch.arange(8) + 100, _rows(8))
+
+
+def test_a_dropped_cache_in_a_reference_cycle_does_not_hold_the_lock(tmp_path):
+    import gc
+
+    c = _cache("fp32", "disk", path=tmp_path / "s")
+    c.put(torch.arange(3), _rows(3))
+    c.flush()
+    cycle = [c]
+    cycle.append(cycle)  # only the garbage collector can free it
+    del c, cycle
+    gc.disable()
+    try:
+        d = _cache("fp32", "disk", path=tmp_path / "s")  # the lock is retried after a collection
+    finally:
+        gc.enable()
+    assert d.fetch(torch.arange(3), "cpu")[0].all()

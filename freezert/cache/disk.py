@@ -334,7 +334,13 @@ class StoreLock:
     def __init__(self, path: str):
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # maybe a dropped cache that only a reference cycle keeps alive: collect, retry
+                import gc
+
+                gc.collect()
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(self.fd)
             self.fd = -1
