@@ -365,7 +365,7 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _bn_act_value(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, act: str) -> torch.Tensor:
     """``act(x * scale + shift)`` per channel, in fp32 at least: the lean forward and its recompute recipe."""
     xs = x if x.dtype == torch.float64 else x.float()
-    return act_forward(xs * _bcast(scale, x) + _bcast(shift, x), act).to(x.dtype)
+    return act_forward(torch.addcmul(_bcast(shift, x), xs, _bcast(scale, x)), act).to(x.dtype)
 
 
 class _LeanBatchNormAct(torch.autograd.Function):
@@ -374,7 +374,7 @@ class _LeanBatchNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, act):
         dims = [0] + list(range(2, x.dim()))
-        # statistics in fp32 at least (fp16/bf16 inputs), as the Triton path and eager BN do
+        # statistics in fp32 at least (fp16/bf16 inputs), as the Triton path and eager CUDA BN do
         xs = x if x.dtype == torch.float64 else x.float()
         if training:
             var, mean = torch.var_mean(xs, dim=dims, correction=0)
@@ -393,7 +393,7 @@ class _LeanBatchNormAct(torch.autograd.Function):
         shift = -mean * scale if bias is None else bias.to(xs.dtype) - mean * scale
         y = _bn_act_value(x, scale, shift, act=act)
         ctx.save_for_backward(x, mean, invstd, weight, bias)
-        ctx.training, ctx.act = training, act
+        ctx.training, ctx.act, ctx.eps = training, act, eps
         # (scale, shift) go out too: with them a later save of y can be a recipe (ops.recompute)
         ctx.mark_non_differentiable(scale, shift)
         return y, scale, shift
@@ -401,27 +401,29 @@ class _LeanBatchNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dscale=None, _dshift=None):
         x, mean, invstd, weight, bias = ctx.saved_tensors
-        dims = [0] + list(range(2, x.dim()))
         xs = x if x.dtype == torch.float64 else x.float()
-        dy = dy.to(xs.dtype)
-        # recomputed here instead of saved: the normalised value and the activation's input
-        xhat = (xs - _bcast(mean, x)) * _bcast(invstd, x)
         w = None if weight is None else weight.to(xs.dtype)
-        z = xhat if w is None else xhat * _bcast(w, x)
-        if bias is not None:
-            z = z + _bcast(bias.to(xs.dtype), x)
-        dz = act_backward(z, dy, ctx.act)
-        sdz = dz.sum(dims)
-        sdzx = (dz * xhat).sum(dims)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            wi = invstd if w is None else invstd * w
-            if ctx.training:
-                count = x.numel() // x.shape[1]
-                dz = dz - _bcast(sdz / count, x) - xhat * _bcast(sdzx / count, x)
-            dx = (dz * _bcast(wi, x)).to(x.dtype)
-        dw = sdzx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[3] else None
-        db = sdz.to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None
+        scale = invstd if w is None else invstd * w
+        shift = -mean * scale if bias is None else bias.to(xs.dtype) - mean * scale
+        # recomputed here instead of saved: the activation's input (one pass), then eager's own kernels
+        z = torch.addcmul(_bcast(shift, x), xs, _bcast(scale, x))
+        dz = act_backward(z, dy.to(xs.dtype), ctx.act)
+        need = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[3],
+                bias is not None and ctx.needs_input_grad[4]]
+        if ctx.training:
+            # batch statistics: dx also carries the gradient through mean and variance (one fused kernel)
+            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+                dz, xs, w, None, None, mean, invstd, True, ctx.eps, [need[0], True, True])
+        else:
+            dims = [0] + list(range(2, x.dim()))
+            db = dz.sum(dims)
+            dw = (dz * ((xs - _bcast(mean, x)) * _bcast(invstd, x))).sum(dims) if need[1] else None
+            dx = dz * _bcast(scale, x) if need[0] else None
+            if w is None:
+                dw = None
+        dx = dx.to(x.dtype) if need[0] else None
+        dw = dw.to(weight.dtype) if need[1] else None
+        db = db.to(bias.dtype) if need[2] else None
         return dx, None, None, dw, db, None, None, None, None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import contextlib
@@ -35,6 +36,20 @@ def _act_name(m: nn.Module) -> str | None:
     if type(m) is nn.GELU:
         return "gelu" if m.approximate == "none" else "gelu_tanh"
     return _ACT_NAMES.get(type(m)) or _LEAN_ACT_NAMES.get(type(m))
+
+
+# transformers' activation modules (transformers.activations), matched by class name: no import needed
+_HF_ACTS = {"SiLUActivation": "silu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
+            "PytorchGELUTanh": "gelu_tanh", "GELUActivation": "gelu"}
+
+
+def _standalone_act(m: nn.Module) -> str | None:
+    name = _act_name(m)
+    if name is None and type(m).__module__.startswith("transformers."):
+        name = _HF_ACTS.get(type(m).__name__)
+        if name == "gelu" and getattr(m, "act", None) is not F.gelu:  # use_gelu_python: a Python formula
+            name = None
+    return name
 
 
 def _sequential(m: nn.Module) -> bool:
@@ -119,7 +134,7 @@ class LeanActivation(nn.Module):
 
     def __init__(self, act: nn.Module):
         super().__init__()
-        self._activation = _act_name(act)
+        self._activation = _standalone_act(act)
         self._impl = "lean"
         self.training = act.training
 
@@ -140,7 +155,7 @@ def _fused(m: nn.Module, impl: str) -> nn.Module | None:
         return None
     if type(m) is nn.LayerNorm:
         return FusedLayerNorm(m, impl)
-    if impl != "triton" and _act_name(m) not in (None, "identity") and not getattr(m, "inplace", False):
+    if impl != "triton" and _standalone_act(m) not in (None, "identity") and not getattr(m, "inplace", False):
         # in-place activations already share one storage between what they and the next layer save
         return LeanActivation(m)
     if _sequential(m) and len(m) == 3:
