@@ -66,6 +66,17 @@ class _Quant(nn.Module):
         self.register_buffer("scale", scale.to(weight.device))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) on the enclosing model (a segment's pre-cast) must not turn the fp8 weight or
+        # the fp32 scales into fp16: they keep their dtypes and only follow device moves
+        keep = {k: self._buffers[k] for k in ("qweight", "scale")}
+        super()._apply(fn, recurse)
+        for k, old in keep.items():
+            new = self._buffers[k]
+            if new.dtype != old.dtype:
+                self._buffers[k] = old.to(new.device)
+        return self
+
     def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight in ``dtype`` (a temporary; the module keeps only ``qweight`` and ``scale``)."""
         return dequantize(self.qweight, self.scale, dtype)

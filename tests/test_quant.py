@@ -82,9 +82,14 @@ def test_user_layers_are_not_edited_and_half_inputs_work():
     quantize_frozen_(copy_, "int8", filter=lambda name, m: name.startswith("features"))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert isinstance(copy_.fc, nn.Linear) and isinstance(copy_.features[0][0], QuantConv)
-    copy_.eval().half()
+    copy_.eval().half()  # a segment's pre-cast: the quantized weights and their scales keep their dtypes
+    assert copy_.features[0][0].qweight.dtype == torch.int8 and copy_.features[0][0].scale.dtype == torch.float32
     out = copy_(torch.rand(2, 3, 16, 16).half())
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    holder = nn.Sequential(nn.Linear(4, 3))
+    quantize_frozen_(holder, "fp8")
+    holder.to(torch.bfloat16)
+    assert holder[0].qweight.dtype == torch.float8_e4m3fn and holder[0].bias.dtype == torch.bfloat16
 
 
 def test_refusals_name_the_value():
