@@ -29,10 +29,22 @@ import freezert
 TOL = 1e-9  # float64: folding and no-grad replay differ from eager by rounding only
 # The cache's exact codec stores float32 rows: a float64 model served from it is off by float32 rounding,
 # amplified by the trainable part (measured: resnet50 gradients 2e-6, timm efficientnet_b0 and yolo11n's
-# Detect head 1.6e-5). A stale or zeroed boundary is off by 1e-1 to 1.
-CACHE_TOL = 1e-4
+# Detect head 1.6e-5, one BatchNorm bias of timm efficientnet_b0 1e-4). A stale or zeroed boundary is off by
+# 1e-2 to 1.
+CACHE_TOL = 1e-3
 FLOOR = 1e-6  # a tensor's error is measured against max(its own max, FLOOR * the largest one's max)
 DTYPE = torch.float64
+
+
+# What each wrap decided, by pytest node id, for the table in docs/ZOO.md (tests/zoo/conftest.py writes it
+# when FREEZERT_ZOO_TABLE names that file).
+TABLE: dict[str, dict] = {}
+
+
+def note(**facts) -> None:
+    node = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    if node:
+        TABLE.setdefault(node, {}).update(facts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,9 +112,21 @@ def settle_batchnorm(model: nn.Module, args: tuple = (), kwargs: dict | None = N
     return model
 
 
+def wake_zero_params(model: nn.Module, seed: int = 2) -> nn.Module:
+    """Parameters initialised to zero or near it (torchvision ViT's head, biases, ConvNeXt's layer scale of
+    1e-6) get small random values: a zero head makes every gradient zero, a 1e-6 layer scale hides the blocks."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and p.abs().max() < 1e-3:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return model
+
+
 def prepare(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> nn.Module:
-    """A freshly built model made ready for the zoo: float64, no dropout, settled BatchNorm, eval/train as built."""
-    model = no_dropout(model.to(DTYPE))
+    """A freshly built model made ready for the zoo: float64, no dropout, no all-zero parameters, settled
+    BatchNorm; its modes as built."""
+    model = wake_zero_params(no_dropout(model.to(DTYPE)))
     return settle_batchnorm(model, args, kwargs)
 
 
@@ -270,6 +294,7 @@ class Twin:
         self.rg_before = {n: p.requires_grad for n, p in model.named_parameters()}
         self.mode_before = {n: m.training for n, m in model.named_modules()}
         self.pristine = copy.deepcopy(model)
+        note(model=type(model).__name__, freeze=freeze, train=model.training, cache=cache, opts=opts)
         self.fm = freezert.wrap(model, freeze, cache=cache, **opts)
         self.ref: nn.Module | None = None
         self.frozen: set[str] = set()
@@ -287,6 +312,9 @@ class Twin:
                                     f"{sorted(frozen - want)[:5]}, missing {sorted(want - frozen)[:5]}")  # fmt: skip
         assert list(self.fm.state_dict()) == list(self.pristine.state_dict()), "the wrapped state_dict keys differ"
         self.eager = dict(getattr(self.fm, "eager_blocks", None) or {})
+        total = sum(p.numel() for p in model.parameters())
+        share = sum(p.numel() for n, p in model.named_parameters() if n in frozen) / max(total, 1)
+        note(frozen=share, eager=self.eager)
         self.ref = naive(self.pristine, frozen, self.mode_before)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.ref_trainable = [p for p in self.ref.parameters() if p.requires_grad]
