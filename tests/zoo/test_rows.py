@@ -168,6 +168,35 @@ def test_wrap_leaves_batchnorm_modes_alone_in_eval_mode_too():
     conform(model, 2, (x,), train=None, expect_frozen=under("blocks.0", "blocks.1"))
 
 
+# -- found by the zoo (timm efficientnet_b0): a BatchNorm subclass whose forward does more than normalise ------
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in small: normalisation, then an activation inside the same module."""
+
+    def forward(self, x):
+        return torch.nn.functional.silu(super().forward(x))
+
+
+def test_folding_keeps_what_a_batchnorm_subclass_does_after_normalising():
+    """Today the fold replaces the whole BatchNorm module with Identity from the second call on, dropping the
+    activation inside it: the second call's output is off (timm efficientnet_b0 freeze=2: 0.87)."""
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), BNAct(cout))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(block(3, 8), block(8, 8), block(8, 8))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.blocks(x).mean((2, 3)))
+
+    x = vec(2, 3, 12, 12)
+    conform(prepare(Net(), (x,)), 2, (x,), epochs=3, expect_frozen=under("blocks.0", "blocks.1"))
+
+
 # -- a ViT-like model: root parameters concatenated before block 0 ------------------------------------------------
 
 

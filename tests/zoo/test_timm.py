@@ -83,6 +83,7 @@ def test_vit_cls_token_and_pos_embed_train_through_eager_frozen_blocks(freeze, t
     assert not any(n in res.frozen for n in VIT_POS)
     assert res.eager, "the frozen blocks must run eagerly while cls_token/pos_embed train"
     assert "blocks.0" in res.eager and all(isinstance(v, str) and v for v in res.eager.values())
+    assert issubclass(freezert.FreezeWarning, UserWarning)
     named = [w for w in caught if issubclass(w.category, freezert.FreezeWarning)]
     assert len(named) == 1, f"expected one FreezeWarning, got {[str(w.message) for w in named]}"
     assert "blocks.0" in str(named[0].message)
