@@ -28,6 +28,12 @@ BUILD = {
 _BASES: dict = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_bases():
+    yield
+    _BASES.clear()  # vit_b_16 alone is 0.7 GB in float64
+
+
 def base(name: str) -> torch.nn.Module:
     """A deep copy of the prepared model (built once per session)."""
     if name not in _BASES:
