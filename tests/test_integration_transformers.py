@@ -9,6 +9,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers.Trainer needs it (the hf extra installs it)
 warnings.filterwarnings("ignore", module="transformers")
 
 import freezert  # noqa: E402

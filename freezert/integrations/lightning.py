@@ -26,9 +26,14 @@ from torch.optim import Optimizer
 
 from . import require
 
-require("lightning", "lightning", "lightning")
-
-from lightning.pytorch.callbacks import Callback  # noqa: E402
+try:  # the unified package; the standalone pytorch_lightning has its own Callback class, used by its Trainer
+    from lightning.pytorch.callbacks import Callback
+except ImportError:
+    try:
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+    except ImportError:
+        require("lightning", "lightning", "lightning")
+        raise
 
 from .._errors import FreezeError  # noqa: E402
 from ..schedule import (  # noqa: E402
