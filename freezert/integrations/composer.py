@@ -79,7 +79,8 @@ class LayerFreezing(_algorithm_base()):  # type: ignore[misc]
         if elapsed is None:
             raise ValueError("state.get_elapsed_duration() is None at EPOCH_END; set the Trainer's max_duration")
         depth, pct = freeze_layers(
-            state.model, state.optimizers, float(elapsed), freeze_start=self.freeze_start, freeze_level=self.freeze_level
+            state.model, state.optimizers, float(elapsed),
+            freeze_start=self.freeze_start, freeze_level=self.freeze_level,
         )
         metrics = {"layer_freezing/layers_frozen": depth, "layer_freezing/percentage_frozen": pct}
         if hasattr(logger, "log_metrics"):

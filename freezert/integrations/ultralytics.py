@@ -121,15 +121,16 @@ class FreezertCallback:
         freeze = self.freeze if self.freeze is not None else trainer.args.freeze
         if freeze is None:
             raise FreezeError(
-                "nothing to freeze: pass train(freeze=N) or FreezertCallback(freeze=N), e.g. freeze=10 for a YOLO backbone"
+                "nothing to freeze: pass train(freeze=N) or FreezertCallback(freeze=N), "
+                "e.g. freeze=10 for a YOLO backbone"
             )
         if self.cache is not None and not self.allow_augmented_cache:
             aug = augmentation_in_use(trainer.args)
             if aug:
+                on = ", ".join(f"{a}={getattr(trainer.args, a)}" for a in aug)
                 raise FreezeError(
-                    f"cache={self.cache!r} with augmentation on ({', '.join(f'{a}={getattr(trainer.args, a)}' for a in aug)}): "
-                    "every epoch sees new inputs, so the cache would never hit; set those to 0 (mosaic=0, fliplr=0, ...) "
-                    "or drop cache="
+                    f"cache={self.cache!r} with augmentation on ({on}): every epoch sees new inputs, so the cache "
+                    "would never hit; set those to 0 (mosaic=0, fliplr=0, ...) or drop cache="
                 )
         self.frozen = wrap(model, freeze=freeze, cache=self.cache, **self.wrap_kwargs)
         trainer.model = _TrainerModel(self.frozen)
