@@ -209,17 +209,22 @@ def test_content_keys_that_never_repeat_are_reported_after_an_epoch():
     c = _cache("fp32", budget="1GiB", epoch_rows=64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for step in range(3):  # 48 rows: still inside the first epoch
+        for step in range(4):  # 64 rows: the first epoch, where nothing can repeat yet
             keys = torch.arange(16) + 1000 * step
             assert not c.fetch(keys, "cpu")[0].any()
             c.put(keys, _rows(16, seed=step))
-    with pytest.warns(UserWarning, match=r"stored 64 rows without serving any: no input has arrived twice.*augmentation"):
-        c.put(torch.arange(16) + 9000, _rows(16))
-    # the default (no epoch_rows=): said when the cache fills up without a single hit
+    with pytest.warns(UserWarning, match=r"stored 80 rows, more than an epoch's worth \(64, epoch_rows=\).*"
+                                         r"no input has arrived twice.*augmentation"):  # fmt: skip
+        c.put(torch.arange(16) + 9000, _rows(16))  # epoch 2, augmented: new keys again
+    # the default: 65,536 rows; a small cache that fills in the first epoch says nothing
     d = _cache("fp32", budget=10 * 88)
-    with pytest.warns(UserWarning, match=r"stored 16 rows without serving any, and is now full.*augmentation"):
-        for step in range(2):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(4):
             d.put(torch.arange(8) + 100 * step, _rows(8))
+    d._content_misses = 65_530
+    with pytest.warns(UserWarning, match=r"more than an epoch's worth \(65536, the default\)"):
+        d.put(torch.arange(8) + 900, _rows(8))
     # a cache that is reused never says it
     e = _cache("fp32", budget="1GiB", epoch_rows=8)
     e.put(torch.arange(8), _rows(8))

@@ -59,8 +59,8 @@ class FeatureCache:
     ``evict``: "lru" (default) or "none" (a full cache stores nothing more; stored rows are never dropped).
     ``strict``: a sample id whose input changed since its row was stored raises instead of warning.
     ``readonly``: read the disk store at ``path`` without writing it (no lock; new rows stay in memory tiers).
-    ``epoch_rows``: the dataset size, if known: after that many misses with no hit the cache says once that
-    nothing is reused (default: after 65,536, or when the cache first runs out of room).
+    ``epoch_rows``: the dataset size, if known: once more rows than that were stored with none found again, the
+    cache says once that nothing is reused (default: 65,536).
     """
 
     def __init__(
@@ -753,14 +753,14 @@ class FeatureCache:
             return
         self._content_misses += n
         limit = self.epoch_rows or _AUTO_EPOCH_ROWS
-        out_of_room = self._counts["evictions"] or self._counts["skipped"] > self._counts["nonfinite"]
-        if self._content_misses >= limit or (self.epoch_rows is None and out_of_room):
-            full = ", and is now full" if out_of_room else ""
-            self._warn_once("no_reuse", f"freezert: the feature cache stored {self._content_misses} rows without "
-                            f"serving any{full}: no input has arrived twice. With random augmentation every epoch's "
-                            "inputs differ, so their content keys never repeat and the cache only costs time and "
-                            "memory; cache un-augmented inputs (or pass cache_ids= to have changed inputs detected), "
-                            "or drop cache=. Pass FeatureCache(epoch_rows=len(dataset)) to time this check to your dataset")  # fmt: skip
+        if self._content_misses > limit:  # a whole epoch stored, and the next one's inputs are new again
+            self._warn_once("no_reuse", f"freezert: the feature cache stored {self._content_misses} rows, more than "
+                            f"an epoch's worth ({limit}{', epoch_rows=' if self.epoch_rows else ', the default'}), "
+                            "without finding any again: no input has arrived twice. With random augmentation every "
+                            "epoch's inputs differ, so their content keys never repeat and the cache only costs time "
+                            "and memory; cache un-augmented inputs (or pass cache_ids= to have changed inputs "
+                            "detected), or drop cache=. FeatureCache(epoch_rows=len(dataset)) times this check to "
+                            "your dataset")  # fmt: skip
 
     def _warn_once(self, what: str, msg: str) -> None:
         if what not in self._warned:
