@@ -20,7 +20,7 @@ _BASES: dict = {}
 @pytest.fixture(scope="module", autouse=True)
 def _free_bases():
     yield
-    _BASES.clear()  # vit_b_16 alone is 0.7 GB in float64
+    _BASES.clear()  # the float64 models go before the next file builds its own
 
 
 def base(cfg: str) -> torch.nn.Module:
