@@ -80,6 +80,35 @@ def test_one_epoch_with_the_callback_equals_ultralytics_freeze(tmp_path, monkeyp
     assert ref.trainer.metrics == pytest.approx(fz.trainer.metrics, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_with_the_callback(tmp_path, monkeypatch):
+    """Ultralytics' resume (train(resume=True) on an interrupted run's last.pt) keeps freeze=10; the callback
+    wraps the resumed trainer's model again."""
+    from ultralytics import YOLO
+
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    data = make_dataset(tmp_path / "ds")
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(trainer):  # after epoch 0's last.pt is written, before training ends (which strips it)
+        raise Interrupt
+
+    model = YOLO("yolov8n.yaml")
+    FreezertCallback().register(model)
+    model.add_callback("on_fit_epoch_end", interrupt)
+    with pytest.raises(Interrupt):
+        model.train(data=str(data), imgsz=64, epochs=2, batch=4, workers=0, device="cpu", plots=False, freeze=10,
+                    amp=False, val=False, project=str(tmp_path / "runs"), name="r", exist_ok=True, verbose=False)
+    resumed = YOLO(tmp_path / "runs" / "r" / "weights" / "last.pt")
+    cb = FreezertCallback().register(resumed)
+    seen = []
+    resumed.add_callback("on_train_epoch_start", lambda tr: seen.append((tr.epoch, cb.frozen.frozen_indices)))
+    resumed.train(resume=True, data=str(data))
+    assert seen == [(1, list(range(10)))]
+
+
 def test_cache_is_refused_under_augmentation():
     class Args:
         mosaic, fliplr, hsv_h, scale, freeze, compile = 1.0, 0.5, 0.0, (1.0, 1.0), 10, False
