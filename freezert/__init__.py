@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import monitor
-from ._errors import CacheError, FreezeError, NativeError
+from ._errors import CacheError, FreezeError, FreezeWarning, NativeError
 from ._native import native_info
 from .blocks import find_blocks
 from .cache import FeatureCache
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheError",
     "FreezeError",
+    "FreezeWarning",
     "FeatureCache",
     "FreezeOut",
     "FrozenModel",

@@ -13,3 +13,7 @@ class NativeError(FreezeError):
 
 class CacheError(FreezeError):
     """The feature cache cannot serve a request (budget, shape, corrupted or foreign store)."""
+
+
+class FreezeWarning(UserWarning):
+    """freezert had to run part of the model differently from what was asked (e.g. frozen blocks eagerly)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -14,14 +15,23 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 @dataclass
 class BlockTable:
-    """The block sequence of a model, in forward order, with the modules that run before it."""
+    """The block sequence of a model, in forward order, with the modules that run before it.
 
-    kind: str  # "yolo" (model.model with .f/.i/save), "sequential" (root is nn.Sequential), "container", "children"
+    A block is one module, or a group of sibling modules (a ResNet's ``stem``: conv1, bn1, relu, maxpool);
+    ``members[i]`` lists the modules of block ``i`` as they sit in the model. ``candidates`` are the other
+    modules outside the blocks (neither blocks nor their ancestors): the record sorts them into the stem (they
+    run before block 0, frozen with it) and the head (they run after, trainable).
+    """
+
+    kind: str  # "yolo" (model.model with .f/.i/save), "sequential" (root nn.Sequential), "container", "children", "groups"
     path: str  # dotted path of the container holding the blocks ("" for the root)
-    names: list[str]  # dotted name of each block in the root model
-    modules: list[nn.Module]
+    names: list[str]  # dotted name of each block in the root model ("stem" for a ResNet's stem group)
+    modules: list[nn.Module]  # each block's module (a group's members collected in an unregistered ModuleList)
     stem: list[tuple[str, nn.Module]] = field(default_factory=list)  # run before block 0, frozen with it
     sources: list[list[int]] | None = None  # yolo only: absolute indices each block reads
+    members: list[list[tuple[str, nn.Module]]] = field(default_factory=list)
+    candidates: list[tuple[str, nn.Module]] = field(default_factory=list)
+    ancestors: list[str] = field(default_factory=list)  # modules on the path from the root to the blocks
 
     @property
     def save(self) -> set[int]:
@@ -37,9 +47,26 @@ class BlockTable:
 
     def __post_init__(self) -> None:
         self.keys = [n.rpartition(".")[2] for n in self.names]  # each block's attribute name in its container
+        if not self.members:
+            self.members = [[(n, m)] for n, m in zip(self.names, self.modules)]
 
     def __len__(self) -> int:
         return len(self.modules)
+
+    def reordered(self, order: list[int]) -> BlockTable:
+        """The same table with its blocks in ``order`` (forward order seen by the record)."""
+        return BlockTable(
+            self.kind, self.path, [self.names[i] for i in order], [self.modules[i] for i in order], list(self.stem),
+            None, [self.members[i] for i in order], list(self.candidates), list(self.ancestors),
+        )
+
+    def direct_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """Parameters held by the blocks' ancestors themselves (ViT's ``cls_token``): in no block, stem or head."""
+        out = []
+        for a in self.ancestors:
+            owner = model.get_submodule(a) if a else model
+            out += [(_join(a, n), p) for n, p in owner.named_parameters(recurse=False)]
+        return out
 
 
 def strip_wrapper_prefix(name: str) -> str:
@@ -74,20 +101,6 @@ def _yolo_sources(modules: list[nn.Module]) -> list[list[int]]:
     return out
 
 
-def _stem(root: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
-    """Modules with parameters registered before the branch that leads to ``path``, at every level."""
-    stem: list[tuple[str, nn.Module]] = []
-    node, prefix = root, ""
-    for part in path.split(".") if path else []:
-        for name, child in node.named_children():
-            if name == part:
-                break
-            if _n_params(child):
-                stem.append((_join(prefix, name), child))
-        node, prefix = getattr(node, part), _join(prefix, part)
-    return stem
-
-
 def _main_container(model: nn.Module) -> str | None:
     """The ModuleList/Sequential holding the largest share (at least a quarter) of the parameters."""
     total = _n_params(model)
@@ -106,10 +119,81 @@ def _main_container(model: nn.Module) -> str | None:
     return None
 
 
+def _groups(model: nn.Module) -> tuple[list[str], list[list[tuple[str, nn.Module]]]] | None:
+    """Blocks declared by the model's own grouping among its top-level children: timm's ``group_matcher()``
+    (ResNet: ``^layer(\\d+)``) or a torchvision-style ResNet (``layer1``..``layer4``). The children registered
+    before the first block form block 0, ``stem``; those after are the head."""
+    kids = list(model.named_children())
+    hits: dict[str, tuple] = {}
+    matcher = getattr(model, "group_matcher", None)
+    if callable(matcher):
+        try:
+            spec = matcher(coarse=True).get("blocks")
+        except Exception:  # a model's own grouping is a hint, never a requirement
+            spec = None
+        patterns = [spec] if isinstance(spec, str) else [p for p, suffix in (spec or []) if suffix is None]
+        for name, _ in kids:
+            for pat in patterns:
+                mt = re.match(pat, name)
+                if mt and mt.end() == len(name):
+                    hits[name] = tuple(int(g) for g in mt.groups() if g is not None and g.isdigit())
+    elif all(hasattr(model, f"layer{i}") for i in range(1, 5)) and hasattr(model, "conv1"):
+        hits = {f"layer{i}": (i,) for i in range(1, 5)}
+    if len(hits) < 2:
+        return None
+    first = min(i for i, (n, _) in enumerate(kids) if n in hits)
+    stem = [(n, m) for n, m in kids[:first]]
+    if not stem or not any(_n_params(m) for _, m in stem):
+        return None
+    ordered = sorted(hits, key=lambda n: hits[n])
+    return ["stem", *ordered], [stem, *[[(n, model.get_submodule(n))] for n in ordered]]
+
+
+def _group_module(members: list[tuple[str, nn.Module]]) -> nn.Module:
+    if len(members) == 1:
+        return members[0][1]
+    group = nn.ModuleList()  # never registered in the model: a handle for parameters() and modules()
+    for _, m in members:
+        group._modules[str(len(group._modules))] = m
+    return group
+
+
+def _candidates(model: nn.Module, path: str) -> tuple[list[str], list[tuple[str, nn.Module]]]:
+    """The ancestors of ``path`` and every child of an ancestor that is not on the path."""
+    ancestors, cands = [], []
+    node, prefix = model, ""
+    parts = path.split(".") if path else []
+    for depth in range(len(parts) + 1):
+        ancestors.append(prefix)
+        nxt = parts[depth] if depth < len(parts) else None
+        if nxt is None:
+            break
+        for name, child in node.named_children():
+            if name != nxt:
+                cands.append((_join(prefix, name), child))
+        node, prefix = getattr(node, nxt), _join(prefix, nxt)
+    return ancestors, cands
+
+
 def block_table(model: nn.Module, blocks: str | None = None) -> BlockTable:
     """Finds the block sequence of ``model`` (or of the container at dotted path ``blocks``)."""
     if not isinstance(model, nn.Module):
         raise FreezeError(f"freezert needs a torch.nn.Module, got {type(model).__name__}; pass the model itself")
+    if blocks is not None and not isinstance(blocks, str):
+        raise FreezeError(
+            f"blocks={blocks!r} is a {type(blocks).__name__}; pass the dotted path of the block container as a "
+            "string, e.g. blocks='encoder.layer' (or '' for the root's children)"
+        )
+    if blocks is None:
+        grouped = _groups(model)
+        if grouped is not None:
+            names, members = grouped
+            inside = {id(m) for ms in members for _, m in ms}
+            cands = [(n, m) for n, m in model.named_children() if id(m) not in inside]
+            return BlockTable(
+                "groups", "", names, [_group_module(ms) for ms in members], members=members,
+                candidates=cands, ancestors=[""],
+            )
     if blocks is not None:
         path = strip_wrapper_prefix(blocks).rstrip(".")
         try:
@@ -139,11 +223,12 @@ def block_table(model: nn.Module, blocks: str | None = None) -> BlockTable:
     names = [_join(path, n) for n, _ in named]
     modules = [m for _, m in named]
     if _is_yolo(container):
-        return BlockTable("yolo", path, names, modules, [], _yolo_sources(modules))
+        return BlockTable("yolo", path, names, modules, [], _yolo_sources(modules), ancestors=[""])
     if container is model:
         kind = "sequential" if isinstance(model, nn.Sequential) else "children"
-        return BlockTable(kind, path, names, modules)
-    return BlockTable("container", path, names, modules, _stem(model, path))
+        return BlockTable(kind, path, names, modules, ancestors=[""])
+    ancestors, cands = _candidates(model, path)
+    return BlockTable("container", path, names, modules, candidates=cands, ancestors=ancestors)
 
 
 def as_named_blocks(blocks, empty: str) -> list[tuple[str, nn.Module]]:

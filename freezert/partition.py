@@ -1,25 +1,38 @@
-"""Dataflow at the cut: which frozen outputs the trainable part reads, and when the segment can drop the rest."""
+"""Dataflow at the cut: the boundary the trainable part reads, what the segment frees early, what must run
+eagerly and why."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .blocks import BlockTable
+from .record import Record
+
+Unit = tuple[int, int, int]  # (block or stem unit, member, flat output index): one tensor a frozen unit produced
 
 
 @dataclass(frozen=True)
 class Partition:
-    """Where the cut falls: the prefix ``0..k-1`` runs as one inference segment."""
+    """Where the cut falls: the prefix ``0..k-1`` is frozen; of it, ``segment`` runs as inference."""
 
     k: int  # prefix length
     frozen: tuple[int, ...]  # every frozen block (prefix and beyond)
-    boundary: tuple[int, ...]  # prefix outputs the trainable part reads
-    free_after: dict[int, tuple[int, ...]]  # after running block i, these prefix outputs are dead
+    boundary: tuple[int, ...]  # driven mode: prefix outputs the trainable part reads
+    free_after: dict[int, tuple[int, ...]]  # driven mode: after running block i, these prefix outputs are dead
+    eager: dict[int, str] = field(default_factory=dict)  # frozen blocks run with autograd, and why
+    cached: int = 0  # swap mode: blocks 0..cached-1 (and the stem) are what a cache hit skips
+    replay: tuple[Unit, ...] = ()  # swap mode: the outputs a cache stores and replays
+    stem_units: tuple[int, ...] = ()  # swap mode: record units of the stem (run before block 0)
 
     @property
     def tail_frozen(self) -> tuple[int, ...]:
         """Frozen blocks that run eagerly after the segment (a non-prefix freeze)."""
         return tuple(i for i in self.frozen if i >= self.k)
+
+    @property
+    def segment(self) -> tuple[int, ...]:
+        """Prefix blocks run as inference (no autograd, folded, pre-cast)."""
+        return tuple(i for i in range(self.k) if i not in self.eager)
 
 
 def partition(table: BlockTable, frozen: list[int], k: int) -> Partition:
@@ -44,3 +57,32 @@ def partition(table: BlockTable, frozen: list[int], k: int) -> Partition:
         if j not in last_use and j not in boundary:
             free_after.setdefault(j, []).append(j)
     return Partition(k, tuple(frozen), tuple(boundary), {i: tuple(v) for i, v in free_after.items()})
+
+
+def eager_reasons(table: BlockTable, rec: Record, frozen: list[int], trainable_direct: list[str]) -> dict[int, str]:
+    """Frozen blocks that need autograd through them, each with the cause in words (indices: ``rec``'s)."""
+    feeders = ", ".join(trainable_direct)
+    out: dict[int, str] = {}
+    for i in frozen:
+        if rec.block_calls.get(i, 0) > 1:
+            out[i] = f"it runs {rec.block_calls[i]} times in one forward (a shared block), and a later call needs autograd"
+        elif rec.grad_in.get(i):
+            out[i] = (
+                f"its input depends on parameters that still train ({feeders})" if feeders
+                else "its input depends on a trainable block or an input that requires grad"
+            )
+        elif rec.grad_inside.get(i):
+            out[i] = "it reads a trainable parameter held outside the block"
+    return out
+
+
+def plan(table: BlockTable, rec: Record, frozen: list[int], k: int, stem_units: list[int],
+         trainable_direct: list[str]) -> Partition:
+    """The swap-mode plan from a record (``table`` already in forward order, ``rec`` mapped to it)."""
+    eager = eager_reasons(table, rec, frozen, trainable_direct)
+    cached = 0
+    while cached < k and cached not in eager:
+        cached += 1
+    units = set(range(cached)) | (set(stem_units) if cached else set())
+    replay = tuple(rec.boundary(units)) if cached else ()
+    return Partition(k, tuple(frozen), (), {}, eager, cached, replay, tuple(stem_units))

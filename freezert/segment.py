@@ -40,37 +40,40 @@ def _shared_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _fold_pairs(mod: nn.Module, args, kwargs) -> tuple[object, list[tuple[nn.Module, _BatchNorm]]]:
-    """Runs ``mod`` once, recording each conv whose output object is exactly a BatchNorm's input."""
-    produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}
-    calls: dict[int, int] = {}
-    pairs: list[tuple[nn.Module, _BatchNorm]] = []
+class _FoldScan:
+    """Watches one forward through every runner's private copy, recording each conv whose output object is
+    exactly a BatchNorm's input: such pairs fold, also across runners (a ResNet stem's conv1 and bn1)."""
 
-    def count(m, *_):
-        calls[id(m)] = calls.get(id(m), 0) + 1
+    def __init__(self, targets: list[nn.Module]):
+        self.produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+        self.calls: dict[int, int] = {}
+        self.pairs: list[tuple[nn.Module, _BatchNorm]] = []
+        self.handles = []
+        for target in targets:
+            for m in target.modules():
+                self.handles.append(m.register_forward_pre_hook(self._count))
+                if isinstance(m, _CONVS):
+                    self.handles.append(m.register_forward_hook(self._after_conv))
+                elif isinstance(m, _BatchNorm):
+                    self.handles.append(m.register_forward_pre_hook(self._before_bn))
 
-    def after_conv(m, _inp, out):
-        produced[id(out)] = (m, out)  # keeping ``out`` alive keeps its id unique
+    def _count(self, m, *_):
+        self.calls[id(m)] = self.calls.get(id(m), 0) + 1
 
-    def before_bn(m, inp):
-        hit = produced.get(id(inp[0])) if inp else None
+    def _after_conv(self, m, _inp, out):
+        self.produced[id(out)] = (m, out)  # keeping ``out`` alive keeps its id unique
+
+    def _before_bn(self, m, inp):
+        hit = self.produced.get(id(inp[0])) if inp else None
         if hit is not None and hit[1] is inp[0]:
-            pairs.append((hit[0], m))
+            self.pairs.append((hit[0], m))
 
-    handles = []
-    for m in mod.modules():
-        handles.append(m.register_forward_pre_hook(count))
-        if isinstance(m, _CONVS):
-            handles.append(m.register_forward_hook(after_conv))
-        elif isinstance(m, _BatchNorm):
-            handles.append(m.register_forward_pre_hook(before_bn))
-    try:
-        out = mod(*args, **kwargs)
-    finally:
-        for h in handles:
+    def close(self) -> list[tuple[nn.Module, _BatchNorm]]:
+        """Removes the hooks; the pairs whose conv and BatchNorm each ran exactly once."""
+        for h in self.handles:
             h.remove()
-    once = [(c, b) for c, b in pairs if calls.get(id(c)) == 1 and calls.get(id(b)) == 1]
-    return out, once
+        self.produced.clear()
+        return [(c, b) for c, b in self.pairs if self.calls.get(id(c)) == 1 and self.calls.get(id(b)) == 1]
 
 
 def _fold(conv: nn.Module, bn: _BatchNorm) -> None:
@@ -86,12 +89,25 @@ def _fold(conv: nn.Module, bn: _BatchNorm) -> None:
     conv._parameters["bias"] = ((b - mean) * scale + beta).to(dt)
 
 
-def _replace(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
+def _after_fold(bn: _BatchNorm) -> nn.Module | None:
+    """What stands in for ``bn`` once it is folded: nothing for torch's own BatchNorms; for timm's
+    ``BatchNormAct2d`` (normalise, then its ``drop`` and ``act``) those two; None (do not fold) for any other
+    subclass whose forward does more than normalise."""
+    if type(bn).forward in (nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward, _BatchNorm.forward):
+        return nn.Identity()
+    if type(bn).__name__.startswith("BatchNormAct") and isinstance(getattr(bn, "act", None), nn.Module):
+        drop = getattr(bn, "drop", None)
+        return nn.Sequential(*([drop] if isinstance(drop, nn.Module) else []), bn.act)
+    return None
+
+
+def _replace(root: nn.Module, target: nn.Module, new: nn.Module) -> bool:
     for parent in root.modules():
         for name, child in parent._modules.items():
             if child is target:
                 parent._modules[name] = new
-                return
+                return True
+    return False
 
 
 def _recast(mod: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> None:
@@ -134,20 +150,19 @@ def _out_dtype(module: nn.Module) -> torch.dtype | None:
 
 
 class _Runner(nn.Module):
-    """Runs a private copy of one frozen module under no_grad; folds its BN on the first call."""
+    """Runs a private copy of one frozen module under no_grad (folded and pre-cast once its segment is ready)."""
 
-    def __init__(self, original: nn.Module, *, fold: bool, dtype, channels_last: bool, copy_module: bool):
+    def __init__(self, original: nn.Module, segment: FrozenSegment, key: tuple[int, int], *, copy_module: bool):
         super().__init__()
         # Not registered as a submodule: the copy must not appear in state_dict, parameters or .to().
         self.__dict__["target"] = _shared_copy(original) if copy_module else original
         self.__dict__["original"] = original
-        self.fold, self.dtype, self.channels_last = fold, dtype, channels_last
+        self.__dict__["segment"] = segment
+        self.key = key  # (unit, member): where the record saw this module
         self.out_dtype = _out_dtype(original)
         self.template = None  # per-sample shapes/dtypes of the last output: placeholders on a cache hit
         self.replay = None  # set by FrozenSegment.replaying(): what to return instead of running
-        # Only a private copy may be folded or recast; the user's own modules (bn="train") never are.
-        self.prepared = not copy_module or not (fold or dtype is not None or channels_last)
-        self.folded = 0
+        self.captured = None  # set by FrozenSegment.capturing(): where the outputs of this call go
 
     @property
     def device(self) -> torch.device | None:
@@ -163,10 +178,11 @@ class _Runner(nn.Module):
             return getattr(self.__dict__["target"], name)
 
     def _cast_in(self, t: torch.Tensor) -> torch.Tensor:
+        seg = self.__dict__["segment"]
         if t.is_floating_point():
-            if self.dtype is not None:
-                t = t.to(self.dtype)
-            if self.channels_last and t.dim() == 4:
+            if seg.dtype is not None:
+                t = t.to(seg.dtype)
+            if seg.channels_last and t.dim() == 4:
                 t = t.contiguous(memory_format=torch.channels_last)
         return t
 
@@ -178,33 +194,21 @@ class _Runner(nn.Module):
     def forward(self, *args, **kwargs):
         if self.replay is not None:
             return self.replay()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in flatten_tensors((args, kwargs))):
+            # A call the record did not plan for (an input that needs a gradient): autograd through the user's
+            # own module, exactly as naive freezing runs it.
+            return self.__dict__["original"](*args, **kwargs)
+        seg = self.__dict__["segment"]
         with torch.no_grad():
-            target = self.__dict__["target"]
-            if not self.prepared:
-                out = self._prepare(target, args, kwargs)
-            else:
-                if self.dtype is not None or self.channels_last:
-                    args, kwargs = _map_tensors((args, kwargs), self._cast_in)
-                out = target(*args, **kwargs)
-            if self.dtype is not None:
+            cast = seg.prepared and (seg.dtype is not None or seg.channels_last)
+            if cast:
+                args, kwargs = _map_tensors((args, kwargs), self._cast_in)
+            out = self.__dict__["target"](*args, **kwargs)
+            if cast:
                 out = _map_tensors(out, self._cast_out)
-            self.template = _map_tensors(out, lambda t: _Slot(t.shape, t.dtype, t.device))
-            return out
-
-    def _prepare(self, target, args, kwargs):
-        # The first call runs unfolded in the model's own dtype and finds the conv->BN pairs on the way.
-        if self.fold:
-            out, pairs = _fold_pairs(target, args, kwargs)
-            for conv, bn in pairs:
-                if bn.running_mean is None or bn.training:
-                    continue
-                _fold(conv, bn)
-                _replace(target, bn, nn.Identity())
-                self.folded += 1
-        else:
-            out = target(*args, **kwargs)
-        _recast(target, self.dtype, self.channels_last)
-        self.prepared = True
+        self.template = _map_tensors(out, lambda t: _Slot(t.shape, t.dtype, t.device))
+        if self.captured is not None:
+            self.captured[self.key] = flatten_tensors(out)
         return out
 
 
@@ -235,44 +239,106 @@ def _tensor_records(modules: list[nn.Module]):
                         yield sub, kind, key, t
 
 
+def run_blocks(table: BlockTable, module_at, start: int, stop: int, y: dict[int, torch.Tensor], x=None, *,
+               keep: set[int] | None = None, free_after: dict[int, tuple[int, ...]] | None = None):
+    """Runs blocks ``start..stop-1`` as the model's own forward would (YOLO-style ``.f`` routing, else a chain):
+    the one executor for the frozen prefix and the trainable tail. ``x`` is the input of block ``start`` (else
+    ``y[start - 1]``); outputs go into ``y`` (all, or those in ``keep``) and leave it per ``free_after``."""
+    x = y.get(start - 1) if x is None else x
+    for i in range(start, stop):
+        if table.sources is not None and i > 0:
+            f = table.modules[i].f
+            if f != -1:
+                x = y[f % i] if isinstance(f, int) else [x if j == -1 else y[j % i] for j in f]
+        x = module_at(i)(x)
+        if keep is None or i in keep:
+            y[i] = x
+        for j in (free_after or {}).get(i, ()):
+            y.pop(j, None)
+    return x
+
+
 class FrozenSegment:
     """The frozen prefix of a model, run as one inference segment.
 
     ``bn="frozen"`` runs private copies (sharing the user's tensors) in eval mode with BatchNorm folded into
     the preceding convolution; ``bn="train"`` runs the user's own modules under no_grad, so batch statistics
-    are used and running statistics update exactly as in YOLOv5-style freezing.
+    are used and running statistics update exactly as in YOLOv5-style freezing. ``entries`` are the modules
+    to run, each with its record key (unit, member) and dotted name; ``cached`` the units a cache hit skips.
     """
 
-    def __init__(self, table: BlockTable, part: Partition, *, bn: str, dtype, channels_last: bool, graphs: bool):
+    def __init__(self, table: BlockTable, part: Partition, entries: list[tuple[tuple[int, int], str, nn.Module]], *,
+                 bn: str, dtype, channels_last: bool, graphs: bool, cached: set[int] = frozenset(),
+                 shared_outputs: set[tuple[int, int]] = frozenset()):
         self.table, self.part = table, part
+        self.dtype, self.channels_last, self.graphs = dtype, channels_last, graphs
         frozen_mode = bn == "frozen"
-        self.names: list[str] = []
-        self.runners: list[_Runner] = []
-        originals: list[nn.Module] = []
-        stem = table.stem if part.k else []
-        for name, m in list(stem) + list(zip(table.names[: part.k], table.modules[: part.k])):
-            r = _Runner(m, fold=frozen_mode, dtype=dtype, channels_last=channels_last, copy_module=frozen_mode)
-            if frozen_mode:
+        self.fold = frozen_mode
+        self.names = [name for _, name, _ in entries]
+        self.runners = [_Runner(m, self, key, copy_module=frozen_mode) for key, _, m in entries]
+        self.by_key = {r.key: r for r in self.runners}
+        if frozen_mode:
+            for r in self.runners:
                 r.__dict__["target"].eval()
-            self.names.append(name)
-            self.runners.append(r)
-            originals.append(m)
-        self.block_runners = self.runners[len(stem):]
-        self.graphs = graphs
+        self.block_runners = [self.by_key[(i, 0)] for i in range(part.k) if (i, 0) in self.by_key]
+        self.cached_runners = [r for r in self.runners if r.key[0] in cached]
+        self._shared_outputs = set(shared_outputs)  # runners whose output something outside their unit reads
+        # Only private copies may be folded or recast; the user's own modules (bn="train") never are.
+        self.prepared = not frozen_mode or not (self.fold or dtype is not None or channels_last)
+        self._scan: _FoldScan | None = None
+        self.folded = 0
         self._graphs: dict[tuple, tuple] = {}
+        originals = [m for _, _, m in entries]
         self._records = [(o, kind, key, t, t._version, t.data_ptr()) for o, kind, key, t in _tensor_records(originals)]
         # DDP rewrites buffers in place every step with identical values: compare those by value.
         self._buffer_values = {id(t): t.detach().clone() for _, kind, _, t, _, _ in self._records if kind == "b"}
 
     @property
-    def folded(self) -> int:
-        """How many BatchNorm layers were folded into convolutions so far."""
-        return sum(r.folded for r in self.runners)
-
-    @property
     def device(self) -> torch.device | None:
         """Where the frozen weights are (None for a segment without tensors)."""
         return self._records[0][3].device if self._records else None
+
+    # -- preparing: the first call runs unfolded, in the model's dtype, and finds the conv->BN pairs ---------
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Around the first call through the runners: afterwards BatchNorm is folded and weights pre-cast."""
+        if self.prepared:
+            yield
+            return
+        self._scan = _FoldScan([r.__dict__["target"] for r in self.runners]) if self.fold else None
+        try:
+            yield
+        except BaseException:
+            if self._scan is not None:
+                self._scan.close()
+                self._scan = None
+            raise
+        self._finish()
+
+    def _finish(self) -> None:
+        pairs = self._scan.close() if self._scan is not None else []
+        self._scan = None
+        owner = {id(m): r for r in self.runners for m in r.__dict__["target"].modules()}
+        for conv, bn in pairs:
+            conv_runner, bn_runner = owner.get(id(conv)), owner.get(id(bn))
+            if bn.running_mean is None or bn.training or conv_runner is None or bn_runner is None:
+                continue
+            if conv_runner is not bn_runner and (
+                conv_runner.__dict__["target"] is not conv or conv_runner.key in self._shared_outputs
+            ):
+                continue  # the conv's output is also read elsewhere: folding would change what that reads
+            rest = _after_fold(bn)
+            if rest is None:
+                continue
+            _fold(conv, bn)
+            if bn_runner.__dict__["target"] is bn:
+                bn_runner.__dict__["target"] = rest
+            else:
+                _replace(bn_runner.__dict__["target"], bn, rest)
+            self.folded += 1
+        for r in self.runners:
+            _recast(r.__dict__["target"], self.dtype, self.channels_last)
+        self.prepared = True
 
     def move(self, device: torch.device) -> None:
         """Moves the frozen weights (the user's tensors, keeping their identity) and the private copies."""
@@ -311,26 +377,50 @@ class FrozenSegment:
 
     @property
     def can_replay(self) -> bool:
-        """True once every runner has run (so placeholders of the right shapes can stand in for it)."""
-        return all(r.template is not None for r in self.runners)
+        """True once every runner a cache hit skips has run (so its output structure is known)."""
+        return bool(self.cached_runners) and all(r.template is not None for r in self.cached_runners)
 
     @contextlib.contextmanager
-    def replaying(self, batch: int, boundary: list[torch.Tensor]) -> Iterator[None]:
-        """While active, the runners skip their work: the last returns ``boundary`` in its recorded structure,
-        the others zero-cost placeholders of the right shapes for the model's glue code."""
+    def replaying(self, batch: int, rows: dict[tuple[int, int, int], torch.Tensor]) -> Iterator[None]:
+        """While active, the runners a cache hit skips return instead of running: ``rows`` (real tensors) for
+        every output something outside the skipped part reads, a zero-cost placeholder of the recorded shape
+        for outputs only the skipped part itself reads (it never looks at them)."""
+
+        def replay(r: _Runner):
+            n = iter(range(1 << 30))
+
+            def slot(s: _Slot):
+                got = rows.get((*r.key, next(n)))
+                return got if got is not None else s.placeholder(batch)
+
+            return _map_slots(r.template, slot)
+
         try:
-            for r in self.runners[:-1]:
-                r.replay = lambda r=r: _map_slots(r.template, lambda s: s.placeholder(batch))
-            last = self.runners[-1]
-            last.replay = lambda: rebuild(last.template, boundary)
+            for r in self.cached_runners:
+                r.replay = lambda r=r: replay(r)
             yield
         finally:
-            for r in self.runners:
+            for r in self.cached_runners:
                 r.replay = None
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[dict[tuple[int, int], list[torch.Tensor]]]:
+        """While active, the outputs of the runners a cache hit skips are collected, by record key."""
+        got: dict[tuple[int, int], list[torch.Tensor]] = {}
+        try:
+            for r in self.cached_runners:
+                r.captured = got
+            yield got
+        finally:
+            for r in self.cached_runners:
+                r.captured = None
 
     # -- driven mode: freezert runs the block graph itself and returns the boundary tensors --------------
     def run(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Runs the prefix on ``x``; returns ``{block index: output}`` for the boundary blocks."""
+        if not self.prepared:
+            with self.preparing():
+                return self._run_eager(x)
         if self.graphs and x.is_cuda:
             return self._run_graphed(x)
         return self._run_eager(x)
@@ -342,22 +432,8 @@ class FrozenSegment:
 
     def _run_eager(self, x, start: int = 0, y: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         y = {} if y is None else dict(y)
-        sources = self.table.sources
-        for i in range(start, len(self.block_runners)):
-            r = self.block_runners[i]
-            if i == 0:
-                inp = x
-            elif sources is None:
-                inp = y[i - 1]
-            else:
-                f = self.table.modules[i].f
-                if isinstance(f, int):
-                    inp = y[i - 1 if f == -1 else f]
-                else:
-                    inp = [y[i - 1 if j == -1 else j] for j in f]
-            y[i] = r(inp)
-            for j in self.part.free_after.get(i, ()):
-                y.pop(j, None)
+        runners = self.block_runners
+        run_blocks(self.table, runners.__getitem__, start, len(runners), y, x, free_after=self.part.free_after)
         return {j: y[j] for j in self.part.boundary}
 
     def _run_graphed(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -368,7 +444,7 @@ class FrozenSegment:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(3):  # the first warm-up call also folds BN, outside the capture
+                for _ in range(3):
                     self._run_eager(static_in)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()

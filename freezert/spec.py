@@ -36,16 +36,20 @@ def _match_prefix(prefix: str, table: BlockTable) -> list[int]:
     if hits:
         return hits
     inside = [n for n in table.names if parts[: len(n.split("."))] == n.split(".")]
+    inside += [
+        table.names[i] for i, ms in enumerate(table.members) if len(ms) > 1
+        for mn, _ in ms if parts[: len(mn.split("."))] == mn.split(".")
+    ]
     if inside:
         raise FreezeError(
             f"freeze name {prefix!r} points inside block {inside[0]!r}; freezing works on whole blocks: "
             f"name {inside[0]!r} instead"
         )
-    stem = [n for n, _ in table.stem if parts[: len(n.split("."))] == n.split(".")]
-    if stem:
+    outside = [n for n, _ in list(table.stem) + list(table.candidates) if parts[: len(n.split("."))] == n.split(".")]
+    if outside:
         raise FreezeError(
-            f"freeze name {prefix!r} is part of the stem that runs before block 0 and is frozen with it; "
-            f"freeze block {table.names[0]!r} (freeze=1) instead"
+            f"freeze name {prefix!r} is {outside[0]!r}, a module outside the blocks: what runs before block 0 is the "
+            f"stem and is frozen with block {table.names[0]!r} (freeze=1), the rest is the trainable head; name blocks"
         )
     raise FreezeError(f"freeze name {prefix!r} matches no block; the model has {_listing(table)}")
 
@@ -71,6 +75,11 @@ def resolve(freeze, table: BlockTable) -> list[int]:
         return _check_not_all(_match_prefix(freeze, table), table, f"freeze={freeze!r}")
     if callable(freeze):
         idx = [i for i, (name, m) in enumerate(zip(table.names, table.modules)) if freeze(name, m)]
+        if not idx:  # as a name that matches nothing: a silent no-op would train what the user meant to freeze
+            raise FreezeError(
+                f"the freeze predicate matches no block; the model has {_listing(table)}: it is called with each "
+                "block's (name, module), or pass freeze=0 to freeze nothing"
+            )
         return _check_not_all(idx, table, "the freeze predicate")
     if isinstance(freeze, Sequence):
         items = list(freeze)
@@ -89,6 +98,27 @@ def resolve(freeze, table: BlockTable) -> list[int]:
         f"freeze={freeze!r} ({type(freeze).__name__}) is not understood; pass an int, a list of ints, "
         "name prefix(es), a fraction in (0, 1], a predicate (name, module) -> bool, or None"
     )
+
+
+def resolve_params(also_freeze, model: torch.nn.Module, table: BlockTable) -> list[torch.nn.Parameter]:
+    """The parameters ``also_freeze=`` names (prefixes of parameter names, on whole dotted components)."""
+    if also_freeze is None:
+        return []
+    items = [also_freeze] if isinstance(also_freeze, str) else also_freeze
+    if not isinstance(items, Sequence) or not all(isinstance(x, str) for x in items):
+        raise FreezeError(f"also_freeze={also_freeze!r} must be a parameter name or a list of them, e.g. ['cls_token']")
+    named = list(model.named_parameters())
+    out: dict[int, torch.nn.Parameter] = {}
+    for item in items:
+        parts = strip_wrapper_prefix(item).strip(".").split(".")
+        hits = [p for n, p in named if n.split(".")[: len(parts)] == parts]
+        if not hits:
+            direct = ", ".join(n for n, _ in table.direct_parameters(model)) or "none"
+            raise FreezeError(
+                f"also_freeze name {item!r} matches no parameter; parameters outside every block and stem: {direct}"
+            )
+        out.update((id(p), p) for p in hits)
+    return list(out.values())
 
 
 def prefix_length(frozen: list[int]) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+import warnings
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -10,10 +13,15 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import spec as _spec
-from ._errors import CacheError, FreezeError
+from ._errors import CacheError, FreezeError, FreezeWarning
 from .blocks import BlockTable, block_table
-from .partition import Partition, partition
-from .segment import FrozenSegment, flatten_tensors
+from .partition import Partition, partition, plan
+from .record import record
+from .segment import FrozenSegment, flatten_tensors, run_blocks
+
+# Models wrapped by a live FrozenModel: a second wrap of the same model would fight the first over
+# requires_grad flags and BatchNorm modes, and unwrapping both would leave parameters frozen.
+_LIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _bn_modules(modules) -> Iterator[_BatchNorm]:
@@ -36,6 +44,7 @@ class FrozenModel(nn.Module):
         freeze=10,
         *,
         blocks: str | None = None,
+        also_freeze=None,
         bn: str = "frozen",
         dtype: torch.dtype | None = None,
         channels_last: bool = False,
@@ -47,6 +56,17 @@ class FrozenModel(nn.Module):
         super().__init__()
         if isinstance(model, FrozenModel):
             raise FreezeError("the model is already a FrozenModel; wrap the plain model (fm.unwrap()) instead")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise FreezeError(
+                f"the model is wrapped in {type(model).__name__}; wrap the plain model first and then that: "
+                f"{type(model).__name__}(freezert.wrap(model, ...))"
+            )
+        owner = _LIVE.get(model)
+        if owner is not None and owner() is not None and not owner()._unwrapped:
+            raise FreezeError(
+                "this model is already wrapped by a live FrozenModel; use that one (fm.set_freeze(...) changes what is "
+                "frozen) or call fm.unwrap() before wrapping it again"
+            )
         _spec.check_options(bn, dtype, channels_last, graphs)
         if kernels not in ("auto", True, False):
             raise FreezeError(f"kernels={kernels!r} is not understood; pass 'auto' (CUDA only), True or False")
@@ -61,11 +81,18 @@ class FrozenModel(nn.Module):
         frozen = _spec.resolve(freeze, table)
         self.model = model
         self.bn, self.dtype, self.channels_last, self.graphs = bn, dtype, channels_last, graphs
+        self._registered: BlockTable = table  # registration order; the record may reorder it (forward order)
         self._table: BlockTable = table
+        self._freeze_arg = freeze
+        self._also = _spec.resolve_params(also_freeze, model, table)
         self._params = list(model.parameters())
         self._requires_grad = [p.requires_grad for p in self._params]
+        self._root_training = model.training
+        self._forced_bn: dict[int, tuple[nn.Module, bool]] = {}  # BatchNorms set to eval by freezert: their own mode
         self._save = table.save
         self._segment: FrozenSegment | None = None
+        self._plan_sig = None  # swap mode: the input structure the current plan was recorded for
+        self._warned: set = set()
         self._unwrapped = False
         self._cache = _make_cache(cache, bn)
         self._cache_sig = None  # (weights token, input signature) the cache is bound for
@@ -75,25 +102,31 @@ class FrozenModel(nn.Module):
         self._offloaded_from: torch.device | None = None  # where the frozen weights live when not offloaded
         self.offloads = 0
         self._set_frozen(frozen)
+        _LIVE[model] = weakref.ref(self)
         if self.schedule is not None:
             # The schedule changes the frozen set through set_freeze(); bind the optimizer later with
             # fm.schedule.attach(optimizer=opt) and advance it with fm.schedule.step(progress).
             self.schedule.attach(self)
 
     # -- the frozen set --------------------------------------------------------------------------------
+    @property
+    def _driven(self) -> bool:
+        """YOLO-style graphs and root ``nn.Sequential``s: freezert runs the block graph itself (no record)."""
+        return self._table.kind in ("yolo", "sequential")
+
     def _frozen_named(self) -> list[tuple[str, nn.Module]]:
-        """Frozen blocks, plus the stem when block 0 is frozen, as (dotted name, module)."""
+        """Modules of the frozen blocks, plus the stem when block 0 is frozen, as (dotted name, module)."""
         t = self._table
-        named = [(t.names[i], t.modules[i]) for i in self._part.frozen]
+        named = [nm for i in self._part.frozen for nm in t.members[i]]
         return named + (list(t.stem) if 0 in self._part.frozen else [])
 
     def _frozen_modules(self) -> list[nn.Module]:
         return [m for _, m in self._frozen_named()]
 
-    def _set_frozen(self, frozen: list[int]) -> None:
+    def _set_frozen(self, frozen: list[int], part: Partition | None = None) -> None:
         k = _spec.prefix_length(frozen)
-        self._part: Partition = partition(self._table, frozen, k)
-        frozen_ids = {id(p) for m in self._frozen_modules() for p in m.parameters()}
+        self._part: Partition = part if part is not None else partition(self._table, frozen, k)
+        frozen_ids = {id(p) for m in self._frozen_modules() for p in m.parameters()} | {id(p) for p in self._also}
         for p, rg in zip(self._params, self._requires_grad):
             p.requires_grad_(rg and id(p) not in frozen_ids)
         self._segment = None
@@ -103,6 +136,8 @@ class FrozenModel(nn.Module):
     def set_freeze(self, freeze) -> None:
         """Changes the frozen set (anything ``freeze=`` accepts); parameters keep their identity."""
         self._check_live()
+        self._freeze_arg = freeze
+        self._plan_sig = None  # swap mode: recorded again at the next forward
         self._set_frozen(_spec.resolve(freeze, self._table))
 
     def freeze_state_dict(self) -> dict:
@@ -119,17 +154,106 @@ class FrozenModel(nn.Module):
         else:
             self.set_freeze(list(state["frozen"]))
 
+    def _own_mode(self, m: nn.Module, before: bool) -> bool:
+        """The mode a BatchNorm freezert no longer forces goes back to: its own from before the wrap while the
+        model's mode is unchanged since then, else the model's current mode."""
+        return before if self.model.training == self._root_training else self.model.training
+
     def _enforce_bn_modes(self) -> None:
-        training = self.model.training
-        frozen = set(map(id, _bn_modules(self._frozen_modules()))) if self.bn == "frozen" else set()
-        for m in _bn_modules([self.model]):
-            m.train(training and id(m) not in frozen)
+        # Only frozen BatchNorms are touched (eval: fixed statistics); trainable ones keep the user's modes.
+        frozen = {id(m): m for m in _bn_modules(self._frozen_modules())} if self.bn == "frozen" else {}
+        for key in [k for k in self._forced_bn if k not in frozen]:
+            m, before = self._forced_bn.pop(key)
+            m.train(self._own_mode(m, before))
+        for key, m in frozen.items():
+            if key not in self._forced_bn:
+                self._forced_bn[key] = (m, m.training)
+            m.train(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
         if not self._unwrapped:
             self._enforce_bn_modes()  # .train() must not undo frozen BatchNorm (pytorch#66073)
         return self
+
+    # -- the plan: recorded from one forward (swap mode) -----------------------------------------------------
+    def _replan(self, args, kwargs) -> None:
+        """Records one forward and plans from it: forward order, the stem, eager blocks, the boundary."""
+        table = self._registered
+        frozen = _spec.resolve(self._freeze_arg, table)
+        rec = self._record(table, frozen, args, kwargs)
+        seen = [min((rec.first_call.get(n, 1 << 30) for n, _ in ms), default=1 << 30) for ms in table.members]
+        order = sorted(range(len(table)), key=lambda i: (seen[i], i))
+        if order != list(range(len(table))):  # forward order differs from registration order
+            table = table.reordered(order)
+            frozen = _spec.resolve(self._freeze_arg, table)
+            rec = self._record(table, frozen, args, kwargs)
+        n = len(table)
+        stem_units = sorted(
+            (n + c for c, (name, _) in enumerate(table.candidates) if name in rec.before_first_block),
+            key=lambda u: rec.first_call.get(table.candidates[u - n][0], 0),
+        )
+        table.stem = [table.candidates[u - n] for u in stem_units]
+        also = {id(p) for p in self._also}
+        direct = [name for name, p in table.direct_parameters(self.model) if p.requires_grad and id(p) not in also]
+        # Direct parameters only feed what runs after them; which ones reach the frozen blocks is in the record.
+        k = _spec.prefix_length(frozen)
+        part = plan(table, rec, frozen, k, stem_units if k else [], direct)
+        self._table, self._save = table, table.save
+        self._rec = rec
+        self._set_frozen(frozen, part)
+        self._warn_eager(part, direct)
+
+    def plan(self, *args, **kwargs) -> FrozenModel:
+        """Records one forward on these example inputs and plans from it now (else the first call does): the
+        stem is frozen, forward order and eager blocks are known. Nothing the model holds changes. Returns self."""
+        self._check_live()
+        if self._part.frozen and not self._driven:
+            self._replan(args, kwargs)
+            self._plan_sig = _structure(args, kwargs)
+        return self
+
+    def _record(self, table: BlockTable, frozen: list[int], args, kwargs):
+        """One observed forward with only the parameters that will train requiring grad."""
+        frozen_modules = [m for i in frozen for _, m in table.members[i]] + [m for _, m in table.candidates]
+        off = {id(p) for m in frozen_modules for p in m.parameters()} | {id(p) for p in self._also}
+        keep = {id(p) for p, rg in zip(self._params, self._requires_grad) if rg and id(p) not in off}
+        frozen_bn = [m for i in frozen for _, mod in table.members[i] for m in mod.modules() if isinstance(m, _BatchNorm)]
+        modes = [(m, m.training) for m in frozen_bn]
+        try:
+            if self.bn == "frozen":
+                for m in frozen_bn:
+                    m.train(False)
+            with torch.enable_grad():
+                rec, _ = record(self.model, table, set(frozen), args, kwargs, keep)
+        finally:
+            for m, mode in modes:
+                m.train(mode)
+        return rec
+
+    def _warn_eager(self, part: Partition, direct: list[str]) -> None:
+        eager = [i for i in part.eager if i < part.k]
+        if not eager or tuple(eager) in self._warned:
+            return
+        self._warned.add(tuple(eager))
+        names = [self._table.names[i] for i in eager]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        reason = part.eager[eager[0]]
+        fix = (
+            f"freeze those too to run them as inference: wrap(model, freeze=..., also_freeze={direct!r})"
+            if direct and "parameters that still train" in reason
+            else "freeze what feeds them, or accept the eager run"
+        )
+        warnings.warn(
+            f"freezert runs frozen block(s) {shown} eagerly, with autograd, because {reason}; {fix}.",
+            FreezeWarning,
+            stacklevel=_user_stacklevel(),
+        )
+
+    @property
+    def eager_blocks(self) -> dict[str, str]:
+        """Frozen blocks that run eagerly (autograd through them, no segment, no cache), each with why."""
+        return {self._table.names[i]: why for i, why in self._part.eager.items()}
 
     # -- introspection -----------------------------------------------------------------------------------
     @property
@@ -144,7 +268,10 @@ class FrozenModel(nn.Module):
 
     @property
     def boundary(self) -> list[int]:
-        """Prefix blocks whose outputs the trainable part reads."""
+        """Prefix blocks whose outputs the trainable part reads (with a recorded plan: the blocks whose outputs
+        a cache stores)."""
+        if self._part.replay:
+            return sorted({u for u, _, _ in self._part.replay if u < len(self._table)})
         return list(self._part.boundary)
 
     @property
@@ -167,24 +294,26 @@ class FrozenModel(nn.Module):
         return [p for p in self._params if p.requires_grad]
 
     def frozen_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the frozen blocks (and of the stem when block 0 is frozen)."""
+        """Parameters freezert froze: the frozen blocks', the stem's when block 0 is frozen, and ``also_freeze``."""
         ids: set[int] = set()
         out = []
-        for m in self._frozen_modules():
-            for p in m.parameters():
-                if id(p) not in ids:
-                    ids.add(id(p))
-                    out.append(p)
+        for p in [p for m in self._frozen_modules() for p in m.parameters()] + list(self._also):
+            if id(p) not in ids:
+                ids.add(id(p))
+                out.append(p)
         return out
 
     def unwrap(self) -> nn.Module:
         """Gives the user's model back with its original ``requires_grad`` flags and BatchNorm modes."""
         for p, rg in zip(self._params, self._requires_grad):
             p.requires_grad_(rg)
-        for m in _bn_modules([self.model]):
-            m.train(self.model.training)
+        for m, before in self._forced_bn.values():
+            m.train(self._own_mode(m, before))
+        self._forced_bn.clear()
         self._segment = None
         self._unwrapped = True
+        if _LIVE.get(self.model) is not None and _LIVE[self.model]() is self:
+            del _LIVE[self.model]
         return self.model
 
     def _check_live(self) -> None:
@@ -196,19 +325,33 @@ class FrozenModel(nn.Module):
         seg = self._segment
         if seg is None or seg.is_stale():
             self._weights_token += 1
+            t, part = self._table, self._part
+            if self._driven:
+                entries = [((i, 0), t.names[i], t.modules[i]) for i in range(part.k)]
+                cached, shared = set(range(part.k)), set()
+            else:
+                n = len(t)
+                stem = [((u, 0), t.candidates[u - n][0], t.candidates[u - n][1]) for u in part.stem_units]
+                blocks = [((i, j), name, m) for i in part.segment for j, (name, m) in enumerate(t.members[i])]
+                entries = stem + blocks
+                cached = set(range(part.cached)) | (set(part.stem_units) if part.cached else set())
+                rec = self._rec
+                shared = {(u, j) for (u, j, idx), ctx in rec.consumers.items() if idx == 0 and ctx - {u}}
             seg = self._segment = FrozenSegment(
-                self._table,
-                self._part,
-                bn=self.bn,
-                dtype=self.dtype,
-                channels_last=self.channels_last,
-                graphs=self.graphs,
+                t, part, entries, bn=self.bn, dtype=self.dtype, channels_last=self.channels_last,
+                graphs=self.graphs, cached=cached, shared_outputs=shared,
             )
         return seg
 
     def forward(self, *args, cache_ids=None, **kwargs):
         self._check_live()
         inputs = flatten_tensors((args, kwargs))  # once per call: kernels, grad check and cache keys read it
+        if self._part.frozen and not self._is_driven_call(args, kwargs):
+            if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+                sig = _structure(args, kwargs)
+                if self._plan_sig != sig:  # first call, a new kind of call, or a new freeze: record and plan
+                    self._replan(args, kwargs)
+                    self._plan_sig = sig
         plan = self._kernels_for(inputs)
         if not plan:
             return self._forward(args, kwargs, cache_ids, inputs)
@@ -216,6 +359,9 @@ class FrozenModel(nn.Module):
 
         with swapped(self.model, plan):
             return self._forward(args, kwargs, cache_ids, inputs)
+
+    def _is_driven_call(self, args, kwargs) -> bool:
+        return self._driven and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
 
     def _kernels_for(self, inputs: list[torch.Tensor]) -> list:
         """The trainable part's Conv-BN-act blocks and LayerNorms to run through freezert.ops (CUDA, or forced)."""
@@ -238,9 +384,7 @@ class FrozenModel(nn.Module):
     def _forward(self, args, kwargs, cache_ids, inputs: list[torch.Tensor]):
         if cache_ids is not None and self._cache is None:
             raise CacheError("cache_ids= was given but this model has no cache; wrap it with cache='fp16' (or True)")
-        if self._part.k == 0:
-            # Under a schedule the prefix may be empty for a while (Linear before freeze_start): nothing to cache
-            # yet, so run plainly; a fixed freeze= without a prefix can never use the cache: say so.
+        if not self._part.frozen:
             if self._cache is not None and self.schedule is None:
                 raise CacheError("cache= needs frozen blocks from block 0 on (a frozen prefix); freeze=N with N >= 1")
             return self.model(*args, **kwargs)
@@ -248,40 +392,75 @@ class FrozenModel(nn.Module):
             # An input that needs a gradient (saliency, adversarial examples) must get it through the frozen
             # blocks too, as with naive freezing: no inference segment, no cache for this call.
             return self.model(*args, **kwargs)
+        driven = self._is_driven_call(args, kwargs)
+        if self._part.k == 0:
+            # Under a schedule the prefix may be empty for a while (Linear before freeze_start): nothing to cache
+            # yet, so run plainly; a fixed freeze= without a prefix can never use the cache: say so.
+            if self._cache is not None and self.schedule is None:
+                raise CacheError("cache= needs frozen blocks from block 0 on (a frozen prefix); freeze=N with N >= 1")
+            return self.model(*args, **kwargs)
         seg = self._ensure_segment()
-        driven = self._table.kind in ("yolo", "sequential") and len(args) == 1 and not kwargs
-        driven = driven and isinstance(args[0], torch.Tensor)
         if self._cache is not None:
-            return self._forward_cached(seg, driven, args, kwargs, cache_ids, inputs)
+            if driven or self._part.cached:
+                return self._forward_cached(seg, driven, args, kwargs, cache_ids, inputs)
+            if "cache" not in self._warned:
+                self._warned.add("cache")
+                warnings.warn(
+                    f"the feature cache is not used: block {self._table.names[0]!r} runs eagerly "
+                    f"({self._part.eager.get(0, 'it needs autograd')}), so nothing before it can be skipped",
+                    FreezeWarning,
+                    stacklevel=_user_stacklevel(),
+                )
         if driven:
             return self._run_tail(seg.run(args[0]))
-        with seg.swapped(self.model):
+        with seg.preparing(), seg.swapped(self.model):
             return self.model(*args, **kwargs)
 
     # -- the feature cache ---------------------------------------------------------------------------------
-    def _batch_tensors(self, inputs: list[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
+    def _keys(self, args, kwargs, inputs: list[torch.Tensor], cache_ids):
+        """(batch size, the batch-first input tensors, one int64 key per sample, content hashes or None).
+
+        A key covers every input of the call: batch-first tensors row by row, everything else (tensors of another
+        size, scalars, strings, the call's structure) by value, mixed into every row's key. An input that cannot be
+        keyed by value is refused: a cache must never serve rows computed from other inputs. With ``cache_ids``
+        the ids are the keys and the content hash goes beside each row, so a changed input (augmentation) is seen.
+        """
         tensors = [t for t in inputs if t.dim() > 0]
         if not tensors:
             raise CacheError("the cache keys samples by their input tensors, but this call passed none")
         batch = tensors[0].shape[0]
-        return batch, [t for t in tensors if t.shape[0] == batch]
-
-    def _keys(self, batch: int, tensors: list[torch.Tensor], cache_ids) -> torch.Tensor:
-        if cache_ids is not None:
-            ids = torch.as_tensor(cache_ids).reshape(-1)
-            if ids.is_floating_point() or ids.dtype == torch.bool or ids.numel() != batch:
-                raise CacheError(
-                    f"cache_ids must hold one integer id per sample ({batch}), got {ids.numel()} of {ids.dtype}; "
-                    "pass the dataset indices of the batch"
-                )
-            return ids.to(torch.int64).cpu()
+        rows = [t for t in tensors if t.shape[0] == batch]
         from ._native import hash_rows
 
-        key = None
-        for t in tensors:
-            h = hash_rows(t).cpu()
-            key = h if key is None else key * 1099511628211 + h  # int64 arithmetic wraps: a 64-bit mix
-        return key
+        h = hashlib.blake2b(digest_size=8)
+        others = [t for t in inputs if t.dim() == 0 or t.shape[0] != batch]
+        _digest_structure(h, (args, kwargs))
+        for t in others:
+            h.update(str((tuple(t.shape), t.dtype)).encode())
+            h.update(int(hash_rows(t.reshape(1, -1)).cpu()[0]).to_bytes(8, "little", signed=True))
+        glob = int.from_bytes(h.digest(), "little", signed=True)
+        plain = not others and _plain_structure(args, kwargs)
+        content = None
+        for t in rows:
+            r = hash_rows(t).cpu()
+            content = r if content is None else content * 1099511628211 + r  # int64 arithmetic wraps: a 64-bit mix
+        if not plain:  # other inputs reach the model: they are part of every sample's key
+            content = content * 1099511628211 + glob
+        if cache_ids is None:
+            return batch, rows, content, None
+        try:
+            ids = torch.as_tensor(cache_ids).reshape(-1)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            ids = None
+        if ids is None or ids.is_floating_point() or ids.dtype == torch.bool or ids.numel() != batch:
+            raise CacheError(
+                f"cache_ids must hold one integer id per sample ({batch}) within int64; got {str(cache_ids)[:60]}; "
+                "pass the dataset indices of the batch"
+            )
+        key = ids.to(torch.int64).cpu()
+        if not plain:
+            key = key * 1099511628211 + glob
+        return batch, rows, key, content
 
     def _prefix_fingerprint(self, k: int, sig) -> str:
         """The cache fingerprint of the prefix ``0..k-1`` (stem included) as its weights are now."""
@@ -345,55 +524,53 @@ class FrozenModel(nn.Module):
         return self._cache_sig == (self._weights_token, _input_sig(tensors))
 
     def _forward_cached(self, seg: FrozenSegment, driven: bool, args, kwargs, cache_ids, inputs):
-        batch, tensors = self._batch_tensors(inputs)
-        keys = self._keys(batch, tensors, cache_ids)
-        ids_mode = cache_ids is not None
+        batch, tensors, keys, content = self._keys(args, kwargs, inputs, cache_ids)
         if driven:
-            return self._run_tail(self._cached_boundary(seg, args[0], keys, tensors, ids_mode))
-        # swap mode: the model's own forward runs; on a full hit the runners replay the cached boundary.
-        if self._cache_bound(tensors) and seg.can_replay and bool(self._cache.lookup(keys).all()):
-            boundary = self._get_or_none(keys, seg.runners[-1].device)  # decoded to the layout's dtypes
-            if boundary is not None:
+            return self._run_tail(self._cached_boundary(seg, args[0], keys, tensors, content))
+        # swap mode: the model's own forward runs; on a full hit the runners of the cached part replay the stored
+        # boundary (every output of theirs that anything else reads) and run nothing.
+        order = self._part.replay
+        hit = None
+        if self._cache_bound(tensors) and seg.can_replay:
+            hit, rows = self._cache.fetch(keys, seg.cached_runners[-1].device, content=content)
+            if bool(hit.all()):
                 self._maybe_offload(seg)
-                with seg.swapped(self.model), seg.replaying(batch, boundary):
+                with seg.swapped(self.model), seg.replaying(batch, dict(zip(order, rows))):
                     return self.model(*args, **kwargs)
         self._restore_offloaded(seg)
-        captured: list = []
+        first = seg.cached_runners[0]
         started: list[float] = []
-        handles = [
-            seg.runners[0].register_forward_pre_hook(lambda m, a: started.append(time.perf_counter())),
-            seg.runners[-1].register_forward_hook(lambda m, a, out: captured.append((time.perf_counter(), out))),
-        ]
+        handle = first.register_forward_pre_hook(lambda m, a: started.append(time.perf_counter()))
         try:
-            with seg.swapped(self.model):
+            with seg.preparing(), seg.capturing() as got, seg.swapped(self.model):
                 out = self.model(*args, **kwargs)
         finally:
-            for h in handles:
-                h.remove()
-        self._cache.note_segment_time(captured[-1][0] - started[0], batch)
-        produced = flatten_tensors(captured[-1][1])
-        if any(t.dim() == 0 or t.shape[0] != batch for t in produced):
+            handle.remove()
+        if started:
+            self._cache.note_segment_time(time.perf_counter() - started[0], batch)
+        produced = [got[(u, j)][n] for u, j, n in order]
+        bad = [self._unit_name(u) for (u, _, _), t in zip(order, produced) if t.dim() == 0 or t.shape[0] != batch]
+        if not produced or bad:
             raise CacheError(
-                f"block {seg.names[-1]!r} returns tensors without the batch dimension ({batch}) first, so its "
-                "outputs cannot be cached per sample; cache a different cut (freeze=) or drop cache="
+                f"{(bad or [self._table.names[0]])[0]!r} hands the trainable part tensors without the batch dimension "
+                f"({batch}) first, so they cannot be cached per sample; cache a different cut (freeze=) or drop cache="
             )
-        self._bind_cache(seg, tensors, ids_mode, lambda: produced)
-        hit = self._cache.lookup(keys)
+        if hit is None:  # first call since the binding changed: which samples does the store already hold?
+            self._bind_cache(seg, tensors, content is not None, lambda: produced)
+            hit, _ = self._cache.fetch(keys, produced[0].device, content=content)
         if not bool(hit.all()):
             miss = (~hit).nonzero().squeeze(1)
-            self._cache.put(keys[miss], [t[miss.to(t.device)] for t in produced])
+            self._cache.put(
+                keys[miss], [t.detach()[miss.to(t.device)] for t in produced],
+                content=None if content is None else content[miss],
+            )
         return out
 
-    def _get_or_none(self, keys, device) -> list[torch.Tensor] | None:
-        """Cached rows for ``keys``, or None when a disk record failed its checksum (it is dropped: recompute)."""
-        from .cache import _Recompute
+    def _unit_name(self, u: int) -> str:
+        n = len(self._table)
+        return self._table.names[u] if u < n else self._table.candidates[u - n][0]
 
-        try:
-            return self._cache.get(keys, device)
-        except _Recompute:
-            return None
-
-    def _cached_boundary(self, seg: FrozenSegment, x: torch.Tensor, keys, tensors, ids_mode: bool):
+    def _cached_boundary(self, seg: FrozenSegment, x: torch.Tensor, keys, tensors, content):
         cache, order = self._cache, self._part.boundary
 
         def probe():
@@ -402,28 +579,21 @@ class FrozenModel(nn.Module):
                 y = seg.run(x[:1])  # learns the boundary layout (once per segment build)
             return [y[j] for j in order]
 
-        self._bind_cache(seg, tensors, ids_mode, probe, driven=True)
-        hit = cache.lookup(keys)
+        self._bind_cache(seg, tensors, content is not None, probe, driven=True)
+        hit, got = cache.fetch(keys, x.device, content=content)  # decoded to the segment outputs' dtypes
         n_hit = int(hit.sum())
         if n_hit == len(keys):
-            got = self._get_or_none(keys, x.device)  # decoded to the layout's dtypes: the segment's outputs'
-            if got is not None:
-                self._maybe_offload(seg)
-                return dict(zip(order, got))
-            hit = cache.lookup(keys)  # the records that failed verification are gone now: misses
-            n_hit = int(hit.sum())
+            self._maybe_offload(seg)
+            return dict(zip(order, got))
         self._restore_offloaded(seg)
         miss = (~hit).nonzero().squeeze(1)
         t0 = time.perf_counter()
         fresh = seg.run(x if n_hit == 0 else x[miss.to(x.device)])
         cache.note_segment_time(time.perf_counter() - t0, len(miss))
-        cache.put(keys[miss], [fresh[j] for j in order])
+        cache.put(keys[miss], [fresh[j] for j in order], content=None if content is None else content[miss])
         if n_hit == 0:
             return fresh
         hits = hit.nonzero().squeeze(1)
-        got = self._get_or_none(keys[hits], x.device)
-        if got is None:  # a stored record went bad after the lookup verified it: compute the whole batch
-            return seg.run(x)
         out = {}
         for j, g in zip(order, got):
             f = fresh[j]
@@ -453,15 +623,8 @@ class FrozenModel(nn.Module):
         """Runs blocks k.. on the boundary tensors, following ``.f`` for YOLO-style graphs."""
         t, k = self._table, self._part.k
         container = self.model.get_submodule(t.path) if t.path else self.model
-        x = y.get(k - 1)
-        for i in range(k, len(t)):
-            m = container._modules[t.keys[i]]  # looked up now: kernel substitution may have swapped it
-            if t.kind == "yolo" and m.f != -1:
-                x = y[m.f % i] if isinstance(m.f, int) else [x if j == -1 else y[j % i] for j in m.f]
-            x = m(x)
-            if i in self._save:
-                y[i] = x
-        return x
+        # Looked up at call time: kernel substitution may have swapped a block.
+        return run_blocks(t, lambda i: container._modules[t.keys[i]], k, len(t), y, keep=self._save)
 
     # -- transparency: trainers look for the user's model and its attributes ------------------------------
     @property
@@ -501,9 +664,78 @@ class FrozenModel(nn.Module):
         state["_segment"] = None  # rebuilt lazily after unpickling / deep-copying
         return state
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if not self._unwrapped:
+            _LIVE[self.model] = weakref.ref(self)  # the copy owns the copied model
+
+    def inspect(self) -> str:
+        """This model's block table and plan (``freezert.inspect``)."""
+        return _describe(self)
+
+    def _describe(self) -> str:
+        return _describe(self)
+
     def extra_repr(self) -> str:
         p = self._part
         return f"frozen={list(p.frozen)}, prefix={p.k}, boundary={list(p.boundary)}, bn={self.bn!r}"
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line (past freezert's and torch.nn's frames)."""
+    import os
+    import sys
+
+    skip = (os.path.dirname(__file__), os.path.dirname(nn.__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+_PRIMITIVES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format)
+
+
+def _structure(args, kwargs) -> tuple:
+    """What a plan depends on in a call: positions, keyword names, each tensor's rank and dtype, other types."""
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            return ("T", obj.dim(), obj.dtype)
+        if isinstance(obj, dict):
+            return ("D", tuple((k, walk(v)) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))))
+        if isinstance(obj, (list, tuple)):
+            return ("L", tuple(walk(v) for v in obj))
+        return type(obj).__name__
+
+    return walk((args, kwargs))
+
+
+def _digest_structure(h, obj, path: str = "input") -> None:
+    """Feeds the call's structure and every non-tensor value into ``h``; refuses values it cannot key."""
+    if isinstance(obj, torch.Tensor):
+        h.update(b"T")
+    elif isinstance(obj, dict):
+        h.update(b"D%d" % len(obj))
+        for k in sorted(obj, key=str):
+            h.update(repr(k).encode())
+            _digest_structure(h, obj[k], f"{path}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))
+        for i, v in enumerate(obj):
+            _digest_structure(h, v, f"{path}[{i}]")
+    elif isinstance(obj, _PRIMITIVES):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise CacheError(
+            f"the cache cannot key {path} of type {type(obj).__name__}: every input reaching the model is part of "
+            "a sample's key; pass it as a tensor or a plain value (number, string), or drop cache="
+        )
+
+
+def _plain_structure(args, kwargs) -> bool:
+    """True for calls with tensors only, no keywords: keys are then the rows' hashes (or the ids) alone."""
+    return not kwargs and all(isinstance(a, torch.Tensor) for a in args)
 
 
 def _input_sig(tensors: list[torch.Tensor]) -> tuple:
@@ -542,6 +774,7 @@ def wrap(
     freeze=10,
     *,
     blocks: str | None = None,
+    also_freeze=None,
     bn: str = "frozen",
     dtype: torch.dtype | None = None,
     channels_last: bool = False,
@@ -552,42 +785,82 @@ def wrap(
 ) -> FrozenModel:
     """Returns ``model`` with blocks frozen per ``freeze=`` (int, list, name prefix(es), fraction or predicate).
 
-    ``cache=`` (True, a codec name or a ``FeatureCache``) keeps the frozen prefix's outputs across epochs.
+    ``also_freeze=`` names parameters outside the blocks to freeze too (ViT's ``cls_token``); ``cache=`` (True, a
+    codec name or a ``FeatureCache``) keeps the frozen prefix's outputs across epochs.
     """
     return FrozenModel(
-        model, freeze, blocks=blocks, bn=bn, dtype=dtype, channels_last=channels_last, graphs=graphs,
+        model, freeze, blocks=blocks, also_freeze=also_freeze, bn=bn, dtype=dtype, channels_last=channels_last, graphs=graphs,
         cache=cache, offload_frozen=offload_frozen, kernels=kernels,
     )
 
 
-def inspect(model: nn.Module, freeze=None, *, blocks: str | None = None) -> str:
-    """The block table of ``model``: index, dotted name, type, parameters, and where the cut falls."""
-    t = block_table(model, blocks)
-    frozen = _spec.resolve(freeze, t)
-    k = _spec.prefix_length(frozen)
-    part = partition(t, frozen, k)
+def inspect(model: nn.Module, freeze=None, *, blocks: str | None = None, example_inputs=None) -> str:
+    """The block table of ``model``: each block, the stem and head modules around it, and for each whether it runs
+    as inference, runs eagerly or trains, and why. A ``FrozenModel`` shows its own plan; for a plain model,
+    ``example_inputs`` (a tensor, a tuple of arguments or a dict of keyword arguments) lets the record run."""
+    if isinstance(model, FrozenModel):
+        return model._describe()
+    fm = FrozenModel(model, freeze, blocks=blocks, kernels=False)
+    try:
+        if example_inputs is not None:
+            if isinstance(example_inputs, dict):
+                fm.plan(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                fm.plan(*example_inputs)
+            else:
+                fm.plan(example_inputs)
+        return fm._describe()
+    finally:
+        fm.unwrap()
+
+
+def _describe(fm: FrozenModel) -> str:
+    t, part, model = fm._table, fm._part, fm.model
+    planned = fm._driven or fm._plan_sig is not None
     where = f"at {t.path!r}" if t.path else "at the root"
     lines = [f"{type(model).__name__}: {len(t)} blocks {where} ({t.kind})"]
     lines.append(f"{'idx':>4}  {'name':<32} {'type':<22} {'params':>12}  state")
 
-    def row(idx, name, m, state):
+    def row(idx, name, m, state, kind=None):
         n = sum(p.numel() for p in m.parameters())
-        lines.append(f"{idx:>4}  {name:<32} {type(m).__name__:<22} {n:>12,}  {state}")
+        lines.append(f"{idx:>4}  {name:<32} {(kind or type(m).__name__)[:22]:<22} {n:>12,}  {state}")
 
+    fs = set(part.frozen)
     for name, m in t.stem:
-        row("stem", name, m, "frozen (with block 0)" if 0 in frozen else "train")
-    fs = set(frozen)
+        row("stem", name, m, "frozen with block 0: inference" if 0 in fs else "train (runs before block 0)")
+    k = part.k
     for i, (name, m) in enumerate(zip(t.names, t.modules)):
         if k and i == k:
-            b = ", ".join(map(str, part.boundary))
-            lines.append(f"{'':>4}  ---- cut: blocks 0..{k - 1} run as the inference segment; boundary: {b} ----")
-        state = "frozen" if i in fs else "train"
-        if i in fs and i >= k:
+            b = ", ".join(map(str, fm.boundary)) or "none"
+            inference = [j for j in range(k) if j not in part.eager]
+            if len(inference) == k:
+                lines.append(f"{'':>4}  ---- cut: blocks 0..{k - 1} run as the inference segment; boundary: {b} ----")
+            else:
+                lines.append(
+                    f"{'':>4}  ---- cut: blocks 0..{k - 1} frozen; {len(inference)} run as inference, "
+                    f"{k - len(inference)} eagerly; cached boundary: {b} ----"
+                )
+        if i not in fs:
+            state = "train"
+        elif i in part.eager:
+            state = f"frozen (eager: {part.eager[i]})"
+        elif i >= k:
             state = "frozen (eager: after a trainable block)"
-        row(i, name, m, state)
+        else:
+            state = "frozen: inference"
+        members = t.members[i]
+        row(i, name, m, state, "+".join(n for n, _ in members) if len(members) > 1 else None)
+    stem = {n for n, _ in t.stem}
+    for name, m in t.candidates:
+        if name not in stem:
+            row("head" if planned else "?", name, m, "train" if planned else "stem or head: the first forward decides")
+    direct = [(n, p) for n, p in t.direct_parameters(model)]
+    if direct:
+        shown = ", ".join(f"{n} ({'train' if p.requires_grad else 'frozen'})" for n, p in direct)
+        lines.append(f"parameters outside every module: {shown}")
     total = sum(p.numel() for p in model.parameters())
-    fz = sum(p.numel() for i in frozen for p in t.modules[i].parameters())
-    if 0 in fs:
-        fz += sum(p.numel() for _, m in t.stem for p in m.parameters())
+    fz = sum(p.numel() for p in fm.frozen_parameters())
     lines.append(f"frozen {fz:,} of {total:,} parameters ({100 * fz / max(total, 1):.1f}%)")
+    if not planned and fs:
+        lines.append("not recorded yet: pass example_inputs= (or call fm.plan(...)) to see the stem, head and eager blocks")
     return "\n".join(lines)

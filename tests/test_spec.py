@@ -111,7 +111,11 @@ def test_double_wrap_refused(yolo):
 def test_block_detection_and_stem():
     enc = transformer_encoder(vocab_size=30, d_model=16, nhead=2, num_layers=3, dim_ff=16, num_classes=2, max_len=32)
     t = freezert.blocks.block_table(enc)
-    assert t.path == "layers" and [n for n, _ in t.stem] == ["embed"]
+    assert t.path == "layers" and t.stem == []  # the stem is what the record sees run before block 0
+    fm = freezert.wrap(enc, freeze=1).plan(torch.randint(0, 30, (2, 5)))
+    assert [n for n, _ in fm._table.stem] == ["embed"]
+    assert all(not p.requires_grad for p in enc.embed.parameters()) and enc.head.weight.requires_grad
+    fm.unwrap()
     assert freezert.blocks.block_table(cnn_classifier()).path == "features"
     assert freezert.blocks.block_table(yolov5("n", nc=2)).kind == "yolo"
     explicit = freezert.find_blocks(yolov5("n", nc=2), blocks="model.2")  # a C3's children
@@ -125,3 +129,41 @@ def test_inspect_table(yolo):
     rows = [ln for ln in text.splitlines() if ln.strip().startswith(("9 ", "10 "))]
     assert "frozen" in rows[0] and "train" in rows[1]
     assert "frozen (eager" in freezert.inspect(yolo, freeze=[0, 2])
+
+
+def test_blocks_must_be_a_dotted_path(yolo):
+    msg = _err(yolo, freeze=2, blocks=5)
+    assert "blocks=5" in msg and "string" in msg
+
+
+def test_ddp_and_data_parallel_are_refused_up_front():
+    model = cnn_classifier(num_classes=3, width=8)
+    msg = _err(nn.DataParallel(model), freeze=2)
+    assert "DataParallel(freezert.wrap(model" in msg
+
+
+def test_the_same_model_twice_is_refused_until_unwrapped():
+    yolo = yolov5("n", nc=3)
+    first = freezert.wrap(yolo, freeze=2)
+    msg = _err(yolo, freeze=3)
+    assert "already wrapped by a live FrozenModel" in msg and "unwrap()" in msg
+    assert not any(p.requires_grad for p in yolo.model[0].parameters())  # the first wrap still holds
+    first.unwrap()
+    second = freezert.wrap(yolo, freeze=3)  # allowed once the first let go
+    second.unwrap()
+    assert all(p.requires_grad for p in yolo.parameters())
+
+
+def test_a_predicate_that_matches_nothing_is_an_error_like_a_name(yolo):
+    msg = _err(yolo, freeze=lambda name, m: name.startswith("nothing"))
+    assert "predicate matches no block" in msg and "model.0" in msg
+
+
+def test_also_freeze_names_parameters_outside_the_blocks():
+    enc = transformer_encoder(vocab_size=30, d_model=16, nhead=2, num_layers=3, dim_ff=16, num_classes=2, max_len=32)
+    fm = freezert.wrap(enc, freeze=1, also_freeze=["head.bias"])
+    assert not enc.head.bias.requires_grad and enc.head.weight.requires_grad
+    assert any(p is enc.head.bias for p in fm.frozen_parameters())
+    fm.unwrap()
+    assert enc.head.bias.requires_grad
+    assert "matches no parameter" in _err(enc, freeze=1, also_freeze=["nope"])

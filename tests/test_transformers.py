@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", module="transformers")
 
 def _check(model, freeze, make_inputs, expect_path, expect_stem):
     src = copy.deepcopy(model)
-    fm = freezert.wrap(model, freeze=freeze).train()
+    fm = freezert.wrap(model, freeze=freeze).train().plan(**make_inputs())
     ref = naive_reference(src, fm)
     assert fm._table.path == expect_path
     assert [n for n, _ in fm._table.stem] == expect_stem

@@ -21,6 +21,8 @@ def _compare(model, freeze, make_inputs, *, bn="frozen", steps=2, **kw):
     ref_src = copy.deepcopy(model)
     fm = freezert.wrap(model, freeze=freeze, bn=bn, **kw)
     fm.train()
+    a0, k0 = make_inputs()
+    fm.plan(*a0, **k0)  # the record: the stem (what runs before block 0) is frozen from here on
     ref = naive_reference(ref_src, fm, bn=bn)
     opt = torch.optim.SGD(fm.trainable_parameters(), lr=1e-3, momentum=0.9)
     ref_opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
@@ -251,7 +253,7 @@ def test_kernels_substituted_in_the_trainable_part_only():
 def test_bn_train_in_swap_mode_matches_naive_freezing():
     model = pretrained_like(cnn_classifier(num_classes=5, width=16))
     src = copy.deepcopy(model)
-    fm = freezert.wrap(model, freeze=3, bn="train").train()
+    fm = freezert.wrap(model, freeze=3, bn="train").train().plan(torch.randn(4, 3, 24, 24))
     ref = naive_reference(src, fm, bn="train").train()
     for _ in range(2):
         x = torch.randn(4, 3, 24, 24)
@@ -342,7 +344,7 @@ def test_root_sequential_is_driven_and_matches():
 def test_inputs_that_need_a_gradient_get_it_through_the_frozen_blocks():
     model = pretrained_like(cnn_classifier(num_classes=5, width=16))
     src = copy.deepcopy(model)
-    fm = freezert.wrap(model, freeze=3, cache="fp32").train()
+    fm = freezert.wrap(model, freeze=3, cache="fp32").train().plan(torch.randn(2, 3, 24, 24))
     ref = naive_reference(src, fm)  # in fm's mode, frozen BN in eval
     x = torch.randn(2, 3, 24, 24, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
