@@ -448,14 +448,13 @@ class FrozenModel(nn.Module):
             content = content * 1099511628211 + glob
         if cache_ids is None:
             return batch, rows, content, None
-        try:
-            ids = torch.as_tensor(cache_ids).reshape(-1)
-        except (TypeError, ValueError, RuntimeError, OverflowError):
-            ids = None
-        if ids is None or ids.is_floating_point() or ids.dtype == torch.bool or ids.numel() != batch:
+        from .cache import ids_to_keys
+
+        ids = ids_to_keys(cache_ids, "cache_ids")
+        if ids.numel() != batch:
             raise CacheError(
-                f"cache_ids must hold one integer id per sample ({batch}) within int64; got {str(cache_ids)[:60]}; "
-                "pass the dataset indices of the batch"
+                f"cache_ids hold {ids.numel()} id(s) for a batch of {batch}; pass one integer id per sample "
+                "(the dataset indices of the batch)"
             )
         key = ids.to(torch.int64).cpu()
         if not plain:

@@ -472,7 +472,7 @@ def test_cuda_fetch_mixes_device_pinned_host_and_disk_rows(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# through the wrapper: pass once it calls fetch(keys, device, content=...) in ids mode (wrapper.py is not ours)
+# through the wrapper: ids mode passes each row's content hash to fetch() and put()
 # ---------------------------------------------------------------------------------------------------------------
 def _tiny_wrapped():
     import freezert
@@ -482,14 +482,12 @@ def _tiny_wrapped():
     return m, freezert.wrap(m, freeze=1, cache="fp32").eval()
 
 
-@pytest.mark.xfail(reason="wrapper.py passes content= to fetch() in ids mode (lead's rewrite)", strict=False)
 def test_wrap_refuses_one_id_for_two_inputs():
     _, fm = _tiny_wrapped()
     with pytest.raises(CacheError, match="appears at positions 0 and 2"):
         fm(torch.randn(3, 4), cache_ids=[0, 1, 0])
 
 
-@pytest.mark.xfail(reason="wrapper.py passes content= to fetch() in ids mode (lead's rewrite)", strict=False)
 def test_wrap_recomputes_an_augmented_sample_under_its_id():
     m, fm = _tiny_wrapped()
     fm(torch.randn(3, 4), cache_ids=[0, 1, 2])
@@ -499,8 +497,6 @@ def test_wrap_recomputes_an_augmented_sample_under_its_id():
     torch.testing.assert_close(out, m(x2))
 
 
-@pytest.mark.xfail(reason="wrapper.py converts cache_ids with freezert.cache.ids_to_keys (lead's rewrite)",
-                   strict=False)  # fmt: skip
 def test_wrap_cache_ids_beyond_int64_is_a_clear_error():
     _, fm = _tiny_wrapped()
     with pytest.raises(CacheError, match="outside int64"):

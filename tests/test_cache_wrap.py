@@ -224,28 +224,25 @@ def test_offload_frozen_weights_and_bring_them_back():
     assert fm.frozen_parameters()[0] is frozen[0]
 
 
-def test_a_record_that_goes_bad_after_lookup_is_recomputed(yolo, monkeypatch):
-    from freezert.cache import _Recompute
-
+def test_records_that_fail_verification_in_fetch_are_recomputed(yolo, monkeypatch):
     ref = copy.deepcopy(yolo).eval()
     fm = freezert.wrap(yolo, freeze=10, cache="fp32").eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         fm(x)
-        real_get = fm.cache.get
+        real_fetch = fm.cache.fetch
         calls = []
 
-        def flaky_get(keys, device, dtype=None):
+        def flaky_fetch(keys, device, *, content=None):
             calls.append(len(keys))
-            if len(calls) == 1:  # as if the records were corrupted meanwhile: get() drops them and says so
-                bad = [int(k) for k in keys]
-                for k in bad:
+            if len(calls) == 1:  # as if the stored records went bad: fetch drops them and reports misses
+                for k in keys.tolist():
                     fm.cache._drop(k, corrupt=True)
-                raise _Recompute(bad)
-            return real_get(keys, device, dtype)
+            return real_fetch(keys, device, content=content)
 
-        monkeypatch.setattr(fm.cache, "get", flaky_get)
+        monkeypatch.setattr(fm.cache, "fetch", flaky_fetch)
         out = fm(x)
     st = fm.cache.stats()
     assert calls == [2] and st["hits"] == 0 and st["corrupt"] == 2  # recomputed, never served from a bad record
+    assert len(fm.cache) == 2  # and stored again
     assert_outputs_close(out, ref(x), 1e-4)
