@@ -113,7 +113,3 @@ def ids_to_keys(ids: Any, what: str = "keys") -> torch.Tensor:
         if t.numel() and int(t.max()) > _I64[1]:
             raise CacheError(f"{what} holds {int(t.max())}, outside int64; pass ids that fit in int64")
     return t.reshape(-1).to(torch.int64).cpu()
-
-
-def codec_names() -> str:
-    return ", ".join(map(repr, CODECS))

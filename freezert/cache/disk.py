@@ -16,13 +16,12 @@ import io
 import json
 import os
 import stat
-from typing import Any
 
 import torch
 
 from .. import _native
 from .._errors import CacheError
-from .binding import Layout, layout_from_json, layout_json, store_seed
+from .binding import Layout, layout_from_json, layout_json
 from .codecs import CODECS, ESCAPE
 from .tiers import Slab
 
@@ -167,7 +166,7 @@ class DiskSlab(Slab):
         self.write_records(slots, self.build(keys, contents, payload, scales))
 
     def read(self, keys: list[int], slots: list[int]) -> tuple[torch.Tensor, list[bool]]:
-        """(records (n, rec), ok per record): ok = read whole, key matches, checksum (with this store's seed) matches."""
+        """(records (n, rec), ok per record): ok = read whole, key matches, checksum with this store's seed matches."""
         n = len(slots)
         rec = torch.zeros(n, self.rec, dtype=torch.uint8)
         whole = [False] * n
@@ -257,7 +256,9 @@ def read_header(path: str) -> tuple[dict, Layout] | None:
             ) from None
         return None
     except OSError as e:
-        raise CacheError(f"the cache directory {path!r} has an unreadable {HEADER} ({e.strerror}); {_fix(path)}") from None
+        raise CacheError(
+            f"the cache directory {path!r} has an unreadable {HEADER} ({e.strerror}); {_fix(path)}"
+        ) from None
     why = None
     try:
         head = json.loads(raw.decode())
@@ -364,7 +365,3 @@ def dir_writable(path: str) -> bool:
     return all(
         os.access(os.path.join(path, n), os.W_OK) for n in os.listdir(path) if is_store_file(n)
     )
-
-
-def describe(x: Any) -> str:
-    return repr(x)

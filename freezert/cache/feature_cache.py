@@ -24,11 +24,11 @@ import torch
 
 from .._errors import CacheError
 from . import disk as _disk
-from .binding import check_layout, ids_to_keys
+from .binding import check_layout, ids_to_keys, store_seed
 from .codecs import CODECS, ESCAPE, IO_DTYPES, escape_kind
 from .disk import NO_CONTENT, DiskSlab
 from .stats import Counters, build_stats
-from .tiers import TIERS, WHERE, MemSlab, Tier, available_ram, fmt_bytes, parse_bytes
+from .tiers import WHERE, MemSlab, Tier, available_ram, fmt_bytes, parse_bytes
 
 __all__ = ["FeatureCache"]
 
@@ -358,8 +358,6 @@ class FeatureCache:
         return slab
 
     def _disk_slab(self, codec: str) -> DiskSlab:
-        from .binding import store_seed
-
         tier = self._tier("disk")
         slab = tier.slabs.get(codec)
         if slab is None:
@@ -381,7 +379,9 @@ class FeatureCache:
             try:
                 os.makedirs(path, exist_ok=True)
             except OSError as e:
-                raise CacheError(f"the cache directory {path!r} cannot be created ({e.strerror}); use another path") from None
+                raise CacheError(
+                    f"the cache directory {path!r} cannot be created ({e.strerror}); use another path"
+                ) from None
         elif not os.path.isdir(path):
             raise CacheError(f"readonly=True but {path!r} holds no cache store; pass the path of an existing store")
         found = _disk.read_header(path)
@@ -720,8 +720,8 @@ class FeatureCache:
             if not finite[j]:
                 self._counts["nonfinite"] += 1
                 self._counts["skipped"] += 1
-                self._warn_once("nonfinite", "freezert: the frozen segment produced inf/NaN for some samples; they "
-                                "are not cached (stats()['nonfinite'] counts them) and are recomputed each time")  # fmt: skip
+                self._warn_once("nonfinite", "freezert: the frozen segment produced inf/NaN for some samples; "
+                                "they are not cached (stats()['nonfinite'] counts them) and are recomputed each time")
                 continue
             codec = self.codec if kind[j] == 0 else ESCAPE
             if k in self._index:
@@ -883,8 +883,6 @@ class FeatureCache:
     # -- save / load -----------------------------------------------------------------------------------------------
     def save(self, path) -> None:
         """Writes every row (all tiers, exact encoded bytes) with the fingerprint and config to directory ``path``."""
-        from .binding import store_seed
-
         self._need_bound("save")
         path = os.fspath(path)
         _check_dir_path(path)
@@ -1046,6 +1044,3 @@ def _close_all() -> None:  # the disk tier's index is written at interpreter exi
             cache.close()
         except Exception:  # noqa: BLE001 - never fail interpreter exit
             pass
-
-
-_ = TIERS  # re-exported names used by tests and tools
