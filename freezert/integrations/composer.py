@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from .._errors import FreezeError
 from ..schedule import (
     _check_fraction,
     freeze_layers,
@@ -77,7 +78,9 @@ class LayerFreezing(_algorithm_base()):  # type: ignore[misc]
             return None
         elapsed = state.get_elapsed_duration()
         if elapsed is None:
-            raise ValueError("state.get_elapsed_duration() is None at EPOCH_END; set the Trainer's max_duration")
+            raise FreezeError(
+                "state.get_elapsed_duration() is None at EPOCH_END; give the Trainer a max_duration (e.g. '10ep')"
+            )
         depth, pct = freeze_layers(
             state.model, state.optimizers, float(elapsed),
             freeze_start=self.freeze_start, freeze_level=self.freeze_level,
