@@ -109,6 +109,30 @@ def test_an_interrupted_run_resumes_with_the_callback(tmp_path, monkeypatch):
     assert seen == [(1, list(range(10)))]
 
 
+@pytest.mark.slow
+def test_a_schedule_steps_at_epoch_starts_and_leaves_the_optimizer(tmp_path, monkeypatch):
+    from ultralytics import YOLO
+
+    from freezert import Linear
+
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    data = make_dataset(tmp_path / "ds")
+    model = YOLO("yolov8n.yaml")
+    cb = FreezertCallback(freeze=Linear(0.0, 1.0)).register(model)
+    seen = []
+
+    def look(trainer):
+        in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        frozen = {id(p) for p in cb.frozen.frozen_parameters()}
+        seen.append((trainer.epoch, cb.frozen.frozen_indices, bool(frozen & in_opt)))
+
+    model.add_callback("on_train_batch_start", look)
+    model.train(data=str(data), imgsz=64, epochs=2, batch=8, workers=0, device="cpu", plots=False, amp=False,
+                val=False, project=str(tmp_path / "runs"), name="s", exist_ok=True, verbose=False)
+    n = len(cb.frozen.blocks)
+    assert seen == [(0, [], False), (1, list(range(int(0.5 * (n - 1)))), False)]
+
+
 def test_cache_is_refused_under_augmentation():
     class Args:
         mosaic, fliplr, hsv_h, scale, freeze, compile = 1.0, 0.5, 0.0, (1.0, 1.0), 10, False

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._errors import FreezeError
+from ..schedule import Schedule
 from ..wrapper import FrozenModel, wrap
 
 __all__ = ["AUGMENTATION_ARGS", "FreezertCallback", "augmentation_in_use"]
@@ -83,7 +84,8 @@ class _TrainerModel(nn.Module):
 class FreezertCallback:
     """Runs an Ultralytics training with its frozen blocks as a freezert inference segment.
 
-    ``freeze``: anything ``freezert.wrap`` accepts; ``None`` takes the trainer's own ``freeze=`` argument.
+    ``freeze``: anything ``freezert.wrap`` accepts; ``None`` takes the trainer's own ``freeze=`` argument. A
+    schedule (``freezert.Linear(0.5, 1.0)``, ``FreezeOut``, ``Unfreeze``) steps at every epoch start.
     ``cache``: a feature cache (see ``freezert.wrap``); refused while augmentation is on (say ``mosaic=0``,
     ``fliplr=0``, ... or ``allow_augmented_cache=True`` for a dataset that is augmented once, offline).
     Other keyword arguments (``bn``, ``dtype``, ``channels_last``, ``graphs``, ``kernels``) go to ``wrap``.
@@ -103,6 +105,7 @@ class FreezertCallback:
                 f"register() got a {type(target).__name__}; pass an ultralytics YOLO model or trainer"
             )
         target.add_callback("on_pretrain_routine_end", self.on_pretrain_routine_end)
+        target.add_callback("on_train_epoch_start", self.on_train_epoch_start)
         target.add_callback("on_train_end", self.on_train_end)
         return self
 
@@ -132,8 +135,22 @@ class FreezertCallback:
                     f"cache={self.cache!r} with augmentation on ({on}): every epoch sees new inputs, so the cache "
                     "would never hit; set those to 0 (mosaic=0, fliplr=0, ...) or drop cache="
                 )
+        if isinstance(freeze, Schedule) and getattr(trainer, "resume", False):
+            raise FreezeError(
+                "resuming a run whose frozen set follows a schedule is not supported by the Ultralytics callback "
+                "(Ultralytics loads the optimizer state before any callback runs); start a new run, or use freeze=N"
+            )
         self.frozen = wrap(model, freeze=freeze, cache=self.cache, **self.wrap_kwargs)
         trainer.model = _TrainerModel(self.frozen)
+        if self.frozen.schedule is not None:
+            # Ultralytics' LambdaLR learns about groups added by unfreezing; its warmup reads their initial_lr.
+            self.frozen.schedule.attach(optimizer=trainer.optimizer, lr_schedulers=trainer.scheduler)
+
+    def on_train_epoch_start(self, trainer: Any) -> None:
+        """Steps a schedule given as ``freeze=`` with progress ``epoch / epochs``."""
+        fm = self.frozen
+        if fm is not None and fm.schedule is not None and not fm._unwrapped:
+            fm.schedule.step(min(trainer.epoch / max(trainer.epochs, 1), 1.0))
 
     def on_train_end(self, trainer: Any) -> None:
         """Puts the plain model back on the trainer with its own ``requires_grad`` flags and BatchNorm modes."""
