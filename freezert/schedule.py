@@ -17,11 +17,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
-
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._errors import FreezeError
 from .blocks import as_named_blocks
