@@ -13,7 +13,8 @@ from freezert import FreezeError
 from freezert.memory import saved_bytes
 from freezert.models import cnn_classifier, detection_loss, detection_targets_like, yolov5
 from freezert.ops import (activation, activation_reference, backend, batch_norm_act, batch_norm_act_lean,
-                          batch_norm_act_reference, layer_norm, layer_norm_lean, plan_substitutions, swapped)
+                          batch_norm_act_reference, layer_norm, layer_norm_lean, plan_substitutions,
+                          rms_norm_lean, rms_norm_reference, swapped)
 from freezert.ops import _registry as reg
 
 from ._ops_util import assert_close, _poison  # noqa: F401 (_poison is an autouse fixture)
@@ -132,6 +133,53 @@ def test_activation_matches_eager(dtype, tol, name):
     assert backend()["activation"] == reg.LEAN
     assert_close(y, yr, tol, "output")
     assert_close(xl.grad, xr.grad, tol * 4, "grad")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shape", [(7, 13), (2, 5, 33), (3, 1)], ids=str)
+def test_rms_norm_lean_matches_llama(dtype, tol, shape):
+    """Llama's formula runs in float32 even for float64 inputs: float32 tolerances for both."""
+    x = torch.randn(shape, dtype=dtype) * 3 + 0.5
+    w = torch.randn(shape[-1], dtype=dtype)
+    xl, wl = _leaves(x, w)
+    xr, wr = _leaves(x, w)
+    y, yr = rms_norm_lean(xl, wl, 1e-6), rms_norm_reference(xr, wr, 1e-6)
+    g = torch.randn(shape, dtype=dtype)
+    y.backward(g)
+    yr.backward(g)
+    assert backend()["rms_norm"] == reg.LEAN
+    assert_close(y, yr, tol, "output")
+    assert_close(xl.grad, xr.grad, tol * 4, "grad input")
+    assert_close(wl.grad, wr.grad, tol * 4, "grad weight")
+
+
+def test_llama_rms_norm_and_mlp_lean_with_same_gradients():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg).double()
+    frozen = ["model.embed_tokens", "model.layers.0"]
+    for name in frozen:
+        model.get_submodule(name).requires_grad_(False)
+    lean = copy.deepcopy(model)
+    plan = plan_substitutions(lean, skip=_frozen_skip(frozen), impl="lean")
+    kinds = {type(r).__name__ for _, r in plan}
+    assert kinds == {"LeanRMSNorm", "LeanActivation"} and not any(n.startswith("model.layers.0.") for n, _ in plan)
+    ids = torch.randint(0, 64, (2, 9))
+    exclude = [*model.parameters(), *lean.parameters(), *model.buffers(), *lean.buffers()]
+
+    def step_lean():
+        with swapped(lean, plan):
+            lean(ids, labels=ids).loss.backward()
+
+    ours = saved_bytes(step_lean, exclude=exclude)
+    base = saved_bytes(lambda: model(ids, labels=ids).loss.backward(), exclude=exclude)
+    assert ours <= 0.85 * base, (ours, base)  # 0.83 here: attention and the loss keep their own saves
+    grads = [(a.grad, b.grad) for a, b in zip(lean.parameters(), model.parameters()) if b.grad is not None]
+    scale = max(b.abs().max().item() for _, b in grads)
+    for a, b in grads:  # the RMSNorms compute in float32 (Llama's formula), the rest in float64
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_lean_functions_compile_without_graph_breaks():

@@ -14,6 +14,7 @@ from .batch_norm_act import batch_norm_act, batch_norm_act_lean, batch_norm_act_
 from .layer_norm import layer_norm, layer_norm_lean, layer_norm_reference
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .recompute import mark_recomputable, recompute_saved
+from .rms_norm import rms_norm_lean, rms_norm_reference
 from .substitute import FusedConvBNAct, FusedLayerNorm, apply_substitutions, plan_substitutions, restore, swapped
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "plan_substitutions",
     "recompute_saved",
     "reset_backend",
+    "rms_norm_lean",
+    "rms_norm_reference",
     "restore",
     "swapped",
 ]

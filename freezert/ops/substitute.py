@@ -23,6 +23,7 @@ from .activation import activation
 from .batch_norm_act import batch_norm_act
 from .layer_norm import layer_norm
 from .recompute import recompute_saved
+from .rms_norm import is_llama_rms_norm, rms_norm_lean
 
 _ACT_NAMES: dict[type, str] = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "identity"}
 _TRITON_ACTS = ("silu", "relu", "identity")
@@ -145,6 +146,23 @@ class LeanActivation(nn.Module):
         return self._activation
 
 
+class LeanRMSNorm(nn.Module):
+    """transformers' Llama-style RMSNorm through ``rms_norm_lean``; registers the original weight Parameter."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.register_parameter("weight", norm.weight)
+        self.variance_epsilon = norm.variance_epsilon
+        self._impl = "lean"
+        self.training = norm.training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm_lean(x, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
 def _fusable_act(act: nn.Module, impl: str) -> str | None:
     name = _act_name(act)
     return name if name is not None and (impl != "triton" or name in _TRITON_ACTS) else None
@@ -155,6 +173,8 @@ def _fused(m: nn.Module, impl: str) -> nn.Module | None:
         return None
     if type(m) is nn.LayerNorm:
         return FusedLayerNorm(m, impl)
+    if impl != "triton" and is_llama_rms_norm(m) and not m._modules and not m._buffers:
+        return LeanRMSNorm(m)
     if impl != "triton" and _standalone_act(m) not in (None, "identity") and not getattr(m, "inplace", False):
         # in-place activations already share one storage between what they and the next layer save
         return LeanActivation(m)
@@ -201,7 +221,7 @@ def plan_substitutions(module: nn.Module, *, skip: Callable[[str], bool] = lambd
 
 def _recipes(plan: list[tuple[str, nn.Module]]) -> bool:
     """True when some replacement marks its output recomputable (every fused Conv-BN-act path does)."""
-    return any(isinstance(rep, (FusedConvBNAct, LeanActivation)) for _, rep in plan)
+    return any(isinstance(rep, (FusedConvBNAct, LeanActivation, LeanRMSNorm)) for _, rep in plan)
 
 
 @contextlib.contextmanager
