@@ -279,7 +279,9 @@ def _load_plain_keys(fm: nn.Module) -> None:
     ``backbone.model.x``: map them back so Lightning checkpoints load (see the report for wrapper.py)."""
 
     def hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "model.")]:
+        # Every key under the prefix is a plain one (FrozenModel.state_dict writes no "model." level), even those
+        # that begin with "model." themselves (a YOLO backbone's container is called model).
+        for k in [k for k in state_dict if k.startswith(prefix)]:
             state_dict[prefix + "model." + k[len(prefix):]] = state_dict.pop(k)
 
     fm._register_load_state_dict_pre_hook(hook, with_module=True)
