@@ -20,7 +20,8 @@ class Partition:
     boundary: tuple[int, ...]  # driven mode: prefix outputs the trainable part reads
     free_after: dict[int, tuple[int, ...]]  # driven mode: after running block i, these prefix outputs are dead
     eager: dict[int, str] = field(default_factory=dict)  # frozen blocks run with autograd, and why
-    cached: int = 0  # swap mode: blocks 0..cached-1 (and the stem) are what a cache hit skips
+    cached: int = 0  # swap mode: blocks 0..cached-1 run before the first eager block
+    cached_units: tuple[int, ...] = ()  # swap mode: the record units a cache hit skips (stem and blocks)
     replay: tuple[Unit, ...] = ()  # swap mode: the outputs a cache stores and replays
     stem_units: tuple[int, ...] = ()  # swap mode: record units of the stem (run before block 0)
 
@@ -84,5 +85,15 @@ def plan(table: BlockTable, rec: Record, frozen: list[int], k: int, stem_units: 
     while cached < k and cached not in eager:
         cached += 1
     units = set(range(cached)) | (set(stem_units) if cached else set())
-    replay = tuple(rec.boundary(units)) if cached else ()
-    return Partition(k, tuple(frozen), (), {}, eager, cached, replay, tuple(stem_units))
+    while True:
+        # A unit whose output the rest reads without the batch dimension first (GPT-2's position embedding,
+        # [1, T, D]) cannot be stored per sample: it runs on every call instead, and what it reads from the
+        # cached part becomes boundary in turn.
+        replay = rec.boundary(units)
+        shared = {u for u, j, n in replay if not rec.out_is_batch.get((u, j, n), False)}
+        if not shared:
+            break
+        units -= shared
+    if not any(u < len(table) for u in units):
+        units, replay = set(), []
+    return Partition(k, tuple(frozen), (), {}, eager, cached, tuple(sorted(units)), tuple(replay), tuple(stem_units))

@@ -334,7 +334,7 @@ class FrozenModel(nn.Module):
                 stem = [((u, 0), t.candidates[u - n][0], t.candidates[u - n][1]) for u in part.stem_units]
                 blocks = [((i, j), name, m) for i in part.segment for j, (name, m) in enumerate(t.members[i])]
                 entries = stem + blocks
-                cached = set(range(part.cached)) | (set(part.stem_units) if part.cached else set())
+                cached = set(part.cached_units)
                 rec = self._rec
                 shared = {(u, j) for (u, j, idx), ctx in rec.consumers.items() if idx == 0 and ctx - {u}}
             seg = self._segment = FrozenSegment(
@@ -401,13 +401,17 @@ class FrozenModel(nn.Module):
             return self.model(*args, **kwargs)
         seg = self._ensure_segment()
         if self._cache is not None:
-            if driven or self._part.cached:
+            if driven or self._part.cached_units:
                 return self._forward_cached(seg, driven, args, kwargs, cache_ids, inputs)
             if "cache" not in self._warned:
                 self._warned.add("cache")
+                why = (
+                    f"block {self._table.names[0]!r} runs eagerly ({self._part.eager[0]}), so nothing before it can "
+                    "be skipped" if 0 in self._part.eager
+                    else "no frozen block hands the trainable part tensors with the batch dimension first"
+                )
                 warnings.warn(
-                    f"the feature cache is not used: block {self._table.names[0]!r} runs eagerly "
-                    f"({self._part.eager.get(0, 'it needs autograd')}), so nothing before it can be skipped",
+                    f"the feature cache is not used: {why}",
                     FreezeWarning,
                     stacklevel=_user_stacklevel(),
                 )
