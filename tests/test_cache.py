@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from freezert import CacheError
-from freezert.cache import FeatureCache, _Recompute, _parse_bytes, fingerprint_of
+from freezert.cache import FeatureCache, _parse_bytes, fingerprint_of
 
 LAYOUT = [((3, 5), torch.float32), ((7,), torch.float32)]  # a sample's boundary: two tensors, 22 values
 FP = "0123456789abcdef"
@@ -32,6 +32,18 @@ def _cache(codec="fp16", where="host", budget="1MiB", path=None, **kw) -> Featur
     c = FeatureCache(codec, where, budget, path, **kw)
     c.bind(FP, LAYOUT, torch.device("cpu"))
     return c
+
+
+def _hit(cache: FeatureCache, keys) -> torch.Tensor:
+    """The hit mask of one fetch (its decoded rows dropped)."""
+    return cache.fetch(keys, "cpu")[0]
+
+
+def _got(cache: FeatureCache, keys, device="cpu") -> list[torch.Tensor]:
+    """The rows of keys that must all be stored."""
+    hit, rows = cache.fetch(keys, device)
+    assert hit.all(), f"keys {torch.as_tensor(keys)[~hit].tolist()} missed"
+    return rows
 
 
 def _flip(cache: FeatureCache, key: int, offset: int, mask: int) -> None:
@@ -63,8 +75,8 @@ def test_codec_error_bounds(codec, where, tmp_path):
     keys = torch.arange(n) * 3 + 1
     c.put(keys, x)
     perm = torch.randperm(n)
-    assert c.lookup(keys[perm]).all()
-    got = c.get(keys[perm], "cpu")
+    assert _hit(c, keys[perm]).all()
+    got = _got(c, keys[perm])
     for g, t in zip(got, x):
         t = t[perm]
         assert g.shape == t.shape and g.dtype == torch.float32
@@ -83,11 +95,10 @@ def test_fp16_general_rounding_and_dtype_request():
     c = _cache("fp16")
     x = _rows(11, seed=5)
     c.put(torch.arange(11), x)
-    got = c.get(torch.arange(11), "cpu")
+    got = _got(c, torch.arange(11))
     for g, t in zip(got, x):
         assert ((g - t).abs() <= t.abs() * 2**-11 + 2**-25).all()
-    half = c.get(torch.arange(11), "cpu", dtype=torch.float16)
-    assert all(h.dtype == torch.float16 for h in half)
+    half = [t.half() for t in _got(c, torch.arange(11))]  # fp16 rows come back exactly
     assert torch.equal(half[0].float(), got[0])
 
 
@@ -99,7 +110,7 @@ def test_out_of_fp16_range_rows_escape_to_fp32():
     c.put(torch.tensor([10, 11, 12, 13]), x)
     st = c.stats()
     assert st["escaped"] == 2 and st["stores"] == 4
-    got = c.get(torch.tensor([12, 13, 10]), "cpu")
+    got = _got(c, torch.tensor([12, 13, 10]))
     assert got[0][0, 1, 3] == 1.0e6 and got[1][1, 0] == -7.0e4
     assert torch.equal(got[0][:2], x[0][[2, 3]]) and torch.equal(got[1][:2], x[1][[2, 3]])
     assert all(torch.isfinite(g).all() for g in got)
@@ -107,7 +118,7 @@ def test_out_of_fp16_range_rows_escape_to_fp32():
     # bf16 has fp32's range: no escape needed
     b = _cache("bf16")
     b.put(torch.tensor([1]), _take(x, [2]))
-    v = b.get(torch.tensor([1]), "cpu")[0][0, 1, 3]
+    v = _got(b, torch.tensor([1]))[0][0, 1, 3]
     assert b.stats()["escaped"] == 0 and abs(v - 1.0e6) <= 1.0e6 * 2**-8
 
 
@@ -118,13 +129,13 @@ def test_nonfinite_rows_are_not_stored():
     x[0][2, 0, 0] = float("inf")
     with pytest.warns(UserWarning, match="inf/NaN"):
         c.put(torch.tensor([1, 2, 3]), x)
-    assert c.lookup(torch.tensor([1, 2, 3])).tolist() == [True, False, False]
+    assert _hit(c, torch.tensor([1, 2, 3])).tolist() == [True, False, False]
     st = c.stats()
     assert st["nonfinite"] == 2 and st["skipped"] == 2 and len(c) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# lookup / get / put
+# fetch / put
 # ---------------------------------------------------------------------------------------------------------------
 def test_mixed_hits_any_key_order_and_key_dtypes():
     c = _cache("fp32")
@@ -132,17 +143,15 @@ def test_mixed_hits_any_key_order_and_key_dtypes():
     keys = torch.tensor([5, -9, 2**62, 0, 77, -(2**63)])
     c.put(keys[[0, 2, 4]], _take(x, [0, 2, 4]))
     probe = torch.tensor([77, 5, 3, 2**62, -9, 77], dtype=torch.int64)
-    hit = c.lookup(probe)
+    hit, got = c.fetch(probe, "cpu")  # a repeated content key (77) is served twice
     assert hit.dtype == torch.bool and hit.device.type == "cpu"
     assert hit.tolist() == [True, True, False, True, False, True]
-    got = c.get(probe[hit], "cpu")
     want = _take(x, [4, 0, 2, 4])
     assert all(torch.equal(g, w) for g, w in zip(got, want))
-    assert c.lookup(torch.tensor([5, 2], dtype=torch.int32)).tolist() == [True, False]
-    with pytest.raises(CacheError, match="not stored"):
-        c.get(torch.tensor([5, 3]), "cpu")
+    assert _hit(c, torch.tensor([5, 2], dtype=torch.int32)).tolist() == [True, False]
+    assert _hit(c, [5, 2]).tolist() == [True, False] and _hit(c, range(4, 7)).tolist() == [False, True, False]
     with pytest.raises(CacheError, match="int64 keys"):
-        c.lookup(torch.tensor([1.0]))
+        _hit(c, torch.tensor([1.0]))
 
 
 def test_put_checks_layout_and_updates_existing_rows():
@@ -153,13 +162,13 @@ def test_put_checks_layout_and_updates_existing_rows():
         c.put(torch.tensor([1]), [torch.zeros(1, 3, 5)])
     c.put(torch.tensor([1, 1]), _rows(2, seed=4))  # duplicate keys: the last row wins
     c.put(torch.tensor([1]), _rows(1, seed=9))  # a second put replaces the row
-    assert len(c) == 1 and torch.equal(c.get(torch.tensor([1]), "cpu")[1], _rows(1, seed=9)[1])
+    assert len(c) == 1 and torch.equal(_got(c, torch.tensor([1]))[1], _rows(1, seed=9)[1])
     assert c.stats()["bytes_host"] == _row_bytes("fp32")
 
 
 def test_unbound_cache_and_argument_validation():
     c = FeatureCache()
-    assert not c.lookup(torch.tensor([1, 2])).any()
+    assert not _hit(c, torch.tensor([1, 2])).any()
     with pytest.raises(CacheError, match="not bound"):
         c.put(torch.tensor([1]), _rows(1))
     for kw, match in [
@@ -200,13 +209,13 @@ def test_lru_eviction_counts_bytes_and_keeps_in_budget_rows():
     c = _cache("fp16", budget=4 * rb)
     x = _rows(8, seed=2)
     c.put(torch.arange(4), _take(x, range(4)))
-    assert c.lookup(torch.tensor([0])).all()  # key 0 becomes most recently used
+    assert _hit(c, torch.tensor([0])).all()  # key 0 becomes most recently used
     c.put(torch.tensor([4, 5]), _take(x, [4, 5]))  # full: evicts the LRU rows 1 and 2
     st = c.stats()
     assert st["evictions"] == 2 and st["evicted_bytes"] == 2 * rb
     assert st["bytes_host"] == 4 * rb and st["rows_host"] == 4 and len(c) == 4
-    assert c.lookup(torch.arange(6)).tolist() == [True, False, False, True, True, True]
-    got = c.get(torch.tensor([5, 0, 3, 4]), "cpu")
+    assert _hit(c, torch.arange(6)).tolist() == [True, False, False, True, True, True]
+    got = _got(c, torch.tensor([5, 0, 3, 4]))
     want = [t.half().float() for t in _take(x, [5, 0, 3, 4])]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
@@ -217,13 +226,13 @@ def test_full_budget_never_evicts_the_current_batch_or_last_hits():
     x = _rows(6, seed=8)
     c.put(torch.arange(6), x)  # a batch larger than the budget: no row of it is evicted for another
     assert len(c) == 3 and c.stats()["evictions"] == 0 and c.stats()["skipped"] == 3
-    hit = c.lookup(torch.tensor([0, 1, 2, 9]))  # the wrapper: lookup -> put(misses) -> get(hits)
+    hit, got = c.fetch(torch.tensor([0, 1, 2, 9]), "cpu")  # the wrapper: fetch -> put(misses)
+    c.put(torch.tensor([9]), _take(x, [5]))  # the last fetch's hits are not evicted for it
+    assert c.stats()["skipped"] == 4 and c.stats()["evictions"] == 0 and hit.tolist() == [True] * 3 + [False]
+    assert all(torch.equal(g, w) for g, w in zip(got, _take(x, [0, 1, 2])))
+    _hit(c, torch.tensor([9]))  # the next batch: the old hits are evictable again
     c.put(torch.tensor([9]), _take(x, [5]))
-    assert c.stats()["skipped"] == 4 and c.stats()["evictions"] == 0
-    assert all(torch.equal(g, w) for g, w in zip(c.get(torch.tensor([0, 1, 2])[hit[:3]], "cpu"), _take(x, [0, 1, 2])))
-    c.lookup(torch.tensor([9]))  # the next batch: the old hits are evictable again
-    c.put(torch.tensor([9]), _take(x, [5]))
-    assert c.stats()["evictions"] == 1 and c.lookup(torch.tensor([9, 0])).tolist() == [True, False]
+    assert c.stats()["evictions"] == 1 and _hit(c, torch.tensor([9, 0])).tolist() == [True, False]
 
 
 def test_evict_none_keeps_stored_rows():
@@ -231,10 +240,10 @@ def test_evict_none_keeps_stored_rows():
     c = _cache("fp16", budget=2 * rb, evict="none")
     x = _rows(3)
     c.put(torch.arange(2), _take(x, [0, 1]))
-    c.lookup(torch.tensor([7]))
+    _hit(c, torch.tensor([7]))
     c.put(torch.tensor([2]), _take(x, [2]))
     st = c.stats()
-    assert st["evictions"] == 0 and st["skipped"] == 1 and c.lookup(torch.arange(3)).tolist() == [True, True, False]
+    assert st["evictions"] == 0 and st["skipped"] == 1 and _hit(c, torch.arange(3)).tolist() == [True, True, False]
 
 
 def test_auto_spills_device_then_host_then_disk(tmp_path):
@@ -250,8 +259,8 @@ def test_auto_spills_device_then_host_then_disk(tmp_path):
     assert (st["bytes_device"], st["bytes_host"]) == (2 * rb, 3 * rb) and st["evictions"] == 0
     assert st["tiers"]["disk"]["budget"] == float("inf") and st["bytes_disk"] > 0
     order = torch.tensor([6, 0, 3, 5, 1, 4, 2])
-    assert c.lookup(keys[order]).all()
-    got = c.get(keys[order], "cpu")
+    assert _hit(c, keys[order]).all()
+    got = _got(c, keys[order])
     want = [t.half().float() for t in _take(x, order)]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
@@ -264,7 +273,7 @@ def test_auto_default_host_budget_and_temp_disk_tier():
     assert (st["rows_device"], st["rows_host"], st["rows_disk"]) == (1, 0, 2)
     tmp = st["path"]
     assert tmp and os.path.isdir(tmp)
-    assert torch.equal(c.get(torch.tensor([2]), "cpu")[0], _rows(3)[0][2:])
+    assert torch.equal(_got(c, torch.tensor([2]))[0], _rows(3)[0][2:])
     c.close()
     assert not os.path.exists(tmp)  # a temporary disk tier is removed
     d = FeatureCache(budget="1GiB")
@@ -279,17 +288,16 @@ def test_stats_are_explicit():
     c = _cache("fp8")
     c.put(torch.arange(5), _rows(5))
     c.note_segment_time(0.5, 5)  # 0.1 s per sample
-    c.lookup(torch.arange(7))
-    c.get(torch.arange(3), "cpu")
+    c.fetch(torch.arange(7), "cpu")  # 5 of 7 stored
     st = c.stats()
     for key in ("hits", "misses", "stores", "evictions", "invalidations", "corrupt", "skipped", "escaped",
                 "codec", "where", "rows_device", "rows_host", "rows_disk", "bytes_device", "bytes_host",
                 "bytes_disk", "time_saved_s", "tiers"):  # fmt: skip
         assert key in st
-    assert (st["hits"], st["misses"], st["stores"], st["lookups"]) == (3, 5, 5, 7)
+    assert (st["hits"], st["misses"], st["stores"], st["lookups"]) == (5, 5, 5, 7)
     assert st["codec"] == "fp8" and st["where"] == "host" and st["rows_host"] == 5 == len(c)
     assert st["bytes_host"] == 5 * _row_bytes("fp8") == st["bytes"]
-    assert 0 < st["time_saved_s"] <= 0.3 and st["segment_s_per_row"] == pytest.approx(0.1)
+    assert 0 < st["time_saved_s"] <= 0.5 and st["segment_s_per_row"] == pytest.approx(0.1)
 
 
 def test_clear_keeps_binding_and_counters():
@@ -298,9 +306,9 @@ def test_clear_keeps_binding_and_counters():
     c.clear()
     st = c.stats()
     assert len(c) == 0 and st["bytes_host"] == 0 and st["stores"] == 4 and c.fingerprint == FP
-    assert not c.lookup(torch.arange(4)).any()
+    assert not _hit(c, torch.arange(4)).any()
     c.put(torch.arange(2), _rows(2))
-    assert c.lookup(torch.arange(2)).all()
+    assert _hit(c, torch.arange(2)).all()
 
 
 def test_new_fingerprint_invalidates(tmp_path):
@@ -312,7 +320,7 @@ def test_new_fingerprint_invalidates(tmp_path):
     c.bind("ffffffffffffffff", [((4,), torch.float32)], "cpu")  # other weights, other boundary
     assert len(c) == 0 and c.stats()["invalidations"] == 1 and c.fingerprint == "ffffffffffffffff"
     c.put(torch.arange(3), [torch.ones(3, 4)])
-    assert torch.equal(c.get(torch.tensor([2]), "cpu")[0], torch.ones(1, 4))
+    assert torch.equal(_got(c, torch.tensor([2]))[0], torch.ones(1, 4))
     c.flush()
     head = json.loads((tmp_path / "inv" / "header.json").read_text())
     assert head["fingerprint"] == "ffffffffffffffff" and head["layout"] == [[[4], "float32"]]
@@ -322,8 +330,7 @@ def test_extend_converts_rows_keeps_lru_order_and_traffic_counters():
     c = _cache("fp32", budget=10 * _row_bytes("fp32"))
     x = _rows(6, seed=4)
     c.put(torch.arange(6), x)
-    c.lookup(torch.tensor([1]))
-    c.get(torch.tensor([1]), "cpu")  # key 1 becomes the most recently used
+    _got(c, torch.tensor([1]))  # key 1 becomes the most recently used
     before = c.stats()
     new_layout = [((5,), torch.float32)]
     seen = []
@@ -339,7 +346,7 @@ def test_extend_converts_rows_keeps_lru_order_and_traffic_counters():
     assert st["extended"] == 6 and st["invalidations"] == 0 and st["stores"] == before["stores"] + 6
     assert (st["lookups"], st["hits"], st["misses"]) == (before["lookups"], before["hits"], before["misses"])
     assert list(c._index) == [0, 2, 3, 4, 5, 1]  # the old LRU order
-    got = c.get(torch.arange(6), "cpu")[0]
+    got = _got(c, torch.arange(6))[0]
     torch.testing.assert_close(got, x[0].sum(1) + x[1][:, :1], rtol=0, atol=0)
     # the new layout fills a 10-row budget with 6 rows of 20 bytes: nothing was evicted
     assert st["evictions"] == 0 and st["rows_host"] == 6
@@ -351,7 +358,7 @@ def test_extend_refuses_a_convert_of_the_wrong_shape():
     with pytest.raises(CacheError, match=r"convert\(\) returned shapes \[\(3, 4\)\].*needs \[\(3, 5\)\]"):
         c.extend("fedcba9876543210", [((5,), torch.float32)], "cpu", lambda rows: [torch.zeros(3, 4)])
     assert len(c) == 3 and c.fingerprint == FP  # nothing the cache had is lost
-    assert list(c._index) == [0, 1, 2] and c.stats()["lookups"] == 0 and c.lookup(torch.arange(3)).all()
+    assert list(c._index) == [0, 1, 2] and c.stats()["lookups"] == 0 and _hit(c, torch.arange(3)).all()
 
 
 def test_fingerprint_of():
@@ -401,18 +408,15 @@ def test_flipped_bytes_are_detected_and_recomputed(tmp_path):
     c.put(torch.arange(5), x)
     _flip(c, 2, 24 + 10, 0x10)  # a payload bit of key 2
     _flip(c, 4, 9, 0x01)  # the stored key of key 4
-    assert c.lookup(torch.arange(5)).tolist() == [True, True, False, True, False]
+    assert _hit(c, torch.arange(5)).tolist() == [True, True, False, True, False]
     assert c.stats()["corrupt"] == 2 and len(c) == 3
     c.put(torch.tensor([2, 4]), _take(x, [2, 4]))  # the wrapper recomputes the misses
-    got = c.get(torch.arange(5), "cpu")
+    got = _got(c, torch.arange(5))
     assert all(torch.equal(g, t.half().float()) for g, t in zip(got, x))
-    # get() without a verifying lookup: a bad record raises _Recompute naming the key, returns nothing
+    # a record that goes bad after it was served: the next fetch reads it again and reports a miss
     _flip(c, 1, 20, 0x40)  # its content field
-    c.lookup(torch.tensor([99]))  # a new batch: the records verified by the last lookup are released
-    with pytest.raises(_Recompute, match="failed their checksum") as e:
-        c.get(torch.tensor([0, 1]), "cpu")
-    assert e.value.keys == [1] and isinstance(e.value, CacheError)
-    assert c.lookup(torch.tensor([0, 1])).tolist() == [True, False] and c.stats()["corrupt"] == 3
+    hit, rows = c.fetch(torch.tensor([0, 1]), "cpu")
+    assert hit.tolist() == [True, False] and rows[0].shape[0] == 1 and c.stats()["corrupt"] == 3
 
 
 def test_truncated_while_open_does_not_crash(tmp_path):
@@ -420,11 +424,11 @@ def test_truncated_while_open_does_not_crash(tmp_path):
     c.put(torch.arange(20), _rows(20))
     c.flush()
     os.truncate(tmp_path / "trunc" / "slab_fp32.bin", 5 * (24 + 22 * 4))
-    hit = c.lookup(torch.arange(20))
+    hit = _hit(c, torch.arange(20))
     assert hit[:5].all() and not hit[5:].any() and c.stats()["corrupt"] == 15
-    assert torch.equal(c.get(torch.arange(5), "cpu")[0], _rows(20)[0][:5])
+    assert torch.equal(_got(c, torch.arange(5))[0], _rows(20)[0][:5])
     c.put(torch.arange(5, 20), _take(_rows(20), range(5, 20)))  # grows the file again
-    assert c.lookup(torch.arange(20)).all()
+    assert _hit(c, torch.arange(20)).all()
 
 
 def test_unreadable_index_is_rebuilt_from_records(tmp_path):
@@ -435,7 +439,7 @@ def test_unreadable_index_is_rebuilt_from_records(tmp_path):
     d = FeatureCache("fp16", "disk", "1MiB", tmp_path / "idx")
     with pytest.warns(UserWarning, match="rebuilt from 6 verified records"):
         d.bind(FP, LAYOUT, "cpu")
-    assert d.lookup(torch.arange(6) + 100).all()
+    assert _hit(d, torch.arange(6) + 100).all()
 
 
 def test_foreign_store_is_refused_with_both_fingerprints(tmp_path):
@@ -453,7 +457,7 @@ def test_foreign_store_is_refused_with_both_fingerprints(tmp_path):
         FeatureCache("fp16", "disk", "1MiB", store).bind(FP, [((9,), torch.float32)], "cpu")
     same = FeatureCache("fp16", "disk", "1MiB", store)
     same.bind(FP, LAYOUT, "cpu")
-    assert same.lookup(torch.arange(3)).all()  # the right model reads it
+    assert _hit(same, torch.arange(3)).all()  # the right model reads it
     same.close()
     other.clear()  # the documented fix: wipe the store, then bind
     other.bind("fedcba9876543210", LAYOUT, "cpu")
@@ -470,14 +474,14 @@ def test_save_load_roundtrip_across_tiers(tmp_path):
     x = _rows(7, seed=11)
     x[0][5, 0, 0] = 3.0e5  # an escaped fp32 row
     c.put(torch.arange(7) + 40, x)
-    before = c.get(torch.arange(7) + 40, "cpu")
+    before = _got(c, torch.arange(7) + 40)
     c.save(tmp_path / "snap")
     loaded = FeatureCache.load(tmp_path / "snap")
     assert loaded.fingerprint == FP and loaded.codec == "fp16" and loaded.where == "auto" and len(loaded) == 7
     st = loaded.stats()
     assert (st["rows_device"], st["rows_host"]) == (2, 2) and st["tiers"]["device"]["budget"] == 2 * rb
     loaded.bind(FP, LAYOUT, "cpu")
-    after = loaded.get(torch.arange(7) + 40, "cpu")
+    after = _got(loaded, torch.arange(7) + 40)
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # bit-identical: encoded bytes copied
     with pytest.raises(CacheError, match="not empty"):
         c.save(tmp_path / "snap")
@@ -490,14 +494,14 @@ def test_save_load_disk_cache_opens_in_place(tmp_path):
     c = _cache("fp8", "disk", path=tmp_path / "d1")
     x = _rows(4)
     c.put(torch.arange(4), x)
-    before = c.get(torch.arange(4), "cpu")
+    before = _got(c, torch.arange(4))
     c.save(tmp_path / "d2")
     c.save(tmp_path / "d1")  # its own directory: a flush
     c.close()  # one writer per directory: loading d1 in place opens it for writing
     for p in ("d1", "d2"):
         loaded = FeatureCache.load(tmp_path / p)
         assert loaded.where == "disk" and loaded.fingerprint == FP and len(loaded) == 4
-        assert all(torch.equal(a, b) for a, b in zip(before, loaded.get(torch.arange(4), "cpu")))
+        assert all(torch.equal(a, b) for a, b in zip(before, _got(loaded, torch.arange(4))))
         loaded.close()
     with pytest.raises(CacheError, match="no saved FeatureCache"):
         FeatureCache.load(tmp_path / "nothing")
@@ -522,13 +526,12 @@ def test_cuda_tiers_gather_into_the_batch(codec, tmp_path):
     ref = _cache(codec)  # the same rows through the CPU path
     ref.put(keys.cpu(), [t.cpu() for t in x])
     order = torch.tensor([7, 3, 0, 5, 1, 6, 2, 4])
-    assert c.lookup(keys[order]).all()
-    got = c.get(keys[order], "cuda")
-    want = ref.get(keys.cpu()[order], "cpu")
+    assert _hit(c, keys[order]).all()
+    got = _got(c, keys[order], "cuda")
+    want = _got(ref, keys.cpu()[order])
     for g, w in zip(got, want):
         assert g.is_cuda and torch.equal(g.cpu(), w)
-    half = c.get(keys[order[:4]], "cuda", dtype=torch.bfloat16)
-    assert half[0].dtype == torch.bfloat16 and half[0].is_cuda
+    assert all(g.dtype == torch.float32 for g in got)  # the layout's dtype
 
 
 @pytest.mark.cuda
@@ -539,11 +542,11 @@ def test_cuda_where_cuda_and_rebind_device(tmp_path):
     c.put(torch.arange(4), x)
     c.bind(FP, LAYOUT, "cuda")  # the model moved: host rows get pinned, served to the GPU
     assert c._tiers[0].slabs["fp16"].stores[0].is_pinned()
-    assert torch.equal(c.get(torch.arange(4), "cuda")[0].cpu(), x[0].half().float())
+    assert torch.equal(_got(c, torch.arange(4), "cuda")[0].cpu(), x[0].half().float())
     g = FeatureCache("fp32", "cuda", "1MiB")
     g.bind(FP, LAYOUT, "cuda")
     g.put(torch.arange(4), [t.cuda() for t in x])
-    assert torch.equal(g.get(torch.tensor([2, 0]), "cpu")[1], x[1][[2, 0]])
+    assert torch.equal(_got(g, torch.tensor([2, 0]))[1], x[1][[2, 0]])
 
 
 @pytest.mark.cuda
@@ -553,8 +556,8 @@ def test_cuda_pinned_store_is_not_freed_or_rewritten_under_a_pending_gather():
     x = [t.cuda() for t in _rows(4, seed=2)]
     c.put(torch.arange(4), x)
     slab = c._tiers[0].slabs["fp16"]
-    assert c.lookup(torch.arange(4)).all()
-    got = c.get(torch.arange(4), "cuda")
+    assert _hit(c, torch.arange(4)).all()
+    got = _got(c, torch.arange(4), "cuda")
     assert slab._reading is not None  # the gather may still be reading the pinned store
     c.put(torch.arange(4, 40), [t.repeat(9, *([1] * (t.dim() - 1))) for t in x])  # grows: the old store is freed
     assert slab._reading is None and slab.cap >= 40

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from .binding import fingerprint_of, ids_to_keys
-from .feature_cache import FeatureCache, _Recompute
+from .feature_cache import FeatureCache
 from .tiers import parse_bytes as _parse_bytes
 
 __all__ = ["FeatureCache", "fingerprint_of", "ids_to_keys"]

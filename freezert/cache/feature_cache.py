@@ -35,20 +35,6 @@ __all__ = ["FeatureCache"]
 _AUTO_EPOCH_ROWS = 1 << 16  # "an epoch's worth" of misses when epoch_rows= is not given (docs/CACHE.md)
 
 
-class _Recompute(CacheError):
-    """``get`` found disk records that failed their checksum; they were dropped: recompute ``keys``.
-
-    Only the legacy ``lookup``/``get`` pair raises it; ``fetch`` reports such records as misses instead.
-    """
-
-    def __init__(self, keys: list[int]):
-        self.keys = keys
-        super().__init__(
-            f"{len(keys)} cached disk record(s) failed their checksum and were dropped (keys {keys[:8]}"
-            f"{' ...' if len(keys) > 8 else ''}); recompute them (fetch() reports such records as misses)"
-        )
-
-
 class FeatureCache:
     """Boundary tensors of the frozen prefix, per sample, in a compact codec across device/host/disk tiers.
 
@@ -124,7 +110,6 @@ class FeatureCache:
         # the record's own content field is authoritative and is read at each fetch)
         self._index: collections.OrderedDict[int, tuple[int, str, int, int | None]] = collections.OrderedDict()
         self._protected: set[int] = set()
-        self._staged: dict[int, tuple[str, int, torch.Tensor]] = {}  # verified disk records of the last lookup
         self._disk_dir: str | None = None
         self._disk_slabs: list[DiskSlab] = []  # shared with the finalizer, which closes them
         self._lock: list[Any] = []  # the StoreLock of a writable disk tier (shared with the finalizer)
@@ -133,7 +118,7 @@ class FeatureCache:
         self._warned: set[str] = set()
         self._counts = Counters()
         self._content_misses = 0  # rows handed to put() under content keys while no stored row was ever found
-        self._found = 0  # rows a fetch/lookup found stored and verified (served or not: partial batches)
+        self._found = 0  # rows a fetch found stored and verified (served, even if the caller then recomputed them)
         self._detached = False  # a read-only store left behind by an invalidation: no longer read
         self._stored_content: dict[int, int | None] = {}  # content of the last fetch's stored rows (for extend)
 
@@ -546,7 +531,6 @@ class FeatureCache:
     def _probe(self, ks: list[int], cs: list[int] | None) -> tuple[list[bool], dict[int, tuple[str, torch.Tensor]]]:
         """Hit per key, and the verified disk records of the hits; drops corrupt and stale rows."""
         self._protected = set()
-        self._staged = {}
         want = dict(zip(ks, cs)) if cs is not None else {}
         present = [k for k in dict.fromkeys(ks) if k in self._index]
         disk_ti = self._disk_ti()
@@ -592,15 +576,13 @@ class FeatureCache:
         self._found += len(self._protected)
         for k in self._protected:
             self._index.move_to_end(k)
-            if k in recs:
-                self._staged[k] = (recs[k][0], self._index[k][2], recs[k][1][recs[k][2]])
         self._stored_content = stored
         return hit, {k: v for k, v in recs.items() if k in self._protected}
 
-    def _decode(self, ks: list[int], device: torch.device, recs: dict, dtype=None) -> list[torch.Tensor]:
+    def _decode(self, ks: list[int], device: torch.device, recs: dict) -> list[torch.Tensor]:
         """Rows of ``ks`` (all stored; disk ones verified in ``recs``: key -> (codec, records, row)) decoded on
         ``device``."""
-        want = [dtype or dt for _, dt in self.layout]
+        want = [dt for _, dt in self.layout]
         dec = [w if w in IO_DTYPES else torch.float32 for w in want]
         outs = [torch.empty(len(ks), d, dtype=dt, device=device) for d, dt in zip(self._dims(), dec)]
         groups: dict[tuple[int, str], list[int]] = {}
@@ -621,58 +603,6 @@ class FeatureCache:
                     o[idx] = d
         res = [o.view(len(ks), *shape) for o, (shape, _) in zip(outs, self.layout)]
         return [r if r.dtype == w else r.to(w) for r, w in zip(res, want)]
-
-    # legacy pair, kept until the wrapper calls fetch(): lookup verifies, get decodes (and may raise _Recompute)
-    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
-        """Hit mask (bool, CPU) for ``keys``; disk records are verified here (a bad one is a miss). Prefer fetch()."""
-        ks = self._key_list(keys)
-        self._counts["lookups"] += len(ks)
-        if not self._tiers:
-            return torch.zeros(len(ks), dtype=torch.bool)
-        hit, _ = self._probe(ks, None)
-        return torch.tensor(hit, dtype=torch.bool)
-
-    def get(self, keys: torch.Tensor, device, dtype=None) -> list[torch.Tensor]:
-        """Rows for ``keys`` (all hits) decoded to ``dtype`` on ``device``; raises ``_Recompute`` for a disk record
-        that fails verification here (nothing wrong is returned). Prefer fetch()."""
-        t0 = time.perf_counter()
-        self._need_bound("get")
-        ks = self._key_list(keys)
-        device = torch.device(device)
-        missing = [k for k in ks if k not in self._index]
-        if missing:
-            raise CacheError(
-                f"get() for {len(missing)} key(s) that are not stored (e.g. {missing[0]}); call lookup() and "
-                "get() only the hits"
-            )
-        recs, bad, disk_ti = {}, [], self._disk_ti()
-        by_slab: dict[str, list[int]] = {}
-        for k in dict.fromkeys(ks):
-            ti, codec, slot, _ = self._index[k]
-            if ti != disk_ti:
-                continue
-            s = self._staged.get(k)
-            if s is not None and s[0] == codec and s[1] == slot:
-                recs[k] = (codec, s[2].view(1, -1), 0)
-            else:
-                by_slab.setdefault(codec, []).append(k)
-        for codec, group in by_slab.items():
-            rec, ok = self._tiers[disk_ti].slabs[codec].read(group, [self._index[k][2] for k in group])
-            for j, (k, good) in enumerate(zip(group, ok)):
-                if good:
-                    recs[k] = (codec, rec, j)
-                else:
-                    bad.append(k)
-        if bad:
-            for k in bad:
-                self._drop(k, corrupt=True)
-            raise _Recompute(bad)
-        res = self._decode(ks, device, recs, dtype)
-        for k in ks:
-            self._index.move_to_end(k)
-        self._counts["hits"] += len(ks)
-        self._counts.get_s += time.perf_counter() - t0
-        return res
 
     def put(self, keys, rows, *, content=None) -> None:
         """Stores ``rows[i][j]`` (batch-first, the bound layout) under ``keys[j]``, with its input's ``content``."""
@@ -814,7 +744,6 @@ class FeatureCache:
         tier.rows -= 1
         if not tier.readonly:  # a read-only store's slots are never reused
             tier.slabs[codec].release(slot)
-        self._staged.pop(key, None)
         if evicted:
             self._counts["evictions"] += 1
             self._counts["evicted_bytes"] += nb
@@ -845,7 +774,7 @@ class FeatureCache:
 
     def _drop_rows(self) -> None:
         self._index.clear()
-        self._protected, self._staged = set(), {}
+        self._protected = set()
         for t in self._tiers:
             t.used = t.rows = 0
             for slab in t.slabs.values():
