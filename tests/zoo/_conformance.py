@@ -180,7 +180,7 @@ def weighted_loss(out, seed: int = 7) -> torch.Tensor:
     for t in flat(out):
         if not t.is_floating_point():
             continue
-        w = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+        w = torch.randn(t.shape, generator=g, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
         if t.requires_grad:
             term = (t * w).sum()
             total = term if total is None else total + term
