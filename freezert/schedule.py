@@ -328,6 +328,13 @@ def _as_optimizers(optimizer: Any) -> list[Optimizer]:
     )
 
 
+def _same_optimizer(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are one optimizer, looking through wrappers that hold it (accelerate's)."""
+    if a is None or b is None:
+        return False
+    return a is b or getattr(a, "optimizer", None) is b or getattr(b, "optimizer", None) is a
+
+
 def _remove_params(optimizers: list[Optimizer], params: dict[int, nn.Parameter]) -> None:
     """Takes ``params`` out of every param group and purges their optimizer state; empty groups stay."""
     if not params:
@@ -351,8 +358,13 @@ def _copy_hparams(group: dict) -> dict:
     return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in group.items() if k != "params"}
 
 
-def _restore_params(optimizers: list[Optimizer], params: list[nn.Parameter], lr: float | None) -> None:
-    """Returns ``params`` to the optimizer they left, one new group per origin group, learning rate ``lr``."""
+def _restore_params(
+    optimizers: list[Optimizer], params: list[nn.Parameter], lr: float | None, homes: dict | None = None
+) -> None:
+    """Returns ``params`` to the optimizer they left, one new group per origin group, learning rate ``lr``.
+
+    A parameter that was never in an optimizer goes to ``homes[id(p)]`` (optimizer, group), else group 0.
+    """
     if not params or not optimizers:
         return
     present = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
@@ -360,7 +372,7 @@ def _restore_params(optimizers: list[Optimizer], params: list[nn.Parameter], lr:
     for p in params:
         if id(p) in present:
             continue
-        home = (0, 0)
+        home = (homes or {}).get(id(p), (0, 0))
         for oi, opt in enumerate(optimizers):
             rec = _REMOVED.get(opt, {})
             if id(p) in rec:
@@ -376,6 +388,25 @@ def _restore_params(optimizers: list[Optimizer], params: list[nn.Parameter], lr:
             if "initial_lr" in hp:  # LR schedulers read it as the group's base learning rate
                 hp["initial_lr"] = lr
         opt.add_param_group({"params": ps, **hp})
+
+
+def _sibling_homes(target: nn.Module, optimizers: list[Optimizer], params: list[nn.Parameter]) -> dict:
+    """For parameters never in an optimizer: the group holding one of the same kind (module type, attribute).
+
+    Trainers group by such rules (transformers: no weight decay on biases and LayerNorm weights), so a thawed
+    LayerNorm weight joins the no-decay group's hyperparameters rather than group 0's.
+    """
+    kind: dict[int, tuple] = {}
+    for m in target.modules():
+        for name, p in m.named_parameters(recurse=False):
+            kind.setdefault(id(p), (type(m), name))
+    where: dict[tuple, tuple[int, int]] = {}
+    for oi, opt in enumerate(optimizers):
+        for gi, g in enumerate(opt.param_groups):
+            for p in g["params"]:
+                if id(p) in kind:
+                    where.setdefault(kind[id(p)], (oi, gi))
+    return {id(p): where[kind[id(p)]] for p in params if kind.get(id(p)) in where}
 
 
 def _unique_params(modules: list[nn.Module]) -> dict[int, nn.Parameter]:
@@ -553,7 +584,7 @@ def apply_freeze(
             p.requires_grad_(True)
     else:  # the wrapper restored requires_grad; a parameter the user had frozen stays out
         back = [p for p in back if p.requires_grad]
-    _restore_params(opts, back, lr)
+    _restore_params(opts, back, lr, _sibling_homes(target, opts, back))
     return FreezeChange(
         frozen=tuple(i for i in new if i not in prev), unfrozen=tuple(i for i in prev if i not in new)
     )
@@ -743,7 +774,9 @@ class Schedule:
         self._current = tuple(sorted(set(indices)))
         for opt, n in zip(self._optimizers, counts):
             for sch in self._lr_schedulers:
-                if getattr(sch, "optimizer", None) is opt and isinstance(getattr(sch, "base_lrs", None), list):
+                if _same_optimizer(getattr(sch, "optimizer", None), opt) and isinstance(
+                    getattr(sch, "base_lrs", None), list
+                ):
                     for g in opt.param_groups[n:]:
                         g.setdefault("initial_lr", g["lr"])
                         sch.base_lrs.append(g["initial_lr"])

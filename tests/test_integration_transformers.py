@@ -104,6 +104,20 @@ def test_a_schedule_steps_with_the_trainer_and_resumes_from_its_checkpoint(tmp_p
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_unfreezing_under_the_trainer_adds_a_group_its_lr_scheduler_drives(tmp_path):
+    from freezert import Unfreeze
+
+    fm = freezert.wrap(tiny_bert(), freeze=Unfreeze(at=0.5, lr=5e-4, blocks=2))
+    assert fm.frozen_indices == [0, 1]
+    trainer, losses = train(fm, tmp_path, "u", callbacks=[FreezertCallback()])
+    assert fm.frozen_indices == [] and len(losses) == 8
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 4  # the Trainer's decay / no-decay groups, and one new group for each
+    assert all(g["lr"] < 5e-4 for g in groups[2:])  # the linear decay scheduled the new groups too
+    back = {id(p) for m in (fm.module.bert.embeddings, *fm.module.bert.encoder.layer[:2]) for p in m.parameters()}
+    assert {id(p) for g in groups[2:] for p in g["params"]} == back
+
+
 def test_remove_unused_columns_is_refused_with_the_fix(tmp_path):
     with pytest.raises(FreezeError, match="remove_unused_columns=False"):
         train(freezert.wrap(tiny_bert(), freeze=2), tmp_path, "x", callbacks=[FreezertCallback()],

@@ -697,3 +697,15 @@ def test_apply_freeze_empty_thaws_blocks_frozen_by_hand():
     assert all(p.requires_grad for p in model.parameters())
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.01
     assert {id(p) for p in model[0].parameters()} == {id(p) for p in opt.param_groups[1]["params"]}
+
+
+def test_a_parameter_never_in_the_optimizer_joins_the_group_of_its_kind():
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6)) for _ in range(3)])
+    model[0].requires_grad_(False)  # frozen before the optimizer was built, as a Trainer would see it
+    decay = [m[0].weight for m in model[1:]]
+    no_decay = [p for m in model[1:] for p in (m[0].bias, *m[1].parameters())]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}])
+    apply_freeze(model, opt, [], blocks=list(model))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1, 0.0]
+    assert opt.param_groups[2]["params"] == [model[0][0].weight]
+    assert {id(p) for p in opt.param_groups[3]["params"]} == {id(model[0][0].bias), *map(id, model[0][1].parameters())}

@@ -59,7 +59,9 @@ class FreezertCallback(TrainerCallback):
             )
         sched = self._schedule(model)
         if sched is not None and optimizer is not None:
-            sched.attach(optimizer=optimizer, lr_schedulers=lr_scheduler)
+            # accelerate may wrap the scheduler (AcceleratedScheduler.scheduler); the LambdaLR inside needs to learn
+            # about groups added by unfreezing
+            sched.attach(optimizer=optimizer, lr_schedulers=getattr(lr_scheduler, "scheduler", lr_scheduler))
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         sched = self._schedule(model or self.model)
