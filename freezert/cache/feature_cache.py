@@ -483,7 +483,7 @@ class FeatureCache:
             raise CacheError(f"content has {len(cs)} value(s) for {n} key(s); pass one content hash per key")
         return cs
 
-    def _check_repeats(self, fn: str, ks: list[int], cs: list[int] | None) -> None:
+    def _check_repeats(self, ks: list[int], cs: list[int] | None) -> None:
         """A key twice in one call: fine for content keys (the same input twice), and for ids with equal content
         (a sampler drawing one sample twice); two different inputs under one id is refused."""
         if len(set(ks)) == len(ks):
@@ -495,7 +495,7 @@ class FeatureCache:
                 continue
             if cs is not None and cs[i] != cs[j]:
                 raise CacheError(
-                    f"{fn}(): id {k} appears at positions {i} and {j} of one batch with different inputs; two "
+                    f"sample id {k} appears at positions {i} and {j} of one batch with different inputs; two "
                     "samples cannot share an id (the next epoch would serve one's features for both): pass unique "
                     "ids, e.g. the dataset indices"
                 )
@@ -516,7 +516,7 @@ class FeatureCache:
         t0 = time.perf_counter()
         ks = self._key_list(keys)
         cs = self._content_list(content, len(ks))
-        self._check_repeats("fetch", ks, cs)
+        self._check_repeats(ks, cs)
         device = torch.device(device)
         self._counts["lookups"] += len(ks)
         if not self._tiers:
@@ -609,7 +609,7 @@ class FeatureCache:
         self._need_bound("put")
         ks = self._key_list(keys)
         cs = self._content_list(content, len(ks))
-        self._check_repeats("put", ks, cs)
+        self._check_repeats(ks, cs)
         rows = list(rows)
         if len(rows) != len(self.layout):
             raise CacheError(
