@@ -542,3 +542,15 @@ def test_a_dropped_cache_in_a_reference_cycle_does_not_hold_the_lock(tmp_path):
     finally:
         gc.enable()
     assert d.fetch(torch.arange(3), "cpu")[0].all()
+
+
+def test_the_fingerprint_reads_the_codec_from_the_one_table(monkeypatch):
+    import dataclasses
+
+    from freezert.cache import codecs, fingerprint_of
+
+    w = [torch.randn(4, 3)]
+    a = fingerprint_of(w, codec="fp16", bn="frozen")
+    monkeypatch.setitem(codecs.CODECS, "fp16", dataclasses.replace(codecs.CODECS["fp16"], min_amax=0.0))
+    assert fingerprint_of(w, codec="fp16", bn="frozen") != a  # rows stored under the old underflow rule: stale
+    assert fingerprint_of(w, codec="custom", bn="frozen") == fingerprint_of(w, codec="custom", bn="frozen")

@@ -20,7 +20,14 @@ _I64 = (-(2**63), 2**63 - 1)
 
 
 def fingerprint_of(tensors: list[torch.Tensor], **facts: Any) -> str:
-    """16-hex-digit fingerprint of the frozen weights (content, shape, dtype) and ``facts``."""
+    """16-hex-digit fingerprint of the frozen weights (content, shape, dtype) and ``facts``.
+
+    A ``codec`` fact naming a codec stands for its whole entry in the codec table (encoding and escape range), so
+    rows stored under another definition of the same name never match.
+    """
+    if isinstance(facts.get("codec"), str) and facts["codec"] in CODECS:
+        c = CODECS[facts["codec"]]
+        facts = {**facts, "codec": [c.name, str(c.store), c.itemsize, c.scaled, c.max_amax, c.min_amax, c.rel]}
     h = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode())
     chunk = 1 << 16
     for t in tensors:
