@@ -56,3 +56,7 @@ def test_same_function_as_naive_freezing(cfg, freeze, idx, train, cache):
     model = base(cfg)
     res = conform(model, freeze, (X,), train=train, cache=cache, expect_frozen=blocks(idx))
     assert [n for n, _ in res.fm.blocks] == [f"model.{i}" for i in range(len(model.model))]
+    # a frozen block after trainable ones passes their gradient back (naive freezing does): it runs eagerly,
+    # and eager_blocks says so; the prefix before the first trainable block runs as inference
+    want = {"model.5"} if freeze == [0, 1, 2, 5] else set()
+    assert set(res.eager) == want, res.eager
