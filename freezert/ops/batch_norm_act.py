@@ -2,6 +2,7 @@
 
 Backward recomputes the normalised value from the saved input and the per-channel (mean, invstd),
 so only the input and per-channel vectors are saved; eager BN + SiLU also saves the BN output.
+``batch_norm_act_lean`` does the same in plain torch with eager's own kernels (any device).
 """
 
 from __future__ import annotations
@@ -357,74 +358,57 @@ class _BatchNormAct(torch.autograd.Function):
         return dx, None, None, dw, db, None, None, None, None
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-channel vector shaped to broadcast over (N, C, ...)."""
-    return v.view((1, -1) + (1,) * (x.dim() - 2))
+def _bn_act_value(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  mean: torch.Tensor | None, var: torch.Tensor | None, *, eps: float, act: str) -> torch.Tensor:
+    """``act(bn(x))`` through eager's own BatchNorm kernel: the lean forward's value, bit for bit.
 
-
-def _bn_act_value(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, act: str) -> torch.Tensor:
-    """``act(x * scale + shift)`` per channel, in fp32 at least: the lean forward and its recompute recipe."""
-    xs = x if x.dtype == torch.float64 else x.float()
-    return act_forward(torch.addcmul(_bcast(shift, x), xs, _bcast(scale, x)), act).to(x.dtype)
+    ``mean``/``var`` None: batch statistics (recomputed from ``x``; running statistics untouched), else eval
+    mode with those statistics. The recompute recipe and backward call this, so they rebuild exactly what
+    the forward produced (and what eager would have).
+    """
+    z = torch.ops.aten.native_batch_norm(x, weight, bias, mean, var, mean is None, 0.0, eps)[0]
+    return act_forward(z, act)
 
 
 class _LeanBatchNormAct(torch.autograd.Function):
-    """Plain-torch BN + act saving only the input and per-channel (mean, invstd); any device, compilable."""
+    """BN + act through eager's kernels, saving only the input and per-channel statistics; any device."""
 
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, act):
-        dims = [0] + list(range(2, x.dim()))
-        # statistics in fp32 at least (fp16/bf16 inputs), as the Triton path and eager CUDA BN do
-        xs = x if x.dtype == torch.float64 else x.float()
+        aten = torch.ops.aten
         if training:
-            var, mean = torch.var_mean(xs, dim=dims, correction=0)
-            invstd = torch.rsqrt(var + eps)
-            if running_mean is not None:
-                n = x.numel() // x.shape[1]
-                with torch.no_grad():
-                    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                    unbiased = var * (n / max(n - 1, 1))
-                    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            # eager's kernel: same output, same (mean, invstd), same running-statistics update
+            z, mean, invstd = aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+            stats = (mean, invstd)
         else:
             # copies: the running buffers may change in place before backward runs
-            mean = running_mean.detach().to(xs.dtype, copy=True)
-            invstd = torch.rsqrt(running_var.detach().to(xs.dtype) + eps)
-        scale = invstd if weight is None else invstd * weight.to(xs.dtype)
-        shift = -mean * scale if bias is None else bias.to(xs.dtype) - mean * scale
-        y = _bn_act_value(x, scale, shift, act=act)
-        ctx.save_for_backward(x, mean, invstd, weight, bias)
+            stats = (running_mean.detach().clone(), running_var.detach().clone())
+            z = aten.native_batch_norm(x, weight, bias, stats[0], stats[1], False, momentum, eps)[0]
+        y = act_forward(z, act)
+        del z  # the BN output is not kept: backward recomputes it
+        ctx.save_for_backward(x, weight, bias, *stats)
         ctx.training, ctx.act, ctx.eps = training, act, eps
-        # (scale, shift) go out too: with them a later save of y can be a recipe (ops.recompute)
-        ctx.mark_non_differentiable(scale, shift)
-        return y, scale, shift
+        # the statistics go out too: with them a later save of y can be a recipe (ops.recompute)
+        ctx.mark_non_differentiable(*stats)
+        return (y, *stats)
 
     @staticmethod
-    def backward(ctx, dy, _dscale=None, _dshift=None):
-        x, mean, invstd, weight, bias = ctx.saved_tensors
-        xs = x if x.dtype == torch.float64 else x.float()
-        w = None if weight is None else weight.to(xs.dtype)
-        scale = invstd if w is None else invstd * w
-        shift = -mean * scale if bias is None else bias.to(xs.dtype) - mean * scale
-        # recomputed here instead of saved: the activation's input (one pass), then eager's own kernels
-        z = torch.addcmul(_bcast(shift, x), xs, _bcast(scale, x))
-        dz = act_backward(z, dy.to(xs.dtype), ctx.act)
+    def backward(ctx, dy, _d1=None, _d2=None):
+        x, weight, bias, s1, s2 = ctx.saved_tensors
+        aten = torch.ops.aten
+        # recomputed here instead of saved: the BN output (the activation's input), bit for bit as forward
+        z = aten.native_batch_norm(x, weight, bias, None if ctx.training else s1, None if ctx.training else s2,
+                                   ctx.training, 0.0, ctx.eps)[0]
+        dz = act_backward(z, dy, ctx.act)
+        del z
         need = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[3],
                 bias is not None and ctx.needs_input_grad[4]]
         if ctx.training:
-            # batch statistics: dx also carries the gradient through mean and variance (one fused kernel)
-            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-                dz, xs, w, None, None, mean, invstd, True, ctx.eps, [need[0], True, True])
+            dx, dw, db = aten.native_batch_norm_backward(dz, x, weight, None, None, s1, s2, True, ctx.eps, need)
         else:
-            dims = [0] + list(range(2, x.dim()))
-            db = dz.sum(dims)
-            dw = (dz * ((xs - _bcast(mean, x)) * _bcast(invstd, x))).sum(dims) if need[1] else None
-            dx = dz * _bcast(scale, x) if need[0] else None
-            if w is None:
-                dw = None
-        dx = dx.to(x.dtype) if need[0] else None
-        dw = dw.to(weight.dtype) if need[1] else None
-        db = db.to(bias.dtype) if need[2] else None
-        return dx, None, None, dw, db, None, None, None, None
+            dx, dw, db = aten.native_batch_norm_backward(dz, x, weight, s1, s2, None, None, False, ctx.eps, need)
+        return (dx if need[0] else None), None, None, (dw if need[1] else None), (db if need[2] else None), \
+            None, None, None, None
 
 
 def batch_norm_act_lean(
@@ -445,10 +429,13 @@ def batch_norm_act_lean(
     act = check_activation(activation)
     _check_args(input, running_mean, running_var, training, momentum)
     reg.record("batch_norm_act", reg.LEAN)
-    y, scale, shift = _LeanBatchNormAct.apply(input, running_mean, running_var, weight, bias,
-                                              bool(training), float(momentum), float(eps), act)
-    # inside ops.recompute_saved(), a later op saving y stores (input, scale, shift) instead
-    return mark_recomputable(y, functools.partial(_bn_act_value, act=act), input, scale, shift)
+    y, s1, s2 = _LeanBatchNormAct.apply(input, running_mean, running_var, weight, bias,
+                                        bool(training), float(momentum), float(eps), act)
+    # inside ops.recompute_saved(), a later op saving y stores (input, weight, bias[, eval statistics]) instead
+    recipe = functools.partial(_bn_act_value, eps=float(eps), act=act)
+    if training:
+        return mark_recomputable(y, recipe, input, weight, bias, None, None)
+    return mark_recomputable(y, recipe, input, weight, bias, s1, s2)
 
 
 def _check_args(input, running_mean, running_var, training, momentum) -> None:
