@@ -1,6 +1,7 @@
 """The feature cache, by concern: ``codecs`` (the one codec table), ``tiers`` (budgets, memory slabs),
 ``disk`` (the store: header, index, records, lock), ``binding`` (fingerprint, layout, keys), ``stats`` and
-``feature_cache`` (``FeatureCache``: bind, fetch/put, extend, save/load). See docs/CACHE.md."""
+``feature_cache`` (``FeatureCache``: bind, fetch/put, placement), ``extend`` and ``persist`` (save/load).
+See docs/CACHE.md."""
 
 from __future__ import annotations
 

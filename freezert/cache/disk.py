@@ -77,6 +77,12 @@ def check_regular(file: str) -> None:
         )
 
 
+def check_dir_path(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CacheError(f"path={path!r} is a file, not a directory; pass a directory for the disk store "
+                         "(it is created if missing)")  # fmt: skip
+
+
 class DiskSlab(Slab):
     """Fixed-size records of one codec in one file, read and written by offset."""
 

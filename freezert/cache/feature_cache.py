@@ -24,6 +24,8 @@ import torch
 
 from .._errors import CacheError
 from . import disk as _disk
+from . import extend as _extend
+from . import persist as _persist
 from .binding import check_layout, ids_to_keys, store_seed
 from .codecs import CODECS, ESCAPE, IO_DTYPES, escape_kind
 from .disk import NO_CONTENT, DiskSlab
@@ -81,7 +83,7 @@ class FeatureCache:
                     "use where='disk' or 'auto', or drop path="
                 )
             path = os.fspath(path)
-            _check_dir_path(path)
+            _disk.check_dir_path(path)
         if readonly and path is None:
             raise CacheError("readonly=True reads an existing disk store, but path= is None; pass path= of the store")
         self.codec, self.where, self.path, self.evict = codec, where, path, evict
@@ -184,73 +186,9 @@ class FeatureCache:
         self._bound = True
 
     def extend(self, fingerprint: str, layout, device, convert, *, chunk_bytes: int = 64 * 2**20) -> int:
-        """Re-binds to ``fingerprint``/``layout`` keeping every stored row, converted rather than dropped.
-
-        ``convert(rows)`` maps a batch of stored boundary rows (the bound layout, decoded on ``device``) to the new
-        boundary's rows. Rows are staged in host memory (at most half the available RAM, most recently used first)
-        and stored under the new binding in their old LRU order; records that fail verification are dropped.
-        Returns how many rows were carried over (``stats()["extended"]`` adds them up).
-        """
-        if not self._bound or not self._tiers or not len(self._index) or fingerprint == self.fingerprint:
-            self.bind(fingerprint, layout, device)
-            return 0
-        layout = check_layout(layout)
-        saved = dict(self._counts)
-        get_s = self._counts.get_s
-        row_bytes = sum(math.prod(s) * max(dt.itemsize, 4) for s, dt in self.layout)
-        step = max(1, chunk_bytes // max(row_bytes, 1))
-        order = list(self._index)
-        try:
-            staged = self._convert_rows(layout, convert, step, torch.device(device))
-        except BaseException:  # nothing was re-bound: the rows, their LRU order and the traffic stay as they were
-            for key in ("lookups", "hits"):
-                self._counts[key] = saved[key]
-            self._counts.get_s = get_s
-            for k in order:
-                if k in self._index:
-                    self._index.move_to_end(k)
-            raise
-        self.bind(fingerprint, layout, device)  # a new fingerprint: the old rows are dropped here
-        carried = 0
-        for ks, cs, host in reversed(staged):  # oldest first, so the LRU order survives
-            self._put(ks, cs, [t.to(self.device) for t in host])
-            carried += len(ks)
-        # what users read as traffic (lookups, hits, misses) and the invalidation are not the forward's doing
-        for key in ("lookups", "hits", "misses", "invalidations"):
-            self._counts[key] = saved[key]
-        self._counts["extended"] += carried
-        self._counts.get_s = get_s
-        self._counts.seg_s, self._counts.seg_rows = 0.0, 0  # the segment's per-row time changed with its depth
-        return carried
-
-    def _convert_rows(self, layout, convert, step: int, device) -> list:
-        """``extend``'s first half: (keys, contents, converted rows on the host) per chunk, most recent first."""
-        room = available_ram() / 2
-        keys = list(self._index)
-        staged = []
-        for hi in range(len(keys), 0, -step):  # most recently used first: those are kept if RAM runs short
-            chunk = keys[max(0, hi - step) : hi]
-            cs = [self._index[k][3] for k in chunk]
-            hit, rows = self.fetch(torch.tensor(chunk, dtype=torch.int64), device)  # verifies disk records
-            ks = [k for k, h in zip(chunk, hit.tolist()) if h]
-            cs = [self._stored_content.get(k, c) for k, c, h in zip(chunk, cs, hit.tolist()) if h]
-            if not ks:
-                continue
-            new = [t.detach() for t in convert(rows)]
-            if len(new) != len(layout) or any(
-                tuple(t.shape) != (len(ks), *shape) for t, (shape, _) in zip(new, layout)
-            ):
-                got = [tuple(t.shape) for t in new]
-                raise CacheError(
-                    f"extend(): convert() returned shapes {got} for {len(ks)} row(s), but the new layout needs "
-                    f"{[(len(ks), *s) for s, _ in layout]}; return one batch-first tensor per boundary tensor"
-                )
-            host = [t.to("cpu") for t in new]
-            room -= sum(t.numel() * t.element_size() for t in host)
-            if room < 0:
-                break
-            staged.append((ks, cs, host))
-        return staged
+        """Re-binds to ``fingerprint``/``layout`` keeping every stored row, converted by ``convert(rows)`` rather
+        than dropped; returns how many rows were carried (see ``freezert.cache.extend``)."""
+        return _extend.extend(self, fingerprint, layout, device, convert, chunk_bytes=chunk_bytes)
 
     def _dims(self) -> list[int]:
         return [math.prod(s) for s, _ in self.layout]
@@ -359,7 +297,7 @@ class FeatureCache:
             if self._tmpdir is None:
                 self._tmpdir = tempfile.mkdtemp(prefix="freezert-cache-")
             path = self._tmpdir
-        _check_dir_path(path)
+        _disk.check_dir_path(path)
         if not self.readonly:
             try:
                 os.makedirs(path, exist_ok=True)
@@ -812,125 +750,12 @@ class FeatureCache:
     # -- save / load -----------------------------------------------------------------------------------------------
     def save(self, path) -> None:
         """Writes every row (all tiers, exact encoded bytes) with the fingerprint and config to directory ``path``."""
-        self._need_bound("save")
-        path = os.fspath(path)
-        _check_dir_path(path)
-        config = {"where": self.where, "evict": self.evict, "budget": self._budget_arg[0],
-                  "host_budget": self._budget_arg[1], "disk_budget": self._budget_arg[2]}  # fmt: skip
-        config = {k: (v if v is None or isinstance(v, (int, float, str)) else str(v)) for k, v in config.items()}
-        if self._disk_dir is not None and os.path.realpath(path) == os.path.realpath(self._disk_dir):
-            if any(self._tiers[t].name != "disk" for t, _, _, _ in self._index.values()):
-                raise CacheError(f"save({path!r}) names this cache's own disk tier; save to another directory")
-            self.flush()
-            _disk.write_header(path, self.fingerprint, self.codec, self.layout, {**config, "where": "disk"})
-            return
-        if os.path.isdir(path) and os.listdir(path):
-            raise CacheError(f"save({path!r}): the directory is not empty; save into a new or empty directory")
-        os.makedirs(path, exist_ok=True)
-        lock = _disk.StoreLock(path)
-        _disk.write_header(path, self.fingerprint, self.codec, self.layout, config)  # first: files never orphaned
-        slabs: dict[str, DiskSlab] = {}
-        entries: list[tuple[int, int, int]] = []
-        groups: dict[tuple[int, str], list[int]] = {}
-        for k, (ti, codec, _, _) in self._index.items():
-            groups.setdefault((ti, codec), []).append(k)
-        try:
-            for (ti, codec), gk in groups.items():
-                if codec not in slabs:
-                    slabs[codec] = DiskSlab(codec, self._dims(), os.path.join(path, f"slab_{codec}.bin"),
-                                            store_seed(self.fingerprint, self.codec, self.layout, codec))  # fmt: skip
-                dst, src = slabs[codec], self._tiers[ti].slabs[codec]
-                slots = [self._index[k][2] for k in gk]
-                if isinstance(src, DiskSlab):  # verified records, re-sealed (the seed is the same fingerprint's)
-                    rec, ok = src.read(gk, slots)
-                    for k in [k for k, good in zip(gk, ok) if not good]:
-                        self._drop(k, corrupt=True)
-                    keep = [j for j, good in enumerate(ok) if good]
-                    gk, rec = [gk[j] for j in keep], rec[keep]
-                else:  # the exact encoded bytes: no decode/encode round trip
-                    contents = [self._index[k][3] or NO_CONTENT for k in gk]
-                    rec = dst.build(gk, contents, *src.read_raw(slots))
-                if gk:
-                    new = [dst.alloc() for _ in gk]
-                    dst.write_records(new, rec)
-                    entries += [(k, 0 if codec == self.codec else 1, slot) for k, slot in zip(gk, new)]
-        finally:
-            for s in slabs.values():
-                s.close()
-            order = {k: i for i, k in enumerate(self._index)}
-            entries.sort(key=lambda e: order.get(e[0], 0))
-            _disk.write_index(path, entries)
-            lock.release()
+        _persist.save(self, path)
 
     @classmethod
     def load(cls, path) -> FeatureCache:
-        """A cache holding what ``save(path)`` wrote (fingerprint and config included); rows on CPU until bound.
-
-        A saved where='disk' cache opens ``path`` in place; other caches read every row (verified) into memory.
-        """
-        path = os.fspath(path)
-        _check_dir_path(path)
-        found = _disk.read_header(path) if os.path.isdir(path) else None
-        if found is None:
-            raise CacheError(f"{path!r} holds no saved FeatureCache (no {_disk.HEADER}); pass a directory "
-                             "written by FeatureCache.save() or by a disk tier")  # fmt: skip
-        head, layout = found
-        cfg = dict(head.get("config") or {"where": "disk"})
-        where = cfg.pop("where", "disk")
-        if where not in WHERE:
-            where = "disk"
-        budgets = {"budget": cfg.get("budget", "20GiB"), "host_budget": cfg.get("host_budget"),
-                   "disk_budget": cfg.get("disk_budget")}  # fmt: skip
-        evict = cfg.get("evict", "lru") if cfg.get("evict") in ("lru", "none") else "lru"
-        if where == "disk":
-            cache = cls(head["codec"], "disk", budgets["budget"], path, disk_budget=budgets["disk_budget"],
-                        evict=evict)  # fmt: skip
-            cache.bind(head["fingerprint"], layout, "cpu")
-            cache._bound = False  # the first caller's bind must match this fingerprint (else it is refused)
-            return cache
-        cache = cls(head["codec"], where, budgets["budget"], None, host_budget=budgets["host_budget"],
-                    disk_budget=budgets["disk_budget"], evict=evict)  # fmt: skip
-        src = cls(head["codec"], "disk", "1TiB", path, disk_budget=None, readonly=True)
-        try:
-            src.bind(head["fingerprint"], layout, "cpu")
-            dev = "cpu" if where != "cuda" else ("cuda" if torch.cuda.is_available() else "cpu")
-            if where == "cuda" and dev == "cpu":
-                raise CacheError(f"{path!r} holds a where='cuda' cache, but CUDA is not available here")
-            cache.fingerprint, cache.layout, cache.device = head["fingerprint"], layout, torch.device(dev)
-            cache._build_tiers()
-            cache._import_from(src)
-        finally:
-            src.close()
-        return cache
-
-    def _import_from(self, src: FeatureCache) -> None:
-        ti_src = src._disk_ti()
-        keys = list(src._index)
-        for lo in range(0, len(keys), 1024):
-            chunk = keys[lo : lo + 1024]
-            for codec in (src.codec, ESCAPE):
-                gk = [k for k in chunk if src._index[k][1] == codec]
-                if not gk:
-                    continue
-                slab = src._tiers[ti_src].slabs[codec]
-                rec, ok = slab.read(gk, [src._index[k][2] for k in gk])
-                self._counts["corrupt"] += ok.count(False)
-                keep = [j for j, good in enumerate(ok) if good]
-                rec = rec[keep]
-                payload, scales = slab.unpack(rec)
-                contents = DiskSlab.contents_of(rec)
-                for j, k in enumerate([gk[j] for j in keep]):
-                    c = None if contents[j] == NO_CONTENT else contents[j]
-                    claimed = self._claim(k, codec, set(), c)
-                    if claimed is None:
-                        continue
-                    _, dst, slot = claimed
-                    p = [x[j : j + 1] for x in payload]
-                    s = [x[j : j + 1] if x is not None else None for x in scales]
-                    if isinstance(dst, DiskSlab):
-                        dst.write_records([slot], dst.build([k], [contents[j]], p, s))
-                    else:
-                        dst.write_raw([slot], p, s)
+        """A cache holding what ``save(path)`` wrote (fingerprint and config included); rows on CPU until bound."""
+        return _persist.load(cls, path)
 
 
 def _gather_records(srcs: list[tuple[str, torch.Tensor, int]]) -> torch.Tensor:
@@ -943,12 +768,6 @@ def _gather_records(srcs: list[tuple[str, torch.Tensor, int]]) -> torch.Tensor:
             return base
         return base.index_select(0, torch.tensor(rows, dtype=torch.int64))
     return torch.cat([t[j : j + 1] for _, t, j in srcs])
-
-
-def _check_dir_path(path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise CacheError(f"path={path!r} is a file, not a directory; pass a directory for the disk store "
-                         "(it is created if missing)")  # fmt: skip
 
 
 def _close_disk(slabs: list, locks: list, tmpdir: str | None) -> None:
