@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .._errors import FreezeError
 from . import _registry as reg
+from .recompute import mark_recomputable
 
 # Rows longer than this go to the reference: a row must fit in one block of registers.
 _MAX_ROW = 16384
@@ -149,43 +150,30 @@ class _LayerNorm(torch.autograd.Function):
         return (dx.view(ctx.shape) if need_dx else None), dw, db, None, None
 
 
+def _ln_value(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, *,
+              shape: tuple[int, ...], eps: float) -> torch.Tensor:
+    """Eager's LayerNorm kernel: the lean forward's value and its recompute recipe, bit for bit."""
+    return torch.ops.aten.native_layer_norm(x, list(shape), weight, bias, eps)[0]
+
+
 class _LeanLayerNorm(torch.autograd.Function):
-    """Plain-torch LayerNorm saving the input and fp32 (mean, rstd) per row; any device, compilable."""
+    """LayerNorm through eager's kernels saving the input and per-row (mean, rstd); the output is not kept."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, n, eps):
-        x2 = x.reshape(-1, n)
-        xs = x2 if x2.dtype == torch.float64 else x2.float()
-        var, mean = torch.var_mean(xs, dim=1, correction=0)
-        rstd = torch.rsqrt(var + eps)
-        y = (xs - mean[:, None]) * rstd[:, None]
-        if weight is not None:
-            y = y * weight.reshape(-1).to(xs.dtype)
-        if bias is not None:
-            y = y + bias.reshape(-1).to(xs.dtype)
-        ctx.save_for_backward(x2, weight, mean, rstd)
-        ctx.n, ctx.shape, ctx.has_b = n, x.shape, bias is not None
-        return y.to(x.dtype).view(x.shape)
+    def forward(ctx, x, weight, bias, shape, eps):
+        y, mean, rstd = torch.ops.aten.native_layer_norm(x, list(shape), weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.shape = shape
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, mean, rstd = ctx.saved_tensors
-        n = ctx.n
-        xs = x2 if x2.dtype == torch.float64 else x2.float()
-        dy2 = dy.reshape(-1, n).to(xs.dtype)
-        xhat = (xs - mean[:, None]) * rstd[:, None]  # recomputed, not saved
-        dw = (dy2 * xhat).sum(0).to(weight.dtype).view(weight.shape) \
-            if weight is not None and ctx.needs_input_grad[1] else None
-        db = dy2.sum(0).to(dy.dtype) if ctx.has_b and ctx.needs_input_grad[2] else None
-        dx = None
-        if ctx.needs_input_grad[0]:
-            wdy = dy2 if weight is None else dy2 * weight.reshape(-1).to(xs.dtype)
-            c1 = (xhat * wdy).mean(1, keepdim=True)
-            c2 = wdy.mean(1, keepdim=True)
-            dx = ((wdy - xhat * c1 - c2) * rstd[:, None]).to(x2.dtype).view(ctx.shape)
-        if db is not None:
-            db = db.view(weight.shape) if weight is not None else db.view(-1)
-        return dx, dw, db, None, None
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        need = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2]]
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(dy, x, list(ctx.shape), mean, rstd, weight, bias,
+                                                               need)
+        return (dx if need[0] else None), (dw if need[1] else None), (db if need[2] else None), None, None
 
 
 def layer_norm_lean(
@@ -195,13 +183,18 @@ def layer_norm_lean(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """``F.layer_norm`` as a plain-torch autograd Function saving the input and per-row (mean, rstd)."""
+    """``F.layer_norm`` saving the input and per-row (mean, rstd), its output a recipe for the layers after it.
+
+    Eager's own kernels (values and gradients are eager's bit for bit); inside ``ops.recompute_saved()`` a
+    later layer that saves the output (a Linear) stores how to rebuild it instead.
+    """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
         raise FreezeError(f"normalized_shape={shape} does not match the input's trailing dimensions "
                           f"{tuple(input.shape)}; pass the input's last dimensions")
     reg.record("layer_norm", reg.LEAN)
-    return _LeanLayerNorm.apply(input, weight, bias, math.prod(shape), float(eps))
+    y = _LeanLayerNorm.apply(input, weight, bias, shape, float(eps))
+    return mark_recomputable(y, functools.partial(_ln_value, shape=shape, eps=float(eps)), input, weight, bias)
 
 
 def _cdiv(a: int, b: int) -> int:

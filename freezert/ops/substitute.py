@@ -220,8 +220,10 @@ def plan_substitutions(module: nn.Module, *, skip: Callable[[str], bool] = lambd
 
 
 def _recipes(plan: list[tuple[str, nn.Module]]) -> bool:
-    """True when some replacement marks its output recomputable (every fused Conv-BN-act path does)."""
-    return any(isinstance(rep, (FusedConvBNAct, LeanActivation, LeanRMSNorm)) for _, rep in plan)
+    """True when some replacement marks its output recomputable (every fused Conv-BN-act path does, and
+    the lean LayerNorm, RMSNorm and activations)."""
+    return any(isinstance(rep, (FusedConvBNAct, LeanActivation, LeanRMSNorm))
+               or (isinstance(rep, FusedLayerNorm) and rep._impl != "triton") for _, rep in plan)
 
 
 @contextlib.contextmanager
