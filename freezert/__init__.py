@@ -7,7 +7,16 @@ from ._errors import CacheError, FreezeError, FreezeWarning, NativeError
 from ._native import native_info
 from .blocks import find_blocks
 from .cache import FeatureCache
-from .schedule import FreezeOut, GradientNorm, Linear, Unfreeze, apply_freeze, freeze_layers
+from .schedule import (
+    FreezeOut,
+    GradientNorm,
+    Linear,
+    Unfreeze,
+    apply_freeze,
+    freeze_layers,
+    freeze_layers_state_dict,
+    load_freeze_layers_state_dict,
+)
 from .wrapper import FrozenModel, inspect, wrap
 
 __version__ = "0.1.0"
@@ -27,6 +36,8 @@ __all__ = [
     "apply_freeze",
     "find_blocks",
     "freeze_layers",
+    "freeze_layers_state_dict",
+    "load_freeze_layers_state_dict",
     "inspect",
     "monitor",
     "native_info",

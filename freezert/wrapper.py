@@ -103,6 +103,7 @@ class FrozenModel(nn.Module):
         self.offloads = 0
         self._set_frozen(frozen)
         _LIVE[model] = weakref.ref(self)
+        self._register_load_state_dict_pre_hook(_plain_keys_in, with_module=True)
         if self.schedule is not None:
             # The schedule changes the frozen set through set_freeze(); bind the optimizer later with
             # fm.schedule.attach(optimizer=opt) and advance it with fm.schedule.step(progress).
@@ -253,7 +254,10 @@ class FrozenModel(nn.Module):
     @property
     def eager_blocks(self) -> dict[str, str]:
         """Frozen blocks that run eagerly (autograd through them, no segment, no cache), each with why."""
-        return {self._table.names[i]: why for i, why in self._part.eager.items()}
+        out = {self._table.names[i]: why for i, why in self._part.eager.items()}
+        for i in self._part.tail_frozen:
+            out.setdefault(self._table.names[i], "it runs after a trainable block, so its input needs a gradient")
+        return out
 
     # -- introspection -----------------------------------------------------------------------------------
     @property
@@ -684,6 +688,15 @@ class FrozenModel(nn.Module):
         return f"frozen={list(p.frozen)}, prefix={p.k}, boundary={list(p.boundary)}, bn={self.bn!r}"
 
 
+def _plain_keys_in(fm: FrozenModel, state_dict, prefix, *_args) -> None:
+    """A parent's ``load_state_dict`` hands a nested FrozenModel the plain keys its ``state_dict`` wrote
+    (``backbone.x``); the wrapped model sits at ``.model``, so they move to ``backbone.model.x``. Keys are
+    matched against the model's own (a YOLO model's plain keys start with ``model.`` themselves)."""
+    own = set(fm.model.state_dict().keys())
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in own]:
+        state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+
+
 def _user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the user's line (past freezert's and torch.nn's frames)."""
     import os
@@ -830,7 +843,7 @@ def _describe(fm: FrozenModel) -> str:
 
     fs = set(part.frozen)
     for name, m in t.stem:
-        row("stem", name, m, "frozen with block 0: inference" if 0 in fs else "train (runs before block 0)")
+        row("stem", name, m, "frozen with block 0 (inference)" if 0 in fs else "train (runs before block 0)")
     k = part.k
     for i, (name, m) in enumerate(zip(t.names, t.modules)):
         if k and i == k:
@@ -850,7 +863,7 @@ def _describe(fm: FrozenModel) -> str:
         elif i >= k:
             state = "frozen (eager: after a trainable block)"
         else:
-            state = "frozen: inference"
+            state = "frozen (inference)"
         members = t.members[i]
         row(i, name, m, state, "+".join(n for n, _ in members) if len(members) > 1 else None)
     stem = {n for n, _ in t.stem}

@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn as nn
 
 import freezert
 from freezert.models import cnn_classifier, yolov5
@@ -119,3 +120,20 @@ def test_to_rebuilds_on_new_dtype():
         fm(x.double())
         assert_outputs_close(fm(x.double()), ref(x.double()), 1e-10)
     assert fm.segment.folded > 0
+
+
+def test_a_nested_frozen_model_loads_the_plain_keys_its_parent_saved():
+    class Parent(nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+            self.head = nn.Linear(3, 2)
+
+    src = yolov5("n", nc=3)
+    parent = Parent(freezert.wrap(src, freeze=3))
+    state = parent.state_dict()
+    assert "backbone.model.0.conv.conv.weight" in state  # the plain YOLO key (its container is called model)
+    other = Parent(freezert.wrap(yolov5("n", nc=3), freeze=3))
+    other.load_state_dict(state)  # strict: every plain key lands where it belongs
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, state[k]), k

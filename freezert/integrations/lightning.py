@@ -170,8 +170,7 @@ class FreezertFinetuning(Callback):
             return
         if not isinstance(inner, nn.Module):
             raise FreezeError(f"the LightningModule has no nn.Module attribute {self.attr!r}; pass attr= naming it")
-        fm = wrap(inner, freeze=self.schedule, **self.wrap_kwargs)
-        _load_plain_keys(fm)
+        fm = wrap(inner, freeze=self.schedule, **self.wrap_kwargs)  # loads plain keys when nested (a pre-hook)
         setattr(pl_module, self.attr, fm)
 
     def finetune_function(self, pl_module: Any, epoch: int, optimizer: Optimizer) -> None:
@@ -272,19 +271,6 @@ def _names(pl_module: nn.Module) -> dict[int, str]:
     for n, p in pl_module.named_parameters():
         out.setdefault(id(p), n)
     return out
-
-
-def _load_plain_keys(fm: nn.Module) -> None:
-    """A FrozenModel inside a LightningModule saves plain keys (``backbone.x``) but a parent's load recurses into
-    ``backbone.model.x``: map them back so Lightning checkpoints load (see the report for wrapper.py)."""
-
-    def hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        # Every key under the prefix is a plain one (FrozenModel.state_dict writes no "model." level), even those
-        # that begin with "model." themselves (a YOLO backbone's container is called model).
-        for k in [k for k in state_dict if k.startswith(prefix)]:
-            state_dict[prefix + "model." + k[len(prefix):]] = state_dict.pop(k)
-
-    fm._register_load_state_dict_pre_hook(hook, with_module=True)
 
 
 class BackboneFinetuning(FreezertFinetuning):
