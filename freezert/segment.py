@@ -101,6 +101,15 @@ def _after_fold(bn: _BatchNorm) -> nn.Module | None:
     return None
 
 
+def _quantized(target: nn.Module, fmt: str) -> nn.Module:
+    """``target`` (a private copy) with its Linear/Conv weights stored in ``fmt``; a bare layer is replaced too."""
+    from .quant import quantize_frozen_
+
+    holder = nn.Sequential(target)  # quantize_frozen_ swaps layers in their parent: give a bare layer one
+    quantize_frozen_(holder, fmt)
+    return holder[0]
+
+
 def _replace(root: nn.Module, target: nn.Module, new: nn.Module) -> bool:
     for parent in root.modules():
         for name, child in parent._modules.items():
@@ -271,7 +280,11 @@ class FrozenSegment:
                  bn: str, dtype, channels_last: bool, graphs: bool, cached: set[int] = frozenset(),
                  shared_outputs: set[tuple[int, int]] = frozenset()):
         self.table, self.part = table, part
-        self.dtype, self.channels_last, self.graphs = dtype, channels_last, graphs
+        # A torch dtype pre-casts the copies; "int8"/"fp8" store their Linear/Conv weights in one byte instead
+        # (freezert.quant), activations staying in the model's dtype.
+        self.quant = dtype if isinstance(dtype, str) else None
+        self.dtype = None if self.quant else dtype
+        self.channels_last, self.graphs = channels_last, graphs
         frozen_mode = bn == "frozen"
         self.fold = frozen_mode
         self.names = [name for _, name, _ in entries]
@@ -337,6 +350,8 @@ class FrozenSegment:
                 _replace(bn_runner.__dict__["target"], bn, rest)
             self.folded += 1
         for r in self.runners:
+            if self.quant is not None:
+                r.__dict__["target"] = _quantized(r.__dict__["target"], self.quant)
             _recast(r.__dict__["target"], self.dtype, self.channels_last)
         self.prepared = True
 

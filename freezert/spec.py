@@ -12,6 +12,7 @@ from .blocks import BlockTable, strip_wrapper_prefix
 
 BN_MODES = ("frozen", "train")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_FORMATS = ("int8", "fp8")  # weight-only storage of the frozen Linear/Conv layers (freezert.quant)
 
 
 def _listing(table: BlockTable, limit: int = 6) -> str:
@@ -134,8 +135,11 @@ def check_options(bn: str, dtype, channels_last, graphs) -> None:
     """Validates the wrapper options other than ``freeze``."""
     if bn not in BN_MODES:
         raise FreezeError(f"bn={bn!r} is not a BatchNorm mode; pass bn='frozen' (default) or bn='train'")
-    if dtype is not None and dtype not in DTYPES:
-        raise FreezeError(f"dtype={dtype!r} is not supported; pass None, torch.float32, torch.float16 or torch.bfloat16")
+    if dtype is not None and dtype not in DTYPES and not (isinstance(dtype, str) and dtype in WEIGHT_FORMATS):
+        raise FreezeError(
+            f"dtype={dtype!r} is not supported; pass None, torch.float32, torch.float16, torch.bfloat16, or 'int8' / "
+            "'fp8' for one-byte frozen weights"
+        )
     if dtype is not None and bn == "train":
         raise FreezeError(
             "dtype pre-casting needs folded, fixed BatchNorm, but bn='train' keeps batch statistics; "

@@ -353,3 +353,23 @@ def test_inputs_that_need_a_gradient_get_it_through_the_frozen_blocks():
     assert x.grad is not None and rel_err(x.grad, x_ref.grad) < 1e-4
     assert_grads_match(model, ref, 1e-3)
     assert fm.cache.stats()["misses"] == 0  # that call bypassed the cache
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_one_byte_frozen_weights_stay_close_and_leave_the_users_model_alone(fmt):
+    from freezert.quant import QuantLinear
+
+    model = transformer_encoder(vocab_size=50, d_model=32, nhead=2, num_layers=4, dim_ff=64, num_classes=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = copy.deepcopy(model).eval()
+    fm = freezert.wrap(model, freeze=3, dtype=fmt).eval()
+    ids = torch.randint(0, 50, (4, 9))
+    fm(ids)  # the first call prepares the segment (runs it unquantized)
+    out = fm(ids)
+    quant = [m for r in fm.segment.runners for m in r.target.modules() if isinstance(m, QuantLinear)]
+    assert len(quant) == 3 * 4  # attention in/out projections and both feed-forward layers of 3 frozen layers
+    assert all(q.qweight.element_size() == 1 for q in quant)
+    assert rel_err(out, ref(ids)) < (2e-3 if fmt == "int8" else 3e-2)
+    loss_of(out).backward()
+    assert model.head.weight.grad is not None
+    assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in model.named_parameters())
