@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import warnings
@@ -52,6 +53,7 @@ class FrozenModel(nn.Module):
         cache=None,
         offload_frozen: bool = False,
         kernels="auto",
+        memory_budget=None,
     ):
         super().__init__()
         if isinstance(model, FrozenModel):
@@ -101,6 +103,11 @@ class FrozenModel(nn.Module):
         self.offload_frozen = bool(offload_frozen)
         self._offloaded_from: torch.device | None = None  # where the frozen weights live when not offloaded
         self.offloads = 0
+        from .memory import parse_bytes
+
+        self._budget = None if memory_budget is None else parse_bytes(memory_budget)
+        self._recompute: list[str] | None = None  # trainable blocks run under checkpoint (None: not planned yet)
+        self.recompute_plan: dict | None = None  # what the budget's plan measured and chose
         self._set_frozen(frozen)
         _LIVE[model] = weakref.ref(self)
         self._register_load_state_dict_pre_hook(_plain_keys_in, with_module=True)
@@ -132,6 +139,7 @@ class FrozenModel(nn.Module):
             p.requires_grad_(rg and id(p) not in frozen_ids)
         self._segment = None
         self._kernel_plan = None
+        self._recompute = None
         self._enforce_bn_modes()
 
     def set_freeze(self, freeze) -> None:
@@ -357,12 +365,50 @@ class FrozenModel(nn.Module):
                     self._replan(args, kwargs)
                     self._plan_sig = sig
         plan = self._kernels_for(inputs)
-        if not plan:
-            return self._forward(args, kwargs, cache_ids, inputs)
-        from .ops.substitute import swapped
+        with contextlib.ExitStack() as stack:
+            if plan:
+                from .ops.substitute import swapped
 
-        with swapped(self.model, plan):
+                stack.enter_context(swapped(self.model, plan))
+            if self._budget is not None and self.training and torch.is_grad_enabled():
+                if self._recompute is None:  # this step measures what each trainable block saves, then plans
+                    return self._plan_recompute(args, kwargs, cache_ids, inputs)
+                if self._recompute:
+                    from .memory import checkpointed
+
+                    stack.enter_context(checkpointed(self.model, self._recompute))
             return self._forward(args, kwargs, cache_ids, inputs)
+
+    def _trainable_blocks(self) -> dict[str, nn.Module]:
+        """The trainable blocks' modules and the head's, by dotted name: what recomputation may checkpoint."""
+        t, fs = self._table, set(self._part.frozen)
+        out = {name: m for i in range(len(t)) if i not in fs for name, m in t.members[i]}
+        stem = {name for name, _ in t.stem}
+        out.update((name, m) for name, m in t.candidates if name not in stem and any(True for _ in m.parameters()))
+        return out
+
+    def _plan_recompute(self, args, kwargs, cache_ids, inputs):
+        """Runs this step while measuring each trainable block's saved bytes; picks the blocks to checkpoint so
+        later steps fit ``memory_budget`` at the least recomputation (``fm.recompute``)."""
+        from .memory import SavedMeter, plan_recompute
+
+        blocks = self._trainable_blocks()
+        with SavedMeter(blocks, exclude=[*self.model.parameters(), *self.model.buffers()]) as meter:
+            out = self._forward(args, kwargs, cache_ids, inputs)
+        per = meter.per_block
+        saved = {name: per.get(name, 0) for name in blocks}
+        fixed = sum(n for name, n in per.items() if name not in blocks)
+        chosen = plan_recompute(saved, self._budget, inputs=meter.inputs, outputs=meter.outputs, fixed=fixed)
+        self._recompute = [name for name in blocks if name in chosen]  # forward order
+        self.recompute_plan = {
+            "budget": self._budget, "saved": saved, "outside_blocks": fixed, "checkpointed": list(self._recompute),
+        }
+        return out
+
+    @property
+    def recompute(self) -> list[str] | None:
+        """Trainable blocks recomputed in backward to fit ``memory_budget`` (None until the first training step)."""
+        return None if self._recompute is None else list(self._recompute)
 
     def _is_driven_call(self, args, kwargs) -> bool:
         return self._driven and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
@@ -798,15 +844,17 @@ def wrap(
     cache=None,
     offload_frozen: bool = False,
     kernels="auto",
+    memory_budget=None,
 ) -> FrozenModel:
     """Returns ``model`` with blocks frozen per ``freeze=`` (int, list, name prefix(es), fraction or predicate).
 
     ``also_freeze=`` names parameters outside the blocks to freeze too (ViT's ``cls_token``); ``cache=`` (True, a
-    codec name or a ``FeatureCache``) keeps the frozen prefix's outputs across epochs.
+    codec name or a ``FeatureCache``) keeps the frozen prefix's outputs across epochs; ``memory_budget=`` ("4GiB" or
+    bytes) bounds what the trainable part saves for backward by recomputing the blocks that cost least to redo.
     """
     return FrozenModel(
         model, freeze, blocks=blocks, also_freeze=also_freeze, bn=bn, dtype=dtype, channels_last=channels_last, graphs=graphs,
-        cache=cache, offload_frozen=offload_frozen, kernels=kernels,
+        cache=cache, offload_frozen=offload_frozen, kernels=kernels, memory_budget=memory_budget,
     )
 
 

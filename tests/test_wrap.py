@@ -373,3 +373,42 @@ def test_one_byte_frozen_weights_stay_close_and_leave_the_users_model_alone(fmt)
     loss_of(out).backward()
     assert model.head.weight.grad is not None
     assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in model.named_parameters())
+
+
+def _saved(fn, model) -> int:
+    """Activation bytes saved for backward while ``fn`` runs (parameters and buffers not counted)."""
+    from freezert.memory import saved_bytes
+
+    return saved_bytes(fn, exclude=[*model.parameters(), *model.buffers()])
+
+
+def test_memory_budget_checkpoints_the_cheapest_blocks_and_keeps_gradients():
+    torch.manual_seed(0)
+    base = pretrained_like(cnn_classifier(num_classes=5, width=16))
+    x = torch.randn(4, 3, 32, 32)
+    free = freezert.wrap(copy.deepcopy(base), freeze=1).train()
+    free(x)  # planned (record) so both measure the same thing
+    params = list(free.parameters())
+    unbudgeted = _saved(lambda: free(x), free)
+    for p in params:
+        p.grad = None
+    budget = unbudgeted * 9 // 10
+    fm = freezert.wrap(copy.deepcopy(base), freeze=1, memory_budget=budget).train()
+    assert fm.recompute is None
+    first = fm(x)  # measures and plans
+    assert fm.recompute and fm.recompute_plan["budget"] == budget
+    loss_of(first).backward()
+    for p in fm.parameters():
+        p.grad = None
+    assert _saved(lambda: fm(x), fm) <= budget  # what later steps save fits the budget
+    out, ref_out = fm(x), free(x)
+    assert_outputs_close(out, ref_out, 1e-6)
+    loss_of(out).backward()
+    loss_of(ref_out).backward()
+    assert_grads_match(fm.model, free.model, 1e-5)
+
+
+def test_a_budget_below_the_minimum_is_refused_with_the_minimum():
+    fm = freezert.wrap(pretrained_like(cnn_classifier(num_classes=5, width=16)), freeze=1, memory_budget="1KiB")
+    with pytest.raises(freezert.FreezeError, match="below the minimum of"):
+        fm.train()(torch.randn(4, 3, 32, 32))
