@@ -94,6 +94,7 @@ class FrozenModel(nn.Module):
         self._save = table.save
         self._segment: FrozenSegment | None = None
         self._plan_sig = None  # swap mode: the input structure the current plan was recorded for
+        self._rec = None  # swap mode: the record the current plan came from
         self._warned: set = set()
         self._unwrapped = False
         self._cache = _make_cache(cache, bn)
@@ -163,7 +164,7 @@ class FrozenModel(nn.Module):
         else:
             self.set_freeze(list(state["frozen"]))
 
-    def _own_mode(self, m: nn.Module, before: bool) -> bool:
+    def _own_mode(self, before: bool) -> bool:
         """The mode a BatchNorm freezert no longer forces goes back to: its own from before the wrap while the
         model's mode is unchanged since then, else the model's current mode."""
         return before if self.model.training == self._root_training else self.model.training
@@ -173,7 +174,7 @@ class FrozenModel(nn.Module):
         frozen = {id(m): m for m in _bn_modules(self._frozen_modules())} if self.bn == "frozen" else {}
         for key in [k for k in self._forced_bn if k not in frozen]:
             m, before = self._forced_bn.pop(key)
-            m.train(self._own_mode(m, before))
+            m.train(self._own_mode(before))
         for key, m in frozen.items():
             if key not in self._forced_bn:
                 self._forced_bn[key] = (m, m.training)
@@ -320,7 +321,7 @@ class FrozenModel(nn.Module):
         for p, rg in zip(self._params, self._requires_grad):
             p.requires_grad_(rg)
         for m, before in self._forced_bn.values():
-            m.train(self._own_mode(m, before))
+            m.train(self._own_mode(before))
         self._forced_bn.clear()
         self._segment = None
         self._unwrapped = True
@@ -434,7 +435,9 @@ class FrozenModel(nn.Module):
     def _forward(self, args, kwargs, cache_ids, inputs: list[torch.Tensor]):
         if cache_ids is not None and self._cache is None:
             raise CacheError("cache_ids= was given but this model has no cache; wrap it with cache='fp16' (or True)")
-        if not self._part.frozen:
+        if self._part.k == 0:
+            # Under a schedule the prefix may be empty for a while (Linear before freeze_start): nothing to cache
+            # yet, so run plainly; a fixed freeze= without a prefix can never use the cache: say so.
             if self._cache is not None and self.schedule is None:
                 raise CacheError("cache= needs frozen blocks from block 0 on (a frozen prefix); freeze=N with N >= 1")
             return self.model(*args, **kwargs)
@@ -443,12 +446,6 @@ class FrozenModel(nn.Module):
             # blocks too, as with naive freezing: no inference segment, no cache for this call.
             return self.model(*args, **kwargs)
         driven = self._is_driven_call(args, kwargs)
-        if self._part.k == 0:
-            # Under a schedule the prefix may be empty for a while (Linear before freeze_start): nothing to cache
-            # yet, so run plainly; a fixed freeze= without a prefix can never use the cache: say so.
-            if self._cache is not None and self.schedule is None:
-                raise CacheError("cache= needs frozen blocks from block 0 on (a frozen prefix); freeze=N with N >= 1")
-            return self.model(*args, **kwargs)
         seg = self._ensure_segment()
         if self._cache is not None:
             if driven or self._part.cached_units:
