@@ -1,6 +1,6 @@
 """The zoo against naive freezing on CPU: bytes saved for backward and step time (issue 9).
 
-    python benchmarks/bench_zoo.py [--models tv_resnet50 hf_gpt2 ...] [--steps 20] [--quick] [--json PATH]
+    python benchmarks/bench_zoo.py [--models tv_resnet50 hf_gpt2 ...] [--steps 60] [--quick] [--json PATH]
 
 For each zoo model (torchvision, timm, Ultralytics, transformers; random weights, nothing downloaded; float32,
 small CPU sizes) and one or two freeze depths:
@@ -11,7 +11,8 @@ small CPU sizes) and one or two freeze depths:
 * **step time**: forward + loss + backward + SGD step, naive vs freezert vs freezert with ``cache="fp16"``
   (its fill epoch untimed: every timed step is all hits, checked), all resident in one process and stepped in
   turn, one step each per round, the order rotated every round, so a shared machine's drift hits all alike;
-  medians (and IQR in the JSON) and the ratio to naive;
+  medians, the ratio of medians to naive and the quartiles of the per-round ratio (quartiles of the times in the
+  JSON); a case's timed rounds stop at ``--budget`` seconds once it has ``--min-steps``;
 * **plan**: how many frozen blocks freezert ran eagerly (``fm.eager_blocks``) and how many BatchNorms it folded
   (``fm.segment.folded``).
 
@@ -322,13 +323,17 @@ def run_case(key: str, spec: Spec, base: nn.Module, freeze: int, steps: int, bat
         raise RuntimeError(f"the cached variant missed {row['cache']['misses']} rows after its fill epoch")
     row["ms"] = {n: _quartiles(r.ms) for n, r in runners.items()}
     row["median_ms"] = {n: statistics.median(r.ms) for n, r in runners.items()}
+    # per round, variant / naive (the same round's inputs, seconds apart): quartiles of those paired ratios
+    row["paired_ratio"] = {n: _quartiles([x / y for x, y in zip(runners[n].ms, runners[NAIVE].ms)])
+                           for n in (FREEZERT, CACHED)}  # fmt: skip
     row["steps"] = len(runners[NAIVE].ms)
     for r in runners.values():
         r.module = r.model = r.opt = None
     return row
 
 
-def run_model(key: str, steps: int, quick: bool, log, budget_s: float | None = None, min_steps: int = 10) -> list[dict]:
+def run_model(key: str, steps: int, quick: bool, log, budget_s: float | None = None,
+              min_steps: int = 10) -> list[dict]:
     spec = ZOO[key]
     g = torch.Generator().manual_seed(0)
     batches = [spec.inputs(spec.batch, g) for _ in range(2)]
@@ -369,24 +374,24 @@ def _mib(n: int) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| model | freeze | input | saved MiB naive | freezert | / naive | full | full / naive "
-            "| ms naive | freezert | / naive | +fp16 cache | / naive | rounds | eager | folded BN |")
-    lines = [head, "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| ms naive | freezert | / naive | per round q1–q3 | +fp16 cache | / naive | rounds | eager | folded BN |")
+    lines = [head, "| --- | ---: | --- |" + " ---: |" * 14]
     for r in rows:
         name = r["model"] + ("" if not r.get("opts") else " (" + ", ".join(
             f"{k}={v}" for k, v in r["opts"].items()) + ")")
         if "skipped" in r:
-            lines.append(f"| {name} | | | skipped: {r['skipped']} |" + " |" * 12)
+            lines.append(f"| {name} | | | skipped: {r['skipped']} |" + " |" * 13)
             continue
         if "error" in r:
-            lines.append(f"| {name} | {r['freeze']} | | FAILED: {r['error'][:120]} |" + " |" * 12)
+            lines.append(f"| {name} | {r['freeze']} | | FAILED: {r['error'][:120]} |" + " |" * 13)
             continue
-        s, t = r["saved"], r["median_ms"]
+        s, t, q = r["saved"], r["median_ms"], r["paired_ratio"][FREEZERT]
         nb = max(s[NAIVE], 1)
         lines.append(
             f"| {name} | {r['freeze']} | b{r['batch']}, {r['input']} | {_mib(s[NAIVE])} | {_mib(s[FREEZERT])} "
             f"| {s[FREEZERT] / nb:.2f}× | {_mib(s[FULL])} | {s[FULL] / nb:.2f}× "
-            f"| {t[NAIVE]:.1f} | {t[FREEZERT]:.1f} | **{t[FREEZERT] / t[NAIVE]:.2f}×** | {t[CACHED]:.1f} "
-            f"| {t[CACHED] / t[NAIVE]:.2f}× | {r['steps']} | {r['eager']} | {r['folded']}/{r['bns_frozen']} |")
+            f"| {t[NAIVE]:.1f} | {t[FREEZERT]:.1f} | **{t[FREEZERT] / t[NAIVE]:.2f}×** | {q[0]:.2f}–{q[2]:.2f} "
+            f"| {t[CACHED]:.1f} | {t[CACHED] / t[NAIVE]:.2f}× | {r['steps']} | {r['eager']} | {r['folded']}/{r['bns_frozen']} |")
     return "\n".join(lines)
 
 
@@ -411,22 +416,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", choices=sorted(ZOO), default=list(DEFAULT), metavar="MODEL",
                     help=f"subset of: {', '.join(ZOO)} (default: all but tv_resnet18_tiny)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 20; --quick 6)")
-    ap.add_argument("--quick", action="store_true", help="first freeze depth of each model only, 6 steps")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed rounds (one step per variant each) at most (default 60; --quick 5)")
+    ap.add_argument("--quick", action="store_true", help="first freeze depth of each model only, 5 rounds, 8 s budget")
     ap.add_argument("--budget", type=float, default=None, metavar="S",
-                    help="stop a case's timed rounds after S seconds, once it has --min-steps (default 40; --quick 12)")
-    ap.add_argument("--min-steps", type=int, default=None, help="rounds before --budget may stop (default 10; --quick 3)")
+                    help="stop a case's timed rounds after S seconds, once it has --min-steps (default 30; --quick 8)")
+    ap.add_argument("--min-steps", type=int, default=None,
+                    help="rounds before --budget may stop (default 10; --quick 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: a loaded machine)")
     ap.add_argument("--json", metavar="PATH", help="write every number (and any traceback) here")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     a = ap.parse_args(argv)
-    steps = a.steps if a.steps is not None else (6 if a.quick else 20)
+    steps = a.steps if a.steps is not None else (5 if a.quick else 60)
     if steps < 1:
         ap.error("--steps must be at least 1")
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     threads = torch.get_num_threads()
     torch.set_num_threads(a.threads)
-    budget = a.budget if a.budget is not None else (12.0 if a.quick else 40.0)
+    budget = a.budget if a.budget is not None else (8.0 if a.quick else 30.0)
     min_steps = a.min_steps if a.min_steps is not None else (3 if a.quick else 10)
     info = header(a.threads)
     if argv is not None:

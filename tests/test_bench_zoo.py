@@ -49,6 +49,9 @@ def test_quick_run_reports_consistent_numbers(tmp_path, capsys):
         q1, med, q3 = row["ms"][name]
         assert 0 < q1 <= med <= q3 and math.isfinite(q3)
         assert med == row["median_ms"][name]
+    for name in ("freezert", "freezert+fp16"):  # per-round ratios to naive
+        q1, med, q3 = row["paired_ratio"][name]
+        assert 0 < q1 <= med <= q3 and math.isfinite(q3)
     # every timed step of the cached variant was served from the cache
     assert row["cache"]["misses"] == 0 and row["cache"]["hits"] == row["cache"]["lookups"] > 0
     # resnet18 freeze=2 (stem + layer1): nothing eager, every frozen BatchNorm folded
