@@ -341,6 +341,7 @@ class MemoryReport:
     rows: list[tuple[str, int]] = field(default_factory=list)
     saved: dict[str, int] = field(default_factory=dict)
     options: dict[str, int] = field(default_factory=dict)
+    weights: dict[str, int] = field(default_factory=dict)  # frozen-weight bytes under other storage options
     measured: str = "counted"
 
     @property
@@ -349,7 +350,8 @@ class MemoryReport:
 
     def table(self) -> str:
         """The report as fixed-width text (what ``str(report)`` prints)."""
-        width = max([len(k) for k, _ in self.rows] + [len(f"  {k}") for k in self.saved] + [24])
+        width = max([len(k) for k, _ in self.rows] + [len(f"  {k}") for k in self.saved]
+                    + [len(k) for k in [*self.options, *self.weights]] + [24])
         lines = [f"{'memory (' + self.measured + ')':<{width}}  {'bytes':>14}  {'':>10}"]
         for k, n in self.rows:
             lines.append(f"{k:<{width}}  {n:>14,}  {_fmt(n):>10}")
@@ -362,6 +364,12 @@ class MemoryReport:
             lines.append(f"{'saved activations with':<{width}}  {'bytes':>14}  {'vs first':>10}")
             first = next(iter(self.options.values())) or 1
             for k, n in self.options.items():
+                lines.append(f"{k:<{width}}  {n:>14,}  {n / first:>9.2f}x")
+        if self.weights:
+            lines.append("")
+            lines.append(f"{'frozen weights held as':<{width}}  {'bytes':>14}  {'vs first':>10}")
+            first = next(iter(self.weights.values())) or 1
+            for k, n in self.weights.items():
                 lines.append(f"{k:<{width}}  {n:>14,}  {n / first:>9.2f}x")
         return "\n".join(lines)
 

@@ -278,7 +278,7 @@ class FrozenSegment:
 
     def __init__(self, table: BlockTable, part: Partition, entries: list[tuple[tuple[int, int], str, nn.Module]], *,
                  bn: str, dtype, channels_last: bool, graphs: bool, cached: set[int] = frozenset(),
-                 shared_outputs: set[tuple[int, int]] = frozenset()):
+                 readers: dict[tuple[int, int], set[int]] | None = None):
         self.table, self.part = table, part
         # A torch dtype pre-casts the copies; "int8"/"fp8" store their Linear/Conv weights in one byte instead
         # (freezert.quant), activations staying in the model's dtype.
@@ -295,7 +295,7 @@ class FrozenSegment:
                 r.__dict__["target"].eval()
         self.block_runners = [self.by_key[(i, 0)] for i in range(part.k) if (i, 0) in self.by_key]
         self.cached_runners = [r for r in self.runners if r.key[0] in cached]
-        self._shared_outputs = set(shared_outputs)  # runners whose output something outside their unit reads
+        self._readers = dict(readers or {})  # (unit, member) -> the units the record saw read its first output
         # Only private copies may be folded or recast; the user's own modules (bn="train") never are.
         self.prepared = not frozen_mode or not (self.fold or dtype is not None or channels_last)
         self._scan: _FoldScan | None = None
@@ -337,9 +337,10 @@ class FrozenSegment:
             if bn.running_mean is None or bn.training or conv_runner is None or bn_runner is None:
                 continue
             if conv_runner is not bn_runner and (
-                conv_runner.__dict__["target"] is not conv or conv_runner.key in self._shared_outputs
+                conv_runner.__dict__["target"] is not conv
+                or not self._readers.get(conv_runner.key, {None}) <= {bn_runner.key[0]}
             ):
-                continue  # the conv's output is also read elsewhere: folding would change what that reads
+                continue  # the conv's output is also read outside the BatchNorm's unit: folding would change it
             rest = _after_fold(bn)
             if rest is None:
                 continue

@@ -341,18 +341,17 @@ class FrozenModel(nn.Module):
             t, part = self._table, self._part
             if self._driven:
                 entries = [((i, 0), t.names[i], t.modules[i]) for i in range(part.k)]
-                cached, shared = set(range(part.k)), set()
+                cached, readers = set(range(part.k)), {}
             else:
                 n = len(t)
                 stem = [((u, 0), t.candidates[u - n][0], t.candidates[u - n][1]) for u in part.stem_units]
                 blocks = [((i, j), name, m) for i in part.segment for j, (name, m) in enumerate(t.members[i])]
                 entries = stem + blocks
                 cached = set(part.cached_units)
-                rec = self._rec
-                shared = {(u, j) for (u, j, idx), ctx in rec.consumers.items() if idx == 0 and ctx - {u}}
+                readers = {(u, j): ctx for (u, j, idx), ctx in self._rec.consumers.items() if idx == 0}
             seg = self._segment = FrozenSegment(
                 t, part, entries, bn=self.bn, dtype=self.dtype, channels_last=self.channels_last,
-                graphs=self.graphs, cached=cached, shared_outputs=shared,
+                graphs=self.graphs, cached=cached, readers=readers,
             )
         return seg
 
@@ -405,6 +404,69 @@ class FrozenModel(nn.Module):
             "budget": self._budget, "saved": saved, "outside_blocks": fixed, "checkpointed": list(self._recompute),
         }
         return out
+
+    def memory_report(self, *args, loss=None, optimizer=None, plot: str | None = None, **kwargs):
+        """Where one training step's memory goes, on these inputs: frozen and trainable parameters, gradients,
+        optimizer state, activations saved for backward per block, the cache by tier (counted on the CPU,
+        measured with the CUDA allocator on a GPU), and what each option would save: naive freezing for
+        reference, recomputation, one-byte frozen weights. ``loss(output)`` defaults to the sum of the floating
+        outputs; ``plot`` writes a PNG. The model's gradients, buffers and RNG are as before the report."""
+        from .memory import checkpointed, memory_report
+
+        def default_loss(out):
+            ts = [t.float().sum() for t in flatten_tensors(out) if t.is_floating_point() and t.requires_grad]
+            return torch.stack(ts).sum() if ts else None
+
+        def step(run=lambda: self(*args, **kwargs)):
+            value = (loss or default_loss)(run())
+            if value is not None and value.requires_grad:
+                value.backward()
+
+        params = list(self.model.parameters())
+        grads = [p.grad for p in params]
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        trainable = self._trainable_blocks()
+
+        def recomputed():
+            with checkpointed(self.model, list(trainable)):
+                step()
+
+        options = {
+            "freezert (as configured)": step,
+            "naive freezing (no segment)": lambda: step(lambda: self.model(*args, **kwargs)),
+        }
+        if trainable:
+            options["every trainable block recomputed"] = recomputed
+        cache = None
+        if self._cache is not None:
+            tiers = self._cache.stats()["tiers"]
+            cache = {name: t["bytes"] for name, t in tiers.items() if t["bytes"]}
+        try:
+            with torch.random.fork_rng(devices=sorted({p.device.index for p in params if p.is_cuda})):
+                report = memory_report(
+                    self.model, step, blocks=trainable, optimizer=optimizer, frozen=self.frozen_parameters(),
+                    cache_bytes=cache, options=options,
+                )
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+            with torch.no_grad():
+                for b, v in buffers:
+                    b.copy_(v)
+        frozen = self.frozen_parameters()
+        as_is = sum(p.numel() * p.element_size() for p in frozen)
+        layers = [m for m in self._frozen_modules() for m in m.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+        w = {id(m.weight) for m in layers}
+        one_byte = sum(p.numel() * (1 if id(p) in w else p.element_size()) for p in frozen)
+        one_byte += sum(m.weight.shape[0] * 4 for m in layers)  # a float32 scale per output channel
+        report.weights = {
+            "as stored now": as_is,
+            "float16 / bfloat16 (dtype=)": sum(p.numel() * min(2, p.element_size()) for p in frozen),
+            "one byte + scales (dtype='int8' or 'fp8')": one_byte,
+        }
+        if plot is not None:
+            report.plot(plot)
+        return report
 
     @property
     def recompute(self) -> list[str] | None:
