@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from . import bench
+from ._errors import FreezeError
 from .bench import MODELS, VARIANTS, TrainConfig
 
 _YOLOS = [m for m in MODELS if m.startswith("yolov5")]
@@ -96,8 +97,38 @@ def cmd_inspect(args) -> int:
     freeze = parse_freeze(args.freeze) if args.freeze is not None else bench.DEFAULT_FREEZE.get(
         args.model, 10 if args.model in _YOLOS else None
     )
-    print(freezert.inspect(model, freeze))
+    example = _example_input(args, model)
+    if args.memory:
+        if example is None:
+            raise FreezeError("--memory runs one training step; give its input shape with --input, e.g. 2,3,224,224")
+        fm = freezert.wrap(model, freeze).train()
+        fm.plan(example)
+        print(fm.inspect())
+        print()
+        print(fm.memory_report(example, plot=args.plot))
+        fm.unwrap()
+        return 0
+    print(freezert.inspect(model, freeze, example_inputs=example))
     return 0
+
+
+def _example_input(args, model: nn.Module) -> torch.Tensor | None:
+    """A random batch of ``--input``'s shape (float images; integer tokens for the built-in encoder), or None."""
+    shape = args.input
+    if shape is None:
+        shape = {"cnn": "2,3,64,64", "encoder": "2,32"}.get(args.model, "2,3,128,128" if args.model in _YOLOS else None)
+    if shape is None:
+        return None
+    try:
+        dims = [int(d) for d in shape.split(",") if d.strip()]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise FreezeError(f"--input {shape!r} is not a shape; pass positive sizes such as 2,3,224,224")
+    g = torch.Generator().manual_seed(0)
+    if args.model == "encoder":
+        return torch.randint(0, 100, dims, generator=g)
+    return torch.rand(dims, generator=g)
 
 
 # --- demo and bench -------------------------------------------------------------------------------------
@@ -391,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what freeze= takes: 10 (blocks 0..9), 0.5 (half the blocks), model.3 (a name prefix), "
                    "0,1,2 or model.1,model.2 (lists; 3, is the list [3]), none (default: 10 for yolov5*, 3 cnn, "
                    "6 encoder, none for other models)")  # fmt: skip
+    p.add_argument("--input", default=None, metavar="SHAPE",
+                   help="the input's shape, e.g. 2,3,224,224: one recorded forward shows the stem, the head and "
+                   "which frozen blocks must run eagerly (default for the built-in models; else no record)")
+    p.add_argument("--memory", action="store_true",
+                   help="also run one training step and print where its memory goes and what each option saves "
+                   "(fm.memory_report)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="with --memory: draw the report into this PNG")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(

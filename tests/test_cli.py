@@ -178,3 +178,22 @@ def test_demo_rejects_bad_sizes(bad):
 def test_demo_freeze_everything_is_a_clean_error(capsys):
     assert main(["demo", "--freeze", "25", *TINY, "--steps", "1"]) == 2
     assert "at most 24" in capsys.readouterr().err
+
+
+def test_inspect_memory_prints_the_plan_and_the_report(capsys):
+    assert main(["inspect", "--model", "cnn", "--freeze", "3", "--memory"]) == 0
+    out = capsys.readouterr().out
+    assert "head  fc" in out and "frozen (inference)" in out  # recorded: the head is known
+    assert "saved activations with" in out and "every trainable block recomputed" in out
+    assert "one byte + scales" in out
+
+
+def test_inspect_memory_needs_an_input_shape_for_a_user_model(capsys, tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), path)
+    assert main(["inspect", "--model", str(path), "--freeze", "1", "--memory"]) == 2
+    assert "--input" in capsys.readouterr().err
+    assert main(["inspect", "--model", str(path), "--freeze", "1", "--input", "2,x"]) == 2
+    assert "not a shape" in capsys.readouterr().err
+    assert main(["inspect", "--model", str(path), "--freeze", "1", "--input", "3,4", "--memory"]) == 0
+    assert "saved activations with" in capsys.readouterr().out
