@@ -256,8 +256,9 @@ def section_quant() -> None:
         print("| " + " | ".join(row) + " |")
 
 
-def section_converge(steps: int) -> None:
-    print(f"\n### Demo loss over {steps} steps: yolov5n freeze=10, 64 px, batch 4, 8 fixed batches, SGD 0.01\n")
+def section_converge(steps: int, optimizer: str = "adam") -> None:
+    opt_label = "Adam 1e-3" if optimizer == "adam" else "SGD 0.01 momentum 0.9"
+    print(f"\n### Demo loss over {steps} steps: yolov5n freeze=10, 64 px, batch 4, 8 fixed batches, {opt_label}\n")
     torch.manual_seed(0)
     base = yolov5("n").to(DEV)
     gen = torch.Generator().manual_seed(2)
@@ -277,7 +278,9 @@ def section_converge(steps: int) -> None:
         elif kind in ("int8", "fp8"):
             for name in frozen:
                 quantize_frozen_(m.get_submodule(name), kind)
-        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=1e-3) if optimizer == "adam" else \
+            torch.optim.SGD(params, lr=0.01, momentum=0.9)
         return m, plan, opt
 
     runs = {k: variant(k) for k in ("naive", "lean", "int8", "fp8")}
@@ -307,6 +310,7 @@ def main() -> None:
     ap.add_argument("--sections", nargs="*", default=["lean", "recompute", "quant", "converge"])
     ap.add_argument("--rounds", type=int, default=20, help="alternating timing rounds per variant")
     ap.add_argument("--steps", type=int, default=300, help="training steps of the convergence check")
+    ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="of the convergence check")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, device {DEV}, {torch.get_num_threads()} threads")
     if "lean" in args.sections:
@@ -316,7 +320,7 @@ def main() -> None:
     if "quant" in args.sections:
         section_quant()
     if "converge" in args.sections:
-        section_converge(args.steps)
+        section_converge(args.steps, args.optimizer)
 
 
 if __name__ == "__main__":

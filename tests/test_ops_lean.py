@@ -14,7 +14,7 @@ from freezert.memory import saved_bytes
 from freezert.models import cnn_classifier, detection_loss, detection_targets_like, yolov5
 from freezert.ops import (activation, activation_reference, backend, batch_norm_act, batch_norm_act_lean,
                           batch_norm_act_reference, layer_norm, layer_norm_lean, plan_substitutions,
-                          rms_norm_lean, rms_norm_reference, swapped)
+                          recompute_saved, rms_norm_lean, rms_norm_reference, swapped)
 from freezert.ops import _registry as reg
 
 from ._ops_util import assert_close, _poison  # noqa: F401 (_poison is an autouse fixture)
@@ -327,3 +327,23 @@ def test_torchvision_conv_norm_activation_fuses():
     scale = max(b.abs().max().item() for _, b in grads)
     for a, b in grads:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_a_view_of_a_marked_output_is_a_recipe_too():
+    """GPT-2's Conv1D saves ``x.view(-1, d)`` of the LayerNorm output: the view is rebuilt from the recipe."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    w = torch.randn(8, 6, requires_grad=True)
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+
+    def lean():
+        with recompute_saved():
+            y = layer_norm_lean(x, 8)
+            torch.addmm(torch.zeros(6), y.view(-1, 8), w).square().sum().backward()
+
+    ours = saved_bytes(lean, exclude=[w])
+    torch.addmm(torch.zeros(6), F.layer_norm(xr, (8,)).view(-1, 8), wr).square().sum().backward()
+    # the input, per-row (mean, rstd) and the square's input (15 x 6); not the LayerNorm output
+    assert ours == x.numel() * 4 + 2 * 15 * 4 + 15 * 6 * 4
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(w.grad, wr.grad)

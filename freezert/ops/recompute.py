@@ -36,6 +36,11 @@ def mark_recomputable(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args:
     return out
 
 
+def _recipe_of(t: torch.Tensor):
+    d = getattr(t, "__dict__", None)
+    return d.get(_ATTR) if d else None
+
+
 def _outer_hooks():
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top(False) if top is not None else None
@@ -48,16 +53,29 @@ def recompute_saved() -> Iterator[None]:
     opack, ounpack = outer if outer is not None else (None, None)
 
     def pack(t: torch.Tensor):
-        recipe = t.__dict__.get(_ATTR) if hasattr(t, "__dict__") else None
+        recipe, view = _recipe_of(t), None
+        if recipe is None and t._base is not None:  # a view of a marked tensor (GPT-2's x.view(-1, d) @ W)
+            recipe = _recipe_of(t._base)
+            if recipe is not None:
+                base = t._base
+                view = (tuple(t.size()), tuple(t.stride()), t.storage_offset(), tuple(base.stride()))
         if recipe is not None:
             fn, args = recipe
-            return (_RECIPE, fn, tuple(None if a is None else opack(a) for a in args) if opack else args)
+            args = tuple(None if a is None else opack(a) for a in args) if opack else args
+            return (_RECIPE, fn, args, view)
         return opack(t) if opack else t
 
     def unpack(p):
-        if isinstance(p, tuple) and len(p) == 3 and p[0] is _RECIPE:
-            _, fn, args = p
-            return fn(*(tuple(None if a is None else ounpack(a) for a in args) if ounpack else args))
+        if isinstance(p, tuple) and len(p) == 4 and p[0] is _RECIPE:
+            _, fn, args, view = p
+            out = fn(*(tuple(None if a is None else ounpack(a) for a in args) if ounpack else args))
+            if view is not None:
+                size, stride, offset, base_stride = view
+                if tuple(out.stride()) != base_stride:  # the rebuild must lay the values out as the forward did
+                    raise RuntimeError(f"freezert recompute: rebuilt tensor strides {tuple(out.stride())} differ "
+                                       f"from the forward's {base_stride}")
+                out = out.as_strided(size, stride, offset)
+            return out
         return ounpack(p) if ounpack else p
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
