@@ -70,8 +70,11 @@ class FrozenModel(nn.Module):
                 "frozen) or call fm.unwrap() before wrapping it again"
             )
         _spec.check_options(bn, dtype, channels_last, graphs)
-        if kernels not in ("auto", True, False):
-            raise FreezeError(f"kernels={kernels!r} is not understood; pass 'auto' (CUDA only), True or False")
+        if kernels not in ("auto", "lean", True, False):
+            raise FreezeError(
+                f"kernels={kernels!r} is not understood; pass 'auto' (Triton on CUDA), 'lean' (the plain-torch lean "
+                "ops on every device), True (Triton everywhere, the interpreter off CUDA) or False"
+            )
         self.kernels = kernels
         self._kernel_plan: list | None = None
         table = block_table(model, blocks)
@@ -380,12 +383,13 @@ class FrozenModel(nn.Module):
             return self._forward(args, kwargs, cache_ids, inputs)
 
     def _trainable_blocks(self) -> dict[str, nn.Module]:
-        """The trainable blocks' modules and the head's, by dotted name: what recomputation may checkpoint."""
+        """The trainable blocks' modules and the head's, by dotted name: what recomputation may checkpoint.
+        Looked up in the model now, so a kernel substitution in place is what gets measured and checkpointed."""
         t, fs = self._table, set(self._part.frozen)
-        out = {name: m for i in range(len(t)) if i not in fs for name, m in t.members[i]}
+        names = [name for i in range(len(t)) if i not in fs for name, _ in t.members[i]]
         stem = {name for name, _ in t.stem}
-        out.update((name, m) for name, m in t.candidates if name not in stem and any(True for _ in m.parameters()))
-        return out
+        names += [name for name, m in t.candidates if name not in stem and any(True for _ in m.parameters())]
+        return {name: self.model.get_submodule(name) for name in names}
 
     def _plan_recompute(self, args, kwargs, cache_ids, inputs):
         """Runs this step while measuring each trainable block's saved bytes; picks the blocks to checkpoint so
@@ -435,6 +439,14 @@ class FrozenModel(nn.Module):
             "freezert (as configured)": step,
             "naive freezing (no segment)": lambda: step(lambda: self.model(*args, **kwargs)),
         }
+        if self.kernels != "lean":
+            from .ops.substitute import swapped
+
+            def lean():
+                with swapped(self.model, self._substitutions("lean")):
+                    step()
+
+            options["lean ops (kernels='lean')"] = lean
         if trainable:
             options["every trainable block recomputed"] = recomputed
         cache = None
@@ -484,15 +496,19 @@ class FrozenModel(nn.Module):
             if not inputs or not inputs[0].is_cuda:
                 return []
         if self._kernel_plan is None:
-            from .ops.substitute import plan_substitutions
-
-            frozen = [n for n, _ in self._frozen_named()]
-
-            def skip(name: str) -> bool:
-                return any(name == f or name.startswith(f + ".") or f.startswith(name + ".") for f in frozen)
-
-            self._kernel_plan = plan_substitutions(self.model, skip=skip)
+            self._kernel_plan = self._substitutions("lean" if self.kernels == "lean" else "triton")
         return self._kernel_plan
+
+    def _substitutions(self, impl: str) -> list:
+        """The trainable part's replacements by ``freezert.ops`` (frozen modules skipped)."""
+        from .ops.substitute import plan_substitutions
+
+        frozen = [n for n, _ in self._frozen_named()]
+
+        def skip(name: str) -> bool:
+            return any(name == f or name.startswith(f + ".") or f.startswith(name + ".") for f in frozen)
+
+        return plan_substitutions(self.model, skip=skip, impl=impl)
 
     def _forward(self, args, kwargs, cache_ids, inputs: list[torch.Tensor]):
         if cache_ids is not None and self._cache is None:

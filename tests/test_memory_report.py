@@ -27,6 +27,7 @@ def test_the_report_counts_the_step_and_leaves_the_model_as_it_was(tmp_path):
     opts = report.options
     assert opts["freezert (as configured)"] == opts["naive freezing (no segment)"]  # eager PyTorch saves no more
     assert opts["every trainable block recomputed"] < opts["freezert (as configured)"] / 2
+    assert opts["lean ops (kernels='lean')"] <= 0.7 * opts["freezert (as configured)"]
     w = report.weights
     assert w["as stored now"] == frozen and w["float16 / bfloat16 (dtype=)"] == frozen // 2
     assert frozen // 4 < w["one byte + scales (dtype='int8' or 'fp8')"] < frozen // 3

@@ -412,3 +412,17 @@ def test_a_budget_below_the_minimum_is_refused_with_the_minimum():
     fm = freezert.wrap(pretrained_like(cnn_classifier(num_classes=5, width=16)), freeze=1, memory_budget="1KiB")
     with pytest.raises(freezert.FreezeError, match="below the minimum of"):
         fm.train()(torch.randn(4, 3, 32, 32))
+
+
+def test_kernels_lean_saves_less_for_backward_with_the_same_gradients():
+    model = pretrained_like(yolov5("n", nc=3))
+    ref = copy.deepcopy(model)
+    fm = freezert.wrap(model, freeze=10, kernels="lean").train()
+    plain = freezert.wrap(ref, freeze=10, kernels=False).train()
+    x = torch.randn(2, 3, 64, 64)
+    lean_bytes = _saved(lambda: loss_of(fm(x)).backward(), fm)
+    naive_bytes = _saved(lambda: loss_of(plain(x)).backward(), plain)
+    assert lean_bytes <= 0.7 * naive_bytes
+    assert_grads_match(model, ref, 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), ref.buffers()))  # running statistics too
+    assert "'lean'" in str(pytest.raises(freezert.FreezeError, freezert.wrap, yolov5("n"), kernels="fast").value)
