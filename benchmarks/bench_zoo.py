@@ -43,6 +43,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from freezert.bench.zoo import naive_freeze, no_dropout, output_tensors
+
 NAIVE, FREEZERT, CACHED, FULL = "naive", "freezert", "freezert+fp16", "full"
 TIMED = (NAIVE, FREEZERT, CACHED)
 
@@ -151,17 +153,6 @@ QUICK_FREEZES = 1  # --quick: the first depth of each model only
 
 # --- building the variants ---------------------------------------------------------------------------------------
 
-def no_dropout(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.p = 0.0
-        elif type(m).__name__ == "StochasticDepth":  # torchvision
-            m.p = 0.0
-        elif type(m).__name__ == "DropPath":  # timm
-            m.drop_prob = 0.0
-    return model
-
-
 def calibrate(model: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
     """Every BatchNorm's running statistics set to those of the activations it sees on the sample."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -179,38 +170,9 @@ def calibrate(model: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
     return model
 
 
-def naive_freeze(pristine: nn.Module, frozen: set[str]) -> nn.Module:
-    """tests/zoo/_conformance.naive: requires_grad=False on ``frozen``, modules with only frozen parameters in
-    eval mode (frozen BatchNorm), the rest in train mode."""
-    ref = copy.deepcopy(pristine).train()
-    ids = set()
-    for n, p in ref.named_parameters():
-        if n in frozen:
-            p.requires_grad_(False)
-            ids.add(id(p))
-    for m in ref.modules():
-        ps = list(m.parameters())
-        if ps and all(not p.requires_grad for p in ps) and any(id(p) in ids for p in ps):
-            m.eval()
-    return ref
-
-
-def flat(out) -> list[torch.Tensor]:
-    """The tensors of a model output (tensor, tuple/list, dict, Hugging Face ModelOutput), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in flat(o)]
-    return []
-
-
 def loss_of(out) -> torch.Tensor:
     """Mean square of every floating output that requires grad (logits, YOLO's per-level maps)."""
-    terms = [t.float().square().mean() for t in flat(out) if t.is_floating_point() and t.requires_grad]
+    terms = [t.float().square().mean() for t in output_tensors(out) if t.is_floating_point() and t.requires_grad]
     if not terms:
         raise RuntimeError("no output requires grad: nothing trains")
     return torch.stack(terms).sum()
@@ -285,7 +247,7 @@ def run_case(key: str, spec: Spec, base: nn.Module, freeze: int, steps: int, bat
     row["bns_frozen"] = sum(1 for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                             and any(f"{n}.{k}" in frozen for k, _ in m.named_parameters(recurse=False)))
 
-    naive = naive_freeze(base, frozen)
+    naive = naive_freeze(copy.deepcopy(base).train(), frozen)
     runners = {
         NAIVE: Runner(NAIVE, naive, [p for p in naive.parameters() if p.requires_grad], naive),
         FREEZERT: Runner(FREEZERT, fm, fm.trainable_parameters(), model),

@@ -359,18 +359,11 @@ class MemoryReport:
                 for b, m in self.saved.items():
                     lines.append(f"{'  ' + str(b):<{width}}  {m:>14,}  {_fmt(m):>10}")
         lines.append(f"{'total':<{width}}  {self.total:>14,}  {_fmt(self.total):>10}")
-        if self.options:
-            lines.append("")
-            lines.append(f"{'saved activations with':<{width}}  {'bytes':>14}  {'vs first':>10}")
-            first = next(iter(self.options.values())) or 1
-            for k, n in self.options.items():
-                lines.append(f"{k:<{width}}  {n:>14,}  {n / first:>9.2f}x")
-        if self.weights:
-            lines.append("")
-            lines.append(f"{'frozen weights held as':<{width}}  {'bytes':>14}  {'vs first':>10}")
-            first = next(iter(self.weights.values())) or 1
-            for k, n in self.weights.items():
-                lines.append(f"{k:<{width}}  {n:>14,}  {n / first:>9.2f}x")
+        for title, entries in (("saved activations with", self.options), ("frozen weights held as", self.weights)):
+            if entries:  # each against the first entry
+                lines += ["", f"{title:<{width}}  {'bytes':>14}  {'vs first':>10}"]
+                first = next(iter(entries.values())) or 1
+                lines += [f"{k:<{width}}  {n:>14,}  {n / first:>9.2f}x" for k, n in entries.items()]
         return "\n".join(lines)
 
     __str__ = table

@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import freezert
+from freezert.bench.zoo import naive_freeze, no_dropout, output_tensors
 
 TOL = 1e-9  # float64: folding and no-grad replay differ from eager by rounding only
 # The cache's exact codec stores float32 rows: a float64 model served from it is off by float32 rounding,
@@ -64,18 +65,6 @@ def need(module: str):
 
 # ---------------------------------------------------------------------------------------------------------
 # building models: float64, no randomness in the forward, BatchNorm statistics of a trained net
-
-
-def no_dropout(model: nn.Module) -> nn.Module:
-    """Dropout, stochastic depth and drop-path off, whatever the package calls them."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.p = 0.0
-        elif type(m).__name__ == "StochasticDepth":  # torchvision
-            m.p = 0.0
-        elif type(m).__name__ == "DropPath":  # timm
-            m.drop_prob = 0.0
-    return model
 
 
 def settle_batchnorm(model: nn.Module, args: tuple = (), kwargs: dict | None = None, seed: int = 1) -> nn.Module:
@@ -134,19 +123,7 @@ def prepare(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> n
 # comparisons
 
 
-def flat(out) -> list[torch.Tensor]:
-    """The tensors of a model output (tensor, tuple/list, dict, Hugging Face ModelOutput), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if out is None or isinstance(out, (int, float, str, bool)):
-        return []
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in flat(o)]
-    return []
+flat = output_tensors
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
@@ -235,21 +212,9 @@ def assert_same_state(model: nn.Module, ref: nn.Module, tol: float = TOL) -> Non
 
 
 def naive(pristine: nn.Module, frozen: set[str], modes: dict[str, bool]) -> nn.Module:
-    """``pristine`` (a copy of the model taken before wrapping) frozen the naive way: requires_grad=False on
-    ``frozen``; every module all of whose parameters are frozen in eval mode (its BatchNorm uses running
-    statistics, as in freezert's inference segment); the rest in the mode ``modes`` gives (as before wrap)."""
-    ref = pristine
-    for n, m in ref.named_modules():
-        m.training = modes[n]
-    for n, p in ref.named_parameters():
-        if n in frozen:
-            p.requires_grad_(False)
-    ids = {id(p) for n, p in ref.named_parameters() if n in frozen}
-    for m in ref.modules():
-        ps = list(m.parameters())
-        if ps and all(not p.requires_grad for p in ps) and any(id(p) in ids for p in ps):
-            m.eval()
-    return ref
+    """``pristine`` (a copy of the model taken before wrapping) frozen the naive way (``naive_freeze``), every
+    module not frozen in the mode ``modes`` gives (as before wrap)."""
+    return naive_freeze(pristine, frozen, modes)
 
 
 def grad_max(params: Iterable[nn.Parameter]) -> float:
