@@ -24,6 +24,7 @@ class Partition:
     cached_units: tuple[int, ...] = ()  # swap mode: the record units a cache hit skips (stem and blocks)
     replay: tuple[Unit, ...] = ()  # swap mode: the outputs a cache stores and replays
     stem_units: tuple[int, ...] = ()  # swap mode: record units of the stem (run before block 0)
+    unbatched: tuple[int, ...] = ()  # swap mode: units left out of the cache: an output read outside lacks the batch dim
 
     @property
     def tail_frozen(self) -> tuple[int, ...]:
@@ -85,6 +86,7 @@ def plan(table: BlockTable, rec: Record, frozen: list[int], k: int, stem_units: 
     while cached < k and cached not in eager:
         cached += 1
     units = set(range(cached)) | (set(stem_units) if cached else set())
+    dropped: list[int] = []
     while True:
         # A unit whose output the rest reads without the batch dimension first (GPT-2's position embedding,
         # [1, T, D]) cannot be stored per sample: it runs on every call instead, and what it reads from the
@@ -94,6 +96,9 @@ def plan(table: BlockTable, rec: Record, frozen: list[int], k: int, stem_units: 
         if not shared:
             break
         units -= shared
+        dropped += sorted(shared)
     if not any(u < len(table) for u in units):
         units, replay = set(), []
-    return Partition(k, tuple(frozen), (), {}, eager, cached, tuple(sorted(units)), tuple(replay), tuple(stem_units))
+    return Partition(
+        k, tuple(frozen), (), {}, eager, cached, tuple(sorted(units)), tuple(replay), tuple(stem_units), tuple(dropped)
+    )

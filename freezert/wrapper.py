@@ -533,7 +533,9 @@ class FrozenModel(nn.Module):
                 why = (
                     f"block {self._table.names[0]!r} runs eagerly ({self._part.eager[0]}), so nothing before it can "
                     "be skipped" if 0 in self._part.eager
-                    else "no frozen block hands the trainable part tensors with the batch dimension first"
+                    else f"{self._unit_name(self._part.unbatched[0])!r} hands the rest of the model a tensor without "
+                    "the batch dimension first (shared by the whole batch, e.g. a position bias), so no sample's "
+                    "frozen outputs can be stored on their own"
                 )
                 warnings.warn(
                     f"the feature cache is not used: {why}",

@@ -426,3 +426,40 @@ def test_kernels_lean_saves_less_for_backward_with_the_same_gradients():
     assert_grads_match(model, ref, 1e-5)
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), ref.buffers()))  # running statistics too
     assert "'lean'" in str(pytest.raises(freezert.FreezeError, freezert.wrap, yolov5("n"), kernels="fast").value)
+
+
+class _SharedBias(nn.Module):
+    """Each block adds a bias shared by the whole batch and hands it on (T5's position bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(1, 6))
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x, bias=None):
+        bias = self.bias if bias is None else bias
+        return self.lin(x) + bias, bias
+
+
+class _SharedBiasNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_SharedBias() for _ in range(3))
+
+    def forward(self, x):
+        bias = None
+        for b in self.blocks:
+            x, bias = b(x, bias)
+        return x
+
+
+def test_a_frozen_output_shared_by_the_batch_keeps_the_cache_out_and_says_which_block():
+    torch.manual_seed(0)
+    model = _SharedBiasNet()
+    ref = copy.deepcopy(model)
+    fm = freezert.wrap(model, freeze=2, cache="fp32")
+    x = torch.randn(4, 6)
+    with pytest.warns(freezert.FreezeWarning, match="'blocks.1' hands the rest of the model a tensor without the batch"):
+        out = fm(x)
+    assert_outputs_close(out, ref(x), 1e-6)
+    assert fm.cache.stats()["lookups"] == 0  # never serves rows it could not key per sample
