@@ -24,6 +24,9 @@ BUILD = {
     "vit_b_16": (lambda: tv.models.vit_b_16(image_size=32), X32),
     "mobilenet_v3_large": (lambda: tv.models.mobilenet_v3_large(dropout=0.0), X64),
     "efficientnet_b0": (lambda: tv.models.efficientnet_b0(dropout=0.0, stochastic_depth_prob=0.0), X64),
+    # beyond the list: a shifted-window transformer and an inception net (its own glue between blocks)
+    "swin_t": (lambda: tv.models.swin_t(), X64),  # stochastic depth: off in prepare()
+    "googlenet": (lambda: tv.models.googlenet(aux_logits=False, init_weights=True, dropout=0.0), X64),
 }
 _BASES: dict = {}
 
@@ -64,6 +67,8 @@ CASES = [
     ("mobilenet_v3_large", 12, True, "fp32", under(*(f"features.{i}" for i in range(12)))),
     ("efficientnet_b0", 3, False, None, under(*(f"features.{i}" for i in range(3)))),
     ("efficientnet_b0", 7, True, "fp32", under(*(f"features.{i}" for i in range(7)))),
+    ("swin_t", 2, True, "fp32", None),
+    ("googlenet", 4, True, "fp32", None),
 ]
 
 
