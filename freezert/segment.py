@@ -145,12 +145,6 @@ def _map_slots(obj, fn):
     return _map_leaves(obj, _Slot, fn)
 
 
-def rebuild(template, tensors: list[torch.Tensor]):
-    """The output structure recorded in ``template`` with ``tensors`` (``flatten_tensors`` order) put back."""
-    it = iter(tensors)
-    return _map_slots(template, lambda _: next(it))
-
-
 def _out_dtype(module: nn.Module) -> torch.dtype | None:
     for t in module.parameters():
         if t.is_floating_point():
