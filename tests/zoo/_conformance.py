@@ -119,6 +119,25 @@ def prepare(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> n
     return settle_batchnorm(model, args, kwargs)
 
 
+class Bases:
+    """Prepared models built once per test file (seed 0) and handed out as deep copies; ``build(name)`` gives
+    ``(model, args, kwargs)``. The zoo's conftest clears every one at the end of its file: float64 models are
+    large (vit_b_16 alone is 0.7 GB), so they go before the next file builds its own."""
+
+    live: list[Bases] = []
+
+    def __init__(self, build: Callable[[str], tuple[nn.Module, tuple, dict]]):
+        self.build, self.models = build, {}
+        Bases.live.append(self)
+
+    def __call__(self, name: str) -> nn.Module:
+        if name not in self.models:
+            torch.manual_seed(0)
+            model, args, kwargs = self.build(name)
+            self.models[name] = prepare(model, args, kwargs)
+        return copy.deepcopy(self.models[name])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # comparisons
 

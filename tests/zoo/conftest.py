@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from ._conformance import TABLE
+from ._conformance import TABLE, Bases
 
 BEGIN, END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
 
@@ -33,6 +33,13 @@ def _versions() -> str:
 def pytest_report_header(config):
     pkgs = _versions()
     return f"zoo: {pkgs}; FREEZERT_ZOO={os.environ.get('FREEZERT_ZOO', '(unset: a missing package skips)')}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_bases():
+    yield
+    for bases in Bases.live:
+        bases.models.clear()
 
 
 @pytest.fixture(autouse=True)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
-import torch
 
 import freezert
 
-from ._conformance import conform, images, need, prepare, under
+from ._conformance import Bases, conform, images, need, under
 
 timm = need("timm")
 
@@ -24,21 +22,7 @@ BUILD = {
     "efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", **ZERO), X64),
     "convnext_atto": (lambda: timm.create_model("convnext_atto", **ZERO), X64),
 }
-_BASES: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _free_bases():
-    yield
-    _BASES.clear()  # the float64 models go before the next file builds its own
-
-
-def base(name: str) -> torch.nn.Module:
-    if name not in _BASES:
-        build, x = BUILD[name]
-        torch.manual_seed(0)
-        _BASES[name] = prepare(build(), (x,))
-    return copy.deepcopy(_BASES[name])
+base = Bases(lambda name: (BUILD[name][0](), (BUILD[name][1],), {}))
 
 
 VIT_POS = ["cls_token", "pos_embed"]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
-import torch
 
 import freezert
 
-from ._conformance import conform, images, need, prepare, under
+from ._conformance import Bases, conform, images, need, under
 
 tv = need("torchvision")
 
@@ -28,22 +26,7 @@ BUILD = {
     "swin_t": (lambda: tv.models.swin_t(), X64),  # stochastic depth: off in prepare()
     "googlenet": (lambda: tv.models.googlenet(aux_logits=False, init_weights=True, dropout=0.0), X64),
 }
-_BASES: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _free_bases():
-    yield
-    _BASES.clear()  # vit_b_16 alone is 0.7 GB in float64
-
-
-def base(name: str) -> torch.nn.Module:
-    """A deep copy of the prepared model (built once per session)."""
-    if name not in _BASES:
-        build, x = BUILD[name]
-        torch.manual_seed(0)
-        _BASES[name] = prepare(build(), (x,))
-    return copy.deepcopy(_BASES[name])
+base = Bases(lambda name: (BUILD[name][0](), (BUILD[name][1],), {}))
 
 
 RESNET_BLOCKS = ["stem", "layer1", "layer2", "layer3", "layer4"]

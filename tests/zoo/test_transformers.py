@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from ._conformance import DTYPE, conform, need, prepare, under
+from ._conformance import Bases, DTYPE, conform, need, under
 
 transformers = need("transformers")
 transformers.logging.set_verbosity_error()
@@ -52,20 +51,7 @@ BUILD = {
     "gpt2": (gpt2, TEXT, ("transformer.wte", "transformer.wpe"), "transformer.h"),
     "llama": (llama, TEXT, "model.embed_tokens", "model.layers"),
 }
-_BASES: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _free_bases():
-    yield
-    _BASES.clear()  # the float64 models go before the next file builds its own
-
-
-def base(name: str) -> torch.nn.Module:
-    if name not in _BASES:
-        torch.manual_seed(0)
-        _BASES[name] = prepare(BUILD[name][0](), (), BUILD[name][1])
-    return copy.deepcopy(_BASES[name])
+base = Bases(lambda name: (BUILD[name][0](), (), BUILD[name][1]))
 
 
 CASES = [(name, f, train, cache) for name in BUILD for f, train, cache in [(1, True, None), (3, False, "fp32")]]

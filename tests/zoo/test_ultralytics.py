@@ -3,31 +3,16 @@ paper (4, 10, 22), a list, a name; the frozen set is exactly the parameters of `
 
 from __future__ import annotations
 
-import copy
 
 import pytest
-import torch
 
-from ._conformance import conform, images, need, prepare, under
+from ._conformance import Bases, conform, images, need, under
 
 need("ultralytics")
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
 X = images(size=64)
-_BASES: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _free_bases():
-    yield
-    _BASES.clear()  # the float64 models go before the next file builds its own
-
-
-def base(cfg: str) -> torch.nn.Module:
-    if cfg not in _BASES:
-        torch.manual_seed(0)
-        _BASES[cfg] = prepare(DetectionModel(cfg, nc=3, verbose=False), (X,))
-    return copy.deepcopy(_BASES[cfg])
+base = Bases(lambda cfg: (DetectionModel(cfg, nc=3, verbose=False), (X,), {}))
 
 
 def blocks(idx) -> object:
