@@ -361,8 +361,10 @@ class FrozenModel(nn.Module):
     def forward(self, *args, cache_ids=None, **kwargs):
         self._check_live()
         inputs = flatten_tensors((args, kwargs))  # once per call: kernels, grad check and cache keys read it
+        # An input that needs a gradient (saliency, adversarial examples) runs the model as naive freezing would.
+        grad_in = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         if self._part.frozen and not self._is_driven_call(args, kwargs):
-            if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+            if not grad_in:
                 sig = _structure(args, kwargs)
                 if self._plan_sig != sig:  # first call, a new kind of call, or a new freeze: record and plan
                     self._replan(args, kwargs)
@@ -375,12 +377,12 @@ class FrozenModel(nn.Module):
                 stack.enter_context(swapped(self.model, plan))
             if self._budget is not None and self.training and torch.is_grad_enabled():
                 if self._recompute is None:  # this step measures what each trainable block saves, then plans
-                    return self._plan_recompute(args, kwargs, cache_ids, inputs)
+                    return self._plan_recompute(args, kwargs, cache_ids, inputs, grad_in)
                 if self._recompute:
                     from .memory import checkpointed
 
                     stack.enter_context(checkpointed(self.model, self._recompute))
-            return self._forward(args, kwargs, cache_ids, inputs)
+            return self._forward(args, kwargs, cache_ids, inputs, grad_in)
 
     def _trainable_blocks(self) -> dict[str, nn.Module]:
         """The trainable blocks' modules and the head's, by dotted name: what recomputation may checkpoint.
@@ -391,14 +393,14 @@ class FrozenModel(nn.Module):
         names += [name for name, m in t.candidates if name not in stem and any(True for _ in m.parameters())]
         return {name: self.model.get_submodule(name) for name in names}
 
-    def _plan_recompute(self, args, kwargs, cache_ids, inputs):
+    def _plan_recompute(self, args, kwargs, cache_ids, inputs, grad_in: bool):
         """Runs this step while measuring each trainable block's saved bytes; picks the blocks to checkpoint so
         later steps fit ``memory_budget`` at the least recomputation (``fm.recompute``)."""
         from .memory import SavedMeter, plan_recompute
 
         blocks = self._trainable_blocks()
         with SavedMeter(blocks, exclude=[*self.model.parameters(), *self.model.buffers()]) as meter:
-            out = self._forward(args, kwargs, cache_ids, inputs)
+            out = self._forward(args, kwargs, cache_ids, inputs, grad_in)
         per = meter.per_block
         saved = {name: per.get(name, 0) for name in blocks}
         fixed = sum(n for name, n in per.items() if name not in blocks)
@@ -510,7 +512,7 @@ class FrozenModel(nn.Module):
 
         return plan_substitutions(self.model, skip=skip, impl=impl)
 
-    def _forward(self, args, kwargs, cache_ids, inputs: list[torch.Tensor]):
+    def _forward(self, args, kwargs, cache_ids, inputs: list[torch.Tensor], grad_in: bool):
         if cache_ids is not None and self._cache is None:
             raise CacheError("cache_ids= was given but this model has no cache; wrap it with cache='fp16' (or True)")
         if self._part.k == 0:
@@ -519,9 +521,7 @@ class FrozenModel(nn.Module):
             if self._cache is not None and self.schedule is None:
                 raise CacheError("cache= needs frozen blocks from block 0 on (a frozen prefix); freeze=N with N >= 1")
             return self.model(*args, **kwargs)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            # An input that needs a gradient (saliency, adversarial examples) must get it through the frozen
-            # blocks too, as with naive freezing: no inference segment, no cache for this call.
+        if grad_in:  # the input gets its gradient through the frozen blocks: no segment, no cache for this call
             return self.model(*args, **kwargs)
         driven = self._is_driven_call(args, kwargs)
         seg = self._ensure_segment()
