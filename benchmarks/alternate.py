@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_cache as bc  # noqa: E402
+import bench_cache as bc
 
-from freezert.bench import CACHED, FLOOR, FREEZERT, EpochVariant  # noqa: E402
+from freezert.bench import CACHED, FLOOR, FREEZERT, EpochVariant
 
 
 def run(family: str, rounds: int) -> dict[str, float]:

@@ -92,15 +92,22 @@ def test_cache_step(benchmark, setup, variant):
     benchmark.group = f"cache-{family}-{SCALE}"
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     info = dict(
-        variant=variant, family=family, freeze=config.freeze, batch=len(batches[0][1][0]), device=str(DEVICE),
+        variant=variant,
+        family=family,
+        freeze=config.freeze,
+        batch=len(batches[0][1][0]),
+        device=str(DEVICE),
         trainable_params=v.result.trainable,
         peak_mem_bytes=(torch.cuda.max_memory_allocated(DEVICE) - base) if CUDA else None,
         peak_mem_note="torch.cuda.max_memory_allocated less the resident dataset" if CUDA else "not measured on CPU",
-    )  # fmt: skip
+    )
     if variant == CACHED:
         after = v.counters()
-        info.update(hits=after["hits"] - filled["hits"], misses=after["misses"] - filled["misses"],
-                    cache_bytes=v.fm.cache.stats()["bytes"])  # fmt: skip
+        info.update(
+            hits=after["hits"] - filled["hits"],
+            misses=after["misses"] - filled["misses"],
+            cache_bytes=v.fm.cache.stats()["bytes"],
+        )
         calls = next(it)  # steps taken: ROUNDS + 1 warm-up, or 1 under --benchmark-disable
         assert info["misses"] == 0 and info["hits"] == calls * info["batch"]  # every timed step was a hit
     benchmark.extra_info.update(info)

@@ -28,7 +28,6 @@ else:
 FREEZE = 10
 
 
-
 @pytest.fixture(scope="module")
 def initial():
     torch.manual_seed(0)

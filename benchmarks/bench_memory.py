@@ -40,6 +40,7 @@ def _freeze(model: nn.Module, frozen: list[str]) -> nn.Module:
 
 # --- the zoo: (model, frozen block names, input, loss) ------------------------------------------------------
 
+
 def _yolo(size="n", px=128, batch=4):
     torch.manual_seed(0)
     m = yolov5(size).to(DEV)
@@ -71,8 +72,18 @@ def _gpt2(layers=6, frozen=4):
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=512, n_embd=128, n_layer=layers, n_head=4, n_positions=128,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=512,
+        n_embd=128,
+        n_layer=layers,
+        n_head=4,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     m = transformers.GPT2LMHeadModel(cfg).to(DEV)
     ids = torch.randint(0, 512, (4, 64), device=DEV)
     names = ["transformer.wte", "transformer.wpe"] + [f"transformer.h.{i}" for i in range(frozen)]
@@ -83,19 +94,27 @@ def _llama(layers=6, frozen=4):
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     m = transformers.LlamaForCausalLM(cfg).to(DEV)
     ids = torch.randint(0, 512, (4, 64), device=DEV)
     names = ["model.embed_tokens"] + [f"model.layers.{i}" for i in range(frozen)]
     return m, names, (lambda mm: mm(ids, labels=ids).loss)
 
 
-ZOO = {"yolov5n freeze=10 (128 px, batch 4)": _yolo,
-       "cnn_classifier w32, 3 of 6 stages frozen (64 px, batch 8)": _cnn,
-       "torchvision mobilenet_v2, features[:10] frozen (96 px, batch 4)": _mobilenet,
-       "GPT-2 config (6 x 128, 4 layers frozen, 4 x 64 tokens)": _gpt2,
-       "Llama config (6 x 128, 4 layers frozen, 4 x 64 tokens)": _llama}
+ZOO = {
+    "yolov5n freeze=10 (128 px, batch 4)": _yolo,
+    "cnn_classifier w32, 3 of 6 stages frozen (64 px, batch 8)": _cnn,
+    "torchvision mobilenet_v2, features[:10] frozen (96 px, batch 4)": _mobilenet,
+    "GPT-2 config (6 x 128, 4 layers frozen, 4 x 64 tokens)": _gpt2,
+    "Llama config (6 x 128, 4 layers frozen, 4 x 64 tokens)": _llama,
+}
 
 
 def _params(*models):
@@ -114,6 +133,7 @@ def _step(model, loss_fn, plan=None, ckpt=()):
         with swapped(model, plan or []), checkpointed(model, ckpt):
             loss = loss_fn(model)
         loss.backward()
+
     return run
 
 
@@ -146,8 +166,10 @@ def _alternate(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, flo
 
 def section_lean(rounds: int) -> None:
     print("\n### Lean trainable part: saved-for-backward bytes of one step\n")
-    print("| model | full fine-tune | naive freeze | lean (`impl=\"lean\"`) | lean / naive | lean / full "
-          "| max grad diff / max grad | naive ms | lean ms |")
+    print(
+        '| model | full fine-tune | naive freeze | lean (`impl="lean"`) | lean / naive | lean / full '
+        "| max grad diff / max grad | naive ms | lean ms |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, build in ZOO.items():
         full, frozen, loss_fn = build()
@@ -160,8 +182,10 @@ def section_lean(rounds: int) -> None:
         b_lean = saved_bytes(_step(lean, loss_fn, plan), exclude=ex)
         diff = _max_rel_grad_diff(lean, naive)
         ms = _alternate({"naive": _step(naive, loss_fn), "lean": _step(lean, loss_fn, plan)}, rounds)
-        print(f"| {name} | {b_full:,} | {b_naive:,} | {b_lean:,} | {b_lean / b_naive:.2f}x | {b_lean / b_full:.2f}x "
-              f"| {diff:.1e} | {ms['naive']:.1f} | {ms['lean']:.1f} |")
+        print(
+            f"| {name} | {b_full:,} | {b_naive:,} | {b_lean:,} | {b_lean / b_naive:.2f}x | {b_lean / b_full:.2f}x "
+            f"| {diff:.1e} | {ms['naive']:.1f} | {ms['lean']:.1f} |"
+        )
 
 
 def section_recompute(rounds: int) -> None:
@@ -183,8 +207,9 @@ def section_recompute(rounds: int) -> None:
     for frac in (0.75, 0.6):
         budget = int(total * frac)
         chosen = plan_recompute(per, budget, cost=flops, inputs=meter.inputs, outputs=meter.outputs, fixed=fixed)
-        variants[f"planned, budget {frac:.2f}x none ({budget:,} B)"] = sorted((f"model.{k}" for k in chosen),
-                                                                            key=lambda s: int(s.split('.')[1]))
+        variants[f"planned, budget {frac:.2f}x none ({budget:,} B)"] = sorted(
+            (f"model.{k}" for k in chosen), key=lambda s: int(s.split(".")[1])
+        )
     rows, fns = [], {}
     for label, names in variants.items():
         fn = _step(naive, loss_fn, ckpt=names)
@@ -199,8 +224,10 @@ def section_recompute(rounds: int) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, names, b, diff, rc in rows:
         short = ", ".join(n.split(".")[1] for n in names) if names else "-"
-        print(f"| {label} | {short} | {b:,} | {b / rows[0][2]:.2f}x | {rc / 1e9:.3f} | {diff:.1e} "
-              f"| {ms[label]:.1f} | {ms[label] / ms['none']:.2f}x |")
+        print(
+            f"| {label} | {short} | {b:,} | {b / rows[0][2]:.2f}x | {rc / 1e9:.3f} | {diff:.1e} "
+            f"| {ms[label]:.1f} | {ms[label] / ms['none']:.2f}x |"
+        )
     try:
         plan_recompute(per, fixed, inputs=meter.inputs, outputs=meter.outputs, fixed=fixed)
     except Exception as e:  # the refusal a too-small budget gets
@@ -216,17 +243,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def section_quant() -> None:
     print("\n### Low-precision frozen weights (weight-only, per-output-channel scales, dequantize path)\n")
     print("output error: ||out_q - out|| / ||out - mean(out)||, eval mode\n")
-    print("| model | frozen layers | fp32 bytes | int8 bytes (+ scales) | int8 output error | fp8 bytes (+ scales) "
-          "| fp8 output error |")
+    print(
+        "| model | frozen layers | fp32 bytes | int8 bytes (+ scales) | int8 output error | fp8 bytes (+ scales) "
+        "| fp8 output error |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     cases = {}
     m, frozen, _ = _llama()
     ids = torch.randint(0, 512, (2, 64), device=DEV)
-    cases["Llama config 6 x 128, first 4 layers"] = (m, [f"model.layers.{i}" for i in range(4)],
-                                                    lambda mm: mm(ids).logits)
+    cases["Llama config 6 x 128, first 4 layers"] = (
+        m,
+        [f"model.layers.{i}" for i in range(4)],
+        lambda mm: mm(ids).logits,
+    )
     m, frozen, _ = _gpt2()
-    cases["GPT-2 config 6 x 128, first 4 layers"] = (m, [f"transformer.h.{i}" for i in range(4)],
-                                                    lambda mm: mm(ids).logits)
+    cases["GPT-2 config 6 x 128, first 4 layers"] = (
+        m,
+        [f"transformer.h.{i}" for i in range(4)],
+        lambda mm: mm(ids).logits,
+    )
     # the example CNN / YOLO get the BatchNorm statistics a pretrained network would have (as the demo does):
     # fresh ones shrink every activation in eval mode, and the outputs would be the biases alone
     m, frozen, _ = _cnn()
@@ -236,7 +271,11 @@ def section_quant() -> None:
     m, frozen, _ = _yolo()
     xy = torch.rand(2, 3, 128, 128, device=DEV)
     calibrate_batchnorm(m, xy)
-    cases["yolov5n, blocks 0-9 (raw head outputs)"] = (m, frozen, lambda mm: torch.cat([t.flatten() for t in mm(xy)[1]]))
+    cases["yolov5n, blocks 0-9 (raw head outputs)"] = (
+        m,
+        frozen,
+        lambda mm: torch.cat([t.flatten() for t in mm(xy)[1]]),
+    )
     for label, (model, names, out) in cases.items():
         model.eval()
         with torch.no_grad():
@@ -279,8 +318,9 @@ def section_converge(steps: int, optimizer: str = "adam") -> None:
             for name in frozen:
                 quantize_frozen_(m.get_submodule(name), kind)
         params = [p for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=1e-3) if optimizer == "adam" else \
-            torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        opt = (
+            torch.optim.Adam(params, lr=1e-3) if optimizer == "adam" else torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        )
         return m, plan, opt
 
     runs = {k: variant(k) for k in ("naive", "lean", "int8", "fp8")}

@@ -28,8 +28,12 @@ _RESULTS: dict[str, dict[str, tuple[float, int | None, str]]] = {}
 
 # (name, shape, dtype) per op; GPU shapes are the YOLO head / LM head sizes the kernels target.
 if CUDA:
-    BN_CASES = [((48, 128, 64, 64), torch.float16), ((48, 256, 32, 32), torch.float16),
-                ((48, 512, 16, 16), torch.float16), ((48, 256, 32, 32), torch.bfloat16)]
+    BN_CASES = [
+        ((48, 128, 64, 64), torch.float16),
+        ((48, 256, 32, 32), torch.float16),
+        ((48, 512, 16, 16), torch.float16),
+        ((48, 256, 32, 32), torch.bfloat16),
+    ]
     LN_CASES = [((48 * 197, 768), torch.float16), ((48 * 64, 1024), torch.bfloat16)]
     LCE_CASES = [((4096, 512, v), torch.bfloat16) for v in (100, 1000, 32000, 128000)]
     ROUNDS, WARMUP = 20, 3
@@ -112,6 +116,7 @@ def _clear(tensors):
     def reset():
         for t in tensors:
             t.grad = None
+
     return reset
 
 
@@ -134,8 +139,14 @@ def test_bench_batch_norm_act(benchmark, impl, shape, dtype):
 
     fn = ops.batch_norm_act if impl == "freezert" else _maybe_compile(eager, impl)
     args = (x, rm, rv, w, b, True, 0.1, 1e-5, "silu") if impl == "freezert" else (x, w, b)
-    _measure(benchmark, f"bn+silu {_case_id(shape, dtype)}", impl,
-             lambda: fn(*args).backward(g), _clear([x, w, b]), "batch_norm_act")
+    _measure(
+        benchmark,
+        f"bn+silu {_case_id(shape, dtype)}",
+        impl,
+        lambda: fn(*args).backward(g),
+        _clear([x, w, b]),
+        "batch_norm_act",
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -147,8 +158,14 @@ def test_bench_layer_norm(benchmark, impl, shape, dtype):
     x, w, b = _leaves(x, w, b)
     g = torch.randn_like(x)
     fn = ops.layer_norm if impl == "freezert" else _maybe_compile(F.layer_norm, impl)
-    _measure(benchmark, f"layer_norm {_case_id(shape, dtype)}", impl,
-             lambda: fn(x, (n,), w, b, 1e-5).backward(g), _clear([x, w, b]), "layer_norm")
+    _measure(
+        benchmark,
+        f"layer_norm {_case_id(shape, dtype)}",
+        impl,
+        lambda: fn(x, (n,), w, b, 1e-5).backward(g),
+        _clear([x, w, b]),
+        "layer_norm",
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -166,5 +183,11 @@ def test_bench_linear_cross_entropy(benchmark, impl, shape, dtype):
         return F.cross_entropy(F.linear(x, w, b), t)
 
     fn = ops.linear_cross_entropy if impl == "freezert" else _maybe_compile(eager, impl)
-    _measure(benchmark, f"linear_ce {_case_id(shape, dtype)}", impl,
-             lambda: fn(x, w, t, b).backward(), _clear([x, w, b]), "linear_cross_entropy")
+    _measure(
+        benchmark,
+        f"linear_ce {_case_id(shape, dtype)}",
+        impl,
+        lambda: fn(x, w, t, b).backward(),
+        _clear([x, w, b]),
+        "linear_cross_entropy",
+    )

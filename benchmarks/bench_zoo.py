@@ -37,8 +37,9 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +51,7 @@ TIMED = (NAIVE, FREEZERT, CACHED)
 
 
 # --- the zoo ---------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Spec:
@@ -68,8 +70,13 @@ def _images(px: int):
 
 
 def _tokens(vocab: int, seq: int):
-    return lambda b, g: ((), {"input_ids": torch.randint(0, vocab, (b, seq), generator=g),
-                              "attention_mask": torch.ones(b, seq, dtype=torch.long)})
+    return lambda b, g: (
+        (),
+        {
+            "input_ids": torch.randint(0, vocab, (b, seq), generator=g),
+            "attention_mask": torch.ones(b, seq, dtype=torch.long),
+        },
+    )
 
 
 def _pixels(px: int):
@@ -81,6 +88,7 @@ def _tv(name: str, **kw):
         import torchvision
 
         return getattr(torchvision.models, name)(**kw)
+
     return build
 
 
@@ -89,6 +97,7 @@ def _timm(name: str, **kw):
         import timm
 
         return timm.create_model(name, pretrained=False, drop_rate=0.0, drop_path_rate=0.0, **kw)
+
     return build
 
 
@@ -97,6 +106,7 @@ def _yolo(cfg: str):
         from ultralytics.nn.tasks import DetectionModel
 
         return DetectionModel(cfg, nc=3, verbose=False)
+
     return build
 
 
@@ -109,22 +119,60 @@ def _hf(kind: str):
 
         transformers.logging.set_verbosity_error()
         if kind == "bert":
-            return transformers.BertForSequenceClassification(transformers.BertConfig(
-                vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=4 * H,
-                max_position_embeddings=SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+            return transformers.BertForSequenceClassification(
+                transformers.BertConfig(
+                    vocab_size=V,
+                    hidden_size=H,
+                    num_hidden_layers=L,
+                    num_attention_heads=4,
+                    intermediate_size=4 * H,
+                    max_position_embeddings=SEQ,
+                    hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0,
+                )
+            )
         if kind == "vit":
-            return transformers.ViTForImageClassification(transformers.ViTConfig(
-                hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=4 * H, image_size=64,
-                patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+            return transformers.ViTForImageClassification(
+                transformers.ViTConfig(
+                    hidden_size=H,
+                    num_hidden_layers=L,
+                    num_attention_heads=4,
+                    intermediate_size=4 * H,
+                    image_size=64,
+                    patch_size=8,
+                    hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0,
+                )
+            )
         if kind == "gpt2":
-            return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-                vocab_size=V, n_positions=SEQ, n_embd=H, n_layer=L, n_head=4, use_cache=False,
-                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+            return transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(
+                    vocab_size=V,
+                    n_positions=SEQ,
+                    n_embd=H,
+                    n_layer=L,
+                    n_head=4,
+                    use_cache=False,
+                    resid_pdrop=0.0,
+                    embd_pdrop=0.0,
+                    attn_pdrop=0.0,
+                )
+            )
         if kind == "llama":
-            return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-                vocab_size=V, hidden_size=H, intermediate_size=2 * H + 64, num_hidden_layers=L,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, use_cache=False))
+            return transformers.LlamaForCausalLM(
+                transformers.LlamaConfig(
+                    vocab_size=V,
+                    hidden_size=H,
+                    intermediate_size=2 * H + 64,
+                    num_hidden_layers=L,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    max_position_embeddings=SEQ,
+                    use_cache=False,
+                )
+            )
         raise ValueError(kind)
+
     return build
 
 
@@ -135,8 +183,14 @@ ZOO: dict[str, Spec] = {
     "tv_convnext_tiny": Spec(_tv("convnext_tiny", stochastic_depth_prob=0.0), _images(64), (2, 5), 4, "64 px"),
     "tv_vit_b_16": Spec(_tv("vit_b_16", image_size=64), _images(64), (6,), 4, "64 px (16 patches)"),
     "timm_vit_small": Spec(_timm("vit_small_patch16_224", img_size=64), _images(64), (6,), 8, "64 px (16 patches)"),
-    "timm_vit_small_af": Spec(_timm("vit_small_patch16_224", img_size=64), _images(64), (6,), 8,
-                              "64 px (16 patches)", {"also_freeze": VIT_POS}),
+    "timm_vit_small_af": Spec(
+        _timm("vit_small_patch16_224", img_size=64),
+        _images(64),
+        (6,),
+        8,
+        "64 px (16 patches)",
+        {"also_freeze": VIT_POS},
+    ),
     "timm_resnet18": Spec(_timm("resnet18"), _images(64), (2, 4), 8, "64 px"),
     "timm_efficientnet_b0": Spec(_timm("efficientnet_b0"), _images(64), (2, 5), 8, "64 px"),
     "yolov8n": Spec(_yolo("yolov8n.yaml"), _images(96), (4, 10), 4, "96 px"),
@@ -152,6 +206,7 @@ QUICK_FREEZES = 1  # --quick: the first depth of each model only
 
 
 # --- building the variants ---------------------------------------------------------------------------------------
+
 
 def calibrate(model: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
     """Every BatchNorm's running statistics set to those of the activations it sees on the sample."""
@@ -216,12 +271,27 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 # --- one (model, freeze) ---------------------------------------------------------------------------------------
 
-def run_case(key: str, spec: Spec, base: nn.Module, freeze: int, steps: int, batches: list, *,
-             budget_s: float | None = None, min_steps: int = 10) -> dict:
+
+def run_case(
+    key: str,
+    spec: Spec,
+    base: nn.Module,
+    freeze: int,
+    steps: int,
+    batches: list,
+    *,
+    budget_s: float | None = None,
+    min_steps: int = 10,
+) -> dict:
     import freezert
 
-    row: dict[str, Any] = {"model": key, "freeze": freeze, "opts": {k: v for k, v in spec.opts.items()},
-                           "batch": spec.batch, "input": spec.size}  # fmt: skip
+    row: dict[str, Any] = {
+        "model": key,
+        "freeze": freeze,
+        "opts": {k: v for k, v in spec.opts.items()},
+        "batch": spec.batch,
+        "input": spec.size,
+    }
     args0, kw0 = batches[0]
     # freezert first: its first forward (the record) says which parameters it froze; naive freezes exactly those.
     before = {n: p.requires_grad for n, p in base.named_parameters()}
@@ -244,8 +314,12 @@ def run_case(key: str, spec: Spec, base: nn.Module, freeze: int, steps: int, bat
     row["eager"] = len(row["eager_blocks"])
     seg = fm.segment
     row["folded"] = getattr(seg, "folded", None) if seg is not None else 0
-    row["bns_frozen"] = sum(1 for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                            and any(f"{n}.{k}" in frozen for k, _ in m.named_parameters(recurse=False)))
+    row["bns_frozen"] = sum(
+        1
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and any(f"{n}.{k}" in frozen for k, _ in m.named_parameters(recurse=False))
+    )
 
     naive = naive_freeze(copy.deepcopy(base).train(), frozen)
     runners = {
@@ -272,7 +346,7 @@ def run_case(key: str, spec: Spec, base: nn.Module, freeze: int, steps: int, bat
     t0 = time.perf_counter()
     for i in range(steps):
         a, k = batches[i % len(batches)]
-        rot = order[i % len(order):] + order[:i % len(order)]
+        rot = order[i % len(order) :] + order[: i % len(order)]
         for n in rot:
             runners[n].ms.append(runners[n].step(a, k))
         if budget_s and i + 1 >= min_steps and i + 1 < steps and time.perf_counter() - t0 > budget_s:
@@ -286,16 +360,16 @@ def run_case(key: str, spec: Spec, base: nn.Module, freeze: int, steps: int, bat
     row["ms"] = {n: _quartiles(r.ms) for n, r in runners.items()}
     row["median_ms"] = {n: statistics.median(r.ms) for n, r in runners.items()}
     # per round, variant / naive (the same round's inputs, seconds apart): quartiles of those paired ratios
-    row["paired_ratio"] = {n: _quartiles([x / y for x, y in zip(runners[n].ms, runners[NAIVE].ms)])
-                           for n in (FREEZERT, CACHED)}  # fmt: skip
+    row["paired_ratio"] = {
+        n: _quartiles([x / y for x, y in zip(runners[n].ms, runners[NAIVE].ms)]) for n in (FREEZERT, CACHED)
+    }
     row["steps"] = len(runners[NAIVE].ms)
     for r in runners.values():
         r.module = r.model = r.opt = None
     return row
 
 
-def run_model(key: str, steps: int, quick: bool, log, budget_s: float | None = None,
-              min_steps: int = 10) -> list[dict]:
+def run_model(key: str, steps: int, quick: bool, log, budget_s: float | None = None, min_steps: int = 10) -> list[dict]:
     spec = ZOO[key]
     g = torch.Generator().manual_seed(0)
     batches = [spec.inputs(spec.batch, g) for _ in range(2)]
@@ -313,9 +387,14 @@ def run_model(key: str, steps: int, quick: bool, log, budget_s: float | None = N
         t1 = time.perf_counter()
         try:
             row = run_case(key, spec, base, freeze, steps, batches, budget_s=budget_s, min_steps=min_steps)
-        except Exception as e:  # noqa: BLE001 - reported with its traceback, the run goes on
-            row = {"model": key, "freeze": freeze, "opts": dict(spec.opts), "error": f"{type(e).__name__}: {e}",
-                   "traceback": traceback.format_exc()}
+        except Exception as e:
+            row = {
+                "model": key,
+                "freeze": freeze,
+                "opts": dict(spec.opts),
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+            }
             log(f"{key} freeze={freeze}: FAILED ({row['error']}; traceback at the end)")
         row["seconds"] = round(time.perf_counter() - t1, 1)
         rows.append(row)
@@ -330,17 +409,21 @@ def run_model(key: str, steps: int, quick: bool, log, budget_s: float | None = N
 
 # --- the report ------------------------------------------------------------------------------------------------
 
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | freeze | input | saved MiB naive | freezert | / naive | full | full / naive "
-            "| ms naive | freezert | / naive | per round q1–q3 | +fp16 cache | / naive | rounds | eager | folded BN |")
+    head = (
+        "| model | freeze | input | saved MiB naive | freezert | / naive | full | full / naive "
+        "| ms naive | freezert | / naive | per round q1–q3 | +fp16 cache | / naive | rounds | eager | folded BN |"
+    )
     lines = [head, "| --- | ---: | --- |" + " ---: |" * 14]
     for r in rows:
-        name = r["model"] + ("" if not r.get("opts") else " (" + ", ".join(
-            f"{k}={v}" for k, v in r["opts"].items()) + ")")
+        name = r["model"] + (
+            "" if not r.get("opts") else " (" + ", ".join(f"{k}={v}" for k, v in r["opts"].items()) + ")"
+        )
         if "skipped" in r:
             lines.append(f"| {name} | | | skipped: {r['skipped']} |" + " |" * 13)
             continue
@@ -353,7 +436,9 @@ def table(rows: list[dict]) -> str:
             f"| {name} | {r['freeze']} | b{r['batch']}, {r['input']} | {_mib(s[NAIVE])} | {_mib(s[FREEZERT])} "
             f"| {s[FREEZERT] / nb:.2f}× | {_mib(s[FULL])} | {s[FULL] / nb:.2f}× "
             f"| {t[NAIVE]:.1f} | {t[FREEZERT]:.1f} | **{t[FREEZERT] / t[NAIVE]:.2f}×** | {q[0]:.2f}–{q[2]:.2f} "
-            f"| {t[CACHED]:.1f} | {t[CACHED] / t[NAIVE]:.2f}× | {r['steps']} | {r['eager']} | {r['folded']}/{r['bns_frozen']} |")
+            f"| {t[CACHED]:.1f} | {t[CACHED] / t[NAIVE]:.2f}× | {r['steps']} | {r['eager']} "
+            f"| {r['folded']}/{r['bns_frozen']} |"
+        )
     return "\n".join(lines)
 
 
@@ -367,24 +452,44 @@ def header(threads: int) -> dict:
             return "missing"
 
     return {
-        "device": "cpu", "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+        "device": "cpu",
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
         "packages": {p: version(p) for p in ("torchvision", "timm", "ultralytics", "transformers")},
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": " ".join(["python", *sys.argv]),
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", choices=sorted(ZOO), default=list(DEFAULT), metavar="MODEL",
-                    help=f"subset of: {', '.join(ZOO)} (default: all but tv_resnet18_tiny)")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="timed rounds (one step per variant each) at most (default 60; --quick 5)")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        choices=sorted(ZOO),
+        default=list(DEFAULT),
+        metavar="MODEL",
+        help=f"subset of: {', '.join(ZOO)} (default: all but tv_resnet18_tiny)",
+    )
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed rounds (one step per variant each) at most (default 60; --quick 5)",
+    )
     ap.add_argument("--quick", action="store_true", help="first freeze depth of each model only, 5 rounds, 8 s budget")
-    ap.add_argument("--budget", type=float, default=None, metavar="S",
-                    help="stop a case's timed rounds after S seconds, once it has --min-steps (default 30; --quick 8)")
-    ap.add_argument("--min-steps", type=int, default=None,
-                    help="rounds before --budget may stop (default 10; --quick 3)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop a case's timed rounds after S seconds, once it has --min-steps (default 30; --quick 8)",
+    )
+    ap.add_argument(
+        "--min-steps", type=int, default=None, help="rounds before --budget may stop (default 10; --quick 3)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: a loaded machine)")
     ap.add_argument("--json", metavar="PATH", help="write every number (and any traceback) here")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -409,8 +514,10 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         torch.set_num_threads(threads)
     info["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"CPU ({info['cpus']} cores, {a.threads} thread(s)), torch {info['torch']}, {info['date']}, "
-          f"up to {steps} timed steps per variant (budget {budget:g} s a case), {info['seconds']} s")
+    print(
+        f"CPU ({info['cpus']} cores, {a.threads} thread(s)), torch {info['torch']}, {info['date']}, "
+        f"up to {steps} timed steps per variant (budget {budget:g} s a case), {info['seconds']} s"
+    )
     print(table(rows))
     for r in rows:
         if "error" in r:

@@ -46,9 +46,25 @@ _FORCE_REFERENCE = False
 _DTYPE_TAGS: dict[torch.dtype, int] = {}
 for _tag, _name in enumerate(
     [
-        "bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32",
-        "float64", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-        "float8_e5m2fnuz", "uint16", "uint32", "uint64",
+        "bool",
+        "uint8",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "uint16",
+        "uint32",
+        "uint64",
     ],
     start=1,
 ):
@@ -351,7 +367,7 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
-def _hash_rows_by_chunks(fn: str, x: torch.Tensor, seed: int, kernel) -> torch.Tensor:  # noqa: ANN001
+def _hash_rows_by_chunks(fn: str, x: torch.Tensor, seed: int, kernel) -> torch.Tensor:
     """Runs ``kernel(dense x, rows, row_bytes, mixed seed)`` without materialising a broadcast ``x``: rows that
     share their bytes (stride 0 on the batch dimension) are hashed once, other views a chunk of rows at a time."""
     x, rows, row_bytes, s = _hash_prepare(fn, x, seed)
@@ -473,8 +489,9 @@ def _fp8_encode_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _validate_rows_call(fn: str, name: str, rows: Any, index: Any, store: Any, scales: Any, codec: Any,
-                        *, written: bool) -> bool:
+def _validate_rows_call(
+    fn: str, name: str, rows: Any, index: Any, store: Any, scales: Any, codec: Any, *, written: bool
+) -> bool:
     """Every check before a codec kernel touches ``rows`` (src when encoding, out when decoding), ``index`` and
     the store; returns True when the store is in (pinned) host memory and ``rows`` on a GPU."""
     codec = _check_codec(fn, codec)
@@ -537,7 +554,7 @@ def encode_scatter_reference(
     _encode_scatter_reference(src, index, store, scales, codec)
 
 
-def _encode_scatter_reference(src, index, store, scales, codec) -> None:  # noqa: ANN001
+def _encode_scatter_reference(src, index, store, scales, codec) -> None:
     if src.shape[0] == 0 or src.shape[1] == 0:
         return
     x = src.float()
@@ -558,7 +575,7 @@ def gather_decode_reference(
     return _gather_decode_reference(store, scales, index, out, codec)
 
 
-def _gather_decode_reference(store, scales, index, out, codec) -> torch.Tensor:  # noqa: ANN001
+def _gather_decode_reference(store, scales, index, out, codec) -> torch.Tensor:
     if out.shape[0] == 0 or out.shape[1] == 0:
         return out
     idx = index.to(store.device)
@@ -587,8 +604,17 @@ def encode_scatter(
     if batch == 0 or dim == 0:
         return
     sc = scales.data_ptr() if codec == "fp8" else 0
-    args = (src.data_ptr(), _IO_ELEM[src.dtype], index.data_ptr(), batch, dim,
-            store.data_ptr(), _CODEC_ELEM[codec], sc, int(store.shape[0]))  # fmt: skip
+    args = (
+        src.data_ptr(),
+        _IO_ELEM[src.dtype],
+        index.data_ptr(),
+        batch,
+        dim,
+        store.data_ptr(),
+        _CODEC_ELEM[codec],
+        sc,
+        int(store.shape[0]),
+    )
     if src.device.type == "cpu" and (lib := _lib()) is not None:
         lib.encode_scatter_cpu(*args)
     elif src.device.type == "cuda" and (lib := _native_cuda()) is not None:
@@ -616,8 +642,17 @@ def gather_decode(
     if batch == 0 or dim == 0:
         return out
     sc = scales.data_ptr() if codec == "fp8" else 0
-    args = (store.data_ptr(), _CODEC_ELEM[codec], sc, index.data_ptr(), batch, dim,
-            int(store.shape[0]), out.data_ptr(), _IO_ELEM[out.dtype])  # fmt: skip
+    args = (
+        store.data_ptr(),
+        _CODEC_ELEM[codec],
+        sc,
+        index.data_ptr(),
+        batch,
+        dim,
+        int(store.shape[0]),
+        out.data_ptr(),
+        _IO_ELEM[out.dtype],
+    )
     if out.device.type == "cpu" and (lib := _lib()) is not None:
         lib.gather_decode_cpu(*args)
     elif out.device.type == "cuda" and (lib := _native_cuda()) is not None:

@@ -23,7 +23,8 @@ class BlockTable:
     run before block 0, frozen with it) and the head (they run after, trainable).
     """
 
-    kind: str  # "yolo" (model.model with .f/.i/save), "sequential" (root nn.Sequential), "container", "children", "groups"
+    # "yolo" (model.model with .f/.i/save), "sequential" (root nn.Sequential), "container", "children", "groups"
+    kind: str
     path: str  # dotted path of the container holding the blocks ("" for the root)
     names: list[str]  # dotted name of each block in the root model ("stem" for a ResNet's stem group)
     modules: list[nn.Module]  # each block's module (a group's members collected in an unregistered ModuleList)
@@ -56,8 +57,15 @@ class BlockTable:
     def reordered(self, order: list[int]) -> BlockTable:
         """The same table with its blocks in ``order`` (forward order seen by the record)."""
         return BlockTable(
-            self.kind, self.path, [self.names[i] for i in order], [self.modules[i] for i in order], list(self.stem),
-            None, [self.members[i] for i in order], list(self.candidates), list(self.ancestors),
+            self.kind,
+            self.path,
+            [self.names[i] for i in order],
+            [self.modules[i] for i in order],
+            list(self.stem),
+            None,
+            [self.members[i] for i in order],
+            list(self.candidates),
+            list(self.ancestors),
         )
 
     def direct_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -76,7 +84,7 @@ def strip_wrapper_prefix(name: str) -> str:
         changed = False
         for p in _WRAPPER_PREFIXES:
             if name.startswith(p):
-                name, changed = name[len(p):], True
+                name, changed = name[len(p) :], True
     return name
 
 
@@ -191,8 +199,13 @@ def block_table(model: nn.Module, blocks: str | None = None) -> BlockTable:
             inside = {id(m) for ms in members for _, m in ms}
             cands = [(n, m) for n, m in model.named_children() if id(m) not in inside]
             return BlockTable(
-                "groups", "", names, [_group_module(ms) for ms in members], members=members,
-                candidates=cands, ancestors=[""],
+                "groups",
+                "",
+                names,
+                [_group_module(ms) for ms in members],
+                members=members,
+                candidates=cands,
+                ancestors=[""],
             )
     if blocks is not None:
         path = strip_wrapper_prefix(blocks).rstrip(".")

@@ -59,8 +59,10 @@ def load_model(spec: str) -> nn.Module:
             raise SystemExit(f"freezert: --model {spec}: cannot import it ({e}); pass package.module:factory") from None
         model = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else obj
         if not isinstance(model, nn.Module):
-            raise SystemExit(f"freezert: --model {spec} gave a {type(model).__name__}, not an nn.Module; "
-                             "point it at a module or a function that returns one")  # fmt: skip
+            raise SystemExit(
+                f"freezert: --model {spec} gave a {type(model).__name__}, not an nn.Module; "
+                "point it at a module or a function that returns one"
+            )
         return model
     raise SystemExit(
         f"freezert: --model {spec!r} is neither a built-in model ({', '.join(MODELS)}), a package.module:factory "
@@ -94,8 +96,10 @@ def cmd_inspect(args) -> int:
     import freezert
 
     model = load_model(args.model)
-    freeze = parse_freeze(args.freeze) if args.freeze is not None else bench.DEFAULT_FREEZE.get(
-        args.model, 10 if args.model in _YOLOS else None
+    freeze = (
+        parse_freeze(args.freeze)
+        if args.freeze is not None
+        else bench.DEFAULT_FREEZE.get(args.model, 10 if args.model in _YOLOS else None)
     )
     example = _example_input(args, model)
     if args.memory:
@@ -166,8 +170,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def _header(title: str, args, device: torch.device, chosen: list[str]) -> str:
-    print(f"freezert {title}: {args.model}, img {args.img}, batch {args.batch}, freeze {args.freeze}, "
-          f"on {_device_name(device)}")  # fmt: skip
+    print(
+        f"freezert {title}: {args.model}, img {args.img}, batch {args.batch}, freeze {args.freeze}, "
+        f"on {_device_name(device)}"
+    )
     if chosen:
         print(f"defaults chosen for {device.type}: {', '.join(chosen)}")
     return f"{args.model}, {args.img} px, batch {args.batch}, freeze {args.freeze}, on {_device_name(device)}"
@@ -221,16 +227,28 @@ def _compare(args, title: str, cpu: dict, gpu: dict, *, stepwise: bool, monitor_
     mon = monitor_steps(args)
     budget = budget_s(args, device)
     how = "step by step" if stepwise else f"round-robin, {args.repeats} repeats x {args.steps} steps"
-    print(f"{steps} timed steps per variant, alternated {how}, after {args.warmup} warm-up steps; "
-          f"then {mon} untimed steps per variant under the monitors")  # fmt: skip
+    print(
+        f"{steps} timed steps per variant, alternated {how}, after {args.warmup} warm-up steps; "
+        f"then {mon} untimed steps per variant under the monitors"
+    )
     torch.manual_seed(args.seed)
     initial = bench.build_model(args.model)
     bench.check_depth(initial, args.freeze, args.model)
     batches = bench.synthetic_batches(initial, 2, args.batch, args.img, device, args.seed)
     bar = _progress(len(VARIANTS) * (args.warmup + steps + mon), title, not args.quiet)
     try:
-        run = bench.compare(initial, batches, TrainConfig.from_args(args), device, steps=steps,
-                            warmup=args.warmup, block=block, monitor_steps=mon, budget_s=budget, progress=bar)  # fmt: skip
+        run = bench.compare(
+            initial,
+            batches,
+            TrainConfig.from_args(args),
+            device,
+            steps=steps,
+            warmup=args.warmup,
+            block=block,
+            monitor_steps=mon,
+            budget_s=budget,
+            progress=bar,
+        )
     finally:
         bar.close()
     results = run.results
@@ -252,27 +270,29 @@ def _compare(args, title: str, cpu: dict, gpu: dict, *, stepwise: bool, monitor_
 
 def cmd_demo(args) -> int:
     return _compare(
-        args, "demo",
+        args,
+        "demo",
         cpu={"model": "yolov5n", "steps": 30, "img": 128, "batch": 8, "warmup": 3},
         gpu={"model": "yolov5s", "steps": 200, "img": 128, "batch": 8, "warmup": 5},
         stepwise=True,
         monitor_steps=lambda a: max(2, min(a.steps, 10)),  # the CV needs two steps
         # a CPU demo stays under about two minutes even on a busy machine
         budget_s=lambda a, d: (60.0 if d.type == "cpu" else 0.0) if a.budget is None else a.budget,
-    )  # fmt: skip
+    )
 
 
 def cmd_bench(args) -> int:
     if args.cache:  # the feature-cache benchmark: its own epochs, variants and table
         return cmd_bench_cache(args)
     return _compare(
-        args, "bench",
+        args,
+        "bench",
         cpu={"model": "yolov5n", "img": 128, "batch": 4, "steps": 10, "repeats": 3, "warmup": 2},
         gpu={"model": "yolov5m", "img": 512, "batch": 48, "steps": 30, "repeats": 3, "warmup": 5},
         stepwise=False,
         monitor_steps=lambda a: max(a.steps, 2),
         budget_s=lambda a, d: None,
-    )  # fmt: skip
+    )
 
 
 def cmd_bench_cache(args) -> int:
@@ -313,7 +333,9 @@ def _cache_defaults(args, device: torch.device) -> tuple[str, list[str]]:
 
 def _check_cache_args(args, family: str, device: torch.device) -> None:
     if args.freeze < 1:
-        raise SystemExit(f"freezert: --freeze {args.freeze}: must be at least 1 (the cache keeps the frozen prefix's outputs)")
+        raise SystemExit(
+            f"freezert: --freeze {args.freeze}: must be at least 1 (the cache keeps the frozen prefix's outputs)"
+        )
     if args.epochs < 2:
         raise SystemExit(f"freezert: --epochs {args.epochs}: need at least 2 (epoch 1 fills the cache, 2+ hit it)")
     if args.batch < 1 or args.dataset_size < args.batch:
@@ -328,10 +350,13 @@ def _check_cache_args(args, family: str, device: torch.device) -> None:
         raise SystemExit(f"freezert: --seq-len {args.seq_len} must be between 1 and 4096")
     if args.bn != "frozen":
         raise SystemExit(
-            f"freezert: --bn {args.bn}: --cache needs --bn frozen (batch statistics make a sample's features batch-dependent)"
+            f"freezert: --bn {args.bn}: --cache needs --bn frozen "
+            "(batch statistics make a sample's features batch-dependent)"
         )
     if args.where == "cuda" and device.type != "cuda":
-        raise SystemExit("freezert: --where cuda keeps the cache in CUDA memory, but this run is on the CPU; pass --where auto")
+        raise SystemExit(
+            "freezert: --where cuda keeps the cache in CUDA memory, but this run is on the CPU; pass --where auto"
+        )
 
 
 def _run_cache(args) -> dict:
@@ -357,8 +382,16 @@ def _run_cache(args) -> dict:
     cache = bench.CacheConfig(codec=args.codec, where=args.where, ids=bool(args.ids))
     bar = _progress(len(bench.CACHE_VARIANTS) * (args.warmup + args.epochs * steps), "bench --cache", not args.quiet)
     try:
-        results, stats = bench.run_epochs(task, batches, TrainConfig.from_args(args), cache, device,
-                                          epochs=args.epochs, warmup=args.warmup, progress=bar)  # fmt: skip
+        results, stats = bench.run_epochs(
+            task,
+            batches,
+            TrainConfig.from_args(args),
+            cache,
+            device,
+            epochs=args.epochs,
+            warmup=args.warmup,
+            progress=bar,
+        )
     finally:
         bar.close()
     ratios = bench.cache_ratios(results)
@@ -367,18 +400,26 @@ def _run_cache(args) -> dict:
     bw = bench.host_bandwidth(device, args.codec)
     print(bench.bandwidth_line(bw, args.codec))
     config = dict(
-        _config(args, device), family=family, epochs=args.epochs, dataset_size=args.dataset_size,
-        steps_per_epoch=steps, codec=args.codec, where=args.where, ids=bool(args.ids),
-        seq_len=args.seq_len if family == "encoder" else None, encoder=getattr(task, "sizes", None),
-    )  # fmt: skip
+        _config(args, device),
+        family=family,
+        epochs=args.epochs,
+        dataset_size=args.dataset_size,
+        steps_per_epoch=steps,
+        codec=args.codec,
+        where=args.where,
+        ids=bool(args.ids),
+        seq_len=args.seq_len if family == "encoder" else None,
+        encoder=getattr(task, "sizes", None),
+    )
     return bench.cache_results_json(results, stats, ratios, bw, config)
 
 
 # --- argument parsing -----------------------------------------------------------------------------------
 
 
-def _train_options(p: argparse.ArgumentParser, *, models: list[str], model_default: str, steps: str,
-                   freeze_default: str) -> None:  # fmt: skip
+def _train_options(
+    p: argparse.ArgumentParser, *, models: list[str], model_default: str, steps: str, freeze_default: str
+) -> None:
     p.add_argument("--model", default=None, choices=models, help=f"the built-in model (default: {model_default})")
     p.add_argument("--steps", type=int, default=None, help=steps)
     p.add_argument("--batch", type=int, default=None, help="batch size")
@@ -396,9 +437,13 @@ def _train_options(p: argparse.ArgumentParser, *, models: list[str], model_defau
 
 
 def _plot_option(p: argparse.ArgumentParser, extra: str = "") -> None:
-    p.add_argument("--plot", default=None, metavar="PATH",
-                   help="write a PNG of the step times (median, IQR) and the memory of each variant; needs "
-                   f"matplotlib (pip install 'freezert[plot]'){extra}")  # fmt: skip
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="PATH",
+        help="write a PNG of the step times (median, IQR) and the memory of each variant; needs "
+        f"matplotlib (pip install 'freezert[plot]'){extra}",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -414,20 +459,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the block table of a built-in model, your own model or a checkpoint, and the cut "
         "that --freeze makes (freezert.inspect).",
     )
-    p.add_argument("--model", default="yolov5s", metavar="MODEL",
-                   help=f"a built-in model ({', '.join(MODELS)}), package.module:factory (a function returning "
-                   "an nn.Module, imported from the working directory too) or a checkpoint file holding a pickled "
-                   "nn.Module (unpickling runs code: only files you trust) (default: yolov5s)")  # fmt: skip
-    p.add_argument("--freeze", default=None, metavar="FREEZE",
-                   help="what freeze= takes: 10 (blocks 0..9), 0.5 (half the blocks), model.3 (a name prefix), "
-                   "0,1,2 or model.1,model.2 (lists; 3, is the list [3]), none (default: 10 for yolov5*, 3 cnn, "
-                   "6 encoder, none for other models)")  # fmt: skip
-    p.add_argument("--input", default=None, metavar="SHAPE",
-                   help="the input's shape, e.g. 2,3,224,224: one recorded forward shows the stem, the head and "
-                   "which frozen blocks must run eagerly (default for the built-in models; else no record)")
-    p.add_argument("--memory", action="store_true",
-                   help="also run one training step and print where its memory goes and what each option saves "
-                   "(fm.memory_report)")
+    p.add_argument(
+        "--model",
+        default="yolov5s",
+        metavar="MODEL",
+        help=f"a built-in model ({', '.join(MODELS)}), package.module:factory (a function returning "
+        "an nn.Module, imported from the working directory too) or a checkpoint file holding a pickled "
+        "nn.Module (unpickling runs code: only files you trust) (default: yolov5s)",
+    )
+    p.add_argument(
+        "--freeze",
+        default=None,
+        metavar="FREEZE",
+        help="what freeze= takes: 10 (blocks 0..9), 0.5 (half the blocks), model.3 (a name prefix), "
+        "0,1,2 or model.1,model.2 (lists; 3, is the list [3]), none (default: 10 for yolov5*, 3 cnn, "
+        "6 encoder, none for other models)",
+    )
+    p.add_argument(
+        "--input",
+        default=None,
+        metavar="SHAPE",
+        help="the input's shape, e.g. 2,3,224,224: one recorded forward shows the stem, the head and "
+        "which frozen blocks must run eagerly (default for the built-in models; else no record)",
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="also run one training step and print where its memory goes and what each option saves (fm.memory_report)",
+    )
     p.add_argument("--plot", default=None, metavar="PNG", help="with --memory: draw the report into this PNG")
     p.set_defaults(func=cmd_inspect)
 
@@ -439,16 +498,27 @@ def build_parser() -> argparse.ArgumentParser:
         "of step times, memory and ratios, the gradient monitors, and a one-line verdict. Defaults: GPU "
         "yolov5s, 200 steps, batch 8, 128 px; CPU yolov5n, 30 steps, batch 8, 128 px.",
     )
-    _train_options(p, models=_YOLOS, model_default="yolov5n on CPU, yolov5s on GPU",
-                   steps="timed steps per variant (default: 30 on CPU, 200 on GPU)", freeze_default="10, the backbone")  # fmt: skip
-    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="end the timed steps after this long in all (default: 60 on CPU, none on GPU; 0 = none)")  # fmt: skip
+    _train_options(
+        p,
+        models=_YOLOS,
+        model_default="yolov5n on CPU, yolov5s on GPU",
+        steps="timed steps per variant (default: 30 on CPU, 200 on GPU)",
+        freeze_default="10, the backbone",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="end the timed steps after this long in all (default: 60 on CPU, none on GPU; 0 = none)",
+    )
     _plot_option(p)
     p.set_defaults(func=cmd_demo, repeats=1, cache=False)
 
     p = sub.add_parser(
         "bench",
-        help="the same comparison at the seed paper's scale, variants alternated round-robin; --cache: the feature cache",
+        help="the same comparison at the seed paper's scale, variants alternated round-robin; "
+        "--cache: the feature cache",
         description="Full fine-tune vs naive freeze vs freezert, all resident, alternated in round-robin "
         "repeats of --steps steps; then untimed steps under the monitors. Defaults: GPU yolov5m, 512 px, batch "
         "48, 3 repeats of 30 steps; CPU yolov5n, 128 px, batch 4, 3 repeats of 10 steps. With --cache: the "
@@ -456,22 +526,35 @@ def build_parser() -> argparse.ArgumentParser:
         "the floor: the trainable part on precomputed features) over --epochs of a fixed dataset, plus the "
         "host-tier gather bandwidth on a GPU.",
     )
-    _train_options(p, models=_YOLOS + ["encoder"], model_default="yolov5n on CPU, yolov5m on GPU; encoder only "
-                   "with --cache", steps="timed steps per variant and repeat (default: 10 on CPU, 30 on GPU)",
-                   freeze_default="10, the backbone; 8 of 12 layers for --cache --model encoder")  # fmt: skip
+    _train_options(
+        p,
+        models=_YOLOS + ["encoder"],
+        model_default="yolov5n on CPU, yolov5m on GPU; encoder only with --cache",
+        steps="timed steps per variant and repeat (default: 10 on CPU, 30 on GPU)",
+        freeze_default="10, the backbone; 8 of 12 layers for --cache --model encoder",
+    )
     p.add_argument("--repeats", type=int, default=None, help="round-robin repeats (default: 3)")
     _plot_option(p, "; not with --cache")
     g = p.add_argument_group("--cache", "the feature-cache benchmark (defaults by model and device)")
     g.add_argument("--cache", action="store_true", help="run the feature-cache benchmark instead")
     g.add_argument("--epochs", type=int, default=None, help="epochs over the dataset (default: 3; at least 2)")
-    g.add_argument("--dataset-size", type=int, default=None, metavar="N",
-                   help="samples in the fixed synthetic dataset (default: yolo 24 CPU / 384 GPU; encoder 64 / 512)")
+    g.add_argument(
+        "--dataset-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="samples in the fixed synthetic dataset (default: yolo 24 CPU / 384 GPU; encoder 64 / 512)",
+    )
     g.add_argument("--codec", default="fp16", choices=["fp16", "bf16", "fp8", "fp32"], help="the cache's codec")
     g.add_argument("--where", default="auto", choices=["auto", "cuda", "host", "disk"], help="the cache's tier")
     g.add_argument("--ids", action="store_true", help="key the cache by dataset index (cache_ids=) instead of content")
     g.add_argument("--seq-len", type=int, default=None, help="encoder: tokens per sample (default: 64 CPU, 256 GPU)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the run (default: torch's); 1 keeps a shared, busy CPU from stalling")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the run (default: torch's); 1 keeps a shared, busy CPU from stalling",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -482,7 +565,9 @@ def _fill_freeze(args) -> None:
         args.freeze = 10
     if args.command == "bench" and not args.cache:
         if args.model == "encoder":
-            raise SystemExit("freezert: bench --model encoder runs only with --cache; pass a yolov5* model or add --cache")
+            raise SystemExit(
+                "freezert: bench --model encoder runs only with --cache; pass a yolov5* model or add --cache"
+            )
         if args.repeats is not None and args.repeats < 1:
             raise SystemExit(f"freezert: --repeats {args.repeats} must be at least 1")
 

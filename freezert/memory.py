@@ -35,8 +35,18 @@ __all__ = [
     "saved_bytes",
 ]
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -108,8 +118,10 @@ class SavedMeter:
     def _count(self, t: torch.Tensor, owner: str | None = None) -> None:
         key = _storage_key(t)
         if key not in self._exclude and key not in self._seen:
-            self._seen[key] = (owner if owner is not None else (self._stack[-1] if self._stack else None),
-                               t.untyped_storage().nbytes())
+            self._seen[key] = (
+                owner if owner is not None else (self._stack[-1] if self._stack else None),
+                t.untyped_storage().nbytes(),
+            )
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         self._count(t)
@@ -139,6 +151,7 @@ class SavedMeter:
                 # checkpoint keeps its inputs alive for the recompute (not through saved-tensor hooks)
                 for t in _tensors((args, kwargs)):
                     self._count(t, name)
+
         return hook
 
     def _leave_block(self, name: str):
@@ -147,6 +160,7 @@ class SavedMeter:
                 self._stack.pop()
             if torch.is_grad_enabled():
                 _note(self._out.setdefault(name, {}), _tracked(output))
+
         return hook
 
 
@@ -170,8 +184,9 @@ def _tracked(obj: Any) -> Iterator[torch.Tensor]:
     return (t for t in _tensors(obj) if t.requires_grad or t.grad_fn is not None)
 
 
-def saved_bytes(fn: Callable[[], Any], *, exclude: Iterable[torch.Tensor] = (),
-                blocks: Mapping[str, nn.Module] | None = None) -> int | dict[str | None, int]:
+def saved_bytes(
+    fn: Callable[[], Any], *, exclude: Iterable[torch.Tensor] = (), blocks: Mapping[str, nn.Module] | None = None
+) -> int | dict[str | None, int]:
     """Bytes saved for backward while ``fn()`` runs (unique storages): an int, or per block when ``blocks``."""
     with SavedMeter(blocks, exclude) as meter:
         fn()
@@ -190,6 +205,7 @@ def forward_flops(fn: Callable[[], Any], blocks: Mapping[str, nn.Module]) -> dic
             mode = FlopCounterMode(display=False)
             mode.__enter__()
             stack.append((name, mode))
+
         return hook
 
     def post(name):
@@ -197,6 +213,7 @@ def forward_flops(fn: Callable[[], Any], blocks: Mapping[str, nn.Module]) -> dic
             n, mode = stack.pop()
             mode.__exit__(None, None, None)
             out[n] = out.get(n, 0.0) + float(mode.get_total_flops())
+
         return hook
 
     stack: list = []
@@ -212,9 +229,16 @@ def forward_flops(fn: Callable[[], Any], blocks: Mapping[str, nn.Module]) -> dic
     return {name: out.get(name, 0.0) for name in blocks}
 
 
-def plan_recompute(saved: Mapping[str, int], budget: int | float | str, *,
-                   cost: Mapping[str, float] | None = None, inputs: Mapping[str, int] | None = None,
-                   outputs: Mapping[str, int] | None = None, fixed: int = 0, resolution: int = 4096) -> set[str]:
+def plan_recompute(
+    saved: Mapping[str, int],
+    budget: int | float | str,
+    *,
+    cost: Mapping[str, float] | None = None,
+    inputs: Mapping[str, int] | None = None,
+    outputs: Mapping[str, int] | None = None,
+    fixed: int = 0,
+    resolution: int = 4096,
+) -> set[str]:
     """Blocks to checkpoint so ``fixed + saved bytes <= budget`` at the least recomputation cost.
 
     ``saved``: bytes each block saves; ``inputs``: bytes a checkpointed block still keeps (its inputs);
@@ -232,8 +256,10 @@ def plan_recompute(saved: Mapping[str, int], budget: int | float | str, *,
         return set()
     floor = total - sum(gain.values())
     if floor > budget_b:
-        raise FreezeError(f"memory_budget={budget!r} ({_fmt(budget_b)}) is below the minimum of {_fmt(floor)} "
-                          f"({floor} bytes) with every trainable block recomputed; raise it to at least that")
+        raise FreezeError(
+            f"memory_budget={budget!r} ({_fmt(budget_b)}) is below the minimum of {_fmt(floor)} "
+            f"({floor} bytes) with every trainable block recomputed; raise it to at least that"
+        )
     # Keep (do not checkpoint) the set of blocks with the largest total cost whose gains fit in the slack.
     names = [k for k in saved if gain[k] > 0]
     slack = budget_b - floor
@@ -296,8 +322,9 @@ class _Checkpointed(nn.Module):
 @contextlib.contextmanager
 def _running_stats_kept(module: nn.Module) -> Iterator[None]:
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    saved = [[None if t is None else t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
-             for m in bns]
+    saved = [
+        [None if t is None else t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns
+    ]
     try:
         yield
     finally:
@@ -317,8 +344,10 @@ def checkpointed(model: nn.Module, names: Iterable[str]) -> Iterator[nn.Module]:
         try:
             mod = model.get_submodule(name)
         except AttributeError:
-            raise FreezeError(f"checkpoint block {name!r} is not a submodule of {type(model).__name__}; "
-                              "pass dotted names from model.named_modules()") from None
+            raise FreezeError(
+                f"checkpoint block {name!r} is not a submodule of {type(model).__name__}; "
+                "pass dotted names from model.named_modules()"
+            ) from None
         if name == "":
             raise FreezeError("the root module cannot be checkpointed in place; name its blocks instead")
         plan.append((name, _Checkpointed(mod)))
@@ -333,6 +362,7 @@ def checkpointed(model: nn.Module, names: Iterable[str]) -> Iterator[nn.Module]:
 
 
 # --- the report -------------------------------------------------------------------------------------------
+
 
 @dataclass
 class MemoryReport:
@@ -350,8 +380,12 @@ class MemoryReport:
 
     def table(self) -> str:
         """The report as fixed-width text (what ``str(report)`` prints)."""
-        width = max([len(k) for k, _ in self.rows] + [len(f"  {k}") for k in self.saved]
-                    + [len(k) for k in [*self.options, *self.weights]] + [24])
+        width = max(
+            [len(k) for k, _ in self.rows]
+            + [len(f"  {k}") for k in self.saved]
+            + [len(k) for k in [*self.options, *self.weights]]
+            + [24]
+        )
         lines = [f"{'memory (' + self.measured + ')':<{width}}  {'bytes':>14}  {'':>10}"]
         for k, n in self.rows:
             lines.append(f"{k:<{width}}  {n:>14,}  {_fmt(n):>10}")
@@ -401,13 +435,17 @@ def _bytes(ts: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def memory_report(model: nn.Module, step: Callable[[], Any], *,
-                  blocks: Mapping[str, nn.Module] | Sequence[str] | None = None,
-                  optimizer: torch.optim.Optimizer | None = None,
-                  frozen: Iterable[nn.Parameter] | None = None,
-                  cache_bytes: Mapping[str, int] | None = None,
-                  options: Mapping[str, Callable[[], Any]] | None = None,
-                  plot: str | None = None) -> MemoryReport:
+def memory_report(
+    model: nn.Module,
+    step: Callable[[], Any],
+    *,
+    blocks: Mapping[str, nn.Module] | Sequence[str] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    frozen: Iterable[nn.Parameter] | None = None,
+    cache_bytes: Mapping[str, int] | None = None,
+    options: Mapping[str, Callable[[], Any]] | None = None,
+    plot: str | None = None,
+) -> MemoryReport:
     """Runs ``step()`` (a forward + backward, optionally the optimizer step) once and reports its memory.
 
     ``frozen``: the frozen parameters (default: those with ``requires_grad=False``); ``blocks``: names or
@@ -436,8 +474,12 @@ def memory_report(model: nn.Module, step: Callable[[], Any], *,
     if not grads:  # a step that zeroed them (set_to_none): what backward would allocate
         grads = [p for p in params if p.requires_grad and id(p) not in frozen_ids]
     report.rows.append(("gradients", _bytes(grads)))
-    state = [t for s in (optimizer.state.values() if optimizer is not None else ()) for t in s.values()
-             if isinstance(t, torch.Tensor)]
+    state = [
+        t
+        for s in (optimizer.state.values() if optimizer is not None else ())
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    ]
     report.rows.append(("optimizer state", _bytes(state)))
     per = meter.per_block
     report.saved = {str(k): v for k, v in per.items() if k is not None}

@@ -296,7 +296,7 @@ class _Nvml:
     """Thin wrapper over nvidia-ml-py's ``pynvml`` for one device; ``None`` values where a query fails."""
 
     def __init__(self, torch_index: int | None):
-        import pynvml  # noqa: PLC0415  (optional dependency)
+        import pynvml
 
         self.nv = pynvml
         pynvml.nvmlInit()
@@ -307,7 +307,7 @@ class _Nvml:
                 uuid = str(torch.cuda.get_device_properties(torch_index).uuid)
                 uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
                 handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
-            except Exception:  # noqa: BLE001 - any failure: fall back to the index
+            except Exception:
                 handle = None
         self.handle = handle if handle is not None else pynvml.nvmlDeviceGetHandleByIndex(torch_index or 0)
 
@@ -316,18 +316,18 @@ class _Nvml:
         try:
             mem = self.nv.nvmlDeviceGetMemoryInfo(self.handle)
             total, used = int(mem.total), int(mem.used)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         try:
             util = float(self.nv.nvmlDeviceGetUtilizationRates(self.handle).gpu)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         return total, used, util
 
     def close(self) -> None:
         try:
             self.nv.nvmlShutdown()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 
@@ -377,7 +377,7 @@ class MemoryMonitor:
         self._util_sum, self._util_n, self._util_max = 0.0, 0, None
 
     # -- lifecycle --------------------------------------------------------------------------------------
-    def start(self) -> "MemoryMonitor":
+    def start(self) -> MemoryMonitor:
         """Starts sampling (a no-op when already running)."""
         if self._thread is not None:
             return self
@@ -394,7 +394,7 @@ class MemoryMonitor:
                 self._notes.append(
                     "nvidia-ml-py is not installed (pip install nvidia-ml-py): no device total/used/utilisation"
                 )
-            except Exception as e:  # noqa: BLE001 - NVML errors (no driver, no permission) must not crash
+            except Exception as e:
                 self._notes.append(f"NVML unavailable ({type(e).__name__}: {e}): no device total/used/utilisation")
         self._t0 = time.perf_counter()
         self._sample()
@@ -416,7 +416,7 @@ class MemoryMonitor:
                 self._nvml = None
         return self.summary()
 
-    def __enter__(self) -> "MemoryMonitor":
+    def __enter__(self) -> MemoryMonitor:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -426,7 +426,7 @@ class MemoryMonitor:
         while not self._stop.wait(self.interval):
             try:
                 self._sample()
-            except Exception as e:  # noqa: BLE001 - a monitor must never take training down
+            except Exception as e:
                 with self._lock:
                     self._notes.append(f"sampling stopped after an error: {type(e).__name__}: {e}")
                 return

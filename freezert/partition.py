@@ -24,7 +24,9 @@ class Partition:
     cached_units: tuple[int, ...] = ()  # swap mode: the record units a cache hit skips (stem and blocks)
     replay: tuple[Unit, ...] = ()  # swap mode: the outputs a cache stores and replays
     stem_units: tuple[int, ...] = ()  # swap mode: record units of the stem (run before block 0)
-    unbatched: tuple[int, ...] = ()  # swap mode: units left out of the cache: an output read outside lacks the batch dim
+    unbatched: tuple[
+        int, ...
+    ] = ()  # swap mode: units left out of the cache: an output read outside lacks the batch dim
 
     @property
     def tail_frozen(self) -> tuple[int, ...]:
@@ -67,10 +69,13 @@ def eager_reasons(table: BlockTable, rec: Record, frozen: list[int], trainable_d
     out: dict[int, str] = {}
     for i in frozen:
         if rec.block_calls.get(i, 0) > 1:
-            out[i] = f"it runs {rec.block_calls[i]} times in one forward (a shared block), and a later call needs autograd"
+            out[i] = (
+                f"it runs {rec.block_calls[i]} times in one forward (a shared block), and a later call needs autograd"
+            )
         elif rec.grad_in.get(i):
             out[i] = (
-                f"its input depends on parameters that still train ({feeders})" if feeders
+                f"its input depends on parameters that still train ({feeders})"
+                if feeders
                 else "its input depends on a trainable block or an input that requires grad"
             )
         elif rec.grad_inside.get(i):
@@ -78,8 +83,9 @@ def eager_reasons(table: BlockTable, rec: Record, frozen: list[int], trainable_d
     return out
 
 
-def plan(table: BlockTable, rec: Record, frozen: list[int], k: int, stem_units: list[int],
-         trainable_direct: list[str]) -> Partition:
+def plan(
+    table: BlockTable, rec: Record, frozen: list[int], k: int, stem_units: list[int], trainable_direct: list[str]
+) -> Partition:
     """The swap-mode plan from a record (``table`` already in forward order, ``rec`` mapped to it)."""
     eager = eager_reasons(table, rec, frozen, trainable_direct)
     cached = 0

@@ -20,8 +20,15 @@ from torch import nn
 
 from ._errors import FreezeError
 
-__all__ = ["FORMATS", "QuantConv", "QuantLinear", "dequantize", "quantize_frozen_", "quantize_weight",
-           "quantized_bytes"]
+__all__ = [
+    "FORMATS",
+    "QuantConv",
+    "QuantLinear",
+    "dequantize",
+    "quantize_frozen_",
+    "quantize_weight",
+    "quantized_bytes",
+]
 
 FORMATS = ("int8", "fp8")
 _INT8_MAX = 127.0
@@ -88,12 +95,13 @@ class _Quant(nn.Module):
 class QuantLinear(_Quant):
     """``F.linear`` with a weight stored as int8 / fp8 plus per-output-channel scales (inference only)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str = "int8",
-                 compute: str = "auto"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str = "int8", compute: str = "auto"):
         super().__init__()
         if compute not in ("auto", "dequantize"):
-            raise FreezeError(f"compute={compute!r} is not understood; use 'auto' (hardware matmul on CUDA "
-                              "where shapes allow) or 'dequantize'")
+            raise FreezeError(
+                f"compute={compute!r} is not understood; use 'auto' (hardware matmul on CUDA "
+                "where shapes allow) or 'dequantize'"
+            )
         self.out_features, self.in_features = weight.shape
         self.compute = compute
         self._hw_failed = False
@@ -106,8 +114,12 @@ class QuantLinear(_Quant):
         return cls(m.weight, m.bias, fmt, compute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compute == "auto" and x.is_cuda and not self._hw_failed and x.dtype in (
-                torch.float16, torch.bfloat16, torch.float32):
+        if (
+            self.compute == "auto"
+            and x.is_cuda
+            and not self._hw_failed
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        ):
             y = self._hardware(x)
             if y is not None:
                 return y
@@ -126,14 +138,23 @@ class QuantLinear(_Quant):
                 acc = torch._int_mm(xq, self.qweight.t())
                 y = acc.float() * xa[:, None] * self.scale[None, :]
             else:
-                if not hasattr(torch, "_scaled_mm") or k % 16 or n % 16 or \
-                        torch.cuda.get_device_capability(x.device) < (8, 9):
+                if (
+                    not hasattr(torch, "_scaled_mm")
+                    or k % 16
+                    or n % 16
+                    or torch.cuda.get_device_capability(x.device) < (8, 9)
+                ):
                     return None
                 xa = (x2.float().abs().amax(1).clamp_min(1e-12) / _FP8_MAX)[:, None]
                 xq = (x2.float() / xa).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
                 out = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-                y = torch._scaled_mm(xq, self.qweight.t(), scale_a=xa.contiguous(),
-                                     scale_b=self.scale[None, :].contiguous(), out_dtype=out)
+                y = torch._scaled_mm(
+                    xq,
+                    self.qweight.t(),
+                    scale_a=xa.contiguous(),
+                    scale_b=self.scale[None, :].contiguous(),
+                    out_dtype=out,
+                )
                 y = y.float()
         except (RuntimeError, NotImplementedError):  # an arch or build without the kernel: dequantize
             self._hw_failed = True
@@ -157,8 +178,9 @@ class QuantConv(_Quant):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = F.conv1d if self.dim == 1 else F.conv2d
-        return conv(x, self.weight_as(x.dtype), self._bias(x.dtype), self.stride, self.padding,
-                     self.dilation, self.groups)
+        return conv(
+            x, self.weight_as(x.dtype), self._bias(x.dtype), self.stride, self.padding, self.dilation, self.groups
+        )
 
     def extra_repr(self) -> str:
         return f"{tuple(self.qweight.shape)}, fmt={self.fmt}, stride={self.stride}, padding={self.padding}"
@@ -173,8 +195,13 @@ def _quantizable(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "weight")
 
 
-def quantize_frozen_(module: nn.Module, fmt: str = "int8", *,
-                     filter: Callable[[str, nn.Module], bool] | None = None, compute: str = "auto") -> list[str]:
+def quantize_frozen_(
+    module: nn.Module,
+    fmt: str = "int8",
+    *,
+    filter: Callable[[str, nn.Module], bool] | None = None,
+    compute: str = "auto",
+) -> list[str]:
     """Replace the Linear / Conv1d / Conv2d layers below ``module`` by int8 / fp8 inference modules, in place.
 
     ``filter(name, layer)`` keeps a layer out when False. Returns the replaced dotted names. Use it only on a
@@ -189,8 +216,11 @@ def quantize_frozen_(module: nn.Module, fmt: str = "int8", *,
                 continue
             full = f"{prefix}.{name}" if prefix else name
             if _quantizable(child) and (filter is None or filter(full, child)):
-                rep = QuantConv(child, fmt) if isinstance(child, (nn.Conv1d, nn.Conv2d)) \
+                rep = (
+                    QuantConv(child, fmt)
+                    if isinstance(child, (nn.Conv1d, nn.Conv2d))
                     else QuantLinear.from_module(child, fmt, compute)
+                )
                 for key, value in vars(child).items():  # plain attributes a parent may read (YOLO's .f / .i)
                     if not key.startswith("_") and key != "training" and key not in vars(rep):
                         setattr(rep, key, value)
@@ -201,8 +231,10 @@ def quantize_frozen_(module: nn.Module, fmt: str = "int8", *,
                 visit(full, child)
 
     if _quantizable(module):
-        raise FreezeError(f"quantize_frozen_ got a bare {type(module).__name__}; pass a module that contains it "
-                          "(its slot in the parent is what gets replaced)")
+        raise FreezeError(
+            f"quantize_frozen_ got a bare {type(module).__name__}; pass a module that contains it "
+            "(its slot in the parent is what gets replaced)"
+        )
     visit("", module)
     return done
 
@@ -214,7 +246,12 @@ def quantized_bytes(module: nn.Module) -> dict[str, int]:
         for name, t in list(m._parameters.items()) + list(m._buffers.items()):
             if t is None:
                 continue
-            key = "weights" if isinstance(m, _Quant) and name == "qweight" else \
-                "scales" if isinstance(m, _Quant) and name == "scale" else "other"
+            key = (
+                "weights"
+                if isinstance(m, _Quant) and name == "qweight"
+                else "scales"
+                if isinstance(m, _Quant) and name == "scale"
+                else "other"
+            )
             out[key] += t.numel() * t.element_size()
     return out

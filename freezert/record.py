@@ -17,9 +17,30 @@ from torch.overrides import TorchFunctionMode
 
 # Ops that only read a tensor's metadata: model code may ask a placeholder for its shape.
 _METADATA = {
-    "size", "dim", "ndim", "ndimension", "shape", "dtype", "device", "numel", "nelement", "is_contiguous",
-    "stride", "__len__", "requires_grad", "is_cuda", "layout", "is_floating_point", "is_complex",
-    "element_size", "storage_offset", "__get__", "is_sparse", "is_quantized", "is_meta", "names",
+    "size",
+    "dim",
+    "ndim",
+    "ndimension",
+    "shape",
+    "dtype",
+    "device",
+    "numel",
+    "nelement",
+    "is_contiguous",
+    "stride",
+    "__len__",
+    "requires_grad",
+    "is_cuda",
+    "layout",
+    "is_floating_point",
+    "is_complex",
+    "element_size",
+    "storage_offset",
+    "__get__",
+    "is_sparse",
+    "is_quantized",
+    "is_meta",
+    "names",
 }
 
 OUTSIDE = -1  # consumer context: not inside any tracked block (glue code, the head, the model's output)

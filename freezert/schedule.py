@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -214,7 +214,7 @@ class _FunctionalState:
             self.apply(opts)
 
 
-_FUNCTIONAL: "weakref.WeakKeyDictionary[nn.Module, _FunctionalState]" = weakref.WeakKeyDictionary()
+_FUNCTIONAL: weakref.WeakKeyDictionary[nn.Module, _FunctionalState] = weakref.WeakKeyDictionary()
 
 
 def _functional_state(model: nn.Module) -> _FunctionalState:
@@ -308,9 +308,9 @@ def load_freeze_layers_state_dict(
 
 # Per optimizer: parameters freezert took out, with the index of the group they came from (groups are never
 # deleted, so the index stays valid and an unfrozen parameter returns with that group's hyperparameters).
-_REMOVED: "weakref.WeakKeyDictionary[Optimizer, dict[int, tuple[nn.Parameter, int]]]" = weakref.WeakKeyDictionary()
+_REMOVED: weakref.WeakKeyDictionary[Optimizer, dict[int, tuple[nn.Parameter, int]]] = weakref.WeakKeyDictionary()
 # Frozen block indices of plain modules (a FrozenModel reports its own through ``frozen_indices``).
-_PLAIN_FROZEN: "weakref.WeakKeyDictionary[nn.Module, tuple[int, ...]]" = weakref.WeakKeyDictionary()
+_PLAIN_FROZEN: weakref.WeakKeyDictionary[nn.Module, tuple[int, ...]] = weakref.WeakKeyDictionary()
 
 
 def _as_optimizers(optimizer: Any) -> list[Optimizer]:
@@ -457,7 +457,7 @@ def _bns(module: nn.Module) -> list[_BatchNorm]:
 
 # BatchNorms that a schedule froze in a plain module, with the hook that keeps them in eval mode: the
 # trainer's model.train() at every epoch start would otherwise switch them back (pytorch#66073).
-_FROZEN_BN: "weakref.WeakKeyDictionary[_BatchNorm, Any]" = weakref.WeakKeyDictionary()
+_FROZEN_BN: weakref.WeakKeyDictionary[_BatchNorm, Any] = weakref.WeakKeyDictionary()
 
 
 def _keep_eval(module: nn.Module, args: Any) -> None:
@@ -585,9 +585,7 @@ def apply_freeze(
     else:  # the wrapper restored requires_grad; a parameter the user had frozen stays out
         back = [p for p in back if p.requires_grad]
     _restore_params(opts, back, lr, _sibling_homes(target, opts, back))
-    return FreezeChange(
-        frozen=tuple(i for i in new if i not in prev), unfrozen=tuple(i for i in prev if i not in new)
-    )
+    return FreezeChange(frozen=tuple(i for i in new if i not in prev), unfrozen=tuple(i for i in prev if i not in new))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -644,7 +642,7 @@ def _restore_layout(opt: Optimizer, layout: dict, by_name: dict[str, nn.Paramete
             opt.param_groups[gi].update(g)
         else:
             opt.param_groups.append(g)
-    del opt.param_groups[len(rebuilt):]
+    del opt.param_groups[len(rebuilt) :]
     rec = _REMOVED.setdefault(opt, {})
     rec.clear()
     for name, gi in layout["removed"]:
@@ -712,7 +710,7 @@ class Schedule:
         blocks: Sequence[Any] | None = None,
         lr_schedulers: Any = None,
         train_bn: bool | None = None,
-    ) -> "Schedule":
+    ) -> Schedule:
         """Binds the schedule to a model (FrozenModel or plain module + ``blocks``) and optimizer(s); returns self.
 
         Call again with only ``optimizer=`` to bind an optimizer created later (after wrapping, or a new fit's):

@@ -242,8 +242,17 @@ def _tensor_records(modules: list[nn.Module]):
                         yield sub, kind, key, t
 
 
-def run_blocks(table: BlockTable, module_at, start: int, stop: int, y: dict[int, torch.Tensor], x=None, *,
-               keep: set[int] | None = None, free_after: dict[int, tuple[int, ...]] | None = None):
+def run_blocks(
+    table: BlockTable,
+    module_at,
+    start: int,
+    stop: int,
+    y: dict[int, torch.Tensor],
+    x=None,
+    *,
+    keep: set[int] | None = None,
+    free_after: dict[int, tuple[int, ...]] | None = None,
+):
     """Runs blocks ``start..stop-1`` as the model's own forward would (YOLO-style ``.f`` routing, else a chain):
     the one executor for the frozen prefix and the trainable tail. ``x`` is the input of block ``start`` (else
     ``y[start - 1]``); outputs go into ``y`` (all, or those in ``keep``) and leave it per ``free_after``."""
@@ -270,9 +279,19 @@ class FrozenSegment:
     to run, each with its record key (unit, member) and dotted name; ``cached`` the units a cache hit skips.
     """
 
-    def __init__(self, table: BlockTable, part: Partition, entries: list[tuple[tuple[int, int], str, nn.Module]], *,
-                 bn: str, dtype, channels_last: bool, graphs: bool, cached: set[int] = frozenset(),
-                 readers: dict[tuple[int, int], set[int]] | None = None):
+    def __init__(
+        self,
+        table: BlockTable,
+        part: Partition,
+        entries: list[tuple[tuple[int, int], str, nn.Module]],
+        *,
+        bn: str,
+        dtype,
+        channels_last: bool,
+        graphs: bool,
+        cached: set[int] = frozenset(),
+        readers: dict[tuple[int, int], set[int]] | None = None,
+    ):
         self.table, self.part = table, part
         # A torch dtype pre-casts the copies; "int8"/"fp8" store their Linear/Conv weights in one byte instead
         # (freezert.quant), activations staying in the model's dtype.

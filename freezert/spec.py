@@ -38,8 +38,11 @@ def _match_prefix(prefix: str, table: BlockTable) -> list[int]:
         return hits
     inside = [n for n in table.names if parts[: len(n.split("."))] == n.split(".")]
     inside += [
-        table.names[i] for i, ms in enumerate(table.members) if len(ms) > 1
-        for mn, _ in ms if parts[: len(mn.split("."))] == mn.split(".")
+        table.names[i]
+        for i, ms in enumerate(table.members)
+        if len(ms) > 1
+        for mn, _ in ms
+        if parts[: len(mn.split("."))] == mn.split(".")
     ]
     if inside:
         raise FreezeError(

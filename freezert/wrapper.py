@@ -231,7 +231,9 @@ class FrozenModel(nn.Module):
         frozen_modules = [m for i in frozen for _, m in table.members[i]] + [m for _, m in table.candidates]
         off = {id(p) for m in frozen_modules for p in m.parameters()} | {id(p) for p in self._also}
         keep = {id(p) for p, rg in zip(self._params, self._requires_grad) if rg and id(p) not in off}
-        frozen_bn = [m for i in frozen for _, mod in table.members[i] for m in mod.modules() if isinstance(m, _BatchNorm)]
+        frozen_bn = [
+            m for i in frozen for _, mod in table.members[i] for m in mod.modules() if isinstance(m, _BatchNorm)
+        ]
         modes = [(m, m.training) for m in frozen_bn]
         try:
             if self.bn == "frozen":
@@ -353,8 +355,15 @@ class FrozenModel(nn.Module):
                 cached = set(part.cached_units)
                 readers = {(u, j): ctx for (u, j, idx), ctx in self._rec.consumers.items() if idx == 0}
             seg = self._segment = FrozenSegment(
-                t, part, entries, bn=self.bn, dtype=self.dtype, channels_last=self.channels_last,
-                graphs=self.graphs, cached=cached, readers=readers,
+                t,
+                part,
+                entries,
+                bn=self.bn,
+                dtype=self.dtype,
+                channels_last=self.channels_last,
+                graphs=self.graphs,
+                cached=cached,
+                readers=readers,
             )
         return seg
 
@@ -407,7 +416,10 @@ class FrozenModel(nn.Module):
         chosen = plan_recompute(saved, self._budget, inputs=meter.inputs, outputs=meter.outputs, fixed=fixed)
         self._recompute = [name for name in blocks if name in chosen]  # forward order
         self.recompute_plan = {
-            "budget": self._budget, "saved": saved, "outside_blocks": fixed, "checkpointed": list(self._recompute),
+            "budget": self._budget,
+            "saved": saved,
+            "outside_blocks": fixed,
+            "checkpointed": list(self._recompute),
         }
         return out
 
@@ -458,8 +470,13 @@ class FrozenModel(nn.Module):
         try:
             with torch.random.fork_rng(devices=sorted({p.device.index for p in params if p.is_cuda})):
                 report = memory_report(
-                    self.model, step, blocks=trainable, optimizer=optimizer, frozen=self.frozen_parameters(),
-                    cache_bytes=cache, options=options,
+                    self.model,
+                    step,
+                    blocks=trainable,
+                    optimizer=optimizer,
+                    frozen=self.frozen_parameters(),
+                    cache_bytes=cache,
+                    options=options,
                 )
         finally:
             for p, g in zip(params, grads):
@@ -469,7 +486,9 @@ class FrozenModel(nn.Module):
                     b.copy_(v)
         frozen = self.frozen_parameters()
         as_is = sum(p.numel() * p.element_size() for p in frozen)
-        layers = [m for m in self._frozen_modules() for m in m.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+        layers = [
+            m for m in self._frozen_modules() for m in m.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        ]
         w = {id(m.weight) for m in layers}
         one_byte = sum(p.numel() * (1 if id(p) in w else p.element_size()) for p in frozen)
         one_byte += sum(m.weight.shape[0] * 4 for m in layers)  # a float32 scale per output channel
@@ -532,7 +551,8 @@ class FrozenModel(nn.Module):
                 self._warned.add("cache")
                 why = (
                     f"block {self._table.names[0]!r} runs eagerly ({self._part.eager[0]}), so nothing before it can "
-                    "be skipped" if 0 in self._part.eager
+                    "be skipped"
+                    if 0 in self._part.eager
                     else f"{self._unit_name(self._part.unbatched[0])!r} hands the rest of the model a tensor without "
                     "the batch dimension first (shared by the whole batch, e.g. a position bias), so no sample's "
                     "frozen outputs can be stored on their own"
@@ -691,7 +711,8 @@ class FrozenModel(nn.Module):
         if not bool(hit.all()):
             miss = (~hit).nonzero().squeeze(1)
             self._cache.put(
-                keys[miss], [t.detach()[miss.to(t.device)] for t in produced],
+                keys[miss],
+                [t.detach()[miss.to(t.device)] for t in produced],
                 content=None if content is None else content[miss],
             )
         return out
@@ -816,8 +837,8 @@ def _plain_keys_in(fm: FrozenModel, state_dict, prefix, *_args) -> None:
     (``backbone.x``); the wrapped model sits at ``.model``, so they move to ``backbone.model.x``. Keys are
     matched against the model's own (a YOLO model's plain keys start with ``model.`` themselves)."""
     own = set(fm.model.state_dict().keys())
-    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in own]:
-        state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] in own]:
+        state_dict[prefix + "model." + key[len(prefix) :]] = state_dict.pop(key)
 
 
 def _user_stacklevel() -> int:
@@ -930,8 +951,18 @@ def wrap(
     bytes) bounds what the trainable part saves for backward by recomputing the blocks that cost least to redo.
     """
     return FrozenModel(
-        model, freeze, blocks=blocks, also_freeze=also_freeze, bn=bn, dtype=dtype, channels_last=channels_last, graphs=graphs,
-        cache=cache, offload_frozen=offload_frozen, kernels=kernels, memory_budget=memory_budget,
+        model,
+        freeze,
+        blocks=blocks,
+        also_freeze=also_freeze,
+        bn=bn,
+        dtype=dtype,
+        channels_last=channels_last,
+        graphs=graphs,
+        cache=cache,
+        offload_frozen=offload_frozen,
+        kernels=kernels,
+        memory_budget=memory_budget,
     )
 
 
@@ -1003,5 +1034,7 @@ def _describe(fm: FrozenModel) -> str:
     fz = sum(p.numel() for p in fm.frozen_parameters())
     lines.append(f"frozen {fz:,} of {total:,} parameters ({100 * fz / max(total, 1):.1f}%)")
     if not planned and fs:
-        lines.append("not recorded yet: pass example_inputs= (or call fm.plan(...)) to see the stem, head and eager blocks")
+        lines.append(
+            "not recorded yet: pass example_inputs= (or call fm.plan(...)) to see the stem, head and eager blocks"
+        )
     return "\n".join(lines)

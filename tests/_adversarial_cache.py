@@ -5,6 +5,7 @@
 subprocess killed by a signal), ``ok`` (accepted and right). Runs on the lookup/get API too, to compare with
 older trees. Uses setpriv to drop root's permission override for the read-only case. About two minutes.
 """
+
 import collections
 import copy
 import json
@@ -16,6 +17,7 @@ import tempfile
 import textwrap
 
 import torch
+
 import freezert
 from freezert import FreezeError
 from freezert import _native as nat
@@ -43,7 +45,7 @@ def attempt(cat, name, fn):
         T[cat]["clear"] += 1
         LOG.append((cat, name, "clear", str(e)[:160]))
         return
-    except Exception as e:  # noqa
+    except Exception as e:
         T[cat]["raw"] += 1
         LOG.append((cat, name, "raw", f"{type(e).__name__}: {str(e)[:160]}"))
         return
@@ -54,8 +56,13 @@ def attempt(cat, name, fn):
 
 
 def sub(code, *args):
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                       env=os.environ, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=300,
+    )
     if r.returncode < 0:
         return "crash"
     if r.returncode != 0:
@@ -90,6 +97,7 @@ REL = {"fp16": 2**-11, "bf16": 2**-8, "fp8": 2**-4}
 for codec in REL:
     for where in ("host", "disk"):
         for scale in (1e-45, 1e-39, 1e-30, 1e-12, 1e-8, 1e-5, 1.0, 6e4, 1e6, 1e30, 1e38):
+
             def f(codec=codec, where=where, scale=scale):
                 c = cache(codec, where, path=d() if where == "disk" else None)
                 x = rows(5, 1)
@@ -102,44 +110,67 @@ for codec in REL:
                     amax = t.reshape(5, -1).abs().amax(1)
                     if not ((g - t).reshape(5, -1).abs() <= amax[:, None] * REL[codec] * 1.0001).all():
                         return "wrong"
+
             attempt("codec range (fp16/bf16/fp8 x magnitude x tier)", f"{codec}/{where}/{scale}", f)
+
 
 # 2. foreign and unverifiable stores ---------------------------------------------------------------------------
 def foreign_copy():
     a, b = d(), d()
-    ca = cache("fp32", "disk", path=a, fp=FP); ca.put(torch.arange(6), rows(6, 1)); ca.close()
-    cb = cache("fp32", "disk", path=b, fp=FP2); cb.put(torch.arange(6), rows(6, 2)); cb.close()
+    ca = cache("fp32", "disk", path=a, fp=FP)
+    ca.put(torch.arange(6), rows(6, 1))
+    ca.close()
+    cb = cache("fp32", "disk", path=b, fp=FP2)
+    cb.put(torch.arange(6), rows(6, 2))
+    cb.close()
     for n in ("slab_fp32.bin", "index.pt"):
         shutil.copy(os.path.join(a, n), os.path.join(b, n))
     cb = cache("fp32", "disk", path=b, fp=FP2)
     hit, got = read(cb, torch.arange(6))
     return "wrong" if hit.any() else "ok"
+
+
 attempt("foreign / unverifiable store", "slab+index copied from another model", foreign_copy)
 
 for dmg in ("garbage", "layout_str", "layout_int", "layout_dtype", "fingerprint_edit", "truncated_json", "empty"):
+
     def f(dmg=dmg):
         p = d()
-        c = cache("fp32", "disk", path=p); c.put(torch.arange(4), rows(4)); c.close()
+        c = cache("fp32", "disk", path=p)
+        c.put(torch.arange(4), rows(4))
+        c.close()
         hf = os.path.join(p, "header.json")
         head = json.loads(open(hf).read())
-        if dmg == "garbage": open(hf, "wb").write(b"\x00\xff")
-        elif dmg == "truncated_json": open(hf, "w").write(json.dumps(head)[:40])
-        elif dmg == "empty": open(hf, "w").write("")
+        if dmg == "garbage":
+            open(hf, "wb").write(b"\x00\xff")
+        elif dmg == "truncated_json":
+            open(hf, "w").write(json.dumps(head)[:40])
+        elif dmg == "empty":
+            open(hf, "w").write("")
         else:
-            if dmg == "layout_str": head["layout"] = "abc"
-            elif dmg == "layout_int": head["layout"] = [[[3, "x"], "float32"]]
-            elif dmg == "layout_dtype": head["layout"] = [[[3, 5], "nope"], [[7], "float32"]]
-            elif dmg == "fingerprint_edit": head["fingerprint"] = FP2
+            if dmg == "layout_str":
+                head["layout"] = "abc"
+            elif dmg == "layout_int":
+                head["layout"] = [[[3, "x"], "float32"]]
+            elif dmg == "layout_dtype":
+                head["layout"] = [[[3, 5], "nope"], [[7], "float32"]]
+            elif dmg == "fingerprint_edit":
+                head["fingerprint"] = FP2
             open(hf, "w").write(json.dumps(head))
         c2 = cache("fp32", "disk", path=p, fp=FP2 if dmg == "fingerprint_edit" else FP)
         hit, _ = read(c2, torch.arange(4))
         return "wrong" if hit.any() else "ok"  # adopted: a store it cannot verify served or silently wiped
+
     attempt("foreign / unverifiable store", f"header {dmg}", f)
+
 
 def die_before_flush():
     p = d()
-    c = cache("fp32", "disk", path=p, fp=FP); c.put(torch.arange(5), rows(5)); c.close()
-    hf = os.path.join(p, "header.json"); open(hf, "wb").write(b"{")
+    c = cache("fp32", "disk", path=p, fp=FP)
+    c.put(torch.arange(5), rows(5))
+    c.close()
+    hf = os.path.join(p, "header.json")
+    open(hf, "wb").write(b"{")
     code = """
         import os, sys, torch
         from freezert.cache import FeatureCache
@@ -156,7 +187,10 @@ def die_before_flush():
     c2 = cache("fp32", "disk", path=p, fp=FP2)
     hit, _ = read(c2, torch.arange(5))
     return "wrong" if hit.any() else "ok"
+
+
 attempt("foreign / unverifiable store", "corrupt header, adopted, death before flush", die_before_flush)
+
 
 # 3/4. ids: duplicates, augmentation (through the wrapper, and at the cache when it has content=) -------------------
 def wrap_dup():
@@ -171,13 +205,18 @@ def wrap_dup():
     for j in (0, 2):  # next epoch: do both samples that claimed id 0 get their own features?
         if not torch.allclose(fm(x[[j]], cache_ids=[0]), m(x[[j]]), atol=1e-5):
             return "wrong"
+
+
 attempt("ids: duplicate id in a batch", "wrap(cache_ids=[0,1,0])", wrap_dup)
 if NEW:
+
     def cache_dup():
         c = cache("fp32")
         c.put(torch.tensor([0, 1, 0]), rows(3), content=torch.tensor([5, 6, 7]))
         return "wrong"
+
     attempt("ids: duplicate id in a batch", "put(ids, content=) same id, two inputs", cache_dup)
+
 
 def wrap_aug():
     torch.manual_seed(0)
@@ -187,10 +226,14 @@ def wrap_aug():
     x2 = torch.randn(3, 4)  # epoch 2: augmented
     out = fm(x2, cache_ids=[0, 1, 2])
     return "wrong" if not torch.allclose(out, m(x2), atol=1e-5) else "ok"
+
+
 attempt("ids: augmented input under the same id", "wrap(cache_ids) epoch 2 augmented", wrap_aug)
 if NEW:
+
     def cache_aug():
         import warnings
+
         c = cache("fp32")
         c.put(torch.arange(3), rows(3), content=torch.tensor([1, 2, 3]))
         with warnings.catch_warnings(record=True) as w:
@@ -199,12 +242,15 @@ if NEW:
         if hit[1]:
             return "wrong"
         return "ok" if any("augmentation" in str(x.message) for x in w) else "wrong"
+
     attempt("ids: augmented input under the same id", "fetch(content=) changed content", cache_aug)
+
     def cache_aug_strict():
         c = cache("fp32", strict=True)
         c.put(torch.arange(3), rows(3), content=torch.tensor([1, 2, 3]))
         c.fetch(torch.arange(3), "cpu", content=torch.tensor([1, 9, 3]))
         return "wrong"
+
     attempt("ids: augmented input under the same id", "strict=True", cache_aug_strict)
 
 # 5. crashes: truncation, two writers, kill -9 -------------------------------------------------------------------
@@ -229,8 +275,12 @@ SIGBUS = """
 """
 REC = 112 if NEW else 104
 for cut in (0, 1, REC * 3 + 5):
-    attempt("disk: truncation / concurrent writers / kill -9", f"writes at budget after truncate to {cut}",
-            lambda cut=cut: sub(SIGBUS, d(), str(REC), str(cut)))
+    attempt(
+        "disk: truncation / concurrent writers / kill -9",
+        f"writes at budget after truncate to {cut}",
+        lambda cut=cut: sub(SIGBUS, d(), str(REC), str(cut)),
+    )
+
 
 def two_writers():
     p = d()
@@ -247,9 +297,17 @@ def two_writers():
         import time; time.sleep(3)  # both processes hold the store at once
         print("ok")
     """
-    c0 = cache("fp32", "disk", path=p); c0.close()
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), p, str(b)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for b in (0, 1000)]
+    c0 = cache("fp32", "disk", path=p)
+    c0.close()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), p, str(b)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for b in (0, 1000)
+    ]
     outs = [pr.communicate(timeout=300) for pr in procs]
     if any(pr.returncode < 0 for pr in procs):
         return "crash"
@@ -264,7 +322,10 @@ def two_writers():
     if refused:
         raise freezert.CacheError("second writer refused")
     return "ok"
+
+
 attempt("disk: truncation / concurrent writers / kill -9", "two processes writing one path", two_writers)
+
 
 def kill9():
     p = d()
@@ -287,39 +348,64 @@ def kill9():
         hit, got = read(c, torch.arange(4) + 4 * s)
         if hit.any() and not (got[0] == float(s)).all():
             return "wrong"
+
+
 attempt("disk: truncation / concurrent writers / kill -9", "kill -9 mid-write, reopen", kill9)
+
 
 # 6. native boundary ----------------------------------------------------------------------------------------------
 def alias_gather():
     st = torch.tensor([[0.0], [3.0], [6.0], [9.0]])
     nat.gather_decode(st, None, torch.tensor([3, 2, 1, 0]), st, "fp32")
     return "ok" if st.flatten().tolist() == [9.0, 6.0, 3.0, 0.0] else "wrong"
+
+
 attempt("native: aliasing / views / broadcast", "gather out=store", alias_gather)
+
+
 def alias_scatter():
     st = torch.arange(8.0).view(4, 2)
-    want = st.clone(); want[[2, 3]] = st[[0, 1]].clone()
+    want = st.clone()
+    want[[2, 3]] = st[[0, 1]].clone()
     nat.encode_scatter(st[:2], torch.tensor([2, 3]), st, None, "fp32")
     return "ok" if torch.equal(st, want) else "wrong"
+
+
 attempt("native: aliasing / views / broadcast", "scatter src=store[:2]", alias_scatter)
+
+
 def alias_scatter2():
     st = torch.arange(8.0).view(4, 2)
-    want = st.clone(); want[[1, 2]] = st[[0, 1]].clone()
+    want = st.clone()
+    want[[1, 2]] = st[[0, 1]].clone()
     nat.encode_scatter(st[:2], torch.tensor([1, 2]), st, None, "fp32")
     return "ok" if torch.equal(st, want) else "wrong"
+
+
 attempt("native: aliasing / views / broadcast", "scatter overlapping rows", alias_scatter2)
 for ref in (False, True):
-    for name, mk in [("1-element strided", lambda: torch.arange(24.0).reshape(4, 6)[:, ::2][:1]),
-                     ("empty strided", lambda: torch.arange(24.0).reshape(4, 6)[:, ::2][:0]),
-                     ("1-element 2-step", lambda: torch.arange(24.0).reshape(4, 6)[::3, ::2][1:2]),
-                     ("transposed row", lambda: torch.arange(24.0).reshape(4, 6).t()[:1])]:
+    for name, mk in [
+        ("1-element strided", lambda: torch.arange(24.0).reshape(4, 6)[:, ::2][:1]),
+        ("empty strided", lambda: torch.arange(24.0).reshape(4, 6)[:, ::2][:0]),
+        ("1-element 2-step", lambda: torch.arange(24.0).reshape(4, 6)[::3, ::2][1:2]),
+        ("transposed row", lambda: torch.arange(24.0).reshape(4, 6).t()[:1]),
+    ]:
+
         def f(mk=mk, ref=ref):
             nat._FORCE_REFERENCE = ref
             try:
                 v = mk()
-                return "ok" if torch.equal(nat.hash_rows(v), nat.hash_rows(v.clone(memory_format=torch.contiguous_format))) else "wrong"
+                return (
+                    "ok"
+                    if torch.equal(nat.hash_rows(v), nat.hash_rows(v.clone(memory_format=torch.contiguous_format)))
+                    else "wrong"
+                )
             finally:
                 nat._FORCE_REFERENCE = False
+
         attempt("native: aliasing / views / broadcast", f"hash {name} ref={ref}", f)
+
+
 def bcast():
     return sub("""
         import torch, freezert._native as n
@@ -327,57 +413,94 @@ def bcast():
         h = n.hash_rows(x)
         print("ok" if bool((h == h[0]).all()) else "wrong")
     """)
+
+
 attempt("native: aliasing / views / broadcast", "hash 1 TiB expand", bcast)
+
 
 # 7. bad inputs ---------------------------------------------------------------------------------------------------
 def bad(name, fn):
     def g():
         fn()
         return "ok"
+
     attempt("bad input: clear error expected", name, g)
 
+
 def file_path():
-    f = os.path.join(TMP, "afile"); open(f, "w").write("x")
+    f = os.path.join(TMP, "afile")
+    open(f, "w").write("x")
     cache("fp16", "disk", path=f)
+
+
 bad("path= a regular file", file_path)
 for what in ("slab_fp16.bin", "index.pt"):
     for kind in ("dir", "devnull"):
+
         def f(what=what, kind=kind):
-            p = d(); c = cache("fp16", "disk", path=p); c.put(torch.arange(3), rows(3)); c.close()
+            p = d()
+            c = cache("fp16", "disk", path=p)
+            c.put(torch.arange(3), rows(3))
+            c.close()
             os.remove(os.path.join(p, what))
             os.mkdir(os.path.join(p, what)) if kind == "dir" else os.symlink("/dev/null", os.path.join(p, what))
             c = cache("fp16", "disk", path=p)
-            read(c, torch.arange(3)); c.put(torch.arange(3) + 10, rows(3)); c.flush()
+            read(c, torch.arange(3))
+            c.put(torch.arange(3) + 10, rows(3))
+            c.flush()
+
         bad(f"{what} is a {kind}", f)
 for b in (10**400, "9" * 400, float("nan"), -1, "12 parsecs", 2**63):
     bad(f"budget={str(b)[:12]}", lambda b=b: FeatureCache("fp16", "host", b))
+
+
 def disk_msg():
     c = FeatureCache("fp32", "disk", 130)
     try:
         c.bind(FP, [((3, 5), torch.float32), ((12,), torch.float32)], "cpu")
     except FreezeError as e:
         if "136 B" not in str(e) and "144 B" not in str(e):
-            raise RuntimeError(f"self-contradicting: {e}")
+            raise RuntimeError(f"self-contradicting: {e}") from e
         raise
+
+
 bad("disk budget message", disk_msg)
+
+
 def ids_big():
     m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     fm = freezert.wrap(m, freeze=1, cache="fp32")
     fm(torch.randn(1, 4), cache_ids=[2**63])
+
+
 bad("wrap cache_ids=[2**63]", ids_big)
+
+
 def keys_big():
     c = cache()
     c.fetch([2**63], "cpu") if NEW else c.lookup([2**63])
+
+
 bad("cache keys [2**63]", keys_big)
+
+
 def deep():
     m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     fm = freezert.wrap(m, freeze=1, cache=FeatureCache("fp16", "disk", path=d()))
-    x = torch.randn(2, 4); fm(x)
+    x = torch.randn(2, 4)
+    fm(x)
     twin = copy.deepcopy(fm)
     twin(x)
+
+
 bad("copy.deepcopy(fm) with a disk cache", deep)
+
+
 def ro():
-    p = d(); c = cache("fp32", "disk", path=p); c.put(torch.arange(3), rows(3)); c.close()
+    p = d()
+    c = cache("fp32", "disk", path=p)
+    c.put(torch.arange(3), rows(3))
+    c.close()
     code = """
         import os, sys, torch
         from freezert.cache import FeatureCache
@@ -387,10 +510,23 @@ def ro():
         hit = c.fetch(k, "cpu")[0] if hasattr(c, "fetch") else c.lookup(k)
         print("ok" if hit.all() else "wrong")
     """
-    for n in os.listdir(p): os.chmod(os.path.join(p, n), 0o444)
-    os.chmod(p, 0o555); os.chmod(TMP, 0o755)
-    r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", sys.executable, "-c",
-                        textwrap.dedent(code), p], capture_output=True, text=True, timeout=120)
+    for n in os.listdir(p):
+        os.chmod(os.path.join(p, n), 0o444)
+    os.chmod(p, 0o555)
+    os.chmod(TMP, 0o755)
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set=-dac_override,-dac_read_search,-fowner",
+            sys.executable,
+            "-c",
+            textwrap.dedent(code),
+            p,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     os.chmod(p, 0o755)
     if r.returncode < 0:
         return "crash"
@@ -402,19 +538,36 @@ def ro():
     r = r.stdout.strip()
     if r != "ok":
         return r
+
+
 bad("read-only store (other user)", ro)
+
+
 def bad_layout_bind():
     cache().bind(FP, [((3, "x"), torch.float32)], "cpu")
+
+
 bad("bind(layout=malformed)", bad_layout_bind)
+
+
 def put_wrong():
     cache().put(torch.arange(2), [torch.zeros(2, 3, 5)])
+
+
 bad("put(one tensor short)", put_wrong)
+
+
 def native_bad():
     nat.gather_decode(torch.zeros(4, 2), None, torch.tensor([0, 9]), torch.empty(2, 2), "fp32")
+
+
 bad("gather index out of range", native_bad)
+
+
 def native_meta():
     nat.hash_rows(torch.empty(3, 4, device="meta"))
+
+
 bad("hash a meta tensor", native_meta)
 
-print(json.dumps({"new": NEW, "table": {k: dict(v) for k, v in T.items()},
-                  "log": [x for x in LOG]}, indent=1))
+print(json.dumps({"new": NEW, "table": {k: dict(v) for k, v in T.items()}, "log": [x for x in LOG]}, indent=1))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from freezert.schedule import Linear, Unfreeze, rebuild_ddp  # noqa: E402
+from freezert.schedule import Linear, Unfreeze, rebuild_ddp
 
 STEPS = 10
 WORLD = 2
@@ -104,6 +104,7 @@ def main() -> None:
     outdir, port = sys.argv[1], int(sys.argv[2])
     mode = sys.argv[3] if len(sys.argv) > 3 else "rebuild"
     import torch._dynamo  # noqa: F401  DDP's constructor imports it (seconds): once here, not in each child
+
     # fork: the children inherit the imported torch instead of importing it again (seconds on a small CPU);
     # safe here because this parent has only imported, never run an op or started a thread pool.
     mp.start_processes(_rank, args=(outdir, port, mode), nprocs=WORLD, join=True, start_method="fork")

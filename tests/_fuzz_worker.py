@@ -32,7 +32,9 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
         na, nb = torch.isnan(a.float()), torch.isnan(b.float())
         if not torch.equal(na, nb):
             return False
-        return torch.equal(_bits(torch.where(na, torch.zeros_like(a), a)), _bits(torch.where(nb, torch.zeros_like(b), b)))
+        return torch.equal(
+            _bits(torch.where(na, torch.zeros_like(a), a)), _bits(torch.where(nb, torch.zeros_like(b), b))
+        )
     return torch.equal(a, b)
 
 
@@ -52,9 +54,15 @@ def rows(draw, max_b=9, max_d=40):
 
 def fuzz_native(n: int) -> None:
     @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(src=rows(), codec=st.sampled_from(CODECS), extra=st.integers(0, 5), out_dtype=st.sampled_from(IO),
-           seed=st.integers(0, 2**31), bad=st.sampled_from([None, "neg", "big", "dup", "int32", "alias", "short"]))
-    def run(src, codec, extra, out_dtype, seed, bad):  # noqa: ANN001
+    @given(
+        src=rows(),
+        codec=st.sampled_from(CODECS),
+        extra=st.integers(0, 5),
+        out_dtype=st.sampled_from(IO),
+        seed=st.integers(0, 2**31),
+        bad=st.sampled_from([None, "neg", "big", "dup", "int32", "alias", "short"]),
+    )
+    def run(src, codec, extra, out_dtype, seed, bad):
         b, d = src.shape
         n_rows = b + extra
         g = torch.Generator().manual_seed(seed)
@@ -101,14 +109,27 @@ def fuzz_native(n: int) -> None:
 
 
 def fuzz_hash(n: int) -> None:
-    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
-              torch.int8, torch.bool, torch.complex64]  # fmt: skip
+    dtypes = [
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.uint8,
+        torch.int8,
+        torch.bool,
+        torch.complex64,
+    ]
 
     @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(shape=st.lists(st.integers(0, 7), min_size=1, max_size=4), dtype=st.sampled_from(dtypes),
-           view=st.sampled_from(["plain", "step", "transpose", "expand0", "expand_inner", "one", "neg"]),
-           seed=st.integers(-(2**63), 2**64 - 1))
-    def run(shape, dtype, view, seed):  # noqa: ANN001
+    @given(
+        shape=st.lists(st.integers(0, 7), min_size=1, max_size=4),
+        dtype=st.sampled_from(dtypes),
+        view=st.sampled_from(["plain", "step", "transpose", "expand0", "expand_inner", "one", "neg"]),
+        seed=st.integers(-(2**63), 2**64 - 1),
+    )
+    def run(shape, dtype, view, seed):
         x = (torch.randn(shape) * 100).to(dtype) if dtype != torch.bool else torch.randn(shape) > 0
         if view == "step" and x.shape[-1] > 1:
             x = x[..., ::2]
@@ -150,9 +171,21 @@ def fuzz_disk(n: int, tmp: str) -> None:
 
     @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(ops=ops, budget=st.sampled_from([10 * 64, 10**6]))
-    @example(ops=[("put", [1, 2, 3]), ("fetch", [1, 2, 3]), ("flip", 40), ("fetch", [3, 2, 1]), ("reopen", True),
-                  ("fetch", [1, 2, 3]), ("truncate", 100), ("put", [4]), ("fetch", [1, 4])], budget=10**6)
-    def run(ops, budget):  # noqa: ANN001
+    @example(
+        ops=[
+            ("put", [1, 2, 3]),
+            ("fetch", [1, 2, 3]),
+            ("flip", 40),
+            ("fetch", [3, 2, 1]),
+            ("reopen", True),
+            ("fetch", [1, 2, 3]),
+            ("truncate", 100),
+            ("put", [4]),
+            ("fetch", [1, 4]),
+        ],
+        budget=10**6,
+    )
+    def run(ops, budget):
         counter[0] += 1
         path = os.path.join(tmp, f"s{counter[0]}")
         model: dict[int, list[torch.Tensor]] = {}
@@ -160,8 +193,11 @@ def fuzz_disk(n: int, tmp: str) -> None:
 
         def make(keys):
             gen[0] += 1
-            return [torch.full((len(keys), *s), float(gen[0])) + torch.tensor(keys, dtype=torch.float32).view(-1, *[1] * len(s))
-                    for s, _ in layout]  # fmt: skip
+            return [
+                torch.full((len(keys), *s), float(gen[0]))
+                + torch.tensor(keys, dtype=torch.float32).view(-1, *[1] * len(s))
+                for s, _ in layout
+            ]
 
         def open_():
             c = FeatureCache("fp32", "disk", budget, path)
@@ -183,7 +219,8 @@ def fuzz_disk(n: int, tmp: str) -> None:
                     served_total[0] += len(served)
                     for j, k in enumerate(served):
                         assert k in model and all(torch.equal(g[j], m) for g, m in zip(got, model[k])), (
-                            f"key {k} served a row it was never given")
+                            f"key {k} served a row it was never given"
+                        )
                 elif op == "flip" and os.path.exists(slab_file) and os.path.getsize(slab_file):
                     size = os.path.getsize(slab_file)
                     with open(slab_file, "r+b") as f:

@@ -60,7 +60,9 @@ def flat(out) -> list[torch.Tensor]:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max().clamp_min(1e-12)).item()
+    return (
+        (a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max().clamp_min(1e-12)
+    ).item()
 
 
 def assert_outputs_close(a, b, tol: float) -> None:

@@ -3,8 +3,8 @@ import os
 # Triton's interpreter must be chosen before triton is imported anywhere (DESIGN.md).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def pytest_collection_modifyitems(config, items):

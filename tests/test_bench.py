@@ -36,8 +36,9 @@ def test_train_config_from_args_takes_what_it_knows():
 @pytest.mark.parametrize("block,rounds", [(1, 3), (2, 2), (3, 1)])
 def test_compare_alternates_in_blocks(tiny, block, rounds):
     initial, batches = tiny
-    run = bench.compare(initial, batches, TrainConfig(freeze=10), torch.device("cpu"), steps=3, block=block,
-                        variants=(NAIVE, FREEZERT))  # fmt: skip
+    run = bench.compare(
+        initial, batches, TrainConfig(freeze=10), torch.device("cpu"), steps=3, block=block, variants=(NAIVE, FREEZERT)
+    )
     assert run.rounds == rounds and run.stopped is None
     assert set(run.results) == {NAIVE, FREEZERT}
     assert all(len(r.step_ms) == 3 and r.loss == r.loss and r.train_bytes > 0 for r in run.results.values())
@@ -45,8 +46,16 @@ def test_compare_alternates_in_blocks(tiny, block, rounds):
 
 def test_compare_budget_stops_after_three_steps(tiny):
     initial, batches = tiny
-    run = bench.compare(initial, batches, TrainConfig(freeze=10), torch.device("cpu"), steps=50, budget_s=1e-9,
-                        monitor_steps=10, variants=(FREEZERT,))  # fmt: skip
+    run = bench.compare(
+        initial,
+        batches,
+        TrainConfig(freeze=10),
+        torch.device("cpu"),
+        steps=50,
+        budget_s=1e-9,
+        monitor_steps=10,
+        variants=(FREEZERT,),
+    )
     assert len(run.results[FREEZERT].step_ms) == 3 and "3 of 50 steps" in run.stopped
     assert run.results[FREEZERT].monitor["gradients"]["steps"] == 2  # a spent budget cuts the monitors too
 
@@ -57,8 +66,11 @@ def _result(name, times, mem=None):
 
 def test_quartiles_and_verdict():
     assert bench.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
-    fast = {NAIVE: _result(NAIVE, [10, 11, 12, 13], 100), FREEZERT: _result(FREEZERT, [7, 8, 8, 9], 50),
-            FULL: _result(FULL, [20, 21, 22, 23], 300)}  # fmt: skip
+    fast = {
+        NAIVE: _result(NAIVE, [10, 11, 12, 13], 100),
+        FREEZERT: _result(FREEZERT, [7, 8, 8, 9], 50),
+        FULL: _result(FULL, [20, 21, 22, 23], 300),
+    }
     line = bench.verdict(fast)
     assert line.startswith("verdict: freezert is faster than naive freezing") and "\n" not in line
     assert "faster than full fine-tuning" in line and "memory 0.50x naive freezing's" in line

@@ -194,8 +194,12 @@ def test_unbound_cache_and_argument_validation():
 
 def test_sample_larger_than_every_budget_is_refused():
     c = FeatureCache("fp16", "auto", budget=40, host_budget=40, disk_budget=60)
-    with pytest.raises(CacheError, match=r"cannot hold a sample.*'fp16'.*device: 44 B per sample, budget 40 B, host: 44 B per sample, budget 40 B, "
-                       r"disk: 72 B per sample, budget 60 B"):
+    with pytest.raises(
+        CacheError,
+        match=r"cannot hold a sample.*'fp16'.*device: 44 B per sample, budget 40 B, "
+        r"host: 44 B per sample, budget 40 B, "
+        r"disk: 72 B per sample, budget 60 B",
+    ):
         c.bind(FP, LAYOUT, "cpu")
     assert c.fingerprint is None  # nothing half-bound
     FeatureCache("fp8", "host", budget=40).bind(FP, LAYOUT, "cpu")  # 30 bytes a row in fp8: fits
@@ -290,9 +294,26 @@ def test_stats_are_explicit():
     c.note_segment_time(0.5, 5)  # 0.1 s per sample
     c.fetch(torch.arange(7), "cpu")  # 5 of 7 stored
     st = c.stats()
-    for key in ("hits", "misses", "stores", "evictions", "invalidations", "corrupt", "skipped", "escaped",
-                "codec", "where", "rows_device", "rows_host", "rows_disk", "bytes_device", "bytes_host",
-                "bytes_disk", "time_saved_s", "tiers"):  # fmt: skip
+    for key in (
+        "hits",
+        "misses",
+        "stores",
+        "evictions",
+        "invalidations",
+        "corrupt",
+        "skipped",
+        "escaped",
+        "codec",
+        "where",
+        "rows_device",
+        "rows_host",
+        "rows_disk",
+        "bytes_device",
+        "bytes_host",
+        "bytes_disk",
+        "time_saved_s",
+        "tiers",
+    ):
         assert key in st
     assert (st["hits"], st["misses"], st["stores"], st["lookups"]) == (5, 5, 5, 7)
     assert st["codec"] == "fp8" and st["where"] == "host" and st["rows_host"] == 5 == len(c)
@@ -379,8 +400,13 @@ def test_fingerprint_of():
 # disk tier: persistence, corruption, truncation, foreign stores
 # ---------------------------------------------------------------------------------------------------------------
 def _worker(*args) -> dict:
-    r = subprocess.run([sys.executable, "-m", "tests._cache_worker", *map(str, args)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "tests._cache_worker", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 

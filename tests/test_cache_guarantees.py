@@ -36,8 +36,9 @@ def _cache(codec="fp16", where="host", budget="1MiB", path=None, fp=FP, **kw) ->
 
 def _run(code: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                          env=env, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,8 +71,9 @@ def test_fp16_underflow_through_a_wrapped_model():
     import freezert
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16),
-                                torch.nn.Linear(16, 4))  # fmt: skip
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4)
+    )
     with torch.no_grad():
         model[1].weight.mul_(1e-8)  # the frozen boundary sits at ~1e-8, below fp16's normal range
         model[1].bias.mul_(1e-8)
@@ -213,8 +215,11 @@ def test_content_keys_that_never_repeat_are_reported_after_an_epoch():
             keys = torch.arange(16) + 1000 * step
             assert not c.fetch(keys, "cpu")[0].any()
             c.put(keys, _rows(16, seed=step))
-    with pytest.warns(UserWarning, match=r"stored 80 rows, more than an epoch's worth \(64, epoch_rows=\).*"
-                                         r"no input has arrived twice.*augmentation"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"stored 80 rows, more than an epoch's worth \(64, epoch_rows=\).*"
+        r"no input has arrived twice.*augmentation",
+    ):
         c.put(torch.arange(16) + 9000, _rows(16))  # epoch 2, augmented: new keys again
     # the default: 65,536 rows; a small cache that fills in the first epoch says nothing
     d = _cache("fp32", budget=10 * 88)
@@ -334,8 +339,13 @@ def test_a_read_only_store_is_served_and_never_written(tmp_path):
     os.chmod(store, 0o555)
     try:
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        r = subprocess.run([*prefix, sys.executable, "-c", textwrap.dedent(code), str(store)], capture_output=True,
-                           text=True, env=env, timeout=120)  # fmt: skip
+        r = subprocess.run(
+            [*prefix, sys.executable, "-c", textwrap.dedent(code), str(store)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
     finally:
         os.chmod(store, 0o755)
     assert r.returncode == 0, r.stderr[-2000:]

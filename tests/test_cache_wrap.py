@@ -186,7 +186,10 @@ def test_disk_tier_persists_across_processes(tmp_path):
     for i in range(2):
         p = subprocess.run(
             [sys.executable, "-c", _DISK_RUN, str(tmp_path / "store"), str(tmp_path / f"out{i}.pt")],
-            capture_output=True, text=True, timeout=120, env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
         )
         assert p.returncode == 0, p.stderr
         runs.append(json.loads(p.stdout.strip().splitlines()[-1]))

@@ -40,9 +40,16 @@ def test_inspect_other_models(capsys, model, freeze):
 
 @pytest.mark.parametrize(
     "text,value",
-    [("10", 10), ("0.5", 0.5), ("model.3", "model.3"), ("0,1,2", [0, 1, 2]), ("model.1,model.2", ["model.1", "model.2"]),
-     ("3,", [3]), ("none", None)],
-)  # fmt: skip
+    [
+        ("10", 10),
+        ("0.5", 0.5),
+        ("model.3", "model.3"),
+        ("0,1,2", [0, 1, 2]),
+        ("model.1,model.2", ["model.1", "model.2"]),
+        ("3,", [3]),
+        ("none", None),
+    ],
+)
 def test_parse_freeze_takes_every_form(text, value):
     assert parse_freeze(text) == value
 
@@ -84,7 +91,9 @@ def tiny_factory() -> nn.Module:
 
 def test_inspect_user_factory(capsys, monkeypatch, tmp_path):
     pkg = tmp_path / "mymodels.py"
-    pkg.write_text("from torch import nn\ndef build():\n    return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))\n")
+    pkg.write_text(
+        "from torch import nn\ndef build():\n    return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert main(["inspect", "--model", "mymodels:build", "--freeze", "1"]) == 0  # found in the working directory

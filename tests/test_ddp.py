@@ -14,7 +14,10 @@ from ._ref import loss_of
 
 def _spawn(tmp_path, target, world=2, timeout=120):
     ctx = mp.start_processes(
-        target, args=(world, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=world, join=False,
+        target,
+        args=(world, str(tmp_path / "init"), str(tmp_path / "out")),
+        nprocs=world,
+        join=False,
         start_method="spawn",
     )
     for _ in range(timeout):

@@ -20,8 +20,13 @@ LONG = int(os.environ.get("FREEZERT_FUZZ_EXAMPLES", "0"))
 def _fuzz(what: str, examples: int, tmp_path, env_extra: dict | None = None) -> None:
     n = LONG or examples
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env_extra or {})}
-    r = subprocess.run([sys.executable, WORKER, what, str(n), str(tmp_path)], capture_output=True, text=True,
-                       env=env, timeout=None if LONG else 300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, WORKER, what, str(n), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=None if LONG else 300,
+    )
     if r.returncode < 0:
         pytest.fail(f"the {what} fuzzer died of signal {signal.Signals(-r.returncode).name}: {r.stderr[-3000:]}")
     assert r.returncode == 0 and r.stdout.strip() == f"ok {n}", r.stdout[-2000:] + r.stderr[-4000:]

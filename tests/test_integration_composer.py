@@ -17,7 +17,7 @@ from freezert.integrations.composer import LayerFreezing
 from .test_schedule import composer_layers, composer_schedule
 
 
-class Event(str, enum.Enum):  # composer.core.Event is a StringEnum with these values
+class Event(enum.StrEnum):  # composer.core.Event is a StringEnum with these values
     INIT = "init"
     FIT_START = "fit_start"
     EPOCH_START = "epoch_start"
@@ -76,8 +76,10 @@ def test_layer_freezing_matches_composers_schedule_and_logs_its_metrics():
     layers = composer_layers(model, [])
     for e, m in enumerate(log.metrics, start=1):
         pct = composer_schedule(e / 5, 0.2, 0.9)
-        assert m == {"layer_freezing/layers_frozen": int(pct * (len(layers) - 1)),
-                     "layer_freezing/percentage_frozen": pct}
+        assert m == {
+            "layer_freezing/layers_frozen": int(pct * (len(layers) - 1)),
+            "layer_freezing/percentage_frozen": pct,
+        }
     depth = log.metrics[-1]["layer_freezing/layers_frozen"]
     for i, layer in enumerate(layers):
         for p in layer.parameters():

@@ -14,7 +14,10 @@ import pytest
     [("lightning", "lightning", "lightning"), ("transformers", "transformers", "hf")],
 )
 def test_a_missing_package_names_the_extra(monkeypatch, adapter, package, extra):
-    for name in [n for n in sys.modules if n.split(".")[0] in (package, "pytorch_lightning")] + [package, "pytorch_lightning"]:
+    for name in [n for n in sys.modules if n.split(".")[0] in (package, "pytorch_lightning")] + [
+        package,
+        "pytorch_lightning",
+    ]:
         monkeypatch.setitem(sys.modules, name, None)  # makes `import package...` raise ImportError
     monkeypatch.delitem(sys.modules, f"freezert.integrations.{adapter}", raising=False)
     with pytest.raises(ImportError, match=rf"pip install 'freezert\[{extra}\]'"):

@@ -14,15 +14,15 @@ from torch.optim import SGD
 
 pytest.importorskip("lightning")
 
-from lightning.pytorch import LightningModule, Trainer, seed_everything  # noqa: E402
-from lightning.pytorch.callbacks import BackboneFinetuning as LightningBackboneFinetuning  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import BackboneFinetuning as LightningBackboneFinetuning
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+from torch.utils.data import DataLoader
 
-from freezert import Linear  # noqa: E402
-from freezert._errors import FreezeError  # noqa: E402
-from freezert.integrations.lightning import BackboneFinetuning, FreezertFinetuning  # noqa: E402
+from freezert import Linear
+from freezert._errors import FreezeError
+from freezert.integrations.lightning import BackboneFinetuning, FreezertFinetuning
 
 warnings.filterwarnings("ignore", module="lightning")
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False, logger=False, accelerator="cpu")
@@ -112,7 +112,9 @@ def test_finetuning_callback_warning(tmp_path):
     model = FinetuningBoringModel()
     model.validation_step = None
     callback = TestBackboneFinetuningWarningCallback(unfreeze_backbone_at_epoch=3, verbose=False)
-    trainer = Trainer(limit_train_batches=1, default_root_dir=tmp_path, callbacks=[callback, chk], max_epochs=2, **QUIET)
+    trainer = Trainer(
+        limit_train_batches=1, default_root_dir=tmp_path, callbacks=[callback, chk], max_epochs=2, **QUIET
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="The provided params")
         trainer.fit(model)
@@ -216,8 +218,12 @@ def test_base_finetuning_internal_optimizer_metadata(tmp_path):
         def __init__(self):
             super().__init__()
             self.layer = nn.Sequential(
-                nn.Linear(32, 32, bias=False), nn.Linear(32, 32, bias=True), nn.Linear(32, 32, bias=False),
-                nn.Linear(32, 32, bias=True), nn.Linear(32, 32, bias=False), nn.Linear(32, 2, bias=True),
+                nn.Linear(32, 32, bias=False),
+                nn.Linear(32, 32, bias=True),
+                nn.Linear(32, 32, bias=False),
+                nn.Linear(32, 32, bias=True),
+                nn.Linear(32, 32, bias=False),
+                nn.Linear(32, 2, bias=True),
             )
 
         def forward(self, x):
@@ -233,8 +239,12 @@ def test_base_finetuning_internal_optimizer_metadata(tmp_path):
     trainer.fit(model)
     groups = cb.state_dict()["optimizers"][0]["groups"]
     assert [g["params"] for g in groups] == [
-        [], ["layer.1.weight", "layer.1.bias"], ["layer.2.weight"],
-        ["layer.3.weight", "layer.3.bias"], ["layer.4.weight"], ["layer.5.weight", "layer.5.bias"],
+        [],
+        ["layer.1.weight", "layer.1.bias"],
+        ["layer.2.weight"],
+        ["layer.3.weight", "layer.3.bias"],
+        ["layer.4.weight"],
+        ["layer.5.weight", "layer.5.bias"],
     ]
 
     model = FreezeModel()
@@ -270,7 +280,9 @@ def test_complex_nested_model():
     """Lightning's test: parameters owned directly by a parent module freeze too. (Its flatten_modules and
     filter_params are Lightning's static helpers, not part of this callback: not ported.)"""
     model = nn.Sequential(
-        OrderedDict([("encoder", nn.Sequential(ConvBlockParam(3, 64), ConvBlock(64, 128))), ("decoder", ConvBlock(128, 10))])
+        OrderedDict(
+            [("encoder", nn.Sequential(ConvBlockParam(3, 64), ConvBlock(64, 128))), ("decoder", ConvBlock(128, 10))]
+        )
     )
     cb = FreezertFinetuning()
     cb.freeze(model.encoder, train_bn=True)
@@ -306,15 +318,29 @@ def test_callbacks_restore(tmp_path, same_callback):
     chk = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     model = FinetuningBoringModel()
     callback = TestCallbacksRestoreCallback()
-    kw = dict(default_root_dir=tmp_path, limit_train_batches=1, limit_val_batches=1, callbacks=[callback, chk], max_epochs=2)
+    kw = dict(
+        default_root_dir=tmp_path, limit_train_batches=1, limit_val_batches=1, callbacks=[callback, chk], max_epochs=2
+    )
     trainer = Trainer(**kw, **QUIET)
     trainer.fit(model)
     layouts = callback.state_dict()["optimizers"]
     assert len(layouts) == 1 and len(layouts[0]["groups"]) == 2
-    expected = {"lr": 0.1, "momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False, "maximize": False,
-                "foreach": None, "differentiable": False, "fused": None}
+    expected = {
+        "lr": 0.1,
+        "momentum": 0,
+        "dampening": 0,
+        "weight_decay": 0,
+        "nesterov": False,
+        "maximize": False,
+        "foreach": None,
+        "differentiable": False,
+        "fused": None,
+    }
     assert layouts[0]["groups"][0] == {"params": ["layer.3.weight", "layer.3.bias"], "hparams": expected}
-    assert layouts[0]["groups"][1] == {"params": ["layer.0.weight", "layer.0.bias"], "hparams": {**expected, "lr": 0.01}}
+    assert layouts[0]["groups"][1] == {
+        "params": ["layer.0.weight", "layer.0.bias"],
+        "hparams": {**expected, "lr": 0.01},
+    }
     assert callback.state_dict()["frozen"] == ["layer.1.bias", "layer.1.weight", "layer.2.bias", "layer.2.weight"]
 
     if not same_callback:
@@ -326,7 +352,10 @@ def test_callbacks_restore(tmp_path, same_callback):
     assert [p.requires_grad for p in model.layer.parameters()] == [True, True, True, True, False, False, True, True]
     names = {id(p): n for n, p in model.named_parameters()}
     assert [[names[i] for i in g] for g in groups_of(trainer.optimizers[0])] == [
-        ["layer.3.weight", "layer.3.bias"], ["layer.0.weight", "layer.0.bias"], ["layer.1.weight", "layer.1.bias"]]
+        ["layer.3.weight", "layer.3.bias"],
+        ["layer.0.weight", "layer.0.bias"],
+        ["layer.1.weight", "layer.1.bias"],
+    ]
 
 
 class BackboneBoringModel(BoringModel):
@@ -416,8 +445,10 @@ class SeqBackboneModel(BNBackboneModel):
         super().__init__(record)
         torch.manual_seed(4)
         self.backbone = nn.Sequential(
-            nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 16), nn.ReLU()),
-            nn.Sequential(nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 16),
+            nn.Sequential(nn.Linear(8, 16), nn.ReLU()),
+            nn.Sequential(nn.Linear(16, 16), nn.ReLU()),
+            nn.Sequential(nn.Linear(16, 16), nn.ReLU()),
+            nn.Linear(16, 16),
         )
 
 
@@ -469,8 +500,9 @@ class StopAfter(__import__("lightning").pytorch.callbacks.Callback):
 def test_schedule_resumes_mid_run_exactly(tmp_path, same_callback):
     seed_everything(0)
     ref = SeqBackboneModel([])
-    Trainer(max_epochs=5, callbacks=[FreezertFinetuning(schedule=Linear(0.2, 1.0))], default_root_dir=tmp_path,
-            **QUIET).fit(ref)
+    Trainer(
+        max_epochs=5, callbacks=[FreezertFinetuning(schedule=Linear(0.2, 1.0))], default_root_dir=tmp_path, **QUIET
+    ).fit(ref)
     seed_everything(0)
     model = SeqBackboneModel([])
     cb = FreezertFinetuning(schedule=Linear(0.2, 1.0))
@@ -480,7 +512,9 @@ def test_schedule_resumes_mid_run_exactly(tmp_path, same_callback):
     seed_everything(1)  # a different model init: everything must come from the checkpoint
     resumed = SeqBackboneModel([])
     cb2 = cb if same_callback else FreezertFinetuning(schedule=Linear(0.2, 1.0))
-    Trainer(max_epochs=5, callbacks=[cb2], default_root_dir=tmp_path, **QUIET).fit(resumed, ckpt_path=ckpt.last_model_path)
+    Trainer(max_epochs=5, callbacks=[cb2], default_root_dir=tmp_path, **QUIET).fit(
+        resumed, ckpt_path=ckpt.last_model_path
+    )
     assert resumed.backbone.frozen_indices == ref.backbone.frozen_indices == [0, 1]
     for a, b in zip(ref.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7) and a.requires_grad == b.requires_grad

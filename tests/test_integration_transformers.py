@@ -20,8 +20,15 @@ from freezert.integrations.transformers import STATE_FILE, FreezertCallback  # n
 
 def tiny_bert():
     cfg = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=48,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32, num_labels=3,
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=48,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=32,
+        num_labels=3,
     )
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(cfg)
@@ -44,8 +51,16 @@ class Data(torch.utils.data.Dataset):
 
 def train(model, tmp_path, name, callbacks=(), resume=None, **kw):
     args = dict(
-        output_dir=str(tmp_path / name), per_device_train_batch_size=8, max_steps=8, learning_rate=1e-3,
-        logging_steps=1, use_cpu=True, report_to=[], seed=0, save_strategy="no", remove_unused_columns=False,
+        output_dir=str(tmp_path / name),
+        per_device_train_batch_size=8,
+        max_steps=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+        save_strategy="no",
+        remove_unused_columns=False,
         disable_tqdm=True,
     )
     args.update(kw)
@@ -123,5 +138,10 @@ def test_unfreezing_under_the_trainer_adds_a_group_its_lr_scheduler_drives(tmp_p
 
 def test_remove_unused_columns_is_refused_with_the_fix(tmp_path):
     with pytest.raises(FreezeError, match="remove_unused_columns=False"):
-        train(freezert.wrap(tiny_bert(), freeze=2), tmp_path, "x", callbacks=[FreezertCallback()],
-              remove_unused_columns=True)
+        train(
+            freezert.wrap(tiny_bert(), freeze=2),
+            tmp_path,
+            "x",
+            callbacks=[FreezertCallback()],
+            remove_unused_columns=True,
+        )

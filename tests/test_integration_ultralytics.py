@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -25,7 +23,7 @@ def make_dataset(root):
             img = (rng.random((64, 64, 3)) * 60).astype(np.uint8)
             x0, y0 = rng.integers(4, 30, 2)
             w, h = rng.integers(12, 30, 2)
-            img[y0:y0 + h, x0:x0 + w] = rng.integers(150, 255, 3)
+            img[y0 : y0 + h, x0 : x0 + w] = rng.integers(150, 255, 3)
             Image.fromarray(img).save(root / "images" / split / f"{i}.png")
             cx, cy = (x0 + w / 2) / 64, (y0 + h / 2) / 64
             (root / "labels" / split / f"{i}.txt").write_text(f"0 {cx:.5f} {cy:.5f} {w / 64:.5f} {h / 64:.5f}\n")
@@ -48,8 +46,21 @@ def train(data, project, name, callback=None, **kw):
 
         model.add_callback("on_train_epoch_end", on_train_epoch_end)
     args = dict(
-        data=str(data), imgsz=64, epochs=1, batch=4, workers=0, device="cpu", plots=False, freeze=10, seed=0,
-        deterministic=True, amp=False, project=str(project), name=name, exist_ok=True, verbose=False,
+        data=str(data),
+        imgsz=64,
+        epochs=1,
+        batch=4,
+        workers=0,
+        device="cpu",
+        plots=False,
+        freeze=10,
+        seed=0,
+        deterministic=True,
+        amp=False,
+        project=str(project),
+        name=name,
+        exist_ok=True,
+        verbose=False,
     )
     args.update(kw)
     model.train(**args)
@@ -99,8 +110,22 @@ def test_an_interrupted_run_resumes_with_the_callback(tmp_path, monkeypatch):
     FreezertCallback().register(model)
     model.add_callback("on_fit_epoch_end", interrupt)
     with pytest.raises(Interrupt):
-        model.train(data=str(data), imgsz=64, epochs=2, batch=4, workers=0, device="cpu", plots=False, freeze=10,
-                    amp=False, val=False, project=str(tmp_path / "runs"), name="r", exist_ok=True, verbose=False)
+        model.train(
+            data=str(data),
+            imgsz=64,
+            epochs=2,
+            batch=4,
+            workers=0,
+            device="cpu",
+            plots=False,
+            freeze=10,
+            amp=False,
+            val=False,
+            project=str(tmp_path / "runs"),
+            name="r",
+            exist_ok=True,
+            verbose=False,
+        )
     resumed = YOLO(tmp_path / "runs" / "r" / "weights" / "last.pt")
     cb = FreezertCallback().register(resumed)
     seen = []
@@ -127,8 +152,21 @@ def test_a_schedule_steps_at_epoch_starts_and_leaves_the_optimizer(tmp_path, mon
         seen.append((trainer.epoch, cb.frozen.frozen_indices, bool(frozen & in_opt)))
 
     model.add_callback("on_train_batch_start", look)
-    model.train(data=str(data), imgsz=64, epochs=2, batch=8, workers=0, device="cpu", plots=False, amp=False,
-                val=False, project=str(tmp_path / "runs"), name="s", exist_ok=True, verbose=False)
+    model.train(
+        data=str(data),
+        imgsz=64,
+        epochs=2,
+        batch=8,
+        workers=0,
+        device="cpu",
+        plots=False,
+        amp=False,
+        val=False,
+        project=str(tmp_path / "runs"),
+        name="s",
+        exist_ok=True,
+        verbose=False,
+    )
     n = len(cb.frozen.blocks)
     assert seen == [(0, [], False), (1, list(range(int(0.5 * (n - 1)))), False)]
 

@@ -9,8 +9,15 @@ import torch
 from torch import nn
 
 from freezert import FreezeError
-from freezert.memory import (SavedMeter, checkpointed, forward_flops, memory_report, parse_bytes, plan_recompute,
-                             saved_bytes)
+from freezert.memory import (
+    SavedMeter,
+    checkpointed,
+    forward_flops,
+    memory_report,
+    parse_bytes,
+    plan_recompute,
+    saved_bytes,
+)
 from freezert.models import detection_loss, detection_targets_like, yolov5
 
 
@@ -26,6 +33,7 @@ def _step(model, x):
     def step():
         out = model(x)
         detection_loss(out, detection_targets_like(out, torch.Generator().manual_seed(1))).backward()
+
     return step
 
 
@@ -125,10 +133,14 @@ def test_memory_report_table_and_plot(tmp_path):
         _step(naive, x)()
         opt.step()
 
-    report = memory_report(naive, step, blocks=[f"model.{i}" for i in range(10, 25)], optimizer=opt,
-                           cache_bytes={"pinned host": 1234},
-                           options={"naive": _step(naive, x),
-                                    "checkpoint 13": lambda: _run_ckpt(naive, x, ["model.13"])})
+    report = memory_report(
+        naive,
+        step,
+        blocks=[f"model.{i}" for i in range(10, 25)],
+        optimizer=opt,
+        cache_bytes={"pinned host": 1234},
+        options={"naive": _step(naive, x), "checkpoint 13": lambda: _run_ckpt(naive, x, ["model.13"])},
+    )
     rows = dict(report.rows)
     n_frozen = sum(p.numel() * 4 for p in naive.model[:10].parameters())
     assert rows["frozen parameters"] == n_frozen

@@ -257,8 +257,29 @@ def _sweep(limit: float) -> torch.Tensor:
         odd = 2 * torch.randint(0, 2 ** (bits - 1), (3000,)) + 1
         vals.append((1.0 + odd / 2.0 ** (bits + 1)) * torch.exp2(exps))  # halfway between neighbours
     vals.append(torch.arange(1, 2048, dtype=torch.float32) / 8)
-    vals.append(torch.tensor([448.0, 447.9, 464.0, 2**-6, 2**-9, 2**-10, 3 * 2**-11, 2**-11, 65504.0,
-                              65519.0, 65520.0, 2**-14, 2**-24, 2**-25, 3 * 2**-26, 1e-30, 3e38]))
+    vals.append(
+        torch.tensor(
+            [
+                448.0,
+                447.9,
+                464.0,
+                2**-6,
+                2**-9,
+                2**-10,
+                3 * 2**-11,
+                2**-11,
+                65504.0,
+                65519.0,
+                65520.0,
+                2**-14,
+                2**-24,
+                2**-25,
+                3 * 2**-26,
+                1e-30,
+                3e38,
+            ]
+        )
+    )
     v = torch.cat(vals)
     v = torch.cat([v, -v, torch.tensor([0.0, -0.0])])
     return v[v.abs() <= limit]
@@ -346,24 +367,58 @@ def _scatter_args(codec="fp8", b=3, n=5, d=4):
 
 
 GATHER_ERRORS = [
-    (dict(index=torch.tensor([0, 4, 2], dtype=torch.int32)),
-     r"gather_decode: index has dtype torch.int32; pass a torch.int64 tensor, e.g. index.long()"),
+    (
+        dict(index=torch.tensor([0, 4, 2], dtype=torch.int32)),
+        r"gather_decode: index has dtype torch.int32; pass a torch.int64 tensor, e.g. index.long()",
+    ),
     (dict(codec="fp4"), r"gather_decode: codec 'fp4' is not supported; use one of 'fp32', 'fp16', 'bf16', 'fp8'"),
-    (dict(store=torch.zeros(5, 4)), r"gather_decode: store has dtype torch.float32 but codec 'fp8' keeps rows in torch.uint8; pass a store made by torch.empty\(N, D, dtype=torch.uint8\)"),
-    (dict(store=torch.zeros(5, 4, dtype=torch.float8_e4m3fn)), r"gather_decode: store has dtype torch.float8_e4m3fn but codec 'fp8' keeps rows in torch.uint8; pass its raw bits, store.view\(torch.uint8\)$"),
+    (
+        dict(store=torch.zeros(5, 4)),
+        r"gather_decode: store has dtype torch.float32 but codec 'fp8' keeps rows in torch.uint8; "
+        r"pass a store made by torch.empty\(N, D, dtype=torch.uint8\)",
+    ),
+    (
+        dict(store=torch.zeros(5, 4, dtype=torch.float8_e4m3fn)),
+        r"gather_decode: store has dtype torch.float8_e4m3fn but codec 'fp8' keeps rows in torch.uint8; "
+        r"pass its raw bits, store.view\(torch.uint8\)$",
+    ),
     (dict(out=torch.empty(3, 4, dtype=torch.int32)), r"gather_decode: out has dtype torch.int32; pass a .*float32"),
-    (dict(scales=None), r"gather_decode: scales is None but codec 'fp8' needs the float32 per-row scales of shape \(5,\)"),
-    (dict(scales=torch.ones(4)), r"gather_decode: scales has shape \(4,\) but the store has 5 rows; pass scales of shape \(5,\)"),
-    (dict(scales=torch.ones(5, dtype=torch.float64)), r"gather_decode: scales has dtype torch.float64; .*scales.float\(\)"),
+    (
+        dict(scales=None),
+        r"gather_decode: scales is None but codec 'fp8' needs the float32 per-row scales of shape \(5,\)",
+    ),
+    (
+        dict(scales=torch.ones(4)),
+        r"gather_decode: scales has shape \(4,\) but the store has 5 rows; pass scales of shape \(5,\)",
+    ),
+    (
+        dict(scales=torch.ones(5, dtype=torch.float64)),
+        r"gather_decode: scales has dtype torch.float64; .*scales.float\(\)",
+    ),
     (dict(out=torch.empty(3, 5)), r"gather_decode: out has 5 columns but the store has D = 4; pass rows of width 4"),
     (dict(out=torch.empty(3, 4, 1)), r"gather_decode: out has shape \(3, 4, 1\); pass a 2-D \(B, D\) tensor"),
-    (dict(store=torch.zeros(20, dtype=torch.uint8)), r"gather_decode: store has shape \(20,\); pass a 2-D \(N, D\) store"),
-    (dict(index=torch.tensor([0, 1])), r"gather_decode: index has shape \(2,\) but out has 3 rows; pass a 1-D index of length 3"),
+    (
+        dict(store=torch.zeros(20, dtype=torch.uint8)),
+        r"gather_decode: store has shape \(20,\); pass a 2-D \(N, D\) store",
+    ),
+    (
+        dict(index=torch.tensor([0, 1])),
+        r"gather_decode: index has shape \(2,\) but out has 3 rows; pass a 1-D index of length 3",
+    ),
     (dict(index=torch.tensor([0, 5, 1])), r"gather_decode: index\[1\] = 5 is outside \[0, 5\) for a store of 5 rows"),
     (dict(index=torch.tensor([0, 1, -1])), r"gather_decode: index\[2\] = -1 is outside \[0, 5\)"),
-    (dict(out=torch.empty(4, 3).t()), r"gather_decode: out is not contiguous \(strides \(1, 3\)\) and is written in place; allocate it contiguous"),
-    (dict(index=torch.tensor([0, 9, 4, 9, 2])[::2]), r"gather_decode: index is not contiguous \(strides \(2,\)\); pass index.contiguous\(\)"),
-    (dict(out=torch.empty(3, 4, device="meta")), r"gather_decode: out is on device meta, which has no data to read; pass a CPU or CUDA tensor"),
+    (
+        dict(out=torch.empty(4, 3).t()),
+        r"gather_decode: out is not contiguous \(strides \(1, 3\)\) and is written in place; allocate it contiguous",
+    ),
+    (
+        dict(index=torch.tensor([0, 9, 4, 9, 2])[::2]),
+        r"gather_decode: index is not contiguous \(strides \(2,\)\); pass index.contiguous\(\)",
+    ),
+    (
+        dict(out=torch.empty(3, 4, device="meta")),
+        r"gather_decode: out is on device meta, which has no data to read; pass a CPU or CUDA tensor",
+    ),
     (dict(index=torch.tensor([0, 4, 2], device="meta")), r"gather_decode: index is on device meta"),
     (dict(out=[[0.0] * 4] * 3), r"gather_decode: out is a list, not a torch.Tensor; pass a tensor"),
 ]
@@ -373,7 +428,9 @@ GATHER_ERRORS = [
 @pytest.mark.parametrize("fn", [nat.gather_decode, nat.gather_decode_reference], ids=["native", "reference"])
 def test_gather_validation_messages(fn, bad, msg):
     args = {**_gather_args(), **bad}
-    out_before = args["out"].clone() if isinstance(args["out"], torch.Tensor) and args["out"].device.type == "cpu" else None
+    out_before = (
+        args["out"].clone() if isinstance(args["out"], torch.Tensor) and args["out"].device.type == "cpu" else None
+    )
     with pytest.raises(NativeError, match="^" + msg) as exc:
         fn(**args)
     text = str(exc.value)
@@ -386,12 +443,25 @@ SCATTER_ERRORS = [
     (dict(src=torch.randn(3, 4).double()), r"encode_scatter: src has dtype torch.float64; .*src.float\(\)"),
     (dict(index=torch.tensor([0.0, 1.0, 2.0])), r"encode_scatter: index has dtype torch.float32; .*index.long\(\)"),
     (dict(src=torch.randn(3, 6)), r"encode_scatter: src has 6 columns but the store has D = 4"),
-    (dict(src=torch.randn(4, 3).t()), r"encode_scatter: src is not contiguous \(strides \(1, 3\)\); pass src.contiguous\(\)"),
+    (
+        dict(src=torch.randn(4, 3).t()),
+        r"encode_scatter: src is not contiguous \(strides \(1, 3\)\); pass src.contiguous\(\)",
+    ),
     (dict(index=torch.tensor([0, 7, 1])), r"encode_scatter: index\[1\] = 7 is outside \[0, 5\)"),
-    (dict(index=torch.tensor([2, 0, 2])), r"encode_scatter: index holds row 2 more than once; .*pass unique row indices$"),
-    (dict(store=torch.zeros(4, 5, dtype=torch.uint8).t()), r"encode_scatter: store is not contiguous .* written in place"),
+    (
+        dict(index=torch.tensor([2, 0, 2])),
+        r"encode_scatter: index holds row 2 more than once; .*pass unique row indices$",
+    ),
+    (
+        dict(store=torch.zeros(4, 5, dtype=torch.uint8).t()),
+        r"encode_scatter: store is not contiguous .* written in place",
+    ),
     (dict(codec="int8"), r"encode_scatter: codec 'int8' is not supported"),
-    (dict(codec="fp16"), r"encode_scatter: store has dtype torch.uint8 but codec 'fp16' keeps rows in torch.float16; .*or the codec that matches the store$"),
+    (
+        dict(codec="fp16"),
+        r"encode_scatter: store has dtype torch.uint8 but codec 'fp16' keeps rows in torch.float16; "
+        r".*or the codec that matches the store$",
+    ),
     (dict(src=torch.randn(3, 4, device="meta")), r"encode_scatter: src is on device meta"),
     (dict(scales=torch.ones(5, device="meta")), r"encode_scatter: scales is on device meta"),
 ]
@@ -471,9 +541,13 @@ def test_cuda_scatter_into_pinned_store():
 def test_cuda_validation_messages():
     store, scales = _store(5, 4, "fp16")
     out = torch.empty(3, 4, device="cuda")
-    with pytest.raises(NativeError, match=r"^gather_decode: store is in pageable CPU memory but out is on cuda:0; pin it"):
+    with pytest.raises(
+        NativeError, match=r"^gather_decode: store is in pageable CPU memory but out is on cuda:0; pin it"
+    ):
         nat.gather_decode(store, scales, torch.tensor([0, 1, 2], device="cuda"), out, "fp16")
-    with pytest.raises(NativeError, match=r"^gather_decode: index is on cpu but out is on cuda:0; .*index.to\('cuda:0'\)"):
+    with pytest.raises(
+        NativeError, match=r"^gather_decode: index is on cpu but out is on cuda:0; .*index.to\('cuda:0'\)"
+    ):
         nat.gather_decode(store.cuda(), scales, torch.tensor([0, 1, 2]), out, "fp16")
     with pytest.raises(NativeError, match=r"^gather_decode: index\[0\] = 9 is outside \[0, 5\)"):
         nat.gather_decode(store.cuda(), scales, torch.tensor([9, 1, 2], device="cuda"), out, "fp16")
@@ -484,7 +558,6 @@ def test_cuda_validation_messages():
         nat.gather_decode(s8.pin_memory(), sc8, torch.tensor([0, 1, 2], device="cuda"), out, "fp8")
 
 
-
 def test_cuda_fallback_warns_once_naming_the_fix():
     lib = nat._lib()
     if lib is None:
@@ -492,7 +565,9 @@ def test_cuda_fallback_warns_once_naming_the_fix():
     if lib.cuda_compiled and nat._cuda_device_count() > 0:
         pytest.skip("the CUDA kernels run here: nothing falls back")
     nat._warn_cuda_fallback.cache_clear()
-    with pytest.warns(RuntimeWarning, match=r"^freezert\._C .*plain-torch fallbacks.*; reinstall .*pip install -e \.") as rec:
+    with pytest.warns(
+        RuntimeWarning, match=r"^freezert\._C .*plain-torch fallbacks.*; reinstall .*pip install -e \."
+    ) as rec:
         assert nat._native_cuda() is None
         assert nat._native_cuda() is None
     assert sum("freezert._C" in str(w.message) for w in rec) == 1
@@ -534,8 +609,14 @@ def test_scatter_from_its_own_store_is_refused(codec):
 def test_hash_one_element_and_empty_strided_views(native, monkeypatch):
     monkeypatch.setattr(nat, "_FORCE_REFERENCE", not native)
     base = torch.arange(24.0).reshape(4, 6)
-    for v in (base[:, ::2][:1], base[::3, ::2][1:2], base[:, ::2][:0], base.t()[:1], base[:1, ::4][:, :1],
-              base[:, ::2][:, :0]):  # fmt: skip
+    for v in (
+        base[:, ::2][:1],
+        base[::3, ::2][1:2],
+        base[:, ::2][:0],
+        base.t()[:1],
+        base[:1, ::4][:, :1],
+        base[:, ::2][:, :0],
+    ):
         assert torch.equal(nat.hash_rows(v), nat.hash_rows(v.clone(memory_format=torch.contiguous_format)))
         assert torch.equal(nat.hash_rows_reference(v), nat.hash_rows_reference(v.contiguous().clone()))
 
@@ -558,8 +639,9 @@ def test_cuda_gather_and_scatter_refuse_overlap_and_pinned_host_gather_matches()
     with pytest.raises(NativeError, match="store overlaps src"):
         nat.encode_scatter(store[:2], torch.tensor([2, 3], device="cuda"), store, None, "fp32")
     host = store.cpu().pin_memory()
-    out = nat.gather_decode(host, None, torch.tensor([3, 2, 1, 0], device="cuda"), torch.empty(4, 1, device="cuda"),
-                            "fp32")  # fmt: skip
+    out = nat.gather_decode(
+        host, None, torch.tensor([3, 2, 1, 0], device="cuda"), torch.empty(4, 1, device="cuda"), "fp32"
+    )
     assert out.flatten().tolist() == [9.0, 6.0, 3.0, 0.0]
     x = torch.randn(1, 300, device="cuda").expand(1000, 300)
     assert torch.equal(nat.hash_rows(x).cpu(), nat.hash_rows(x.cpu().contiguous()))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from freezert import FreezeError
 from freezert.ops import backend, batch_norm_act, batch_norm_act_reference
 
-from ._ops_util import CASES, assert_close, expected_path, _poison  # noqa: F401 (_poison is an autouse fixture)
+from ._ops_util import CASES, _poison, assert_close, expected_path  # noqa: F401 (_poison is an autouse fixture)
 
 
 def run_both(x, rm, rv, w, b, training, act, momentum=0.1, eps=1e-5):

@@ -37,6 +37,7 @@ OPS = ("batch_norm_act", "layer_norm", "linear_cross_entropy")
 
 # ----------------------------------------------------------------------------- configurations
 
+
 def _configs(full: bool) -> list[tuple]:
     """(op, label, params) for each launcher run; each run records every kernel launch it makes."""
     out = []
@@ -51,29 +52,53 @@ def _configs(full: bool) -> list[tuple]:
         ln_rows, ln_m = (768,), (4096,)
         lce = [(32000, 512, 1024)]
     for dt in DTYPES:
-        bn = [(shape, cl, act, training, params)
-              for shape in bn_shapes for cl in layouts for act in acts for training in trainings
-              for params in ("fp32", "same")  # AMP-style fp32 params, or a .half() model's
-              if full or (params == "same") == (dt == "float16")]
+        bn = [
+            (shape, cl, act, training, params)
+            for shape in bn_shapes
+            for cl in layouts
+            for act in acts
+            for training in trainings
+            for params in ("fp32", "same")  # AMP-style fp32 params, or a .half() model's
+            if full or (params == "same") == (dt == "float16")
+        ]
         if not full:  # the eval-mode backward (TRAINING=False) and the other activations
-            bn += [((48, 256, 16, 16), True, "relu", False, "fp32"), ((48, 256, 16, 16), False, "identity", False, "fp32")]
+            bn += [
+                ((48, 256, 16, 16), True, "relu", False, "fp32"),
+                ((48, 256, 16, 16), False, "identity", False, "fp32"),
+            ]
         for shape, cl, act, training, params in bn:
             label = f"{dt} {shape} {'cl' if cl else 'nchw'} {act} {'train' if training else 'eval'} params={params}"
-            out.append(("batch_norm_act", label, {"dtype": dt, "shape": shape, "cl": cl, "act": act,
-                                                  "training": training, "params": params}))
+            out.append(
+                (
+                    "batch_norm_act",
+                    label,
+                    {"dtype": dt, "shape": shape, "cl": cl, "act": act, "training": training, "params": params},
+                )
+            )
         for n in ln_rows:
             for m in ln_m:
                 for w, b in ((True, True), (True, False), (False, False)) if full else ((True, True),):
-                    out.append(("layer_norm", f"{dt} rows={n} M={m} weight={w} bias={b}",
-                                {"dtype": dt, "n": n, "m": m, "w": w, "b": b}))
+                    out.append(
+                        (
+                            "layer_norm",
+                            f"{dt} rows={n} M={m} weight={w} bias={b}",
+                            {"dtype": dt, "n": n, "m": m, "w": w, "b": b},
+                        )
+                    )
         for v, d, n in lce:
             for red, grad in (("mean", True), ("none", True), ("mean", False)):
-                out.append(("linear_cross_entropy", f"{dt} V={v} D={d} N={n} {red}{'' if grad else ' no-grad'}",
-                            {"dtype": dt, "v": v, "d": d, "n": n, "reduction": red, "grad": grad}))
+                out.append(
+                    (
+                        "linear_cross_entropy",
+                        f"{dt} V={v} D={d} N={n} {red}{'' if grad else ' no-grad'}",
+                        {"dtype": dt, "v": v, "d": d, "n": n, "reduction": red, "grad": grad},
+                    )
+                )
     return out
 
 
 # ----------------------------------------------------------------------------- worker (subprocess)
+
 
 class _Ptr:
     """What a CUDA tensor looks like to Triton's specialiser: a dtype and an address.
@@ -99,6 +124,7 @@ class _Recorder:
 
             conv = tuple(_Ptr(a) if isinstance(a, torch.Tensor) else a for a in args)
             self.log.append((self.name, self.kernel, grid, conv, dict(kwargs)))
+
         return launch
 
 
@@ -127,7 +153,9 @@ def _record(op: str, p: dict) -> list:
             weight = torch.empty(c, dtype=pdt, **meta).requires_grad_()
             bias = torch.empty(c, dtype=pdt, **meta).requires_grad_()
             rm, rv = torch.empty(c, dtype=pdt, **meta), torch.empty(c, dtype=pdt, **meta)
-            y, _, _ = mod._BatchNormAct.apply(x, rm, rv, weight, bias, p["training"], 0.1, 1e-5, mod._act_code(p["act"]))
+            y, _, _ = mod._BatchNormAct.apply(
+                x, rm, rv, weight, bias, p["training"], 0.1, 1e-5, mod._act_code(p["act"])
+            )
             y.backward(torch.empty_like(y))
         elif op == "layer_norm":
             x = torch.empty(p["m"], p["n"], dtype=dt, **meta).requires_grad_()
@@ -191,14 +219,21 @@ def _worker(full: bool, archs: list[int]) -> int:
                 if key in seen:  # the same specialisation from another configuration: compiled already
                     continue
                 seen.add(key)
-                res = {"kernel": name, "config": label, "arch": arch, "grid": list(grid), "signature": sig,
-                       "constexprs": {".".join(map(str, k)): v for k, v in constexprs.items()},
-                       "num_warps": options.num_warps}
+                res = {
+                    "kernel": name,
+                    "config": label,
+                    "arch": arch,
+                    "grid": list(grid),
+                    "signature": sig,
+                    "constexprs": {".".join(map(str, k)): v for k, v in constexprs.items()},
+                    "num_warps": options.num_warps,
+                }
                 t0 = time.perf_counter()
                 try:
-                    compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=target,
-                                              options=options.__dict__)
-                except Exception as e:  # noqa: BLE001 (report every failure, keep going)
+                    compiled = triton.compile(
+                        ASTSource(kernel, sig, constexprs, attrs), target=target, options=options.__dict__
+                    )
+                except Exception as e:
                     res.update(ok=False, error=f"{type(e).__name__}: {e}"[-3000:])
                 else:
                     cubin = compiled.asm.get("cubin") or b""
@@ -211,11 +246,12 @@ def _worker(full: bool, archs: list[int]) -> int:
 
 # ----------------------------------------------------------------------------- the test
 
+
 def _skip_reason() -> str | None:
     try:
         import triton  # noqa: F401
         from triton.backends import backends
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"triton does not import: {e}"
     if "nvidia" not in backends:
         return "the installed triton has no CUDA (nvidia) backend"
@@ -223,7 +259,7 @@ def _skip_reason() -> str | None:
         from triton.backends.nvidia.compiler import get_ptxas
 
         ptxas = get_ptxas(90).path
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"triton's CUDA backend has no usable ptxas: {e}"
     if not ptxas or not os.access(ptxas, os.X_OK):
         return f"ptxas not found or not executable ({ptxas!r})"
@@ -235,8 +271,15 @@ def test_kernels_compile_for_sm90(tmp_path):
     if reason:
         pytest.skip(reason)
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, __file__, "--arch", "90"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--arch", "90"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     results = [r for r in lines if "kernel" in r]
     failed = [r for r in results if not r["ok"]]
@@ -251,6 +294,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         if name != "batch_norm_act.finalize":  # finalize reads the fp32 partials (and the running stats)
             assert {"*fp32", "*fp16", "*bf16"} <= ptrs, (name, ptrs)
     assert all(r["cubin"] > 0 for r in results)
+
 
 if __name__ == "__main__":
     import argparse

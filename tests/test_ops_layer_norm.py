@@ -8,7 +8,7 @@ import torch
 from freezert.ops import _registry as reg
 from freezert.ops import backend, layer_norm, layer_norm_reference
 
-from ._ops_util import CASES, assert_close, expected_path, _poison  # noqa: F401 (_poison is an autouse fixture)
+from ._ops_util import CASES, _poison, assert_close, expected_path  # noqa: F401 (_poison is an autouse fixture)
 
 
 @pytest.mark.parametrize("device,dtype,tol", CASES)

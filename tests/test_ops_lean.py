@@ -12,12 +12,24 @@ from torch import nn
 from freezert import FreezeError
 from freezert.memory import saved_bytes
 from freezert.models import cnn_classifier, detection_loss, detection_targets_like, yolov5
-from freezert.ops import (activation, activation_reference, backend, batch_norm_act, batch_norm_act_lean,
-                          batch_norm_act_reference, layer_norm, layer_norm_lean, plan_substitutions,
-                          recompute_saved, rms_norm_lean, rms_norm_reference, swapped)
 from freezert.ops import _registry as reg
+from freezert.ops import (
+    activation,
+    activation_reference,
+    backend,
+    batch_norm_act,
+    batch_norm_act_lean,
+    batch_norm_act_reference,
+    layer_norm,
+    layer_norm_lean,
+    plan_substitutions,
+    recompute_saved,
+    rms_norm_lean,
+    rms_norm_reference,
+    swapped,
+)
 
-from ._ops_util import assert_close, _poison  # noqa: F401 (_poison is an autouse fixture)
+from ._ops_util import _poison, assert_close  # noqa: F401 (_poison is an autouse fixture)
 
 TOLS = [pytest.param(torch.float64, 1e-10, id="fp64"), pytest.param(torch.float32, 1e-5, id="fp32")]
 SHAPES = [(3, 19, 7, 9), (5, 7), (2, 3, 11), (2, 5, 3, 4, 3)]
@@ -161,8 +173,14 @@ def test_rms_norm_lean_matches_llama(dtype, tol, shape):
 def test_llama_rms_norm_and_mlp_lean_with_same_gradients():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = transformers.LlamaForCausalLM(cfg).double()
     frozen = ["model.embed_tokens", "model.layers.0"]
     for name in frozen:
@@ -206,6 +224,7 @@ def test_lean_functions_compile_without_graph_breaks():
 
 
 # --- the substitution, on whole models with naive freezing (requires_grad=False on the frozen blocks) --------
+
 
 def _frozen_skip(names):
     return lambda n: any(n == f or n.startswith(f + ".") or f.startswith(n + ".") for f in names)

@@ -9,7 +9,7 @@ from freezert import FreezeError
 from freezert.ops import _registry as reg
 from freezert.ops import backend, linear_cross_entropy, linear_cross_entropy_reference
 
-from ._ops_util import CASES, assert_close, expected_path, _poison  # noqa: F401 (_poison is an autouse fixture)
+from ._ops_util import CASES, _poison, assert_close, expected_path  # noqa: F401 (_poison is an autouse fixture)
 
 N, D = 29, 23
 
@@ -31,10 +31,19 @@ def check(device, dtype, tol, v, reduction, smoothing, bias=True, chunk=8, ignor
         t[t == -100] = ignore_index
     fast = [u.clone().requires_grad_() if u is not None else None for u in (x, w, b)]
     ref = [u.float().clone().requires_grad_() if u is not None else None for u in (x, w, b)]
-    loss = linear_cross_entropy(fast[0], fast[1], t, fast[2], ignore_index=ignore_index,
-                                label_smoothing=smoothing, reduction=reduction, chunk_size=chunk)
-    lref = linear_cross_entropy_reference(ref[0], ref[1], t, ref[2], ignore_index=ignore_index,
-                                          label_smoothing=smoothing, reduction=reduction)
+    loss = linear_cross_entropy(
+        fast[0],
+        fast[1],
+        t,
+        fast[2],
+        ignore_index=ignore_index,
+        label_smoothing=smoothing,
+        reduction=reduction,
+        chunk_size=chunk,
+    )
+    lref = linear_cross_entropy_reference(
+        ref[0], ref[1], t, ref[2], ignore_index=ignore_index, label_smoothing=smoothing, reduction=reduction
+    )
     assert backend()["linear_cross_entropy"] == path
     assert loss.dtype == dtype and loss.shape == lref.shape
     assert_close(loss, lref, tol, "loss")
@@ -145,9 +154,9 @@ def test_saved_tensors_smaller_than_logits():
     w.requires_grad_()
     b.requires_grad_()
     for reduction in ("mean", "none"):
-        sizes = []
+        sizes: list[int] = []
 
-        def pack(u):
+        def pack(u, sizes=sizes):
             sizes.append(u.numel())
             return u
 

@@ -39,12 +39,19 @@ def test_bf16_and_fp64_fall_back_under_the_interpreter():
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     full_env = {**os.environ, "PYTHONPATH": root, **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, cwd=root,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_import_needs_no_triton_and_falls_back_without_it():
-    res = _run("""
+    res = _run(
+        """
         import sys
         import torch
         import freezert.ops as ops
@@ -56,7 +63,9 @@ def test_import_needs_no_triton_and_falls_back_without_it():
         loss = ops.linear_cross_entropy(torch.randn(4, 6), torch.randn(3, 6), torch.tensor([0, 1, 2, 0]))
         assert set(ops.backend().values()) == {"reference"}, ops.backend()
         print("ok")
-    """, TRITON_INTERPRET="1")
+    """,
+        TRITON_INTERPRET="1",
+    )
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from freezert.ops import FusedConvBNAct, FusedLayerNorm, backend, plan_substitutions, swapped
 from freezert.ops import _registry as reg
 
-from ._ops_util import needs_interpreter, _poison  # noqa: F401 (_poison is an autouse fixture)
+from ._ops_util import _poison, needs_interpreter  # noqa: F401 (_poison is an autouse fixture)
 
 
 class ConvBlock(nn.Module):
@@ -91,7 +91,9 @@ def test_swapped_keeps_identity_and_matches_eager():
         with swapped(model, plan) as m:
             assert m is model and type(model.stem) is FusedConvBNAct and type(model.norm) is FusedLayerNorm
             assert list(model.state_dict()) == keys
-            assert all(p is params[n] for n, p in model.named_parameters()) and len(params) == len(list(model.parameters()))
+            assert all(p is params[n] for n, p in model.named_parameters()) and len(params) == len(
+                list(model.parameters())
+            )
             assert all(b is buffers[n] for n, b in model.named_buffers())
             y = model(x)
             assert backend()["batch_norm_act"] == reg.INTERPRETER
@@ -101,9 +103,9 @@ def test_swapped_keeps_identity_and_matches_eager():
         y.square().sum().backward()
         y_ref.square().sum().backward()
         for (n, p), q in zip(model.named_parameters(), eager.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda s: f"{n}: {s}")
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda s, n=n: f"{n}: {s}")
         for (n, b), c in zip(model.named_buffers(), eager.buffers()):
-            torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=lambda s: f"{n}: {s}")
+            torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=lambda s, n=n: f"{n}: {s}")
     assert all(model.get_submodule(n) is m for n, m in originals.items())
     assert list(model.state_dict()) == keys
 

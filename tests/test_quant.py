@@ -58,8 +58,12 @@ def test_linear_output_error_within_derived_bound(fmt):
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_conv_layers_and_bytes(fmt):
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 6, 3, groups=2, bias=False),
-                          nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(4, 6, 3, groups=2, bias=False),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+    )
     ref = copy.deepcopy(model)
     names = quantize_frozen_(model, fmt)
     assert names == ["0", "2"]  # a reflect-padded conv pads in its own forward: left alone
@@ -123,15 +127,22 @@ def test_yolo_frozen_backbone_int8_keeps_outputs_close():
 
 def _llama():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return transformers.LlamaForCausalLM(cfg), lambda m: m.model.layers
 
 
 def _gpt2():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=6, n_head=4, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=256, n_embd=64, n_layer=6, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg), lambda m: m.transformer.h
 
 

@@ -35,8 +35,14 @@ def _check(model, freeze, make_inputs, expect_path, expect_stem):
 
 def test_bert():
     cfg = transformers.BertConfig(
-        vocab_size=97, hidden_size=48, num_hidden_layers=5, num_attention_heads=4, intermediate_size=80,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64,
+        vocab_size=97,
+        hidden_size=48,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        intermediate_size=80,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=64,
     )
     model = transformers.BertForSequenceClassification(cfg)
 
@@ -52,8 +58,14 @@ def test_bert():
 
 def test_vit():
     cfg = transformers.ViTConfig(
-        hidden_size=48, num_hidden_layers=4, num_attention_heads=4, intermediate_size=72, image_size=30,
-        patch_size=6, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=72,
+        image_size=30,
+        patch_size=6,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     model = transformers.ViTModel(cfg)
     fm = _check(model, 3, lambda: {"pixel_values": torch.randn(2, 3, 30, 30)}, _vit_path(model), ["embeddings"])
@@ -67,6 +79,7 @@ def _vit_path(model):
 def test_resnet_folds_batchnorm():
     cfg = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 24, 32, 40], depths=[1, 1, 2, 1])
     model = pretrained_like(transformers.ResNetForImageClassification(cfg), torch.randn(4, 3, 48, 48))
-    fm = _check(model, 2, lambda: {"pixel_values": torch.randn(3, 3, 45, 45)}, "resnet.encoder.stages",
-                ["resnet.embedder"])
+    fm = _check(
+        model, 2, lambda: {"pixel_values": torch.randn(3, 3, 45, 45)}, "resnet.encoder.stages", ["resnet.embedder"]
+    )
     assert fm.segment.folded >= 5

@@ -136,7 +136,9 @@ def test_bn_train_is_yolov5_freezing_bit_for_bit():
     for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
         assert torch.equal(a, b), n  # running statistics updated exactly as YOLOv5's
     moved = [n for n, b in model.named_buffers() if n.startswith("model.0.") and "running_mean" in n]
-    assert moved and not torch.equal(model.get_buffer(moved[0]), pretrained_like(yolov5("n", nc=3)).get_buffer(moved[0]))
+    assert moved and not torch.equal(
+        model.get_buffer(moved[0]), pretrained_like(yolov5("n", nc=3)).get_buffer(moved[0])
+    )
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), n
 
@@ -459,7 +461,9 @@ def test_a_frozen_output_shared_by_the_batch_keeps_the_cache_out_and_says_which_
     ref = copy.deepcopy(model)
     fm = freezert.wrap(model, freeze=2, cache="fp32")
     x = torch.randn(4, 6)
-    with pytest.warns(freezert.FreezeWarning, match="'blocks.1' hands the rest of the model a tensor without the batch"):
+    with pytest.warns(
+        freezert.FreezeWarning, match="'blocks.1' hands the rest of the model a tensor without the batch"
+    ):
         out = fm(x)
     assert_outputs_close(out, ref(x), 1e-6)
     assert fm.cache.stats()["lookups"] == 0  # never serves rows it could not key per sample

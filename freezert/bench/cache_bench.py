@@ -19,8 +19,17 @@ import torch
 import torch.nn as nn
 
 from .runner import _NoProgress
-from .variants import FREEZERT, FULL, NAIVE, BenchError, TrainConfig, build_model, check_depth, naive_freeze
-from .variants import yolo_optimizer
+from .variants import (
+    FREEZERT,
+    FULL,
+    NAIVE,
+    BenchError,
+    TrainConfig,
+    build_model,
+    check_depth,
+    naive_freeze,
+    yolo_optimizer,
+)
 
 CACHED, FLOOR = "freezert+cache", "floor"
 CACHE_VARIANTS = (FULL, NAIVE, FREEZERT, CACHED, FLOOR)
@@ -47,8 +56,9 @@ class YoloTask:
 
     family = "yolo"
 
-    def __init__(self, *, model: str, img: int, batch: int, dataset_size: int, freeze: int, device: torch.device,
-                 seed: int = 0):  # fmt: skip
+    def __init__(
+        self, *, model: str, img: int, batch: int, dataset_size: int, freeze: int, device: torch.device, seed: int = 0
+    ):
         from ..models import synthetic_images
 
         self.initial = build_model(model)
@@ -94,8 +104,9 @@ class EncoderTask:
 
     family = "encoder"
 
-    def __init__(self, *, seq_len: int, batch: int, dataset_size: int, freeze: int, device: torch.device,
-                 seed: int = 0):  # fmt: skip
+    def __init__(
+        self, *, seq_len: int, batch: int, dataset_size: int, freeze: int, device: torch.device, seed: int = 0
+    ):
         from ..models import transformer_encoder
 
         self.sizes = dict(ENCODER_SIZES[device.type])
@@ -200,8 +211,15 @@ class EpochResult:
 class EpochVariant:
     """One variant of the cache benchmark: its model copy, optimizer and a timed training step."""
 
-    def __init__(self, name: str, task, config: TrainConfig, device: torch.device, batches: list,
-                 cache: CacheConfig = CacheConfig()):  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        task,
+        config: TrainConfig,
+        device: torch.device,
+        batches: list,
+        cache: CacheConfig = CacheConfig(),
+    ):
         import freezert
 
         self.name, self.task, self.device = name, task, device
@@ -222,9 +240,13 @@ class EpochVariant:
 
                 fc = FeatureCache(codec=cache.codec, where=cache.where)
             self.fm = freezert.wrap(
-                model, freeze=config.freeze, bn=config.bn, channels_last=config.channels_last,
-                graphs=config.graphs, cache=fc,
-            )  # fmt: skip
+                model,
+                freeze=config.freeze,
+                bn=config.bn,
+                channels_last=config.channels_last,
+                graphs=config.graphs,
+                cache=fc,
+            )
             self.module, self.opt = self.fm, task.optimizer(model, self.fm.trainable_parameters())
         else:
             raise BenchError(f"unknown variant {name!r}; choose from {', '.join(CACHE_VARIANTS)}")
@@ -303,8 +325,17 @@ def epoch_batches(task, batch: int, dataset_size: int) -> list[tuple[slice, obje
     return [(s, task.batch(s)) for s in (slice(i * batch, (i + 1) * batch) for i in range(dataset_size // batch))]
 
 
-def run_epochs(task, batches: list, config: TrainConfig, cache: CacheConfig, device: torch.device, *,
-               epochs: int, warmup: int, progress=None) -> tuple[dict[str, EpochResult], dict | None]:  # fmt: skip
+def run_epochs(
+    task,
+    batches: list,
+    config: TrainConfig,
+    cache: CacheConfig,
+    device: torch.device,
+    *,
+    epochs: int,
+    warmup: int,
+    progress=None,
+) -> tuple[dict[str, EpochResult], dict | None]:
     """Each of ``CACHE_VARIANTS`` in turn: ``warmup`` steps on other data, then ``epochs`` timed epochs.
 
     Returns the results and the cached variant's final ``cache.stats()``.
@@ -382,8 +413,10 @@ def host_bandwidth(device: torch.device, codec: str = "fp16", mib: int = 512, re
         return {"skipped": "needs a GPU; this run is on the CPU"}
     info = _native.native_info()
     if not info.get("cuda_available"):
-        return {"skipped": "the native CUDA kernels are not usable here: "
-                           f"{info.get('cuda_reason') or info.get('reason') or 'not compiled with CUDA'}"}
+        return {
+            "skipped": "the native CUDA kernels are not usable here: "
+            f"{info.get('cuda_reason') or info.get('reason') or 'not compiled with CUDA'}"
+        }
     with torch.cuda.device(device):
         return _host_bandwidth(device, codec, mib, reps)
 

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from .cache_bench import CACHE_VARIANTS, CACHED, FLOOR, EpochResult, _COUNTERS
+from .cache_bench import _COUNTERS, CACHE_VARIANTS, CACHED, FLOOR, EpochResult
 from .variants import FREEZERT, FULL, NAIVE, VARIANTS, BenchError, VariantResult, quartiles
 
 
@@ -28,8 +28,10 @@ def memory_label(device: torch.device) -> str:
     """What the memory column holds on ``device``."""
     if device.type == "cuda":
         return "peak memory: torch.cuda.max_memory_allocated of each variant (weights, optimizer state included)"
-    return ("memory on CPU: gradients + optimizer state + activations saved for backward, counted in one step "
-            "(weights, the same model in every variant, left out)")  # fmt: skip
+    return (
+        "memory on CPU: gradients + optimizer state + activations saved for backward, counted in one step "
+        "(weights, the same model in every variant, left out)"
+    )
 
 
 def format_table(results: dict[str, VariantResult], device: torch.device) -> str:
@@ -51,8 +53,10 @@ def format_table(results: dict[str, VariantResult], device: torch.device) -> str
             f" {_ratio(r.median_ms, naive and naive.median_ms):>11} {_ratio(r.median_ms, full and full.median_ms):>10}"
             f" {_ratio(m, nm):>10} {_ratio(m, fm):>9}"
         )
-    lines.append("median and IQR (interquartile range) over every timed step; ratios are variant / baseline: "
-                 "below 1.00x is faster or leaner")  # fmt: skip
+    lines.append(
+        "median and IQR (interquartile range) over every timed step; ratios are variant / baseline: "
+        "below 1.00x is faster or leaner"
+    )
     lines.append(memory_label(device))
     return "\n".join(lines)
 
@@ -148,16 +152,23 @@ def write_plot(path: str, results: dict[str, VariantResult], device: torch.devic
     names = [n for n in VARIANTS if n in results]
     colors = {FULL: "#8c8c8c", NAIVE: "#4c72b0", FREEZERT: "#dd8452"}
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    box = ax_t.boxplot([results[n].step_ms for n in names], showfliers=False, patch_artist=True,
-                       medianprops={"color": "black"})  # fmt: skip
+    box = ax_t.boxplot(
+        [results[n].step_ms for n in names], showfliers=False, patch_artist=True, medianprops={"color": "black"}
+    )
     ax_t.set_xticks(range(1, len(names) + 1), names)
     for patch, n in zip(box["boxes"], names):
         patch.set_facecolor(colors[n])
     naive = results.get(NAIVE)
     for i, n in enumerate(names, start=1):
         vs = f"\n{_ratio(results[n].median_ms, naive.median_ms)} naive" if naive and n != NAIVE else ""
-        ax_t.annotate(f"{results[n].median_ms:.1f} ms{vs}", (i, results[n].median_ms), xytext=(24, 0),
-                      textcoords="offset points", va="center", fontsize=8)  # fmt: skip
+        ax_t.annotate(
+            f"{results[n].median_ms:.1f} ms{vs}",
+            (i, results[n].median_ms),
+            xytext=(24, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
     ax_t.set_ylabel("ms per step")
     ax_t.set_title("training step time (lower is better)\nbox: IQR, line: median, whiskers: 1.5 IQR", fontsize=10)
     ax_t.set_ylim(bottom=0)
@@ -168,8 +179,12 @@ def write_plot(path: str, results: dict[str, VariantResult], device: torch.devic
         ax_m.bar_label(bars, fmt="%.0f" if max(mib) >= 100 else "%.1f", fontsize=8)
         cuda = device.type == "cuda"
         ax_m.set_ylabel("peak allocated MiB" if cuda else "MiB")
-        ax_m.set_title("CUDA peak memory (lower is better)" if cuda else
-                       "gradients + optimizer state + saved activations\n(CPU; lower is better)", fontsize=10)
+        ax_m.set_title(
+            "CUDA peak memory (lower is better)"
+            if cuda
+            else "gradients + optimizer state + saved activations\n(CPU; lower is better)",
+            fontsize=10,
+        )
     else:
         ax_m.text(0.5, 0.5, "memory not measured", ha="center", va="center", transform=ax_m.transAxes)
         ax_m.set_axis_off()
@@ -231,7 +246,8 @@ def format_cache_table(results: dict[str, EpochResult], device: torch.device) ->
         if r is None:
             continue
         lines.append(
-            f"{name:<15} {r.first_ms:>9.1f} {r.rest_ms:>9.1f} {r.first_s:>8.2f} {r.rest_s:>8.2f} {_mib(r.peak_bytes):>9}"
+            f"{name:<15} {r.first_ms:>9.1f} {r.rest_ms:>9.1f} {r.first_s:>8.2f} {r.rest_s:>8.2f} "
+            f"{_mib(r.peak_bytes):>9}"
             f" {r.trainable:>11,} {_ratio(r.rest_ms, floor and floor.rest_ms):>7}"
             f" {_ratio(r.rest_ms, full and full.rest_ms):>7} {_ratio(r.rest_ms, naive and naive.rest_ms):>7}"
         )
@@ -240,8 +256,10 @@ def format_cache_table(results: dict[str, EpochResult], device: torch.device) ->
         "ratios (below 1.00x is faster)"
     )
     if device.type == "cuda":
-        lines.append("peak memory: torch.cuda.max_memory_allocated per variant, less the resident dataset "
-                     "(cache device tier and floor features included)")  # fmt: skip
+        lines.append(
+            "peak memory: torch.cuda.max_memory_allocated per variant, less the resident dataset "
+            "(cache device tier and floor features included)"
+        )
     else:
         lines.append("peak memory: not measured on CPU")
     return "\n".join(lines)
@@ -262,8 +280,10 @@ def cache_summary(results: dict[str, EpochResult], stats: dict | None, ratios: d
         )
     f = results.get(FLOOR)
     if f is not None and f.setup_s is not None:
-        lines.append(f"floor: boundary features precomputed once, kept in the model's device memory, in "
-                     f"{f.setup_s:.2f} s (outside its timed epochs)")  # fmt: skip
+        lines.append(
+            f"floor: boundary features precomputed once, kept in the model's device memory, in "
+            f"{f.setup_s:.2f} s (outside its timed epochs)"
+        )
 
     def r(key, fmt="{:.2f}x"):
         v = ratios.get(key)
@@ -276,16 +296,24 @@ def cache_summary(results: dict[str, EpochResult], stats: dict | None, ratios: d
     lines.append(f"  naive freeze / cached: {r('naive_vs_cached')} faster")
     lines.append(f"  freezert (no cache) / cached: {r('uncached_vs_cached')} faster")
     lines.append(f"  cache fill (epoch 1) / freezert (no cache): {r('fill_vs_uncached')} (the fill's overhead)")
-    lines.append(f"  epoch times: cached / floor {r('cached_epoch_vs_floor')}, "
-                 f"full fine-tune / cached {r('full_epoch_vs_cached_epoch')} faster")  # fmt: skip
+    lines.append(
+        f"  epoch times: cached / floor {r('cached_epoch_vs_floor')}, "
+        f"full fine-tune / cached {r('full_epoch_vs_cached_epoch')} faster"
+    )
     return "\n".join(lines)
 
 
-def cache_results_json(results: dict[str, EpochResult], stats: dict | None, ratios: dict, bandwidth: dict,
-                       config: dict) -> dict:  # fmt: skip
+def cache_results_json(
+    results: dict[str, EpochResult], stats: dict | None, ratios: dict, bandwidth: dict, config: dict
+) -> dict:
     """The cache benchmark as JSON-ready data: config, per-variant epochs, ratios, cache stats, bandwidth."""
-    out: dict = {"config": config, "variants": {}, "ratios": ratios, "cache_stats": jsonable(stats),
-                 "bandwidth": bandwidth}  # fmt: skip
+    out: dict = {
+        "config": config,
+        "variants": {},
+        "ratios": ratios,
+        "cache_stats": jsonable(stats),
+        "bandwidth": bandwidth,
+    }
     for name, r in results.items():
         out["variants"][name] = {
             "trainable_params": r.trainable,

@@ -80,10 +80,7 @@ def synthetic_batches(model: nn.Module, n: int, batch: int, img: int, device: to
     out = []
     for _ in range(n):
         x = synthetic_images(batch, img, g)
-        t = [
-            torch.rand(batch, det.na, img // int(s), img // int(s), det.no, generator=g)
-            for s in det.stride.tolist()
-        ]
+        t = [torch.rand(batch, det.na, img // int(s), img // int(s), det.no, generator=g) for s in det.stride.tolist()]
         out.append((x.to(device), [ti.to(device) for ti in t]))
     return out
 
@@ -247,8 +244,10 @@ class Variant:
         self.scaler.update()
         state = {
             v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
-            for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v)
-        }  # fmt: skip
+            for s in self.opt.state.values()
+            for v in s.values()
+            if torch.is_tensor(v)
+        }
         self.opt.zero_grad(set_to_none=True)
         self.result.train_bytes = saved.total + grads + sum(state.values())
         return self.result.train_bytes

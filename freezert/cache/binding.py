@@ -89,8 +89,9 @@ def store_seed(fingerprint: str, codec: str, layout: Layout, slab_codec: str) ->
     """The checksum seed of a store's records: binds each record to its store's fingerprint, codec and layout
     (a record copied from another model's store, even of the same architecture, fails its checksum)."""
     c = CODECS[slab_codec]  # how the record's payload is encoded, from the one codec table
-    text = json.dumps(["freezert-record", fingerprint, codec, layout_json(layout), slab_codec, str(c.store),
-                       c.itemsize, c.scaled])  # fmt: skip
+    text = json.dumps(
+        ["freezert-record", fingerprint, codec, layout_json(layout), slab_codec, str(c.store), c.itemsize, c.scaled]
+    )
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 

@@ -69,18 +69,19 @@ def check_regular(file: str) -> None:
     except FileNotFoundError:
         return
     except OSError as e:
-        raise CacheError(f"the cache file {file!r} cannot be examined ({e.strerror}); {_fix(os.path.dirname(file))}")
+        raise CacheError(
+            f"the cache file {file!r} cannot be examined ({e.strerror}); {_fix(os.path.dirname(file))}"
+        ) from e
     if not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
-        raise CacheError(
-            f"the cache file {file!r} is {kind}; remove it, or use another path for the cache"
-        )
+        raise CacheError(f"the cache file {file!r} is {kind}; remove it, or use another path for the cache")
 
 
 def check_dir_path(path: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
-        raise CacheError(f"path={path!r} is a file, not a directory; pass a directory for the disk store "
-                         "(it is created if missing)")  # fmt: skip
+        raise CacheError(
+            f"path={path!r} is a file, not a directory; pass a directory for the disk store (it is created if missing)"
+        )
 
 
 class DiskSlab(Slab):
@@ -131,8 +132,9 @@ class DiskSlab(Slab):
                 pass
 
     # -- records ---------------------------------------------------------------------------------------------------
-    def build(self, keys: list[int], contents: list[int], payload: list[torch.Tensor],
-              scales: list[torch.Tensor | None]) -> torch.Tensor:  # fmt: skip
+    def build(
+        self, keys: list[int], contents: list[int], payload: list[torch.Tensor], scales: list[torch.Tensor | None]
+    ) -> torch.Tensor:
         n, lay = len(keys), self.layout
         rec = torch.zeros(n, self.rec, dtype=torch.uint8)
         rec[:, 8:16] = torch.tensor(keys, dtype=torch.int64).view(torch.uint8).view(n, 8)
@@ -233,9 +235,15 @@ def _header_check(head: dict) -> str:
 
 
 def write_header(path: str, fingerprint: str, codec: str, layout: Layout, config: dict | None = None) -> None:
-    head = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "layout": layout_json(layout),
-            "codec": codec, "escape_codec": ESCAPE,
-            "checksum": "hash_rows(record[8:], seed=store_seed(fingerprint, codec, layout, slab codec))"}  # fmt: skip
+    head = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": fingerprint,
+        "layout": layout_json(layout),
+        "codec": codec,
+        "escape_codec": ESCAPE,
+        "checksum": "hash_rows(record[8:], seed=store_seed(fingerprint, codec, layout, slab codec))",
+    }
     if config is not None:
         head["config"] = config
     head["header_check"] = _header_check(head)
@@ -273,8 +281,10 @@ def read_header(path: str) -> tuple[dict, Layout] | None:
     if why is None and not isinstance(head, dict):
         why = "it is not a JSON object"
     elif why is None and (head.get("format") != FORMAT or head.get("version") != VERSION):
-        why = (f"it is format {head.get('format')!r} version {head.get('version')!r}, and this freezert reads "
-               f"{FORMAT!r} version {VERSION}")  # fmt: skip
+        why = (
+            f"it is format {head.get('format')!r} version {head.get('version')!r}, and this freezert reads "
+            f"{FORMAT!r} version {VERSION}"
+        )
     elif why is None and head.get("header_check") != _header_check(head):
         why = "its self-check does not match its contents (edited or damaged)"
     elif why is None and (not isinstance(head.get("fingerprint"), str) or head.get("codec") not in CODECS):
@@ -313,9 +323,14 @@ def write_atomic(path: str, data: bytes) -> None:
 def write_index(path: str, entries: list[tuple[int, int, int]]) -> None:
     """``entries``: (key, 0 = main codec / 1 = escape, slot), LRU first; written atomically."""
     buf = io.BytesIO()
-    torch.save({"keys": torch.tensor([e[0] for e in entries], dtype=torch.int64),
-                "codec": torch.tensor([e[1] for e in entries], dtype=torch.int8),
-                "slot": torch.tensor([e[2] for e in entries], dtype=torch.int64)}, buf)  # fmt: skip
+    torch.save(
+        {
+            "keys": torch.tensor([e[0] for e in entries], dtype=torch.int64),
+            "codec": torch.tensor([e[1] for e in entries], dtype=torch.int8),
+            "slot": torch.tensor([e[2] for e in entries], dtype=torch.int64),
+        },
+        buf,
+    )
     write_atomic(os.path.join(path, INDEX), buf.getvalue())
 
 
@@ -331,7 +346,7 @@ def read_index(path: str) -> tuple[list[int], list[int], list[int]] | None:
         return keys, codes, slots
     except FileNotFoundError:
         return [], [], []
-    except Exception:  # noqa: BLE001 - any damage: rebuild from the self-describing, checksummed records
+    except Exception:
         return None
 
 
@@ -368,6 +383,4 @@ class StoreLock:
 def dir_writable(path: str) -> bool:
     if not os.access(path, os.W_OK | os.X_OK):
         return False
-    return all(
-        os.access(os.path.join(path, n), os.W_OK) for n in os.listdir(path) if is_store_file(n)
-    )
+    return all(os.access(os.path.join(path, n), os.W_OK) for n in os.listdir(path) if is_store_file(n))

@@ -55,6 +55,7 @@ def extend(cache: Any, fingerprint: str, layout, device, convert, *, chunk_bytes
     cache._counts.seg_s, cache._counts.seg_rows = 0.0, 0  # the segment's per-row time changed with its depth
     return carried
 
+
 def _convert_rows(cache: Any, layout, convert, step: int, device) -> list:
     """``extend``'s first half: (keys, contents, converted rows on the host) per chunk, most recent first."""
     room = available_ram() / 2
@@ -69,9 +70,7 @@ def _convert_rows(cache: Any, layout, convert, step: int, device) -> list:
         if not ks:
             continue
         new = [t.detach() for t in convert(rows)]
-        if len(new) != len(layout) or any(
-            tuple(t.shape) != (len(ks), *shape) for t, (shape, _) in zip(new, layout)
-        ):
+        if len(new) != len(layout) or any(tuple(t.shape) != (len(ks), *shape) for t, (shape, _) in zip(new, layout)):
             got = [tuple(t.shape) for t in new]
             raise CacheError(
                 f"extend(): convert() returned shapes {got} for {len(ks)} row(s), but the new layout needs "

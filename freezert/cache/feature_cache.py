@@ -71,8 +71,9 @@ class FeatureCache:
             raise CacheError(f"where={where!r} is not a tier; use 'auto', 'cuda', 'host' or 'disk'")
         if evict not in ("lru", "none"):
             raise CacheError(f"evict={evict!r} is not a policy; use 'lru' (evict least-recently-used) or 'none'")
-        if epoch_rows is not None and (not isinstance(epoch_rows, int) or isinstance(epoch_rows, bool)
-                                       or epoch_rows < 1):  # fmt: skip
+        if epoch_rows is not None and (
+            not isinstance(epoch_rows, int) or isinstance(epoch_rows, bool) or epoch_rows < 1
+        ):
             raise CacheError(f"epoch_rows={epoch_rows!r} is not a sample count; pass len(dataset) or None")
         if path is not None:
             if not isinstance(path, (str, os.PathLike)):
@@ -126,9 +127,18 @@ class FeatureCache:
 
     # -- copies and pickles ----------------------------------------------------------------------------------------
     def _config(self) -> dict:
-        return {"codec": self.codec, "where": self.where, "budget": self._budget_arg[0], "path": self.path,
-                "host_budget": self._budget_arg[1], "disk_budget": self._budget_arg[2], "evict": self.evict,
-                "strict": self.strict, "readonly": self.readonly, "epoch_rows": self.epoch_rows}  # fmt: skip
+        return {
+            "codec": self.codec,
+            "where": self.where,
+            "budget": self._budget_arg[0],
+            "path": self.path,
+            "host_budget": self._budget_arg[1],
+            "disk_budget": self._budget_arg[2],
+            "evict": self.evict,
+            "strict": self.strict,
+            "readonly": self.readonly,
+            "epoch_rows": self.epoch_rows,
+        }
 
     def __getstate__(self) -> dict:
         """A copy or pickle keeps the configuration, not the rows: it starts empty and is bound on first use.
@@ -212,8 +222,11 @@ class FeatureCache:
             raise CacheError(
                 f"the cache cannot hold a sample: one sample's boundary {[list(s) for s, _ in self.layout]} in codec "
                 f"{self.codec!r} takes more than every tier's whole budget ("
-                + ", ".join(f"{t.name}: {fmt_bytes(self._row_bytes(self.codec, t.name))} per sample, budget "
-                            f"{fmt_bytes(t.budget)}" for t in tiers)  # fmt: skip
+                + ", ".join(
+                    f"{t.name}: {fmt_bytes(self._row_bytes(self.codec, t.name))} per sample, budget "
+                    f"{fmt_bytes(t.budget)}"
+                    for t in tiers
+                )
                 + "); raise budget=/host_budget=/disk_budget=, use a smaller codec, or drop cache="
             )
         self._tiers = tiers
@@ -235,9 +248,12 @@ class FeatureCache:
             self._disk_slabs[:] = []
             if self._disk_readonly():  # never deleted: this cache stops reading it, and keeps new rows in memory
                 self._detached = True
-                self._warn_once("detached", f"freezert: the read-only cache store {self._disk_dir!r} holds features "
-                                "of the previous frozen setup; they are no longer served, and new rows are not "
-                                "stored there")  # fmt: skip
+                self._warn_once(
+                    "detached",
+                    f"freezert: the read-only cache store {self._disk_dir!r} holds features "
+                    "of the previous frozen setup; they are no longer served, and new rows are not "
+                    "stored there",
+                )
                 self._disk_dir = None
             else:
                 _disk.remove_store_files(self._disk_dir)
@@ -285,8 +301,9 @@ class FeatureCache:
         slab = tier.slabs.get(codec)
         if slab is None:
             seed = store_seed(self.fingerprint, self.codec, self.layout, codec)
-            slab = DiskSlab(codec, self._dims(), os.path.join(self._disk_dir, f"slab_{codec}.bin"), seed,
-                            readonly=tier.readonly)  # fmt: skip
+            slab = DiskSlab(
+                codec, self._dims(), os.path.join(self._disk_dir, f"slab_{codec}.bin"), seed, readonly=tier.readonly
+            )
             self._disk_slabs.append(slab)
             tier.slabs[codec] = slab
         return slab
@@ -313,9 +330,12 @@ class FeatureCache:
             stored = head["fingerprint"]
             if stored != self.fingerprint or head["codec"] != self.codec:
                 raise CacheError(
-                    self._foreign_msg(f"{stored} (codec {head['codec']!r})",
-                                      f"{self.fingerprint} (codec {self.codec!r})", f"the cache directory {path!r}")
-                )  # fmt: skip
+                    self._foreign_msg(
+                        f"{stored} (codec {head['codec']!r})",
+                        f"{self.fingerprint} (codec {self.codec!r})",
+                        f"the cache directory {path!r}",
+                    )
+                )
             if layout != self.layout:
                 raise CacheError(
                     f"the cache directory {path!r} (fingerprint {stored}) holds boundary layout {head.get('layout')}, "
@@ -326,8 +346,11 @@ class FeatureCache:
         tier = self._tier("disk")
         tier.readonly = self.readonly or not _disk.dir_writable(path)
         if tier.readonly and not self.readonly:
-            self._warn_once("readonly", f"freezert: the cache directory {path!r} is not writable; its rows are "
-                            "served, and new rows are kept in memory tiers only (or skipped)")  # fmt: skip
+            self._warn_once(
+                "readonly",
+                f"freezert: the cache directory {path!r} is not writable; its rows are "
+                "served, and new rows are kept in memory tiers only (or skipped)",
+            )
         if not tier.readonly and not self._lock:
             self._lock.append(_disk.StoreLock(path))
         self._disk_dir = path
@@ -395,8 +418,11 @@ class FeatureCache:
                         keys.append(ks[j])
                         codes.append(0 if codec == self.codec else 1)
                         slots.append(lo + j)
-        warnings.warn(f"freezert: the cache index in {self._disk_dir!r} was unreadable; rebuilt from {len(keys)} "
-                      "verified records", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"freezert: the cache index in {self._disk_dir!r} was unreadable; rebuilt from {len(keys)} "
+            "verified records",
+            stacklevel=3,
+        )
         return keys, codes, slots
 
     def flush(self) -> None:
@@ -406,8 +432,9 @@ class FeatureCache:
         ti = self._disk_ti()
         for slab in self._tiers[ti].slabs.values():
             slab.flush()
-        _disk.write_index(self._disk_dir, [(k, 0 if c == self.codec else 1, s)
-                                           for k, (t, c, s, _) in self._index.items() if t == ti])  # fmt: skip
+        _disk.write_index(
+            self._disk_dir, [(k, 0 if c == self.codec else 1, s) for k, (t, c, s, _) in self._index.items() if t == ti]
+        )
 
     # -- keys ------------------------------------------------------------------------------------------------------
     def _key_list(self, keys: Any) -> list[int]:
@@ -498,11 +525,14 @@ class FeatureCache:
             )
         if stale:
             self._counts["stale"] += len(stale)
-            self._warn_once("stale", f"freezert: sample id {stale[0]} (and {len(stale) - 1} more) arrived with a "
-                            "different input than when its features were stored, so they were recomputed "
-                            "(stats()['stale'] counts them). The likely cause is random augmentation: a feature cache "
-                            "only saves time when the same sample gives the same input; cache un-augmented inputs or "
-                            "drop cache= (strict=True turns this into an error)")  # fmt: skip
+            self._warn_once(
+                "stale",
+                f"freezert: sample id {stale[0]} (and {len(stale) - 1} more) arrived with a "
+                "different input than when its features were stored, so they were recomputed "
+                "(stats()['stale'] counts them). The likely cause is random augmentation: a feature cache "
+                "only saves time when the same sample gives the same input; cache un-augmented inputs or "
+                "drop cache= (strict=True turns this into an error)",
+            )
         for k in bad:
             self._drop(k, corrupt=True)
         for k in stale:
@@ -574,8 +604,9 @@ class FeatureCache:
         flat = [t.detach().reshape(n, -1) for t in tensors]
         flat = [f if f.dtype in IO_DTYPES else f.float() for f in flat]
         # per sample and boundary tensor max |x|; amax propagates NaN and inf, so it also flags them
-        amax = torch.stack([f.abs().amax(1).float() if f.shape[1] else f.new_zeros(n, dtype=torch.float32)
-                            for f in flat], 1).cpu()  # fmt: skip
+        amax = torch.stack(
+            [f.abs().amax(1).float() if f.shape[1] else f.new_zeros(n, dtype=torch.float32) for f in flat], 1
+        ).cpu()
         finite = torch.isfinite(amax).all(1).tolist()
         kind = escape_kind(self.codec, torch.where(torch.isfinite(amax), amax, 0)).tolist()
         batch = set(ks)
@@ -588,8 +619,11 @@ class FeatureCache:
             if not finite[j]:
                 self._counts["nonfinite"] += 1
                 self._counts["skipped"] += 1
-                self._warn_once("nonfinite", "freezert: the frozen segment produced inf/NaN for some samples; "
-                                "they are not cached (stats()['nonfinite'] counts them) and are recomputed each time")
+                self._warn_once(
+                    "nonfinite",
+                    "freezert: the frozen segment produced inf/NaN for some samples; "
+                    "they are not cached (stats()['nonfinite'] counts them) and are recomputed each time",
+                )
                 continue
             codec = self.codec if kind[j] == 0 else ESCAPE
             if k in self._index:
@@ -622,13 +656,16 @@ class FeatureCache:
         self._content_misses += n
         limit = self.epoch_rows or _AUTO_EPOCH_ROWS
         if self._content_misses > limit:  # a whole epoch stored, and the next one's inputs are new again
-            self._warn_once("no_reuse", f"freezert: the feature cache stored {self._content_misses} rows, more than "
-                            f"an epoch's worth ({limit}{', epoch_rows=' if self.epoch_rows else ', the default'}), "
-                            "without finding any again: no input has arrived twice. With random augmentation every "
-                            "epoch's inputs differ, so their content keys never repeat and the cache only costs time "
-                            "and memory; cache un-augmented inputs (or pass cache_ids= to have changed inputs "
-                            "detected), or drop cache=. FeatureCache(epoch_rows=len(dataset)) times this check to "
-                            "your dataset")  # fmt: skip
+            self._warn_once(
+                "no_reuse",
+                f"freezert: the feature cache stored {self._content_misses} rows, more than "
+                f"an epoch's worth ({limit}{', epoch_rows=' if self.epoch_rows else ', the default'}), "
+                "without finding any again: no input has arrived twice. With random augmentation every "
+                "epoch's inputs differ, so their content keys never repeat and the cache only costs time "
+                "and memory; cache un-augmented inputs (or pass cache_ids= to have changed inputs "
+                "detected), or drop cache=. FeatureCache(epoch_rows=len(dataset)) times this check to "
+                "your dataset",
+            )
 
     def _warn_once(self, what: str, msg: str) -> None:
         if what not in self._warned:
@@ -662,11 +699,16 @@ class FeatureCache:
         # tier); the LRU end holds evictable rows (hits and new rows move to the other end), so the search is short
         while True:
             victim = next(
-                (k for k, (ti, _, _, _) in self._index.items()
-                 if k not in batch and k not in self._protected and not self._tiers[ti].readonly
-                 and sizes[ti] <= self._tiers[ti].budget),
+                (
+                    k
+                    for k, (ti, _, _, _) in self._index.items()
+                    if k not in batch
+                    and k not in self._protected
+                    and not self._tiers[ti].readonly
+                    and sizes[ti] <= self._tiers[ti].budget
+                ),
                 None,
-            )  # fmt: skip
+            )
             if victim is None:
                 return -1
             ti = self._index[victim][0]
@@ -703,12 +745,14 @@ class FeatureCache:
     def __del__(self) -> None:  # the disk index is written when the cache goes away (then the finalizer closes)
         try:
             self.flush()
-        except Exception:  # noqa: BLE001 - never raise from a destructor
+        except Exception:
             pass
 
     def __repr__(self) -> str:
-        return (f"FeatureCache(codec={self.codec!r}, where={self.where!r}, rows={len(self)}, "
-                f"fingerprint={self.fingerprint!r}, path={self._disk_dir!r})")  # fmt: skip
+        return (
+            f"FeatureCache(codec={self.codec!r}, where={self.where!r}, rows={len(self)}, "
+            f"fingerprint={self.fingerprint!r}, path={self._disk_dir!r})"
+        )
 
     def _drop_rows(self) -> None:
         self._index.clear()
@@ -727,8 +771,10 @@ class FeatureCache:
         On an unbound cache with ``path=``, wipes that store's files (the fix for a refused foreign store).
         """
         if self._disk_readonly():
-            raise CacheError(f"clear() on the read-only store {self._disk_dir or self.path!r}; open it writable "
-                             "(readonly=False, with write permission) to clear it")  # fmt: skip
+            raise CacheError(
+                f"clear() on the read-only store {self._disk_dir or self.path!r}; open it writable "
+                "(readonly=False, with write permission) to clear it"
+            )
         self._drop_rows()
         if self._disk_dir is not None and self.fingerprint is not None:
             _disk.write_index(self._disk_dir, [])
@@ -790,5 +836,5 @@ def _close_all() -> None:  # the disk tier's index is written at interpreter exi
     for cache in list(_LIVE):
         try:
             cache.close()
-        except Exception:  # noqa: BLE001 - never fail interpreter exit
+        except Exception:
             pass

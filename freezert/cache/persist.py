@@ -23,8 +23,13 @@ def save(cache: Any, path) -> None:
     cache._need_bound("save")
     path = os.fspath(path)
     _disk.check_dir_path(path)
-    config = {"where": cache.where, "evict": cache.evict, "budget": cache._budget_arg[0],
-              "host_budget": cache._budget_arg[1], "disk_budget": cache._budget_arg[2]}  # fmt: skip
+    config = {
+        "where": cache.where,
+        "evict": cache.evict,
+        "budget": cache._budget_arg[0],
+        "host_budget": cache._budget_arg[1],
+        "disk_budget": cache._budget_arg[2],
+    }
     config = {k: (v if v is None or isinstance(v, (int, float, str)) else str(v)) for k, v in config.items()}
     if cache._disk_dir is not None and os.path.realpath(path) == os.path.realpath(cache._disk_dir):
         if any(cache._tiers[t].name != "disk" for t, _, _, _ in cache._index.values()):
@@ -45,8 +50,12 @@ def save(cache: Any, path) -> None:
     try:
         for (ti, codec), gk in groups.items():
             if codec not in slabs:
-                slabs[codec] = DiskSlab(codec, cache._dims(), os.path.join(path, f"slab_{codec}.bin"),
-                                        store_seed(cache.fingerprint, cache.codec, cache.layout, codec))  # fmt: skip
+                slabs[codec] = DiskSlab(
+                    codec,
+                    cache._dims(),
+                    os.path.join(path, f"slab_{codec}.bin"),
+                    store_seed(cache.fingerprint, cache.codec, cache.layout, codec),
+                )
             dst, src = slabs[codec], cache._tiers[ti].slabs[codec]
             slots = [cache._index[k][2] for k in gk]
             if isinstance(src, DiskSlab):  # verified records, re-sealed (the seed is the same fingerprint's)
@@ -70,6 +79,7 @@ def save(cache: Any, path) -> None:
         _disk.write_index(path, entries)
         lock.release()
 
+
 def load(cls: type, path) -> Any:
     """A cache holding what ``save(path)`` wrote (fingerprint and config included); rows on CPU until bound.
 
@@ -79,24 +89,35 @@ def load(cls: type, path) -> Any:
     _disk.check_dir_path(path)
     found = _disk.read_header(path) if os.path.isdir(path) else None
     if found is None:
-        raise CacheError(f"{path!r} holds no saved FeatureCache (no {_disk.HEADER}); pass a directory "
-                         "written by FeatureCache.save() or by a disk tier")  # fmt: skip
+        raise CacheError(
+            f"{path!r} holds no saved FeatureCache (no {_disk.HEADER}); pass a directory "
+            "written by FeatureCache.save() or by a disk tier"
+        )
     head, layout = found
     cfg = dict(head.get("config") or {"where": "disk"})
     where = cfg.pop("where", "disk")
     if where not in WHERE:
         where = "disk"
-    budgets = {"budget": cfg.get("budget", "20GiB"), "host_budget": cfg.get("host_budget"),
-               "disk_budget": cfg.get("disk_budget")}  # fmt: skip
+    budgets = {
+        "budget": cfg.get("budget", "20GiB"),
+        "host_budget": cfg.get("host_budget"),
+        "disk_budget": cfg.get("disk_budget"),
+    }
     evict = cfg.get("evict", "lru") if cfg.get("evict") in ("lru", "none") else "lru"
     if where == "disk":
-        cache = cls(head["codec"], "disk", budgets["budget"], path, disk_budget=budgets["disk_budget"],
-                    evict=evict)  # fmt: skip
+        cache = cls(head["codec"], "disk", budgets["budget"], path, disk_budget=budgets["disk_budget"], evict=evict)
         cache.bind(head["fingerprint"], layout, "cpu")
         cache._bound = False  # the first caller's bind must match this fingerprint (else it is refused)
         return cache
-    cache = cls(head["codec"], where, budgets["budget"], None, host_budget=budgets["host_budget"],
-                disk_budget=budgets["disk_budget"], evict=evict)  # fmt: skip
+    cache = cls(
+        head["codec"],
+        where,
+        budgets["budget"],
+        None,
+        host_budget=budgets["host_budget"],
+        disk_budget=budgets["disk_budget"],
+        evict=evict,
+    )
     src = cls(head["codec"], "disk", "1TiB", path, disk_budget=None, readonly=True)
     try:
         src.bind(head["fingerprint"], layout, "cpu")
@@ -109,6 +130,7 @@ def load(cls: type, path) -> Any:
     finally:
         src.close()
     return cache
+
 
 def _import_from(cache: Any, src: Any) -> None:
     ti_src = src._disk_ti()

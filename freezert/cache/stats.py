@@ -9,9 +9,22 @@ from .tiers import TIERS
 __all__ = ["COUNTERS", "Counters", "build_stats"]
 
 COUNTERS = (
-    "lookups", "hits", "misses", "stores", "skipped", "nonfinite", "escaped", "escaped_large", "escaped_small",
-    "evictions", "evicted_bytes", "invalidations", "corrupt", "stale", "extended",
-)  # fmt: skip
+    "lookups",
+    "hits",
+    "misses",
+    "stores",
+    "skipped",
+    "nonfinite",
+    "escaped",
+    "escaped_large",
+    "escaped_small",
+    "evictions",
+    "evicted_bytes",
+    "invalidations",
+    "corrupt",
+    "stale",
+    "extended",
+)
 
 
 class Counters(dict):
@@ -34,9 +47,16 @@ def build_stats(cache: Any) -> dict:
     c: Counters = cache._counts
     per_row = c.seg_s / c.seg_rows if c.seg_rows else 0.0
     out: dict[str, Any] = dict(c)
-    out.update(codec=cache.codec, where=cache.where, fingerprint=cache.fingerprint, rows=len(cache._index),
-               path=cache._disk_dir, segment_s_per_row=per_row, get_s=c.get_s,
-               time_saved_s=max(0.0, c["hits"] * per_row - c.get_s))  # fmt: skip
+    out.update(
+        codec=cache.codec,
+        where=cache.where,
+        fingerprint=cache.fingerprint,
+        rows=len(cache._index),
+        path=cache._disk_dir,
+        segment_s_per_row=per_row,
+        get_s=c.get_s,
+        time_saved_s=max(0.0, c["hits"] * per_row - c.get_s),
+    )
     tiers = {}
     for name in TIERS:
         t = cache._tier(name)

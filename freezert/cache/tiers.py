@@ -18,8 +18,22 @@ __all__ = ["MemSlab", "Slab", "Tier", "available_ram", "fmt_bytes", "parse_bytes
 TIERS = ("device", "host", "disk")
 WHERE = {"auto": ("device", "host", "disk"), "cuda": ("device",), "host": ("host",), "disk": ("disk",)}
 MAX_BYTES = 2**62  # larger than any machine's memory or disk; a bigger number is a typo, not a budget
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(name: str, value: Any, *, allow_none: bool = False) -> float:

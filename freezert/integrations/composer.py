@@ -82,8 +82,11 @@ class LayerFreezing(_algorithm_base()):  # type: ignore[misc]
                 "state.get_elapsed_duration() is None at EPOCH_END; give the Trainer a max_duration (e.g. '10ep')"
             )
         depth, pct = freeze_layers(
-            state.model, state.optimizers, float(elapsed),
-            freeze_start=self.freeze_start, freeze_level=self.freeze_level,
+            state.model,
+            state.optimizers,
+            float(elapsed),
+            freeze_start=self.freeze_start,
+            freeze_level=self.freeze_level,
         )
         metrics = {"layer_freezing/layers_frozen": depth, "layer_freezing/percentage_frozen": pct}
         if hasattr(logger, "log_metrics"):

@@ -16,10 +16,9 @@ wrapped as a ``FrozenModel``, so the frozen prefix runs as freezert's inference 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
@@ -35,8 +34,8 @@ except ImportError:
         require("lightning", "lightning", "lightning")
         raise
 
-from .._errors import FreezeError  # noqa: E402
-from ..schedule import (  # noqa: E402
+from .._errors import FreezeError
+from ..schedule import (
     Schedule,
     _fix_bn,
     _layout,

@@ -28,8 +28,22 @@ __all__ = ["AUGMENTATION_ARGS", "FreezertCallback", "augmentation_in_use"]
 
 #: Training arguments that make the same image give a different input from epoch to epoch.
 AUGMENTATION_ARGS = (
-    "mosaic", "mixup", "cutmix", "copy_paste", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale",
-    "shear", "perspective", "flipud", "fliplr", "bgr", "multi_scale",
+    "mosaic",
+    "mixup",
+    "cutmix",
+    "copy_paste",
+    "hsv_h",
+    "hsv_s",
+    "hsv_v",
+    "degrees",
+    "translate",
+    "scale",
+    "shear",
+    "perspective",
+    "flipud",
+    "fliplr",
+    "bgr",
+    "multi_scale",
 )
 
 
@@ -98,12 +112,10 @@ class FreezertCallback:
         self.wrap_kwargs = wrap_kwargs
         self.frozen: FrozenModel | None = None
 
-    def register(self, target: Any) -> "FreezertCallback":
+    def register(self, target: Any) -> FreezertCallback:
         """Adds the callback to a ``YOLO`` model or a trainer (anything with ``add_callback``); returns self."""
         if not hasattr(target, "add_callback"):
-            raise FreezeError(
-                f"register() got a {type(target).__name__}; pass an ultralytics YOLO model or trainer"
-            )
+            raise FreezeError(f"register() got a {type(target).__name__}; pass an ultralytics YOLO model or trainer")
         target.add_callback("on_pretrain_routine_end", self.on_pretrain_routine_end)
         target.add_callback("on_train_epoch_start", self.on_train_epoch_start)
         target.add_callback("on_train_end", self.on_train_end)

@@ -44,11 +44,11 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``attn_mask``: boolean (B, 1, 1, L), True = may be attended to; or additive float; or None."""
-        b, l, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, l, 3, self.nhead, d // self.nhead).permute(2, 0, 3, 1, 4)
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.nhead, d // self.nhead).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, l, d)))
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
         return x + self.drop(self.fc2(self.act(self.fc1(self.ln2(x)))))
 
 

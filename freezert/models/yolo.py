@@ -113,9 +113,7 @@ class Focus(nn.Module):
         self.conv = Conv(c1 * 4, c2, k, s, p, g, act=act)
 
     def forward(self, x):
-        return self.conv(
-            torch.cat((x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]), 1)
-        )
+        return self.conv(torch.cat((x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]), 1))
 
 
 class SPPF(nn.Module):
@@ -363,9 +361,7 @@ def _levels(preds):
 
 def detection_targets_like(preds, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Random targets in [0, 1) with the shapes of Detect's per-level outputs (training or eval form)."""
-    return [
-        torch.rand(p.shape, generator=generator).to(device=p.device, dtype=torch.float32) for p in _levels(preds)
-    ]
+    return [torch.rand(p.shape, generator=generator).to(device=p.device, dtype=torch.float32) for p in _levels(preds)]
 
 
 def detection_loss(preds, targets) -> torch.Tensor:

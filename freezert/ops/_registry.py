@@ -33,7 +33,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def triton_available() -> bool:
     """True when ``triton`` imports (imported lazily: ``import freezert.ops`` never needs it)."""
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception:  # ImportError, or a broken install without a driver
         return False

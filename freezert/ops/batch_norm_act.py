@@ -87,8 +87,20 @@ def _kernels() -> SimpleNamespace:
         return dy
 
     @triton.jit
-    def stats(x_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S, sN, NSB,
-              BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
+    def stats(
+        x_ptr,
+        cnt_ptr,
+        mean_ptr,
+        m2_ptr,
+        N,
+        C,
+        S,
+        sN,
+        NSB,
+        BLOCK_S: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        CL: tl.constexpr,
+    ):
         # Per-program Welford partials (count, mean, M2) per channel, merged tile by tile (Chan).
         pid_c = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -117,8 +129,21 @@ def _kernels() -> SimpleNamespace:
         tl.store(m2_ptr + out, m2, mask=mask_c)
 
     @triton.jit
-    def finalize(cnt_ptr, pmean_ptr, pm2_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr,
-                 C, K, eps, momentum, UPDATE: tl.constexpr, BLOCK_C: tl.constexpr):
+    def finalize(
+        cnt_ptr,
+        pmean_ptr,
+        pm2_ptr,
+        mean_ptr,
+        invstd_ptr,
+        rm_ptr,
+        rv_ptr,
+        C,
+        K,
+        eps,
+        momentum,
+        UPDATE: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         # Merge the K partials per channel; write mean, invstd; update running stats like F.batch_norm.
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
@@ -147,8 +172,23 @@ def _kernels() -> SimpleNamespace:
             tl.store(rv_ptr + offs_c, rv.to(rv_ptr.dtype.element_ty), mask=mask_c)
 
     @triton.jit
-    def forward(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, N, C, S, sN, NSB,
-                ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
+    def forward(
+        x_ptr,
+        y_ptr,
+        mean_ptr,
+        invstd_ptr,
+        w_ptr,
+        b_ptr,
+        N,
+        C,
+        S,
+        sN,
+        NSB,
+        ACT: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        CL: tl.constexpr,
+    ):
         pid_c = tl.program_id(0)
         pid_k = tl.program_id(1)
         nk = tl.num_programs(1)
@@ -168,9 +208,25 @@ def _kernels() -> SimpleNamespace:
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def backward_reduce(x_ptr, dy_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sdz_ptr, sdzx_ptr,
-                        N, C, S, sN, NSB,
-                        ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
+    def backward_reduce(
+        x_ptr,
+        dy_ptr,
+        mean_ptr,
+        invstd_ptr,
+        w_ptr,
+        b_ptr,
+        sdz_ptr,
+        sdzx_ptr,
+        N,
+        C,
+        S,
+        sN,
+        NSB,
+        ACT: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        CL: tl.constexpr,
+    ):
         # Per-program partial sums of dz and dz * xhat per channel (dz: grad at the BN output).
         pid_c = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -198,10 +254,28 @@ def _kernels() -> SimpleNamespace:
         tl.store(sdzx_ptr + out, tl.sum(sdzx, axis=0), mask=mask_c)
 
     @triton.jit
-    def backward_input(x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sdz_ptr, sdzx_ptr,
-                       inv_count, N, C, S, sN, NSB,
-                       TRAINING: tl.constexpr, ACT: tl.constexpr,
-                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
+    def backward_input(
+        x_ptr,
+        dy_ptr,
+        dx_ptr,
+        mean_ptr,
+        invstd_ptr,
+        w_ptr,
+        b_ptr,
+        sdz_ptr,
+        sdzx_ptr,
+        inv_count,
+        N,
+        C,
+        S,
+        sN,
+        NSB,
+        TRAINING: tl.constexpr,
+        ACT: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        CL: tl.constexpr,
+    ):
         pid_c = tl.program_id(0)
         pid_k = tl.program_id(1)
         nk = tl.num_programs(1)
@@ -227,8 +301,9 @@ def _kernels() -> SimpleNamespace:
                 dz = dz - mdz[None, :] - xhat * mdzx[None, :]
             tl.store(dx_ptr + offs, (dz * wi[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
 
-    return SimpleNamespace(stats=stats, finalize=finalize, forward=forward,
-                           backward_reduce=backward_reduce, backward_input=backward_input)
+    return SimpleNamespace(
+        stats=stats, finalize=finalize, forward=forward, backward_reduce=backward_reduce, backward_input=backward_input
+    )
 
 
 def _next_pow2(n: int) -> int:
@@ -283,8 +358,16 @@ def _like(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, dtype=g.dtype).copy_(g)
 
 
-def _triton_value(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | None,
-                  bias: torch.Tensor | None, *, act: int, geo: _Geometry | None = None) -> torch.Tensor:
+def _triton_value(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    act: int,
+    geo: _Geometry | None = None,
+) -> torch.Tensor:
     """The forward kernel's ``act(bn(x))`` from saved statistics: the Triton forward and its recompute recipe."""
     k = _kernels()
     geo = geo or _Geometry(x)
@@ -316,9 +399,20 @@ class _BatchNormAct(torch.autograd.Function):
             update = running_mean is not None
             bc = min(_next_pow2(C), 1024)
             k.finalize[(-(-C // bc),)](
-                pcnt, pmean, pm2, mean, invstd,
-                running_mean if update else mean, running_var if update else mean,
-                C, geo.K, float(eps), float(momentum), UPDATE=update, BLOCK_C=bc)
+                pcnt,
+                pmean,
+                pm2,
+                mean,
+                invstd,
+                running_mean if update else mean,
+                running_var if update else mean,
+                C,
+                geo.K,
+                float(eps),
+                float(momentum),
+                UPDATE=update,
+                BLOCK_C=bc,
+            )
         else:
             # copies: the running buffers may change in place before backward runs
             mean = running_mean.detach().to(torch.float32, copy=True)
@@ -344,22 +438,44 @@ class _BatchNormAct(torch.autograd.Function):
             f32 = dict(device=x.device, dtype=torch.float32)
             psdz = torch.empty(geo.K, C, **f32)
             psdzx = torch.empty(geo.K, C, **f32)
-            k.backward_reduce[(geo.grid_c, geo.K)](x, dy, mean, invstd, w, b, psdz, psdzx, *geo.args(),
-                                                   ACT=ctx.act, **geo.meta())
+            k.backward_reduce[(geo.grid_c, geo.K)](
+                x, dy, mean, invstd, w, b, psdz, psdzx, *geo.args(), ACT=ctx.act, **geo.meta()
+            )
             sdz, sdzx = psdz.sum(0), psdzx.sum(0)
         dx = None
         if need_x:
             dx = reg.empty_like(x)
-            k.backward_input[(geo.grid_c, geo.K)](x, dy, dx, mean, invstd, w, b, sdz, sdzx,
-                                                  1.0 / geo.count, *geo.args(),
-                                                  TRAINING=ctx.training, ACT=ctx.act, **geo.meta())
+            k.backward_input[(geo.grid_c, geo.K)](
+                x,
+                dy,
+                dx,
+                mean,
+                invstd,
+                w,
+                b,
+                sdz,
+                sdzx,
+                1.0 / geo.count,
+                *geo.args(),
+                TRAINING=ctx.training,
+                ACT=ctx.act,
+                **geo.meta(),
+            )
         dw = sdzx.to(w.dtype) if ctx.has_w and need_w else None
         db = sdz.to(b.dtype) if ctx.has_b and need_b else None
         return dx, None, None, dw, db, None, None, None, None
 
 
-def _bn_act_value(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                  mean: torch.Tensor | None, var: torch.Tensor | None, *, eps: float, act: str) -> torch.Tensor:
+def _bn_act_value(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    var: torch.Tensor | None,
+    *,
+    eps: float,
+    act: str,
+) -> torch.Tensor:
     """``act(bn(x))`` through eager's own BatchNorm kernel: the lean forward's value, bit for bit.
 
     ``mean``/``var`` None: batch statistics (recomputed from ``x``; running statistics untouched), else eval
@@ -397,18 +513,31 @@ class _LeanBatchNormAct(torch.autograd.Function):
         x, weight, bias, s1, s2 = ctx.saved_tensors
         aten = torch.ops.aten
         # recomputed here instead of saved: the BN output (the activation's input), bit for bit as forward
-        z = aten.native_batch_norm(x, weight, bias, None if ctx.training else s1, None if ctx.training else s2,
-                                   ctx.training, 0.0, ctx.eps)[0]
+        z = aten.native_batch_norm(
+            x, weight, bias, None if ctx.training else s1, None if ctx.training else s2, ctx.training, 0.0, ctx.eps
+        )[0]
         dz = act_backward(z, dy, ctx.act)
         del z
-        need = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[3],
-                bias is not None and ctx.needs_input_grad[4]]
+        need = [
+            ctx.needs_input_grad[0],
+            weight is not None and ctx.needs_input_grad[3],
+            bias is not None and ctx.needs_input_grad[4],
+        ]
         if ctx.training:
             dx, dw, db = aten.native_batch_norm_backward(dz, x, weight, None, None, s1, s2, True, ctx.eps, need)
         else:
             dx, dw, db = aten.native_batch_norm_backward(dz, x, weight, s1, s2, None, None, False, ctx.eps, need)
-        return (dx if need[0] else None), None, None, (dw if need[1] else None), (db if need[2] else None), \
-            None, None, None, None
+        return (
+            (dx if need[0] else None),
+            None,
+            None,
+            (dw if need[1] else None),
+            (db if need[2] else None),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def batch_norm_act_lean(
@@ -429,8 +558,9 @@ def batch_norm_act_lean(
     act = check_activation(activation)
     _check_args(input, running_mean, running_var, training, momentum)
     reg.record("batch_norm_act", reg.LEAN)
-    y, s1, s2 = _LeanBatchNormAct.apply(input, running_mean, running_var, weight, bias,
-                                        bool(training), float(momentum), float(eps), act)
+    y, s1, s2 = _LeanBatchNormAct.apply(
+        input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps), act
+    )
     # inside ops.recompute_saved(), a later op saving y stores (input, weight, bias[, eval statistics]) instead
     recipe = functools.partial(_bn_act_value, eps=float(eps), act=act)
     if training:
@@ -440,17 +570,23 @@ def batch_norm_act_lean(
 
 def _check_args(input, running_mean, running_var, training, momentum) -> None:
     if momentum is None:
-        raise FreezeError("momentum=None is not a batch_norm_act argument; pass 1/num_batches_tracked "
-                          "as nn.BatchNorm does (FusedConvBNAct does this for you)")
+        raise FreezeError(
+            "momentum=None is not a batch_norm_act argument; pass 1/num_batches_tracked "
+            "as nn.BatchNorm does (FusedConvBNAct does this for you)"
+        )
     if input.dim() < 2:
         raise FreezeError(f"batch_norm_act expects (N, C, ...) input, got shape {tuple(input.shape)}")
     if not training and (running_mean is None or running_var is None):
-        raise FreezeError("batch_norm_act in eval mode needs running_mean and running_var "
-                          "(pass training=True to normalise with batch statistics)")
+        raise FreezeError(
+            "batch_norm_act in eval mode needs running_mean and running_var "
+            "(pass training=True to normalise with batch statistics)"
+        )
     if training:
         per_channel = input.numel() // max(1, input.shape[1])
         if per_channel <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(input.shape)}")
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {list(input.shape)}"
+            )
 
 
 def batch_norm_act(
@@ -476,21 +612,22 @@ def batch_norm_act(
     """
     impl = reg.check_impl(impl)
     if impl != "triton" and (check_activation(activation) not in _ACTS or reg.lean_here(impl, input)):
-        return batch_norm_act_lean(input, running_mean, running_var, weight, bias,
-                                   training, momentum, eps, activation)
+        return batch_norm_act_lean(input, running_mean, running_var, weight, bias, training, momentum, eps, activation)
     act = _act_code(activation)
     _check_args(input, running_mean, running_var, training, momentum)
-    path = reg.choose("batch_norm_act", input, running_mean, running_var, weight, bias,
-                      supported=input.numel() > 0)
+    path = reg.choose("batch_norm_act", input, running_mean, running_var, weight, bias, supported=input.numel() > 0)
     if path == reg.REFERENCE:
         if impl == "auto":  # CUDA tensors Triton cannot take (float64, no triton): still lean
-            return batch_norm_act_lean(input, running_mean, running_var, weight, bias,
-                                       training, momentum, eps, activation)
-        return batch_norm_act_reference(input, running_mean, running_var, weight, bias,
-                                        training, momentum, eps, activation)
+            return batch_norm_act_lean(
+                input, running_mean, running_var, weight, bias, training, momentum, eps, activation
+            )
+        return batch_norm_act_reference(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, activation
+        )
     x = _dense(input)
     with reg.on_device(x):
-        y, mean, invstd = _BatchNormAct.apply(x, running_mean, running_var, weight, bias,
-                                              bool(training), float(momentum), float(eps), act)
+        y, mean, invstd = _BatchNormAct.apply(
+            x, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps), act
+        )
     # inside ops.recompute_saved(), a later op saving y stores a recipe: the same kernel on the saved input
     return mark_recomputable(y, functools.partial(_triton_value, act=act), x, mean, invstd, weight, bias)

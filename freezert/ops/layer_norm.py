@@ -40,8 +40,21 @@ def _kernels() -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def forward(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, M, N, eps,
-                HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def forward(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        mean_ptr,
+        rstd_ptr,
+        M,
+        N,
+        eps,
+        HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         mask_m = rows < M
@@ -62,9 +75,22 @@ def _kernels() -> SimpleNamespace:
         tl.store(rstd_ptr + rows, rstd, mask=mask_m)
 
     @triton.jit
-    def backward(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, M, N,
-                 HAS_W: tl.constexpr, NEED_DX: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def backward(
+        x_ptr,
+        dy_ptr,
+        dx_ptr,
+        w_ptr,
+        mean_ptr,
+        rstd_ptr,
+        dw_ptr,
+        db_ptr,
+        M,
+        N,
+        HAS_W: tl.constexpr,
+        NEED_DX: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         # Each program walks row blocks pid, pid + G, ...; dx per row, dw/db partials per program.
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -122,9 +148,22 @@ class _LayerNorm(torch.autograd.Function):
         bias = bias.contiguous() if bias is not None else None
         w = weight if weight is not None else x2  # any pointer: HAS_W / HAS_B say whether it is read
         b = bias if bias is not None else x2
-        k.forward[(_cdiv(m, block_m),)](x2, y, w, b, mean, rstd, m, n, float(eps),
-                                               HAS_W=weight is not None, HAS_B=bias is not None,
-                                               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        k.forward[(_cdiv(m, block_m),)](
+            x2,
+            y,
+            w,
+            b,
+            mean,
+            rstd,
+            m,
+            n,
+            float(eps),
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=warps,
+        )
         ctx.save_for_backward(x2, weight, bias, mean, rstd)
         ctx.n, ctx.shape = n, x.shape
         return y.view(x.shape)
@@ -142,16 +181,31 @@ class _LayerNorm(torch.autograd.Function):
         dx = reg.empty_like(x2) if need_dx else x2
         pdw = torch.empty(g, n, device=x2.device, dtype=torch.float32)
         pdb = torch.empty(g, n, device=x2.device, dtype=torch.float32)
-        k.backward[(g,)](x2, dy2, dx, weight if weight is not None else x2, mean, rstd, pdw, pdb, m, n,
-                         HAS_W=weight is not None, NEED_DX=need_dx,
-                         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        k.backward[(g,)](
+            x2,
+            dy2,
+            dx,
+            weight if weight is not None else x2,
+            mean,
+            rstd,
+            pdw,
+            pdb,
+            m,
+            n,
+            HAS_W=weight is not None,
+            NEED_DX=need_dx,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=warps,
+        )
         dw = pdw.sum(0).to(weight.dtype).view(weight.shape) if weight is not None and ctx.needs_input_grad[1] else None
         db = pdb.sum(0).to(bias.dtype).view(bias.shape) if bias is not None and ctx.needs_input_grad[2] else None
         return (dx.view(ctx.shape) if need_dx else None), dw, db, None, None
 
 
-def _ln_value(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, *,
-              shape: tuple[int, ...], eps: float) -> torch.Tensor:
+def _ln_value(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, *, shape: tuple[int, ...], eps: float
+) -> torch.Tensor:
     """Eager's LayerNorm kernel: the lean forward's value and its recompute recipe, bit for bit."""
     return torch.ops.aten.native_layer_norm(x, list(shape), weight, bias, eps)[0]
 
@@ -169,10 +223,12 @@ class _LeanLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        need = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                bias is not None and ctx.needs_input_grad[2]]
-        dx, dw, db = torch.ops.aten.native_layer_norm_backward(dy, x, list(ctx.shape), mean, rstd, weight, bias,
-                                                               need)
+        need = [
+            ctx.needs_input_grad[0],
+            weight is not None and ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        ]
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(dy, x, list(ctx.shape), mean, rstd, weight, bias, need)
         return (dx if need[0] else None), (dw if need[1] else None), (db if need[2] else None), None, None
 
 
@@ -189,9 +245,11 @@ def layer_norm_lean(
     later layer that saves the output (a Linear) stores how to rebuild it instead.
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
-        raise FreezeError(f"normalized_shape={shape} does not match the input's trailing dimensions "
-                          f"{tuple(input.shape)}; pass the input's last dimensions")
+    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape) :]) != shape:
+        raise FreezeError(
+            f"normalized_shape={shape} does not match the input's trailing dimensions "
+            f"{tuple(input.shape)}; pass the input's last dimensions"
+        )
     reg.record("layer_norm", reg.LEAN)
     y = _LeanLayerNorm.apply(input, weight, bias, shape, float(eps))
     return mark_recomputable(y, functools.partial(_ln_value, shape=shape, eps=float(eps)), input, weight, bias)
@@ -223,7 +281,7 @@ def layer_norm(
     ok = (
         len(shape) > 0
         and input.dim() >= len(shape)
-        and tuple(input.shape[input.dim() - len(shape):]) == shape
+        and tuple(input.shape[input.dim() - len(shape) :]) == shape
         and (weight is None or weight.numel() == n)
         and (bias is None or bias.numel() == n)
         and 0 < n <= _MAX_ROW

@@ -33,8 +33,9 @@ def linear_cross_entropy_reference(
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)``: what the fast path must match."""
     logits = F.linear(input, weight, bias)
-    return F.cross_entropy(logits, target, ignore_index=ignore_index,
-                           label_smoothing=label_smoothing, reduction=reduction)
+    return F.cross_entropy(
+        logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction
+    )
 
 
 @functools.cache
@@ -47,8 +48,18 @@ def _kernels() -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def ce_rows(z_ptr, stride_z, tgt_ptr, scale_ptr, loss_ptr, V, ignore_index, smoothing,
-                WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    def ce_rows(
+        z_ptr,
+        stride_z,
+        tgt_ptr,
+        scale_ptr,
+        loss_ptr,
+        V,
+        ignore_index,
+        smoothing,
+        WRITE_GRAD: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         # One row of logits: online max / sum-exp over V, loss, then (optionally) d loss / d logits
         # written over the logits, scaled by the row's scale (1, or grad_output[row] for "none"). The mean's
         # 1/n_valid is applied in fp32 in backward: folded in here, fp16 gradients of size p/n would underflow.
@@ -108,9 +119,19 @@ def _chunked(x, weight, bias, target, row_scale, ignore_index, smoothing, chunk,
         r1 = min(n, r0 + chunk)
         xc = x[r0:r1]
         z = torch.addmm(bias, xc, wt) if bias is not None else torch.mm(xc, wt)  # (rows, V), x's dtype
-        k.ce_rows[(r1 - r0,)](z, z.stride(0), target[r0:r1], row_scale[r0:r1], loss[r0:r1], v,
-                              ignore_index, float(smoothing), WRITE_GRAD=write, BLOCK_V=block_v,
-                              num_warps=warps)
+        k.ce_rows[(r1 - r0,)](
+            z,
+            z.stride(0),
+            target[r0:r1],
+            row_scale[r0:r1],
+            loss[r0:r1],
+            v,
+            ignore_index,
+            float(smoothing),
+            WRITE_GRAD=write,
+            BLOCK_V=block_v,
+            num_warps=warps,
+        )
         if need_x:
             torch.mm(z, weight, out=gx[r0:r1])
         if need_w:
@@ -133,8 +154,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = (target != ignore_index).sum().to(torch.float32)
         row_scale = torch.ones(n, device=x.device, dtype=torch.float32)
         eager = reduction != "none"  # gradients do not depend on grad_output row by row
-        loss, gx, gw, gb = _chunked(x, weight, bias, target, row_scale, ignore_index, smoothing, chunk,
-                                    need_x and eager, need_w and eager, need_b and eager)
+        loss, gx, gw, gb = _chunked(
+            x,
+            weight,
+            bias,
+            target,
+            row_scale,
+            ignore_index,
+            smoothing,
+            chunk,
+            need_x and eager,
+            need_w and eager,
+            need_b and eager,
+        )
         ctx.reduction, ctx.chunk = reduction, chunk
         ctx.ignore_index, ctx.smoothing = ignore_index, smoothing
         ctx.need = (need_x, need_w, need_b)
@@ -163,8 +195,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             gb = (gb * g).to(bdt) if need_b else None
         else:
             x, weight, bias, target = ctx.saved_tensors
-            _, gx, gw, gb = _chunked(x, weight, bias, target, grad.float().contiguous(), ctx.ignore_index,
-                                     ctx.smoothing, ctx.chunk, need_x, need_w, need_b)
+            _, gx, gw, gb = _chunked(
+                x,
+                weight,
+                bias,
+                target,
+                grad.float().contiguous(),
+                ctx.ignore_index,
+                ctx.smoothing,
+                ctx.chunk,
+                need_x,
+                need_w,
+                need_b,
+            )
             gw = gw.to(wdt) if need_w else None
             gb = gb.to(bdt) if need_b else None
         return gx, gw, None, gb, None, None, None, None, None
@@ -206,8 +249,7 @@ def linear_cross_entropy(
     )
     path = reg.choose("linear_cross_entropy", input, weight, bias, target, supported=ok)
     if path == reg.REFERENCE:
-        return linear_cross_entropy_reference(input, weight, target, bias, ignore_index,
-                                              label_smoothing, reduction)
+        return linear_cross_entropy_reference(input, weight, target, bias, ignore_index, label_smoothing, reduction)
     n, v = input.shape[0], weight.shape[0]
     chunk = chunk_size or max(1, min(n, _CHUNK_ELEMENTS // v))
     device_type = input.device.type
@@ -217,12 +259,19 @@ def linear_cross_entropy(
         input, weight = input.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
         if reg.choose("linear_cross_entropy", input, weight, bias, target) == reg.REFERENCE:
-            return linear_cross_entropy_reference(input, weight, target, bias, ignore_index,
-                                                  label_smoothing, reduction)
+            return linear_cross_entropy_reference(input, weight, target, bias, ignore_index, label_smoothing, reduction)
     # Under autocast the loss is fp32, as eager's cross-entropy: cast inside the Function, so the incoming
     # gradient (a GradScaler scale of 65536 is above fp16's range) never passes through the input dtype.
     out_dtype = torch.float32 if autocast else input.dtype
     with torch.autocast(device_type, enabled=False), reg.on_device(input):
-        return _LinearCrossEntropy.apply(input.contiguous(), weight.contiguous(), target.contiguous(),
-                                         None if bias is None else bias.contiguous(), int(ignore_index),
-                                         float(label_smoothing), reduction, int(chunk), out_dtype)
+        return _LinearCrossEntropy.apply(
+            input.contiguous(),
+            weight.contiguous(),
+            target.contiguous(),
+            None if bias is None else bias.contiguous(),
+            int(ignore_index),
+            float(label_smoothing),
+            reduction,
+            int(chunk),
+            out_dtype,
+        )

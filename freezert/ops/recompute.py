@@ -72,8 +72,10 @@ def recompute_saved() -> Iterator[None]:
             if view is not None:
                 size, stride, offset, base_stride = view
                 if tuple(out.stride()) != base_stride:  # the rebuild must lay the values out as the forward did
-                    raise RuntimeError(f"freezert recompute: rebuilt tensor strides {tuple(out.stride())} differ "
-                                       f"from the forward's {base_stride}")
+                    raise RuntimeError(
+                        f"freezert recompute: rebuilt tensor strides {tuple(out.stride())} differ "
+                        f"from the forward's {base_stride}"
+                    )
                 out = out.as_strided(size, stride, offset)
             return out
         return ounpack(p) if ounpack else p

@@ -49,8 +49,11 @@ class _LeanRMSNorm(torch.autograd.Function):
         h = (xs * rstd).to(x.dtype)  # recomputed, not saved
         dw = None
         if ctx.needs_input_grad[1]:
-            dw = (dy * h).reshape(-1, h.shape[-1]).sum(0).to(weight.dtype) if weight.dim() == 1 else \
-                (dy * h).sum_to_size(weight.shape).to(weight.dtype)
+            dw = (
+                (dy * h).reshape(-1, h.shape[-1]).sum(0).to(weight.dtype)
+                if weight.dim() == 1
+                else (dy * h).sum_to_size(weight.shape).to(weight.dtype)
+            )
         dx = None
         if ctx.needs_input_grad[0]:
             g = (dy * weight).to(x.dtype).to(xs.dtype)  # eager rounds the gradient at h's dtype first
@@ -83,6 +86,12 @@ def is_llama_rms_norm(m: torch.nn.Module) -> bool:
     code = _llama_forward_code()
     fwd = getattr(type(m).forward, "__code__", None)
     w = getattr(m, "weight", None)
-    return (code is not None and fwd is not None and fwd.co_code == code.co_code
-            and fwd.co_consts == code.co_consts and fwd.co_names == code.co_names
-            and isinstance(w, torch.nn.Parameter) and isinstance(getattr(m, "variance_epsilon", None), float))
+    return (
+        code is not None
+        and fwd is not None
+        and fwd.co_code == code.co_code
+        and fwd.co_consts == code.co_consts
+        and fwd.co_names == code.co_names
+        and isinstance(w, torch.nn.Parameter)
+        and isinstance(getattr(m, "variance_epsilon", None), float)
+    )

@@ -7,14 +7,12 @@ The input module is never edited by ``plan_substitutions``; ``swapped`` edits it
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import contextlib
-from collections.abc import Iterator
 
 from .._swap import Handle, apply_substitutions, restore  # noqa: F401 (re-exported)
 from .._swap import swapped as _swapped
@@ -40,8 +38,13 @@ def _act_name(m: nn.Module) -> str | None:
 
 
 # transformers' activation modules (transformers.activations), matched by class name: no import needed
-_HF_ACTS = {"SiLUActivation": "silu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
-            "PytorchGELUTanh": "gelu_tanh", "GELUActivation": "gelu"}
+_HF_ACTS = {
+    "SiLUActivation": "silu",
+    "NewGELUActivation": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "GELUActivation": "gelu",
+}
 
 
 def _standalone_act(m: nn.Module) -> str | None:
@@ -71,13 +74,21 @@ def _hooked(m: nn.Module) -> bool:
 class FusedConvBNAct(nn.Module):
     """``act(bn(conv(x)))`` with BN and the activation fused; children are the original modules."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module,
-                 names: tuple[str, str, str] = ("conv", "bn", "act"), impl: str = "triton"):
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d,
+        act: nn.Module,
+        names: tuple[str, str, str] = ("conv", "bn", "act"),
+        impl: str = "triton",
+    ):
         super().__init__()
         activation = _act_name(act)
         if activation is None or (impl == "triton" and activation not in _TRITON_ACTS):
-            raise ValueError(f"activation {type(act).__name__} is not fusable; use SiLU, ReLU or Identity"
-                             " (or GELU with impl='lean' / 'auto')")
+            raise ValueError(
+                f"activation {type(act).__name__} is not fusable; use SiLU, ReLU or Identity"
+                " (or GELU with impl='lean' / 'auto')"
+            )
         self._impl = reg.check_impl(impl)
         self._names = names
         self._activation = activation
@@ -95,8 +106,18 @@ class FusedConvBNAct(nn.Module):
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
         track = not bn.training or bn.track_running_stats
-        return batch_norm_act(y, bn.running_mean if track else None, bn.running_var if track else None,
-                              bn.weight, bn.bias, use_batch, factor, bn.eps, self._activation, impl=self._impl)
+        return batch_norm_act(
+            y,
+            bn.running_mean if track else None,
+            bn.running_var if track else None,
+            bn.weight,
+            bn.bias,
+            use_batch,
+            factor,
+            bn.eps,
+            self._activation,
+            impl=self._impl,
+        )
 
 
 class FusedLayerNorm(nn.Module):
@@ -180,21 +201,33 @@ def _fused(m: nn.Module, impl: str) -> nn.Module | None:
         return LeanActivation(m)
     if _sequential(m) and len(m) == 3:
         conv, bn, act = m[0], m[1], m[2]
-        if isinstance(conv, nn.Conv2d) and _plain_bn(bn) and _fusable_act(act, impl) not in (None, "identity") \
-                and not _hooked(conv) and not _hooked(bn) and not _hooked(act):
+        if (
+            isinstance(conv, nn.Conv2d)
+            and _plain_bn(bn)
+            and _fusable_act(act, impl) not in (None, "identity")
+            and not _hooked(conv)
+            and not _hooked(bn)
+            and not _hooked(act)
+        ):
             return FusedConvBNAct(conv, bn, act, names=tuple(m._modules), impl=impl)
         return None
     children = m._modules
     if set(children) == {"conv", "bn", "act"}:  # YOLOv5 / Ultralytics Conv: forward is act(bn(conv(x)))
         conv, bn, act = children["conv"], children["bn"], children["act"]
-        if isinstance(conv, nn.Conv2d) and _plain_bn(bn) and _fusable_act(act, impl) is not None \
-                and not _hooked(bn) and not _hooked(act):
+        if (
+            isinstance(conv, nn.Conv2d)
+            and _plain_bn(bn)
+            and _fusable_act(act, impl) is not None
+            and not _hooked(bn)
+            and not _hooked(act)
+        ):
             return FusedConvBNAct(conv, bn, act, impl=impl)
     return None
 
 
-def plan_substitutions(module: nn.Module, *, skip: Callable[[str], bool] = lambda name: False,
-                       impl: str = "triton") -> list[tuple[str, nn.Module]]:
+def plan_substitutions(
+    module: nn.Module, *, skip: Callable[[str], bool] = lambda name: False, impl: str = "triton"
+) -> list[tuple[str, nn.Module]]:
     """(dotted name, replacement) for each Conv-BN-act block and LayerNorm below ``module``.
 
     ``skip(name)`` excludes a candidate (e.g. frozen blocks); the root itself is never replaced.
@@ -222,8 +255,11 @@ def plan_substitutions(module: nn.Module, *, skip: Callable[[str], bool] = lambd
 def _recipes(plan: list[tuple[str, nn.Module]]) -> bool:
     """True when some replacement marks its output recomputable (every fused Conv-BN-act path does, and
     the lean LayerNorm, RMSNorm and activations)."""
-    return any(isinstance(rep, (FusedConvBNAct, LeanActivation, LeanRMSNorm))
-               or (isinstance(rep, FusedLayerNorm) and rep._impl != "triton") for _, rep in plan)
+    return any(
+        isinstance(rep, (FusedConvBNAct, LeanActivation, LeanRMSNorm))
+        or (isinstance(rep, FusedLayerNorm) and rep._impl != "triton")
+        for _, rep in plan
+    )
 
 
 @contextlib.contextmanager

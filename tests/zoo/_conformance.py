@@ -16,8 +16,9 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pytest
 import torch
@@ -92,8 +93,9 @@ def settle_batchnorm(model: nn.Module, args: tuple = (), kwargs: dict | None = N
         for m, mom in zip(bns, momenta):
             m.momentum = mom
             n = m.num_features
-            m.running_mean.add_(0.1 * (torch.rand(n, generator=g, dtype=m.running_mean.dtype) - 0.5)
-                                * m.running_var.sqrt())  # fmt: skip
+            m.running_mean.add_(
+                0.1 * (torch.rand(n, generator=g, dtype=m.running_mean.dtype) - 0.5) * m.running_var.sqrt()
+            )
             m.running_var.mul_(0.8 + 0.4 * torch.rand(n, generator=g, dtype=m.running_var.dtype))
             m.num_batches_tracked.fill_(100)
     for m, t in was.items():
@@ -158,8 +160,9 @@ def assert_same_outputs(out, ref_out, tol: float = TOL, what: str = "output") ->
     fo, fr = flat(out), flat(ref_out)
     assert len(fo) == len(fr), f"{what}: {len(fo)} tensors, naive freezing gives {len(fr)}"
     assert all(torch.isfinite(t).all() for t in fr if t.is_floating_point()), f"{what}: naive freezing is not finite"
-    floor = FLOOR * max((t.detach().double().abs().max().item() for t in fr if t.is_floating_point() and t.numel()),
-                        default=0.0)  # fmt: skip
+    floor = FLOOR * max(
+        (t.detach().double().abs().max().item() for t in fr if t.is_floating_point() and t.numel()), default=0.0
+    )
     for i, (a, b) in enumerate(zip(fo, fr)):
         assert a.shape == b.shape, f"{what}[{i}]: shape {tuple(a.shape)}, naive freezing gives {tuple(b.shape)}"
         if not b.is_floating_point():
@@ -187,8 +190,9 @@ def weighted_loss(out, seed: int = 7) -> torch.Tensor:
 def assert_same_grads(model: nn.Module, ref: nn.Module, frozen: set[str], tol: float = TOL) -> None:
     """Trainable gradients equal the reference's; frozen parameters get none."""
     ref_params = dict(ref.named_parameters())
-    big = max((q.grad.abs().max().item() for q in ref_params.values() if q.grad is not None and q.grad.numel()),
-              default=0.0)  # fmt: skip
+    big = max(
+        (q.grad.abs().max().item() for q in ref_params.values() if q.grad is not None and q.grad.numel()), default=0.0
+    )
     bad = []
     for n, p in model.named_parameters():
         q = ref_params[n]
@@ -267,8 +271,17 @@ class Twin:
     cache the tolerance is ``CACHE_TOL`` (float32 rows), unless ``tol`` says otherwise.
     """
 
-    def __init__(self, model: nn.Module, freeze, *, train: bool | None = True, cache=None,
-                 expect_frozen: Callable[[str], bool] | None = None, tol: float = TOL, **opts):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        freeze,
+        *,
+        train: bool | None = True,
+        cache=None,
+        expect_frozen: Callable[[str], bool] | None = None,
+        tol: float = TOL,
+        **opts,
+    ):
         if train is not None:
             model.train(train)
         if cache is not None and tol == TOL:
@@ -292,8 +305,10 @@ class Twin:
         assert len(frozen) < sum(self.rg_before.values()), f"freeze={freeze!r} froze every trainable parameter"
         if self.expect_frozen is not None:
             want = {n for n, rg in self.rg_before.items() if rg and self.expect_frozen(n)}
-            assert frozen == want, (f"freeze={freeze!r} froze the wrong parameters: unexpected "
-                                    f"{sorted(frozen - want)[:5]}, missing {sorted(want - frozen)[:5]}")  # fmt: skip
+            assert frozen == want, (
+                f"freeze={freeze!r} froze the wrong parameters: unexpected "
+                f"{sorted(frozen - want)[:5]}, missing {sorted(want - frozen)[:5]}"
+            )
         assert list(self.fm.state_dict()) == list(self.pristine.state_dict()), "the wrapped state_dict keys differ"
         self.eager = dict(getattr(self.fm, "eager_blocks", None) or {})
         total = sum(p.numel() for p in model.parameters())
@@ -395,4 +410,3 @@ def under(*prefixes: str) -> Callable[[str], bool]:
 
 def images(batch: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
-

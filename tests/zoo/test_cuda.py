@@ -33,8 +33,11 @@ def _no_tf32():
 
 def _errors(out, ref_out, model, ref) -> tuple[float, float]:
     """max |out - ref| / max |ref| over the outputs; ||g - g_ref|| / ||g_ref|| over all trainable gradients."""
-    oe = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-             for a, b in zip(flat(out), flat(ref_out)) if b.is_floating_point())  # fmt: skip
+    oe = max(
+        ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+        for a, b in zip(flat(out), flat(ref_out))
+        if b.is_floating_point()
+    )
     refp = dict(ref.named_parameters())
     num = den = 0.0
     for n, p in model.named_parameters():
@@ -86,16 +89,34 @@ def _resnet50():
     return prepare(tv.models.resnet50(), (images(size=64),))
 
 
-@pytest.mark.parametrize("opts", [dict(channels_last=True), dict(graphs=True), dict(graphs=True, channels_last=True)],
-                         ids=["channels_last", "graphs", "graphs-channels_last"])  # fmt: skip
+@pytest.mark.parametrize(
+    "opts",
+    [dict(channels_last=True), dict(graphs=True), dict(graphs=True, channels_last=True)],
+    ids=["channels_last", "graphs", "graphs-channels_last"],
+)
 def test_yolov8n_float32_on_cuda(opts):
-    _compare(_yolo(), 10, images(size=64), out_tol=1e-4, grad_tol=1e-4, calls=3,
-             expect=under(*(f"model.{i}" for i in range(10))), **opts)  # fmt: skip
+    _compare(
+        _yolo(),
+        10,
+        images(size=64),
+        out_tol=1e-4,
+        grad_tol=1e-4,
+        calls=3,
+        expect=under(*(f"model.{i}" for i in range(10))),
+        **opts,
+    )
 
 
 def test_resnet50_float32_channels_last_on_cuda():
-    _compare(_resnet50(), 2, images(size=64), out_tol=1e-4, grad_tol=1e-4, channels_last=True,
-             expect=under("conv1", "bn1", "layer1"))  # fmt: skip
+    _compare(
+        _resnet50(),
+        2,
+        images(size=64),
+        out_tol=1e-4,
+        grad_tol=1e-4,
+        channels_last=True,
+        expect=under("conv1", "bn1", "layer1"),
+    )
 
 
 def _cos(a, b) -> float:

@@ -44,7 +44,8 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    "name,freeze,train,cache,expect", CASES,
+    "name,freeze,train,cache,expect",
+    CASES,
     ids=[f"{c[0]}-freeze{c[1]}-{'train' if c[2] else 'eval'}{'-' + c[3] if c[3] else ''}" for c in CASES],
 )
 def test_same_function_as_naive_freezing(name, freeze, train, cache, expect):
@@ -68,8 +69,13 @@ def test_vit_cls_token_and_pos_embed_train_through_eager_frozen_blocks(freeze, t
     frozen blocks, so those blocks must run eagerly; the wrap says so once (FreezeWarning) and stays exact."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = conform(base("vit_small_patch16_224"), freeze, (X32,), train=train,
-                      expect_frozen=blocks_under("blocks", freeze, "patch_embed"))  # fmt: skip
+        res = conform(
+            base("vit_small_patch16_224"),
+            freeze,
+            (X32,),
+            train=train,
+            expect_frozen=blocks_under("blocks", freeze, "patch_embed"),
+        )
     assert not any(n in res.frozen for n in VIT_POS)
     assert res.eager, "the frozen blocks must run eagerly while cls_token/pos_embed train"
     assert "blocks.0" in res.eager and all(isinstance(v, str) and v for v in res.eager.values())
@@ -82,7 +88,14 @@ def test_vit_cls_token_and_pos_embed_train_through_eager_frozen_blocks(freeze, t
 def test_vit_also_freeze_cls_token_and_pos_embed_gives_the_fast_path():
     with warnings.catch_warnings():
         warnings.simplefilter("error", freezert.FreezeWarning)
-        res = conform(base("vit_small_patch16_224"), 3, (X32,), train=True, cache="fp32", also_freeze=VIT_POS,
-                      expect_frozen=blocks_under("blocks", 3, "patch_embed", *VIT_POS))  # fmt: skip
+        res = conform(
+            base("vit_small_patch16_224"),
+            3,
+            (X32,),
+            train=True,
+            cache="fp32",
+            also_freeze=VIT_POS,
+            expect_frozen=blocks_under("blocks", 3, "patch_embed", *VIT_POS),
+        )
     assert res.eager == {}
     assert res.hits == 2  # both rows of epoch 2 came from the cache

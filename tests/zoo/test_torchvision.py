@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 import freezert
@@ -56,7 +55,8 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    "name,freeze,train,cache,expect", CASES,
+    "name,freeze,train,cache,expect",
+    CASES,
     ids=[f"{c[0]}-freeze{c[1]}-{'train' if c[2] else 'eval'}{'-' + c[3] if c[3] else ''}" for c in CASES],
 )
 def test_same_function_as_naive_freezing(name, freeze, train, cache, expect):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from ._conformance import Bases, DTYPE, conform, need, under
+from ._conformance import DTYPE, Bases, conform, need, under
 
 transformers = need("transformers")
 transformers.logging.set_verbosity_error()
@@ -32,15 +31,31 @@ def vit():
 
 
 def gpt2():
-    cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=4, n_head=4, use_cache=False,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    cfg = transformers.GPT2Config(
+        vocab_size=97,
+        n_positions=32,
+        n_embd=32,
+        n_layer=4,
+        n_head=4,
+        use_cache=False,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def llama():
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   use_cache=False)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        use_cache=False,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -58,7 +73,8 @@ CASES = [(name, f, train, cache) for name in BUILD for f, train, cache in [(1, T
 
 
 @pytest.mark.parametrize(
-    "name,freeze,train,cache", CASES,
+    "name,freeze,train,cache",
+    CASES,
     ids=[f"{c[0]}-freeze{c[1]}-{'train' if c[2] else 'eval'}{'-' + c[3] if c[3] else ''}" for c in CASES],
 )
 def test_same_function_as_naive_freezing(name, freeze, train, cache):

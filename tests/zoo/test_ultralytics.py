@@ -3,7 +3,6 @@ paper (4, 10, 22), a list, a name; the frozen set is exactly the parameters of `
 
 from __future__ import annotations
 
-
 import pytest
 
 from ._conformance import Bases, conform, images, need, under
@@ -33,9 +32,14 @@ CASES += [(cfg, *f) for cfg in ("yolov10n.yaml", "yolov5nu.yaml") for f in FREEZ
 
 
 @pytest.mark.parametrize(
-    "cfg,freeze,idx,train,cache", CASES,
-    ids=[f"{c[0].split('.')[0]}-freeze{c[1]}-{'train' if c[3] else 'eval'}{'-' + c[4] if c[4] else ''}"
-         .replace(" ", "").replace("'", "") for c in CASES],  # fmt: skip
+    "cfg,freeze,idx,train,cache",
+    CASES,
+    ids=[
+        f"{c[0].split('.')[0]}-freeze{c[1]}-{'train' if c[3] else 'eval'}{'-' + c[4] if c[4] else ''}".replace(
+            " ", ""
+        ).replace("'", "")
+        for c in CASES
+    ],
 )
 def test_same_function_as_naive_freezing(cfg, freeze, idx, train, cache):
     model = base(cfg)
