@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from torch import nn
 
 from ._errors import FreezeError
 from ._swap import swapped
+from ._units import fmt_bytes, parse_bytes
 
 __all__ = [
     "MemoryReport",
@@ -30,45 +30,9 @@ __all__ = [
     "checkpointed",
     "forward_flops",
     "memory_report",
-    "parse_bytes",
     "plan_recompute",
     "saved_bytes",
 ]
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_bytes(value: int | float | str) -> int:
-    """``4096``, ``"512MiB"``, ``"1.5 GB"`` -> bytes; anything else is a FreezeError naming the value."""
-    if isinstance(value, bool):
-        raise FreezeError(f"memory budget {value!r} is not a size; pass bytes (int) or a string like '4GiB'")
-    if isinstance(value, (int, float)):
-        if value < 0 or not math.isfinite(value):
-            raise FreezeError(f"memory budget {value!r} must be a non-negative number of bytes")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    if m is None or m.group(2).lower() not in _UNITS:
-        raise FreezeError(f"memory budget {value!r} is not a size; write e.g. '4GiB', '512MB' or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def _fmt(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -247,7 +211,7 @@ def plan_recompute(
     over bytes rounded up to ``resolution`` steps, so the plan never exceeds the budget. Infeasible budgets
     raise a FreezeError that names the minimum.
     """
-    budget_b = parse_bytes(budget)
+    budget_b = parse_bytes("memory_budget", budget)
     inputs, outputs = inputs or {}, outputs or {}
     cost = cost if cost is not None else {k: float(v) for k, v in saved.items()}
     gain = {k: max(0, int(v) - int(inputs.get(k, 0)) - int(outputs.get(k, 0))) for k, v in saved.items()}
@@ -257,7 +221,7 @@ def plan_recompute(
     floor = total - sum(gain.values())
     if floor > budget_b:
         raise FreezeError(
-            f"memory_budget={budget!r} ({_fmt(budget_b)}) is below the minimum of {_fmt(floor)} "
+            f"memory_budget={budget!r} ({fmt_bytes(budget_b)}) is below the minimum of {fmt_bytes(floor)} "
             f"({floor} bytes) with every trainable block recomputed; raise it to at least that"
         )
     # Keep (do not checkpoint) the set of blocks with the largest total cost whose gains fit in the slack.
@@ -388,11 +352,11 @@ class MemoryReport:
         )
         lines = [f"{'memory (' + self.measured + ')':<{width}}  {'bytes':>14}  {'':>10}"]
         for k, n in self.rows:
-            lines.append(f"{k:<{width}}  {n:>14,}  {_fmt(n):>10}")
+            lines.append(f"{k:<{width}}  {n:>14,}  {fmt_bytes(n):>10}")
             if k == "saved activations":
                 for b, m in self.saved.items():
-                    lines.append(f"{'  ' + str(b):<{width}}  {m:>14,}  {_fmt(m):>10}")
-        lines.append(f"{'total':<{width}}  {self.total:>14,}  {_fmt(self.total):>10}")
+                    lines.append(f"{'  ' + str(b):<{width}}  {m:>14,}  {fmt_bytes(m):>10}")
+        lines.append(f"{'total':<{width}}  {self.total:>14,}  {fmt_bytes(self.total):>10}")
         for title, entries in (("saved activations with", self.options), ("frozen weights held as", self.weights)):
             if entries:  # each against the first entry
                 lines += ["", f"{title:<{width}}  {'bytes':>14}  {'vs first':>10}"]

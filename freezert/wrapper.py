@@ -107,9 +107,9 @@ class FrozenModel(nn.Module):
         self.offload_frozen = bool(offload_frozen)
         self._offloaded_from: torch.device | None = None  # where the frozen weights live when not offloaded
         self.offloads = 0
-        from .memory import parse_bytes
+        from ._units import parse_bytes
 
-        self._budget = None if memory_budget is None else parse_bytes(memory_budget)
+        self._budget = None if memory_budget is None else parse_bytes("memory_budget", memory_budget)
         self._recompute: list[str] | None = None  # trainable blocks run under checkpoint (None: not planned yet)
         self.recompute_plan: dict | None = None  # what the budget's plan measured and chose
         self._set_frozen(frozen)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from freezert import CacheError
-from freezert.cache import FeatureCache, _parse_bytes, fingerprint_of
+from freezert.cache import FeatureCache, fingerprint_of
 
 LAYOUT = [((3, 5), torch.float32), ((7,), torch.float32)]  # a sample's boundary: two tensors, 22 values
 FP = "0123456789abcdef"
@@ -183,9 +183,6 @@ def test_unbound_cache_and_argument_validation():
     ]:
         with pytest.raises(CacheError, match=match):
             FeatureCache(**kw)
-    assert _parse_bytes("b", "20GiB") == 20 * 2**30
-    assert _parse_bytes("b", "1.5GB") == 1.5e9 and _parse_bytes("b", "512 MiB") == 512 * 2**20
-    assert _parse_bytes("b", 4096) == 4096 and _parse_bytes("b", None, allow_none=True) == float("inf")
     with pytest.raises(CacheError, match="layout tensor|cannot be cached"):
         FeatureCache().bind(FP, [((3,), torch.int64)], "cpu")
     with pytest.raises(CacheError, match="CUDA memory"):

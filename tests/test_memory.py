@@ -14,7 +14,6 @@ from freezert.memory import (
     checkpointed,
     forward_flops,
     memory_report,
-    parse_bytes,
     plan_recompute,
     saved_bytes,
 )
@@ -43,17 +42,6 @@ def _head(model):
 
 def _exclude(*models):
     return [t for m in models for t in (*m.parameters(), *m.buffers())]
-
-
-def test_parse_bytes():
-    assert parse_bytes(4096) == 4096
-    assert parse_bytes("512MiB") == 512 * 2**20
-    assert parse_bytes("1.5 GB") == 1_500_000_000
-    assert parse_bytes("4GiB") == 4 * 2**30
-    with pytest.raises(FreezeError, match="'4 gigs'"):
-        parse_bytes("4 gigs")
-    with pytest.raises(FreezeError, match="-1"):
-        parse_bytes(-1)
 
 
 def test_meter_per_block_sums_to_total_and_counts_unique_storages():

@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from .._units import fmt_bytes
 from .cache_bench import _COUNTERS, CACHE_VARIANTS, CACHED, FLOOR, EpochResult
 from .variants import FREEZERT, FULL, NAIVE, VARIANTS, BenchError, VariantResult, quartiles
 
@@ -222,7 +223,7 @@ def results_json(results: dict[str, VariantResult], config: dict, verdict_line: 
 
 
 def _fmt_bytes(n) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+    return "-" if n is None else fmt_bytes(n)
 
 
 def _sum_counts(epochs: list[dict]) -> dict[str, int]:

@@ -7,6 +7,5 @@ from __future__ import annotations
 
 from .binding import fingerprint_of, ids_to_keys
 from .feature_cache import FeatureCache
-from .tiers import parse_bytes as _parse_bytes  # noqa: F401 (tests read the cache's byte grammar)
 
 __all__ = ["FeatureCache", "fingerprint_of", "ids_to_keys"]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .._errors import CacheError
+from .._units import fmt_bytes, parse_bytes
 from . import disk as _disk
 from . import extend as _extend
 from . import persist as _persist
@@ -30,7 +31,7 @@ from .binding import check_layout, ids_to_keys, store_seed
 from .codecs import CODECS, ESCAPE, IO_DTYPES, escape_kind
 from .disk import NO_CONTENT, DiskSlab
 from .stats import Counters, build_stats
-from .tiers import WHERE, MemSlab, Tier, available_ram, fmt_bytes, parse_bytes
+from .tiers import WHERE, MemSlab, Tier, available_ram
 
 __all__ = ["FeatureCache"]
 
@@ -90,9 +91,9 @@ class FeatureCache:
         self.codec, self.where, self.path, self.evict = codec, where, path, evict
         self.strict, self.readonly, self.epoch_rows = bool(strict), bool(readonly), epoch_rows
         self._budget_arg = (budget, host_budget, disk_budget)
-        b = parse_bytes("budget", budget)
-        hb = None if host_budget is None else parse_bytes("host_budget", host_budget)
-        db = parse_bytes("disk_budget", disk_budget, allow_none=True)
+        b = parse_bytes("budget", budget, error=CacheError)
+        hb = None if host_budget is None else parse_bytes("host_budget", host_budget, error=CacheError)
+        db = parse_bytes("disk_budget", disk_budget, allow_none=True, error=CacheError)
         if where == "auto":
             self._budgets = {"device": b, "host": hb, "disk": db}  # host None: resolved at bind
         elif where == "cuda":

@@ -2,75 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from typing import Any
 
 import torch
 
 from .. import _native
-from .._errors import CacheError
 from .codecs import CODECS
 
-__all__ = ["MemSlab", "Slab", "Tier", "available_ram", "fmt_bytes", "parse_bytes"]
+__all__ = ["MemSlab", "Slab", "Tier", "available_ram"]
 
 TIERS = ("device", "host", "disk")
 WHERE = {"auto": ("device", "host", "disk"), "cuda": ("device",), "host": ("host",), "disk": ("disk",)}
-MAX_BYTES = 2**62  # larger than any machine's memory or disk; a bigger number is a typo, not a budget
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_bytes(name: str, value: Any, *, allow_none: bool = False) -> float:
-    """Bytes from an int or a string like '20GiB'; math.inf for None (where allowed) or 'unlimited'."""
-    if value is None and allow_none:
-        return math.inf
-    if isinstance(value, str) and value.strip().lower() in ("unlimited", "inf", "none") and allow_none:
-        return math.inf
-    n = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if isinstance(value, int) or math.isfinite(value):
-            n = int(value)  # exact for ints of any length (float() of 10**400 would overflow)
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)(?:\.(\d*))?\s*([a-zA-Z]*)\s*|\s*\.(\d+)\s*([a-zA-Z]*)\s*", value)
-        if m:
-            whole, frac, unit = (m.group(1), m.group(2), m.group(3)) if m.group(1) else ("0", m.group(4), m.group(5))
-            if unit.lower() in _UNITS and len(whole) <= 30:  # no float overflow: at most 30 digits before scaling
-                n = int(float(f"{whole}.{frac or 0}") * _UNITS[unit.lower()])
-            elif unit.lower() in _UNITS:
-                n = MAX_BYTES + 1
-    extra = " or None (unlimited)" if allow_none else ""
-    if n is not None and n > MAX_BYTES:
-        raise CacheError(
-            f"{name}={_short(value)} is more than 2**62 bytes, larger than any machine; pass a real size like "
-            f"'20GiB'{extra}"
-        )
-    if n is not None and n >= 0:
-        return float(n)
-    raise CacheError(
-        f"{name}={_short(value)} is not a size; pass a non-negative int of bytes or a string like '20GiB', "
-        f"'512MiB', '1.5GB'{extra}"
-    )
-
-
-def _short(value: Any) -> str:
-    r = repr(value)
-    return r if len(r) <= 40 else f"{r[:20]}...{r[-8:]} ({len(r)} characters)"
 
 
 def available_ram() -> int:
@@ -85,16 +28,6 @@ def available_ram() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 8 << 30
-
-
-def fmt_bytes(n: float) -> str:
-    if n == math.inf:
-        return "unlimited"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 class Tier:
