@@ -33,6 +33,7 @@ class BlockTable:
     members: list[list[tuple[str, nn.Module]]] = field(default_factory=list)
     candidates: list[tuple[str, nn.Module]] = field(default_factory=list)
     ancestors: list[str] = field(default_factory=list)  # modules on the path from the root to the blocks
+    outside: bool = False  # the model has parameters in no block (a head, a stem, ViT's cls_token)
 
     @property
     def save(self) -> set[int]:
@@ -66,6 +67,7 @@ class BlockTable:
             [self.members[i] for i in order],
             list(self.candidates),
             list(self.ancestors),
+            self.outside,
         )
 
     def direct_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -185,6 +187,13 @@ def _candidates(model: nn.Module, path: str) -> tuple[list[str], list[tuple[str,
 
 def block_table(model: nn.Module, blocks: str | None = None) -> BlockTable:
     """Finds the block sequence of ``model`` (or of the container at dotted path ``blocks``)."""
+    table = _find_blocks(model, blocks)
+    inside = {id(p) for m in table.modules for p in m.parameters()}
+    table.outside = any(id(p) not in inside for p in model.parameters())
+    return table
+
+
+def _find_blocks(model: nn.Module, blocks: str | None) -> BlockTable:
     if not isinstance(model, nn.Module):
         raise FreezeError(f"freezert needs a torch.nn.Module, got {type(model).__name__}; pass the model itself")
     if blocks is not None and not isinstance(blocks, str):

@@ -47,7 +47,7 @@ def partition(table: BlockTable, frozen: list[int], k: int) -> Partition:
     if table.sources is None:
         return Partition(k, tuple(frozen), (k - 1,), {i: (i - 1,) for i in range(1, k)})
     src = table.sources
-    boundary = sorted({j for i in range(k, n) for j in src[i] if j < k})
+    boundary = sorted({j for i in range(k, n) for j in src[i] if j < k} | ({n - 1} if k == n else set()))
     last_use: dict[int, int] = {}
     for i in range(k):
         for j in src[i]:

@@ -22,10 +22,13 @@ def _listing(table: BlockTable, limit: int = 6) -> str:
 
 
 def _check_not_all(idx: list[int], table: BlockTable, what: str) -> list[int]:
-    if len(idx) >= len(table):
+    """Every block frozen is a linear probe when parameters outside the blocks train (a head, a classifier);
+    without any, it leaves nothing to train, which is refused unless asked for by name (``freeze="all"``)."""
+    if len(idx) >= len(table) and not table.outside:
         raise FreezeError(
-            f"{what} freezes every one of the {len(table)} blocks, leaving nothing to train; "
-            f"freeze at most {len(table) - 1} blocks"
+            f"{what} freezes every one of the {len(table)} blocks and the model has no parameters outside them, "
+            f"leaving nothing to train; freeze at most {len(table) - 1} blocks, or pass freeze='all' for a frozen "
+            "feature extractor"
         )
     return idx
 
@@ -75,6 +78,8 @@ def resolve(freeze, table: BlockTable) -> list[int]:
         if not (0.0 < freeze <= 1.0) or math.isnan(freeze):
             raise FreezeError(f"freeze={freeze} is not a fraction in (0, 1]; pass e.g. freeze=0.5 for half the blocks")
         return _check_not_all(list(range(int(freeze * n))), table, f"freeze={freeze}")
+    if freeze == "all":  # the whole model as inference: a frozen feature extractor (a Lightning backbone)
+        return list(range(n))
     if isinstance(freeze, str):
         return _check_not_all(_match_prefix(freeze, table), table, f"freeze={freeze!r}")
     if callable(freeze):

@@ -37,11 +37,32 @@ def test_depth_past_the_end_names_what_exists(yolo):
     assert "freeze=30" in msg and "25 blocks" in msg and "model.0" in msg and "at most 24" in msg
 
 
-def test_freezing_every_block_is_refused(yolo):
+def test_freezing_every_block_with_nothing_outside_is_refused_unless_named(yolo):
+    # YOLO's blocks hold every parameter (Detect is block 24): freezing all of them trains nothing
     msg = _err(yolo, freeze=25)
-    assert "every one of the 25 blocks" in msg and "at most 24" in msg
+    assert "every one of the 25 blocks" in msg and "at most 24" in msg and "freeze='all'" in msg
     assert "every one" in _err(yolo, freeze=1.0)
     assert "every one" in _err(yolo, freeze=list(range(25)))
+    fm = freezert.wrap(yolo, freeze="all")  # a frozen feature extractor, asked for by name
+    try:
+        assert fm.frozen_indices == list(range(25)) and not fm.trainable_parameters()
+    finally:
+        fm.unwrap()
+
+
+def test_a_linear_probe_freezes_every_block_while_the_head_trains():
+    from freezert.models import cnn_classifier
+
+    cnn = cnn_classifier(num_classes=3)
+    table = freezert.find_blocks(cnn)
+    fm = freezert.wrap(cnn, freeze=len(table))
+    try:
+        x = torch.randn(2, 3, 32, 32)
+        fm(x)
+        trainable = [n for n, p in cnn.named_parameters() if p.requires_grad]
+        assert trainable and all(not n.startswith(tuple(name + "." for name, _ in table)) for n in trainable)
+    finally:
+        fm.unwrap()
 
 
 @pytest.mark.parametrize(
