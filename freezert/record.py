@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from . import _tree
+
 # Ops that only read a tensor's metadata: model code may ask a placeholder for its shape.
 _METADATA = {
     "size",
@@ -65,12 +67,6 @@ class Record:
         return sorted(k for k, ctx in self.consumers.items() if k[0] in segment and not ctx <= segment)
 
 
-def _flat(obj) -> list[torch.Tensor]:
-    from .segment import flatten_tensors
-
-    return flatten_tensors(obj)
-
-
 class _Consumers(TorchFunctionMode):
     """Notes, for every tracked tensor, the block contexts of the ops that read it."""
 
@@ -82,7 +78,7 @@ class _Consumers(TorchFunctionMode):
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") not in _METADATA and self.tracked:
             ctx = self.stack[-1] if self.stack else OUTSIDE
-            for t in _flat((args, kwargs)):
+            for t in _tree.tensors((args, kwargs)):
                 key = self.tracked.get(id(t))
                 if key is not None and key[1] is t:
                     self.consumers[key[0]].add(ctx)
@@ -108,7 +104,7 @@ def record(model: nn.Module, table, frozen: set[int], args, kwargs, keep_trainab
     keep: list[torch.Tensor] = []  # holds tracked outputs alive, so their ids stay unique during the run
     stack: list[int] = []
     started = [False]
-    batch = next((t.shape[0] for t in _flat((args, kwargs)) if t.dim() > 0), None)
+    batch = next((t.shape[0] for t in _tree.tensors((args, kwargs)) if t.dim() > 0), None)
     member_of = {id(m): (i, j) for i, ms in enumerate(table.members) for j, (_, m) in enumerate(ms)}
     n_blocks = len(table.members)
     # Candidates (stem or head) are units too, numbered after the blocks: a stem's outputs may reach the head.
@@ -131,7 +127,7 @@ def record(model: nn.Module, table, frozen: set[int], args, kwargs, keep_trainab
             started[0] = True
         if hit[1] == 0:
             block_calls[i] = block_calls.get(i, 0) + 1
-        if i in frozen and torch.is_grad_enabled() and any(t.requires_grad for t in _flat((a, kw))):
+        if i in frozen and torch.is_grad_enabled() and any(t.requires_grad for t in _tree.tensors((a, kw))):
             grad_in[i] = True
         stack.append(i)
 
@@ -145,8 +141,8 @@ def record(model: nn.Module, table, frozen: set[int], args, kwargs, keep_trainab
             return  # a head module: its outputs are the trainable part's own
         if i < n_blocks and i not in frozen:
             return
-        needs_in = torch.is_grad_enabled() and any(t.requires_grad for t in _flat((a, kw)))
-        flat = _flat(out)
+        needs_in = torch.is_grad_enabled() and any(t.requires_grad for t in _tree.tensors((a, kw)))
+        flat = _tree.tensors(out)
         if not needs_in and any(t.requires_grad for t in flat):
             grad_inside[i] = True
         if block_calls.get(i, 0) > 1:
@@ -166,13 +162,13 @@ def record(model: nn.Module, table, frozen: set[int], args, kwargs, keep_trainab
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = sorted({t.device.index for t in _flat((args, kwargs)) if t.is_cuda} - {None})
+    devices = sorted({t.device.index for t in _tree.tensors((args, kwargs)) if t.is_cuda} - {None})
     try:
         for p in params:
             p.requires_grad_(id(p) in keep_trainable)
         with torch.random.fork_rng(devices=devices), _Consumers(tracked, consumers, stack):
             out = model(*args, **kwargs)
-        for t in _flat(out):
+        for t in _tree.tensors(out):
             key = tracked.get(id(t))
             if key is not None and key[1] is t:
                 consumers[key[0]].add(OUTSIDE)

@@ -1,4 +1,5 @@
-"""``FrozenSegment``: the frozen prefix run as inference (no_grad, BN folded, weights pre-cast, graphs)."""
+"""``FrozenSegment``: the frozen prefix run as inference (no_grad, BN folded, weights pre-cast, graphs), and
+``run_blocks``, the one executor of a block sequence for the prefix and the trainable tail alike."""
 
 from __future__ import annotations
 
@@ -8,97 +9,19 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _tree
 from ._swap import swapped
 from .blocks import BlockTable
+from .config import FreezeConfig
+from .fold import FoldScan, after_fold, fold_
 from .partition import Partition
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _map_leaves(obj, leaf: type, fn):
-    """``obj`` (nested tuples, namedtuples, lists, dicts) with every ``leaf`` instance replaced by ``fn(leaf)``."""
-    if isinstance(obj, leaf):
-        return fn(obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_map_leaves(o, leaf, fn) for o in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_leaves(o, leaf, fn) for o in obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _map_leaves(v, leaf, fn)) for k, v in obj.items())
-    return obj
-
-
-def _map_tensors(obj, fn):
-    return _map_leaves(obj, torch.Tensor, fn)
 
 
 def _shared_copy(module: nn.Module) -> nn.Module:
     """A structural copy of ``module`` whose parameters and buffers are the original tensor objects."""
     memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
     return copy.deepcopy(module, memo)
-
-
-class _FoldScan:
-    """Watches one forward through every runner's private copy, recording each conv whose output object is
-    exactly a BatchNorm's input: such pairs fold, also across runners (a ResNet stem's conv1 and bn1)."""
-
-    def __init__(self, targets: list[nn.Module]):
-        self.produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}
-        self.calls: dict[int, int] = {}
-        self.pairs: list[tuple[nn.Module, _BatchNorm]] = []
-        self.handles = []
-        for target in targets:
-            for m in target.modules():
-                self.handles.append(m.register_forward_pre_hook(self._count))
-                if isinstance(m, _CONVS):
-                    self.handles.append(m.register_forward_hook(self._after_conv))
-                elif isinstance(m, _BatchNorm):
-                    self.handles.append(m.register_forward_pre_hook(self._before_bn))
-
-    def _count(self, m, *_):
-        self.calls[id(m)] = self.calls.get(id(m), 0) + 1
-
-    def _after_conv(self, m, _inp, out):
-        self.produced[id(out)] = (m, out)  # keeping ``out`` alive keeps its id unique
-
-    def _before_bn(self, m, inp):
-        hit = self.produced.get(id(inp[0])) if inp else None
-        if hit is not None and hit[1] is inp[0]:
-            self.pairs.append((hit[0], m))
-
-    def close(self) -> list[tuple[nn.Module, _BatchNorm]]:
-        """Removes the hooks; the pairs whose conv and BatchNorm each ran exactly once."""
-        for h in self.handles:
-            h.remove()
-        self.produced.clear()
-        return [(c, b) for c, b in self.pairs if self.calls.get(id(c)) == 1 and self.calls.get(id(b)) == 1]
-
-
-def _fold(conv: nn.Module, bn: _BatchNorm) -> None:
-    """Folds eval-mode ``bn`` into ``conv``'s weight and bias (on the private copy only), in float64."""
-    w = conv.weight.detach().double()
-    var, mean = bn.running_var.double(), bn.running_mean.double()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(var)
-    dt = conv.weight.dtype
-    conv._parameters["weight"] = (w * scale.view(-1, *([1] * (w.dim() - 1)))).to(dt)
-    conv._parameters["bias"] = ((b - mean) * scale + beta).to(dt)
-
-
-def _after_fold(bn: _BatchNorm) -> nn.Module | None:
-    """What stands in for ``bn`` once it is folded: nothing for torch's own BatchNorms; for timm's
-    ``BatchNormAct2d`` (normalise, then its ``drop`` and ``act``) those two; None (do not fold) for any other
-    subclass whose forward does more than normalise."""
-    if type(bn).forward in (nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward, _BatchNorm.forward):
-        return nn.Identity()
-    if type(bn).__name__.startswith("BatchNormAct") and isinstance(getattr(bn, "act", None), nn.Module):
-        drop = getattr(bn, "drop", None)
-        return nn.Sequential(*([drop] if isinstance(drop, nn.Module) else []), bn.act)
-    return None
 
 
 def _quantized(target: nn.Module, fmt: str) -> nn.Module:
@@ -134,17 +57,6 @@ def _recast(mod: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> N
                     store[key] = new
 
 
-def flatten_tensors(obj) -> list[torch.Tensor]:
-    """The tensors in a (nested) output, in a fixed order."""
-    found: list[torch.Tensor] = []
-    _map_tensors(obj, lambda t: found.append(t) or t)
-    return found
-
-
-def _map_slots(obj, fn):
-    return _map_leaves(obj, _Slot, fn)
-
-
 def _out_dtype(module: nn.Module) -> torch.dtype | None:
     for t in module.parameters():
         if t.is_floating_point():
@@ -163,15 +75,14 @@ class _Runner(nn.Module):
         self.__dict__["segment"] = segment
         self.key = key  # (unit, member): where the record saw this module
         self.out_dtype = _out_dtype(original)
-        self.template = None  # per-sample shapes/dtypes of the last output: placeholders on a cache hit
+        self.template = None  # (structure, slots) of the last output: what a cache hit hands back in its place
         self.replay = None  # set by FrozenSegment.replaying(): what to return instead of running
         self.captured = None  # set by FrozenSegment.capturing(): where the outputs of this call go
 
     @property
     def device(self) -> torch.device | None:
         """Where this runner's last output lives (from its recorded template)."""
-        slots: list = []
-        _map_slots(self.template, lambda s: slots.append(s) or s)
+        slots = [s for s in self.template[1] if isinstance(s, _Slot)] if self.template else []
         return slots[0].device if slots else None
 
     def __getattr__(self, name):  # model code sometimes reads attributes of its blocks
@@ -197,7 +108,7 @@ class _Runner(nn.Module):
     def forward(self, *args, **kwargs):
         if self.replay is not None:
             return self.replay()
-        if torch.is_grad_enabled() and any(t.requires_grad for t in flatten_tensors((args, kwargs))):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in _tree.tensors((args, kwargs))):
             # A call the record did not plan for (an input that needs a gradient): autograd through the user's
             # own module, exactly as naive freezing runs it.
             return self.__dict__["original"](*args, **kwargs)
@@ -205,13 +116,14 @@ class _Runner(nn.Module):
         with torch.no_grad():
             cast = seg.prepared and (seg.dtype is not None or seg.channels_last)
             if cast:
-                args, kwargs = _map_tensors((args, kwargs), self._cast_in)
+                args, kwargs = _tree.map_tensors((args, kwargs), self._cast_in)
             out = self.__dict__["target"](*args, **kwargs)
             if cast:
-                out = _map_tensors(out, self._cast_out)
-        self.template = _map_tensors(out, lambda t: _Slot(t.shape, t.dtype, t.device))
+                out = _tree.map_tensors(out, self._cast_out)
+        leaves, spec = _tree.flatten(out)
+        self.template = (spec, [_Slot.of(v) if isinstance(v, torch.Tensor) else v for v in leaves])
         if self.captured is not None:
-            self.captured[self.key] = flatten_tensors(out)
+            self.captured[self.key] = [v for v in leaves if isinstance(v, torch.Tensor)]
         return out
 
 
@@ -222,6 +134,10 @@ class _Slot:
 
     def __init__(self, shape, dtype, device):
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> _Slot:
+        return cls(t.shape, t.dtype, t.device)
 
     def placeholder(self, batch: int) -> torch.Tensor:
         # A zero-stride expand: the right shape for the model's glue code, no memory.
@@ -284,21 +200,17 @@ class FrozenSegment:
         table: BlockTable,
         part: Partition,
         entries: list[tuple[tuple[int, int], str, nn.Module]],
+        config: FreezeConfig,
         *,
-        bn: str,
-        dtype,
-        channels_last: bool,
-        graphs: bool,
         cached: set[int] = frozenset(),
         readers: dict[tuple[int, int], set[int]] | None = None,
     ):
         self.table, self.part = table, part
-        # A torch dtype pre-casts the copies; "int8"/"fp8" store their Linear/Conv weights in one byte instead
+        # dtype pre-casts the copies; weights="int8"/"fp8" stores their Linear/Conv weights in one byte instead
         # (freezert.quant), activations staying in the model's dtype.
-        self.quant = dtype if isinstance(dtype, str) else None
-        self.dtype = None if self.quant else dtype
-        self.channels_last, self.graphs = channels_last, graphs
-        frozen_mode = bn == "frozen"
+        self.quant, self.dtype = config.weights, config.dtype
+        self.channels_last, self.graphs = config.channels_last, config.graphs
+        frozen_mode = config.bn == "frozen"
         self.fold = frozen_mode
         self.names = [name for _, name, _ in entries]
         self.runners = [_Runner(m, self, key, copy_module=frozen_mode) for key, _, m in entries]
@@ -310,8 +222,8 @@ class FrozenSegment:
         self.cached_runners = [r for r in self.runners if r.key[0] in cached]
         self._readers = dict(readers or {})  # (unit, member) -> the units the record saw read its first output
         # Only private copies may be folded or recast; the user's own modules (bn="train") never are.
-        self.prepared = not frozen_mode or not (self.fold or dtype is not None or channels_last)
-        self._scan: _FoldScan | None = None
+        self.prepared = not frozen_mode
+        self._scan: FoldScan | None = None
         self.folded = 0
         self._graphs: dict[tuple, tuple] = {}
         originals = [m for _, _, m in entries]
@@ -331,7 +243,7 @@ class FrozenSegment:
         if self.prepared:
             yield
             return
-        self._scan = _FoldScan([r.__dict__["target"] for r in self.runners]) if self.fold else None
+        self._scan = FoldScan([r.__dict__["target"] for r in self.runners]) if self.fold else None
         try:
             yield
         except BaseException:
@@ -354,10 +266,10 @@ class FrozenSegment:
                 or not self._readers.get(conv_runner.key, {None}) <= {bn_runner.key[0]}
             ):
                 continue  # the conv's output is also read outside the BatchNorm's unit: folding would change it
-            rest = _after_fold(bn)
+            rest = after_fold(bn)
             if rest is None:
                 continue
-            _fold(conv, bn)
+            fold_(conv, bn)
             if bn_runner.__dict__["target"] is bn:
                 bn_runner.__dict__["target"] = rest
             else:
@@ -416,13 +328,14 @@ class FrozenSegment:
         for outputs only the skipped part itself reads (it never looks at them)."""
 
         def replay(r: _Runner):
-            n = iter(range(1 << 30))
-
-            def slot(s: _Slot):
-                got = rows.get((*r.key, next(n)))
-                return got if got is not None else s.placeholder(batch)
-
-            return _map_slots(r.template, slot)
+            spec, leaves = r.template
+            out, n = [], 0
+            for v in leaves:
+                if isinstance(v, _Slot):
+                    got = rows.get((*r.key, n))
+                    v, n = (got if got is not None else v.placeholder(batch)), n + 1
+                out.append(v)
+            return _tree.unflatten(out, spec)
 
         try:
             for r in self.cached_runners:

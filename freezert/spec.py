@@ -10,10 +10,6 @@ import torch
 from ._errors import FreezeError
 from .blocks import BlockTable, strip_wrapper_prefix
 
-BN_MODES = ("frozen", "train")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-WEIGHT_FORMATS = ("int8", "fp8")  # weight-only storage of the frozen Linear/Conv layers (freezert.quant)
-
 
 def _listing(table: BlockTable, limit: int = 6) -> str:
     names = table.names
@@ -137,25 +133,6 @@ def prefix_length(frozen: list[int]) -> int:
     while k in s:
         k += 1
     return k
-
-
-def check_options(bn: str, dtype, channels_last, graphs) -> None:
-    """Validates the wrapper options other than ``freeze``."""
-    if bn not in BN_MODES:
-        raise FreezeError(f"bn={bn!r} is not a BatchNorm mode; pass bn='frozen' (default) or bn='train'")
-    if dtype is not None and dtype not in DTYPES and not (isinstance(dtype, str) and dtype in WEIGHT_FORMATS):
-        raise FreezeError(
-            f"dtype={dtype!r} is not supported; pass None, torch.float32, torch.float16, torch.bfloat16, or 'int8' / "
-            "'fp8' for one-byte frozen weights"
-        )
-    if dtype is not None and bn == "train":
-        raise FreezeError(
-            "dtype pre-casting needs folded, fixed BatchNorm, but bn='train' keeps batch statistics; "
-            "use bn='frozen' or drop dtype"
-        )
-    for name, v in (("channels_last", channels_last), ("graphs", graphs)):
-        if not isinstance(v, bool):
-            raise FreezeError(f"{name}={v!r} must be True or False")
 
 
 Predicate = Callable[[str, torch.nn.Module], bool]

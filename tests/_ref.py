@@ -42,7 +42,7 @@ def naive_reference(model: nn.Module, fm, *, bn: str = "frozen") -> nn.Module:
             p.requires_grad_(False)
     ref.train(fm.training)
     if bn == "frozen":
-        frozen_mods = {id(sub) for block in fm._frozen_modules() for sub in block.modules()}
+        frozen_mods = {id(sub) for _, block in fm._plan.frozen_named() for sub in block.modules()}
         names = {n for n, m in fm.model.named_modules() if id(m) in frozen_mods}
         for n, m in ref.named_modules():
             if n in names and isinstance(m, _BatchNorm):

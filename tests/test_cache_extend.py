@@ -35,7 +35,7 @@ def test_deeper_freeze_carries_rows_without_running_the_old_prefix(yolo):
             fm(x)
         assert len(fm.cache) == 6 and fm.cache.stats()["misses"] == 6
         fm.set_freeze(10)
-        seg = fm._ensure_segment()  # built now so its runners can be watched
+        seg = fm._prefix.segment_now()  # built now so its runners can be watched
         stem_rows: list[int] = []
         mid_rows: list[int] = []
         hooks = [_rows_through(seg.runners[0], stem_rows), _rows_through(seg.block_runners[6], mid_rows)]

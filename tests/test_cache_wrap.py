@@ -41,7 +41,7 @@ def test_second_epoch_hits_and_skips_the_backbone(yolo):
         epoch2 = [fm(x) for x in data]
         # the trainable part alone, on the boundary
         y = fm.segment.run(data[0])
-        f_tail = _flops(lambda: fm._run_tail(dict(y)))
+        f_tail = _flops(lambda: fm._tail.blocks_after(dict(y)))
     assert f_hit == f_tail < 0.8 * f_miss
     assert fm.cache.stats()["hits"] >= 8
     for a, b, x in zip(epoch1, epoch2, data):

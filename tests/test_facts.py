@@ -36,7 +36,7 @@ def test_no_backward_work_in_the_prefix():
     # the trainable part alone, fed boundary tensors that need no gradient
     with torch.no_grad():
         boundary = fm.segment.run(x)
-    bw_tail = _backward_flops(fm._run_tail(dict(boundary)))
+    bw_tail = _backward_flops(fm._tail.blocks_after(dict(boundary)))
     bw_full = _backward_flops(full(x))
     assert bw_fm == bw_tail > 0
     assert bw_fm < 0.8 * bw_full
@@ -76,12 +76,12 @@ def test_saved_bytes_no_more_than_naive_and_far_below_full():
 def test_segment_frees_outputs_it_no_longer_needs():
     model = yolov5("n", nc=3)
     fm = freezert.wrap(model, freeze=10)
-    part = fm._part
+    part = fm._plan.part
     # outputs 0..3, 5, 7, 8 are dropped inside the segment as soon as their last reader ran
     dropped = sorted(j for v in part.free_after.values() for j in v)
     assert dropped == [0, 1, 2, 3, 5, 7, 8]
     x = torch.randn(1, 3, 64, 64)
-    seg = fm._ensure_segment()
+    seg = fm._prefix.segment_now()
     seg.run(x)  # fold first
     refs: dict[int, weakref.ref] = {}
     alive_at_9: list[int] = []

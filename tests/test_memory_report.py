@@ -30,7 +30,7 @@ def test_the_report_counts_the_step_and_leaves_the_model_as_it_was(tmp_path):
     assert opts["lean ops (kernels='lean')"] <= 0.7 * opts["freezert (as configured)"]
     w = report.weights
     assert w["as stored now"] == frozen and w["float16 / bfloat16 (dtype=)"] == frozen // 2
-    assert frozen // 4 < w["one byte + scales (dtype='int8' or 'fp8')"] < frozen // 3
+    assert frozen // 4 < w["one byte + scales (weights='int8' or 'fp8')"] < frozen // 3
     assert "saved activations with" in str(report) and "frozen weights held as" in str(report)
     assert all(p.grad is None for p in model.parameters())  # gradients, buffers as before the report
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

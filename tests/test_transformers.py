@@ -20,9 +20,9 @@ def _check(model, freeze, make_inputs, expect_path, expect_stem):
     src = copy.deepcopy(model)
     fm = freezert.wrap(model, freeze=freeze).train().plan(**make_inputs())
     ref = naive_reference(src, fm)
-    assert fm._table.path == expect_path
-    assert [n for n, _ in fm._table.stem] == expect_stem
-    assert all(not p.requires_grad for _, m in fm._table.stem for p in m.parameters())
+    assert fm._plan.table.path == expect_path
+    assert [n for n, _ in fm._plan.table.stem] == expect_stem
+    assert all(not p.requires_grad for _, m in fm._plan.table.stem for p in m.parameters())
     for _ in range(2):
         kwargs = make_inputs()
         out, ref_out = fm(**kwargs), ref(**kwargs)

@@ -244,7 +244,7 @@ def test_kernels_substituted_in_the_trainable_part_only():
     loss_of(out).backward()
     loss_of(ref_out).backward()
     assert_grads_match(model, ref, 1e-3)
-    names = [n for n, _ in fm._kernel_plan]
+    names = [n for n, _ in fm._tail._kernel_plan]
     assert names and all(not n.startswith(("features.0", "features.1", "features.2")) for n in names)
     assert list(model.state_dict().keys()) == keys  # swapped back after the call
     assert type(model.features[4]) is nn.Sequential
@@ -288,7 +288,8 @@ def test_wrapped_yolo_with_kernels_trains_like_without():
         loss = detection_loss(out, detection_targets_like(out, generator=torch.Generator().manual_seed(2)))
         loss.backward()
         if kernels:
-            assert len(fm._kernel_plan) >= 20 and ops.backend()["batch_norm_act"] in ("triton", "triton-interpreter")
+            assert len(fm._tail._kernel_plan) >= 20
+            assert ops.backend()["batch_norm_act"] in ("triton", "triton-interpreter")
         runs[kernels] = (loss.detach(), model)
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
     assert_grads_match(runs[True][1], runs[False][1], 1e-4)  # frozen ones: None in both
@@ -326,7 +327,7 @@ def test_kernels_auto_trains_like_kernels_off_on_cuda(dtype):
             opt.step()
             losses.append(loss.item())
         if kernels == "auto":
-            assert fm._kernel_plan and ops.backend()["batch_norm_act"] == "triton"
+            assert fm._tail._kernel_plan and ops.backend()["batch_norm_act"] == "triton"
         curves[kernels] = torch.tensor(losses)
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     torch.testing.assert_close(curves["auto"], curves[False], rtol=tol, atol=tol)
@@ -340,7 +341,7 @@ def test_root_sequential_is_driven_and_matches():
     model = nn.Sequential(stage(3, 8), stage(8, 8), stage(8, 12), stage(12, 12), nn.Flatten(), nn.Linear(12 * 81, 4))
     model = pretrained_like(model, torch.randn(4, 3, 9, 9))
     fm, _ = _compare(model, 3, lambda: ((torch.randn(3, 3, 9, 9),), {}))
-    assert fm._table.kind == "sequential" and fm.boundary == [2] and fm.segment.folded == 3
+    assert fm._plan.table.kind == "sequential" and fm.boundary == [2] and fm.segment.folded == 3
 
 
 def test_inputs_that_need_a_gradient_get_it_through_the_frozen_blocks():
@@ -364,7 +365,7 @@ def test_one_byte_frozen_weights_stay_close_and_leave_the_users_model_alone(fmt)
     model = transformer_encoder(vocab_size=50, d_model=32, nhead=2, num_layers=4, dim_ff=64, num_classes=3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ref = copy.deepcopy(model).eval()
-    fm = freezert.wrap(model, freeze=3, dtype=fmt).eval()
+    fm = freezert.wrap(model, freeze=3, weights=fmt).eval()
     ids = torch.randint(0, 50, (4, 9))
     fm(ids)  # the first call prepares the segment (runs it unquantized)
     out = fm(ids)

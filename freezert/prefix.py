@@ -1,0 +1,378 @@
+"""The frozen prefix of one wrapped model: its inference segment, the feature cache and the cache keys, asked
+once per call (``Prefix(call)``) and answering with a ``Boundary``: what the trainable part reads.
+
+Driven models (YOLO-style graphs, a root ``nn.Sequential``) get the boundary tensors themselves. Every other
+model runs its own forward with the segment's runners in place of the frozen modules: the boundary then says
+how they run (computing, or replaying rows the cache served) and stores what they computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from . import _tree
+from ._errors import CacheError, FreezeWarning
+from .config import FreezeConfig
+from .partition import Partition
+from .planner import Plan, user_stacklevel
+from .segment import FrozenSegment, frozen_tensors
+
+__all__ = ["Boundary", "Call", "Prefix"]
+
+_PRIMITIVES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format)
+_MIX = 1099511628211  # a 64-bit FNV prime: int64 arithmetic wraps, so products and sums mix keys
+
+
+class Call:
+    """One call of the wrapped model, its inputs walked once (``_tree``): every later question reads this."""
+
+    def __init__(self, args: tuple, kwargs: dict, cache_ids: Any = None):
+        self.args, self.kwargs, self.cache_ids = args, kwargs, cache_ids
+        self.leaves, self.spec = _tree.flatten((args, kwargs))
+        self.tensors = [v for v in self.leaves if isinstance(v, torch.Tensor)]
+        # An input that needs a gradient (saliency, adversarial examples) runs the model as naive freezing would.
+        self.grad_in = torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors)
+        self.single_tensor = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+
+    @property
+    def structure(self) -> tuple:
+        """What a recorded plan depends on: containers, keyword names, tensor ranks and dtypes, other types."""
+        return _tree.structure(self.leaves, self.spec)
+
+    def run(self, fn: Callable[..., Any]) -> Any:
+        return fn(*self.args, **self.kwargs)
+
+
+class Boundary:
+    """What the prefix hands the trainable part: the boundary tensors by block (driven), or ``run(fn)``, which
+    calls the model's own forward ``fn`` with the frozen modules replaced as this call needs (swap)."""
+
+    def __init__(self, tensors: dict[int, torch.Tensor] | None = None, run: Callable | None = None):
+        self.tensors = tensors
+        self._run = run
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        return fn() if self._run is None else self._run(fn)
+
+
+class Prefix:
+    """The segment (built lazily, rebuilt when the frozen weights change), the cache's binding and keys, and the
+    offloading of frozen weights while the cache serves whole batches."""
+
+    def __init__(self, model: nn.Module, config: FreezeConfig, scheduled: bool):
+        self.model, self.config, self.cache, self.scheduled = model, config, config.cache, scheduled
+        self.plan: Plan | None = None
+        self.segment: FrozenSegment | None = None
+        self.offloads = 0
+        self._weights_token = 0  # bumped whenever the segment is rebuilt from (possibly) new weights
+        self._cache_sig = None  # (weights token, input signature) the cache is bound for
+        self._cache_part: Partition | None = None  # the cut whose boundary the cache's rows hold
+        self._offloaded_from: torch.device | None = None  # where the frozen weights live when not offloaded
+        self._warned: set[str] = set()
+
+    def reset(self, plan: Plan) -> None:
+        """A new plan: the segment is built again at the next call."""
+        self.plan, self.segment = plan, None
+
+    # -- one call ------------------------------------------------------------------------------------------
+    def __call__(self, call: Call) -> Boundary:
+        plan, cache = self.plan, self.cache
+        if call.cache_ids is not None and cache is None:
+            raise CacheError("cache_ids= was given but this model has no cache; wrap it with cache='fp16' (or True)")
+        if plan.part.k == 0:
+            # Under a schedule the prefix may be empty for a while (Linear before freeze_start): nothing to cache
+            # yet, so run plainly; a fixed freeze= without a prefix can never use the cache: say so.
+            if cache is not None and not self.scheduled:
+                raise CacheError("cache= needs frozen blocks from block 0 on (a frozen prefix); freeze=N with N >= 1")
+            return Boundary()
+        if call.grad_in:  # the input gets its gradient through the frozen blocks: no segment, no cache
+            return Boundary()
+        seg = self.segment_now()
+        driven = plan.driven and call.single_tensor
+        if cache is not None:
+            if driven:
+                return Boundary(tensors=self._cached_driven(seg, call))
+            if plan.part.cached_units:
+                return self._cached_swap(seg, call)
+            self._warn_cache_unused()
+        if driven:
+            return Boundary(tensors=seg.run(call.args[0]))
+        return Boundary(run=lambda fn: _within(fn, seg.preparing(), seg.swapped(self.model)))
+
+    def segment_now(self) -> FrozenSegment:
+        """The segment for the current plan and weights (built now if needed)."""
+        seg = self.segment
+        if seg is None or seg.is_stale():
+            self._weights_token += 1
+            plan = self.plan
+            t, part = plan.table, plan.part
+            if plan.driven:
+                entries = [((i, 0), t.names[i], t.modules[i]) for i in range(part.k)]
+                cached, readers = set(range(part.k)), {}
+            else:
+                n = len(t)
+                stem = [((u, 0), t.candidates[u - n][0], t.candidates[u - n][1]) for u in part.stem_units]
+                blocks = [((i, j), name, m) for i in part.segment for j, (name, m) in enumerate(t.members[i])]
+                entries = stem + blocks
+                cached = set(part.cached_units)
+                readers = {(u, j): ctx for (u, j, idx), ctx in plan.rec.consumers.items() if idx == 0}
+            seg = self.segment = FrozenSegment(t, part, entries, self.config, cached=cached, readers=readers)
+        return seg
+
+    def _warn_cache_unused(self) -> None:
+        if "cache" in self._warned:
+            return
+        self._warned.add("cache")
+        part = self.plan.part
+        why = (
+            f"block {self.plan.table.names[0]!r} runs eagerly ({part.eager[0]}), so nothing before it can be skipped"
+            if 0 in part.eager
+            else f"{self.plan.unit_name(part.unbatched[0])!r} hands the rest of the model a tensor without the batch "
+            "dimension first (shared by the whole batch, e.g. a position bias), so no sample's frozen outputs can be "
+            "stored on their own"
+        )
+        warnings.warn(f"the feature cache is not used: {why}", FreezeWarning, stacklevel=user_stacklevel())
+
+    # -- the feature cache: driven models ------------------------------------------------------------------
+    def _cached_driven(self, seg: FrozenSegment, call: Call) -> dict[int, torch.Tensor]:
+        cache, order, x = self.cache, self.plan.part.boundary, call.args[0]
+        batch, tensors, keys, content = self._keys(call)
+
+        def probe():
+            self._restore_offloaded(seg)
+            with torch.no_grad():
+                y = seg.run(x[:1])  # learns the boundary layout (once per segment build)
+            return [y[j] for j in order]
+
+        self._bind(seg, tensors, content is not None, probe, driven=True)
+        hit, got = cache.fetch(keys, x.device, content=content)  # decoded to the segment outputs' dtypes
+        n_hit = int(hit.sum())
+        if n_hit == len(keys):
+            self._maybe_offload(seg)
+            return dict(zip(order, got))
+        self._restore_offloaded(seg)
+        miss = (~hit).nonzero().squeeze(1)
+        t0 = time.perf_counter()
+        fresh = seg.run(x if n_hit == 0 else x[miss.to(x.device)])
+        cache.note_segment_time(time.perf_counter() - t0, len(miss))
+        cache.put(keys[miss], [fresh[j] for j in order], content=None if content is None else content[miss])
+        if n_hit == 0:
+            return fresh
+        hits = hit.nonzero().squeeze(1)
+        out = {}
+        for j, g in zip(order, got):
+            f = fresh[j]
+            full = f.new_empty((len(keys), *f.shape[1:]))
+            full[miss.to(f.device)] = f
+            full[hits.to(f.device)] = g.to(f.dtype)
+            out[j] = full
+        return out
+
+    # -- the feature cache: the model's own forward ------------------------------------------------------
+    def _cached_swap(self, seg: FrozenSegment, call: Call) -> Boundary:
+        """On a full hit the runners of the cached part replay the stored boundary (every output of theirs that
+        anything else reads) and run nothing; otherwise the prefix runs in full and the misses are stored."""
+        batch, tensors, keys, content = self._keys(call)
+        order = self.plan.part.replay
+        if self._cache_sig == (self._weights_token, _input_sig(tensors)) and seg.can_replay:
+            hit, rows = self.cache.fetch(keys, seg.cached_runners[-1].device, content=content)
+            if bool(hit.all()):
+                self._maybe_offload(seg)
+                replay = dict(zip(order, rows))
+                return Boundary(run=lambda fn: _within(fn, seg.swapped(self.model), seg.replaying(batch, replay)))
+        else:
+            hit = None
+        self._restore_offloaded(seg)
+        return Boundary(run=lambda fn: self._compute_and_store(fn, seg, batch, tensors, keys, content, hit))
+
+    def _compute_and_store(self, fn, seg: FrozenSegment, batch: int, tensors, keys, content, hit):
+        cache, order = self.cache, self.plan.part.replay
+        started: list[float] = []
+        handle = seg.cached_runners[0].register_forward_pre_hook(lambda m, a: started.append(time.perf_counter()))
+        try:
+            with seg.preparing(), seg.capturing() as got, seg.swapped(self.model):
+                out = fn()
+        finally:
+            handle.remove()
+        if started:
+            cache.note_segment_time(time.perf_counter() - started[0], batch)
+        produced = [got[(u, j)][n] for u, j, n in order]
+        bad = [self.plan.unit_name(u) for (u, _, _), t in zip(order, produced) if t.dim() == 0 or t.shape[0] != batch]
+        if not produced or bad:
+            raise CacheError(
+                f"{(bad or [self.plan.table.names[0]])[0]!r} hands the trainable part tensors without the batch "
+                f"dimension ({batch}) first, so they cannot be cached per sample; cache a different cut (freeze=) or "
+                "drop cache="
+            )
+        if hit is None:  # first call since the binding changed: which samples does the store already hold?
+            self._bind(seg, tensors, content is not None, lambda: produced)
+            hit, _ = cache.fetch(keys, produced[0].device, content=content)
+        if not bool(hit.all()):
+            miss = (~hit).nonzero().squeeze(1)
+            cache.put(
+                keys[miss],
+                [t.detach()[miss.to(t.device)] for t in produced],
+                content=None if content is None else content[miss],
+            )
+        return out
+
+    # -- keys and binding ----------------------------------------------------------------------------------
+    def _keys(self, call: Call):
+        """(batch size, the batch-first input tensors, one int64 key per sample, content hashes or None).
+
+        A key covers every input of the call: batch-first tensors row by row, everything else (tensors of another
+        size, scalars, strings, the call's structure) by value, mixed into every row's key. An input that cannot be
+        keyed by value is refused: a cache must never serve rows computed from other inputs. With ``cache_ids``
+        the ids are the keys and the content hash goes beside each row, so a changed input (augmentation) is seen.
+        """
+        from ._native import hash_rows
+
+        tensors = [t for t in call.tensors if t.dim() > 0]
+        if not tensors:
+            raise CacheError("the cache keys samples by their input tensors, but this call passed none")
+        batch = tensors[0].shape[0]
+        rows = [t for t in tensors if t.shape[0] == batch]
+        others = [t for t in call.tensors if t.dim() == 0 or t.shape[0] != batch]
+        plain = not others and not call.kwargs and all(isinstance(a, torch.Tensor) for a in call.args)
+        content = None
+        for t in rows:
+            r = hash_rows(t).cpu()
+            content = r if content is None else content * _MIX + r
+        glob = None if plain else _digest(call, others, hash_rows)
+        if glob is not None:  # other inputs reach the model: they are part of every sample's key
+            content = content * _MIX + glob
+        if call.cache_ids is None:
+            return batch, rows, content, None
+        from .cache import ids_to_keys
+
+        ids = ids_to_keys(call.cache_ids, "cache_ids")
+        if ids.numel() != batch:
+            raise CacheError(
+                f"cache_ids hold {ids.numel()} id(s) for a batch of {batch}; pass one integer id per sample "
+                "(the dataset indices of the batch)"
+            )
+        key = ids.to(torch.int64).cpu()
+        if glob is not None:
+            key = key * _MIX + glob
+        return batch, rows, key, content
+
+    def _fingerprint(self, k: int, sig) -> str:
+        """The cache fingerprint of the prefix ``0..k-1`` (stem included) as its weights are now."""
+        from .cache import fingerprint_of
+
+        t, cfg = self.plan.table, self.config
+        modules = [m for _, m in t.stem] + t.modules[:k]
+        return fingerprint_of(
+            frozen_tensors(modules),
+            freeze=list(range(k)),
+            bn=cfg.bn,
+            dtype=str(cfg.weights or cfg.dtype),
+            codec=self.cache.codec,
+            inputs=_sig_text(sig),
+        )
+
+    def _bind(self, seg: FrozenSegment, tensors, ids_mode: bool, boundary_like, driven: bool = False) -> None:
+        """Binds the cache to this segment's fingerprint; ``boundary_like()`` gives example boundary rows.
+
+        When freezing moved deeper since the rows were stored (same input signature, same weights of the old
+        prefix) and freezert drives the block graph, the stored rows are carried to the new cut by running only
+        the blocks between the two cuts on them (``FeatureCache.extend``); otherwise a new fingerprint drops them.
+        """
+        cache, part = self.cache, self.plan.part
+        sig = _input_sig(tensors)
+        bound = self._cache_sig
+        if bound is not None and bound == (self._weights_token, sig):
+            return
+        if bound is not None and ids_mode and bound[1] != sig and len(cache):
+            raise CacheError(
+                f"cache_ids refer to samples stored for inputs {_sig_text(bound[1])}, but this batch has "
+                f"{_sig_text(sig)}; use new ids for new inputs or call fm.cache.clear()"
+            )
+        fp = self._fingerprint(part.k, sig)
+        example = boundary_like()
+        layout = [(tuple(t.shape[1:]), t.dtype) for t in example]
+        old = self._cache_part
+        if (
+            driven
+            and old is not None
+            and bound is not None
+            and bound[1] == sig
+            and 0 < old.k < part.k
+            and len(cache)
+            and cache.fingerprint == self._fingerprint(old.k, sig)
+        ):
+            new_order = part.boundary
+
+            def convert(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+                with torch.no_grad():
+                    y = seg.run_from(dict(zip(old.boundary, rows)), old.k)
+                return [y[j] for j in new_order]
+
+            cache.extend(fp, layout, example[0].device, convert)
+        else:
+            cache.bind(fp, layout, example[0].device)
+        self._cache_sig = (self._weights_token, sig)
+        self._cache_part = part
+
+    # -- offloading frozen weights once the cache serves whole batches -----------------------------------------
+    def _maybe_offload(self, seg: FrozenSegment) -> None:
+        if not self.config.offload_frozen or self._offloaded_from is not None:
+            return
+        device = seg.device
+        if device is None or device.type == "cpu":
+            return  # already in host memory: nothing to gain
+        seg.move(torch.device("cpu"))
+        self._offloaded_from = device
+        self.offloads += 1
+
+    def _restore_offloaded(self, seg: FrozenSegment) -> None:
+        if self._offloaded_from is not None:
+            seg.move(self._offloaded_from)
+            self._offloaded_from = None
+
+
+def _within(fn: Callable[[], Any], *contexts) -> Any:
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        return fn()
+
+
+def _digest(call: Call, others: list[torch.Tensor], hash_rows) -> int:
+    """One int64 for everything in the call that is not a batch row: the structure, every plain value, and each
+    tensor of another size (hashed whole); a value that cannot be keyed is refused."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr(call.spec).encode())
+    for i, v in enumerate(call.leaves):
+        if isinstance(v, torch.Tensor):
+            h.update(b"T")
+        elif isinstance(v, _PRIMITIVES):
+            h.update(f"{type(v).__name__}:{v!r};".encode())
+        else:
+            path = pytree.keystr(pytree.tree_flatten_with_path((call.args, call.kwargs))[0][i][0])
+            raise CacheError(
+                f"the cache cannot key input{path} of type {type(v).__name__}: every input reaching the model is "
+                "part of a sample's key; pass it as a tensor or a plain value (number, string), or drop cache="
+            )
+    for t in others:
+        h.update(str((tuple(t.shape), t.dtype)).encode())
+        h.update(int(hash_rows(t.reshape(1, -1)).cpu()[0]).to_bytes(8, "little", signed=True))
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def _input_sig(tensors: list[torch.Tensor]) -> tuple:
+    """Per-sample shape and dtype of each batch input: what the cache's layout and fingerprint depend on."""
+    return tuple((tuple(t.shape[1:]), t.dtype) for t in tensors)
+
+
+def _sig_text(sig) -> str:
+    return ", ".join(f"{list(shape)} {str(dt).replace('torch.', '')}" for shape, dt in sig)

@@ -1,0 +1,114 @@
+"""The trainable part of one call: the blocks after the prefix (driven models) or the model's own forward with
+the prefix's runners in place, under the kernel substitutions (``freezert.ops``) and, with ``memory_budget=``,
+recomputation of the blocks chosen by the first training step's measurement (``freezert.memory``)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import FreezeConfig
+from .planner import Plan
+from .prefix import Boundary, Call
+from .segment import run_blocks
+
+__all__ = ["Tail"]
+
+
+class Tail:
+    """Runs what trains; holds the kernel plan and the recomputation plan of the current freeze."""
+
+    def __init__(self, model: nn.Module, config: FreezeConfig):
+        self.model, self.config = model, config
+        self.plan: Plan | None = None
+        self._kernel_plan: list | None = None
+        self.recompute: list[str] | None = None  # trainable blocks run under checkpoint (None: not planned yet)
+        self.recompute_plan: dict | None = None  # what the budget's plan measured and chose
+
+    def reset(self, plan: Plan) -> None:
+        """A new plan: kernels and recomputation are planned again."""
+        self.plan, self._kernel_plan, self.recompute = plan, None, None
+
+    def __call__(self, call: Call, boundary: Boundary, training: bool) -> Any:
+        with contextlib.ExitStack() as stack:
+            subs = self.kernels_for(call.tensors)
+            if subs:
+                from .ops.substitute import swapped
+
+                stack.enter_context(swapped(self.model, subs))
+            if self.config.memory_budget is not None and training and torch.is_grad_enabled():
+                if self.recompute is None:  # this step measures what each trainable block saves, then plans
+                    return self._measure_and_plan(call, boundary)
+                if self.recompute:
+                    from .memory import checkpointed
+
+                    stack.enter_context(checkpointed(self.model, self.recompute))
+            return self._run(call, boundary)
+
+    def _run(self, call: Call, boundary: Boundary) -> Any:
+        if boundary.tensors is None:
+            return boundary.run(lambda: call.run(self.model))
+        return self.blocks_after(boundary.tensors)
+
+    def blocks_after(self, y: dict[int, torch.Tensor]) -> Any:
+        """Runs blocks k.. of a driven model on the boundary tensors ``y`` (its ``.f`` routing, else a chain)."""
+        t, k = self.plan.table, self.plan.part.k
+        container = self.model.get_submodule(t.path) if t.path else self.model
+        # Looked up at call time: kernel substitution may have swapped a block.
+        return run_blocks(t, lambda i: container._modules[t.keys[i]], k, len(t), y, keep=t.save)
+
+    # -- kernels -------------------------------------------------------------------------------------------
+    def kernels_for(self, inputs: list[torch.Tensor]) -> list:
+        """The trainable part's Conv-BN-act blocks and LayerNorms to run through freezert.ops (CUDA, or forced)."""
+        kernels = self.config.kernels
+        if kernels is False or (kernels == "auto" and not (inputs and inputs[0].is_cuda)):
+            return []
+        if self._kernel_plan is None:
+            self._kernel_plan = self.substitutions("lean" if kernels == "lean" else "triton")
+        return self._kernel_plan
+
+    def substitutions(self, impl: str) -> list:
+        """The trainable part's replacements by ``freezert.ops`` (frozen modules skipped)."""
+        from .ops.substitute import plan_substitutions
+
+        frozen = [n for n, _ in self.plan.frozen_named()]
+
+        def skip(name: str) -> bool:
+            return any(name == f or name.startswith(f + ".") or f.startswith(name + ".") for f in frozen)
+
+        return plan_substitutions(self.model, skip=skip, impl=impl)
+
+    # -- memory_budget ---------------------------------------------------------------------------------------
+    def trainable_blocks(self) -> dict[str, nn.Module]:
+        """The trainable blocks' modules and the head's, by dotted name: what recomputation may checkpoint.
+        Looked up in the model now, so a kernel substitution in place is what gets measured and checkpointed."""
+        t, fs = self.plan.table, set(self.plan.part.frozen)
+        names = [name for i in range(len(t)) if i not in fs for name, _ in t.members[i]]
+        stem = {name for name, _ in t.stem}
+        names += [name for name, m in t.candidates if name not in stem and any(True for _ in m.parameters())]
+        return {name: self.model.get_submodule(name) for name in names}
+
+    def _measure_and_plan(self, call: Call, boundary: Boundary) -> Any:
+        """Runs this step while measuring each trainable block's saved bytes; picks the blocks to checkpoint so
+        later steps fit ``memory_budget`` at the least recomputation."""
+        from .memory import SavedMeter, plan_recompute
+
+        blocks = self.trainable_blocks()
+        with SavedMeter(blocks, exclude=[*self.model.parameters(), *self.model.buffers()]) as meter:
+            out = self._run(call, boundary)
+        per = meter.per_block
+        saved = {name: per.get(name, 0) for name in blocks}
+        fixed = sum(n for name, n in per.items() if name not in blocks)
+        budget = self.config.memory_budget
+        chosen = plan_recompute(saved, budget, inputs=meter.inputs, outputs=meter.outputs, fixed=fixed)
+        self.recompute = [name for name in blocks if name in chosen]  # forward order
+        self.recompute_plan = {
+            "budget": budget,
+            "saved": saved,
+            "outside_blocks": fixed,
+            "checkpointed": list(self.recompute),
+        }
+        return out
