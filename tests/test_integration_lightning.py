@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.utils.data import DataLoader
 
+import freezert
 from freezert import Linear
 from freezert._errors import FreezeError
 from freezert.integrations.lightning import BackboneFinetuning, FreezertFinetuning
@@ -476,7 +477,7 @@ def test_schedule_over_a_wrapped_backbone_matches_naive_freezing(tmp_path):
         trainer.fit(model)
         runs[name] = (record, model)
     (la, ma), (lb, mb) = runs["naive"], runs["freezert"]
-    assert type(mb.backbone).__name__ == "FrozenModel" and mb.backbone.frozen_indices == [0, 1]
+    assert isinstance(mb.backbone, freezert.FrozenModel) and mb.backbone.frozen_indices == [0, 1]
     assert la == pytest.approx(lb, rel=1e-6, abs=1e-7)
     for a, b in zip(ma.parameters(), mb.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ from typing import Any
 
 from .._errors import FreezeError
 from ..schedule import (
-    _check_fraction,
+    check_fraction,
     freeze_layers,
     freeze_layers_state_dict,
     load_freeze_layers_state_dict,
@@ -46,8 +46,8 @@ class LayerFreezing(_algorithm_base()):  # type: ignore[misc]
     """
 
     def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0):
-        self.freeze_start = _check_fraction("freeze_start", freeze_start)
-        self.freeze_level = _check_fraction("freeze_level", freeze_level)
+        self.freeze_start = check_fraction("freeze_start", freeze_start)
+        self.freeze_level = check_fraction("freeze_level", freeze_level)
         self._model: Any = None
         self._optimizers: Any = None
         self._loaded: dict | None = None

@@ -35,13 +35,17 @@ except ImportError:
         raise
 
 from .._errors import FreezeError
-from ..schedule import (
-    Schedule,
-    _fix_bn,
-    _layout,
-    _release_bn,
-    _remove_params,
-    _restore_layout,
+from ..schedule import Schedule
+from ..schedule.apply import _hold_eval as _fix_bn  # TEMP
+from ..schedule.apply import _release_eval as _release_bn
+from ..schedule.optim import (
+    optimizer_layout as _layout,
+)  # TEMP
+from ..schedule.optim import (
+    remove_params as _remove_params,
+)
+from ..schedule.optim import (
+    restore_layout as _restore_layout,
 )
 
 __all__ = ["BackboneFinetuning", "FreezertFinetuning", "multiplicative"]
