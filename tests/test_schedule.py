@@ -420,18 +420,7 @@ def test_state_loaded_before_attach_is_applied_at_attach():
 
 
 def _wrap():
-    try:
-        from freezert import wrap
-
-        return wrap
-    except ImportError:
-        pass
-    try:
-        from freezert.wrapper import wrap
-
-        return wrap
-    except ImportError as e:
-        pytest.skip(f"freezert.wrap is not importable yet ({e}); this test runs once the core lands")
+    return freezert.wrap
 
 
 def test_schedule_drives_a_frozen_model():
@@ -649,6 +638,7 @@ def test_freeze_layers_state_resumes_into_a_new_model_object():
     b.load_state_dict(a.state_dict())
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
     x = torch.randn(2, 5, 8)
+    record_forward_order(a)
     a(x)
     freeze_layers(a, opt_a, 0.7, freeze_start=0.5, freeze_level=1.0)
     state = freeze_layers_state_dict(a)
@@ -656,6 +646,9 @@ def test_freeze_layers_state_resumes_into_a_new_model_object():
     # resume: a new model object and a new optimizer over all parameters
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
     load_freeze_layers_state_dict(b, state, opt_b)
+    # the resumed model has the saved layers frozen at once, before any forward or call
+    assert [p.requires_grad for p in a.parameters()] == [p.requires_grad for p in b.parameters()]
+    assert not all(p.requires_grad for p in b.parameters())
     opt_b.load_state_dict(opt_sd)  # group sizes match: frozen parameters already left opt_b
     for t in [0.8, 1.0]:
         da, _ = freeze_layers(a, opt_a, t, freeze_start=0.5, freeze_level=1.0)
@@ -733,3 +726,54 @@ def test_a_parameter_never_in_the_optimizer_joins_the_group_of_its_kind():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1, 0.0]
     assert opt.param_groups[2]["params"] == [model[0][0].weight]
     assert {id(p) for p in opt.param_groups[3]["params"]} == {id(model[0][0].bias), *map(id, model[0][1].parameters())}
+
+
+def test_freeze_layers_in_a_resumed_process_without_state_freezes_composers_layers_at_the_first_call():
+    """Composer's functional form has no state: a resumed run calls it again at the current duration. freezert
+    freezes at that first call too, in Composer's order (a registration-ordered model gets Composer's layers)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(freezert.FreezeWarning):
+        depth, pct = freeze_layers(model, opt, 0.9, freeze_start=0.5, freeze_level=1.0)
+    layers = composer_layers(model, [])
+    assert depth == int(composer_schedule(0.9, 0.5, 1.0) * (len(layers) - 1)) == 1
+    assert [all(p.requires_grad for p in m.parameters()) for m in layers] == [False, True, True]
+    assert in_optimizer(opt) == {id(p) for m in layers[1:] for p in m.parameters()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Freezable protocol and freezing every block
+
+
+def test_a_frozen_model_is_freezable_and_a_plain_module_is_not():
+    from freezert.schedule import Freezable
+
+    model = mlp()
+    assert not isinstance(model, Freezable)
+    fm = freezert.wrap(model, freeze=1)
+    assert isinstance(fm, Freezable)
+    fm.unwrap()
+
+
+def test_every_block_may_be_frozen_when_a_head_outside_the_blocks_trains():
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model = Probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    change = apply_freeze(model, opt, [0, 1], blocks=list(model.body))  # a linear probe, as wrap(freeze=N) allows
+    assert change.frozen == (0, 1) and in_optimizer(opt) == {id(p) for p in model.head.parameters()}
+    with pytest.raises(FreezeError, match="nothing to"):
+        apply_freeze(model.body, None, [0, 1], blocks=list(model.body))  # the body alone: nothing left to train
+    sched = Unfreeze(at=0.5, blocks=2).attach(model, opt, blocks=list(model.body))
+    assert sched.frozen == [0, 1]
+    sched.step(0.5)
+    assert sched.frozen == [] and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(FreezeError, match="past the end"):
+        Unfreeze(at=0.5, blocks=3).attach(model, opt, blocks=list(model.body))

@@ -1,7 +1,7 @@
 """Composer: ``LayerFreezing``, an Algorithm with Composer's protocol and arithmetic, checkpointable.
 
-Composer pins an older torch and cannot be installed beside freezert's, so this module never imports it: the
-class follows Composer's documented protocol (``match(event, state)``, ``apply(event, state, logger)``,
+Composer pins an older torch and is not a dependency, so this module never needs it: the class follows
+Composer's documented protocol (``match(event, state)``, ``apply(event, state, logger)``,
 ``state_dict``/``load_state_dict``) and, where ``composer`` *is* importable, also subclasses its ``Algorithm``.
 """
 
@@ -40,9 +40,10 @@ def _event_name(event: Any) -> str:
 class LayerFreezing(_algorithm_base()):  # type: ignore[misc]
     """Composer's ``LayerFreezing`` (linear schedule over leaf layers) with freezert's fixes.
 
-    Same arithmetic and events as Composer's (``freeze_layers`` at ``Event.EPOCH_END``); layers are ordered by
-    forward use (recorded from ``Event.INIT``/``FIT_START``), frozen parameters' optimizer state is purged
-    (composer#1002), and the freeze (order, depth) is in ``state_dict`` so a resumed run continues exactly.
+    Same arithmetic and events as Composer's (``freeze_layers`` at ``Event.EPOCH_END``, freezing at the call);
+    layers are ordered by forward use (recorded from ``Event.INIT``/``FIT_START``), frozen parameters' optimizer
+    state is purged (composer#1002), and the freeze (order, depth, frozen layers) is in ``state_dict``, so a run
+    resumed through ``load_path`` has the saved layers frozen before its first step and continues exactly.
     """
 
     def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0):
