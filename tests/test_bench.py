@@ -44,7 +44,7 @@ def test_compare_alternates_in_blocks(tiny, block, rounds):
     assert all(len(r.step_ms) == 3 and r.loss == r.loss and r.train_bytes > 0 for r in run.results.values())
 
 
-def test_compare_budget_stops_after_three_steps(tiny):
+def test_compare_budget_leaves_enough_steps_for_a_verdict(tiny):
     initial, batches = tiny
     run = bench.compare(
         initial,
@@ -56,7 +56,8 @@ def test_compare_budget_stops_after_three_steps(tiny):
         monitor_steps=10,
         variants=(FREEZERT,),
     )
-    assert len(run.results[FREEZERT].step_ms) == 3 and "3 of 50 steps" in run.stopped
+    n = bench.MIN_PAIRS
+    assert len(run.results[FREEZERT].step_ms) == n and f"{n} of 50 steps" in run.stopped
     assert run.results[FREEZERT].monitor["gradients"]["steps"] == 2  # a spent budget cuts the monitors too
 
 
@@ -64,20 +65,60 @@ def _result(name, times, mem=None):
     return VariantResult(name, 1, step_ms=list(times), train_bytes=mem)
 
 
-def test_quartiles_and_verdict():
+def test_quartiles():
     assert bench.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+    assert bench.quartiles([7.0]) == (7.0, 7.0, 7.0)
+
+
+def test_median_interval_is_the_sign_tests():
+    # n=6: dropping one order statistic from each end leaves 1 - 2/64 = 96.9% coverage, two would leave 78%
+    assert bench.median_interval([6, 1, 5, 2, 4, 3]) == (1, 6)
+    assert bench.median_interval([1, 2, 3, 4, 5]) is None  # 1 - 2/32 < 95%: no interval
+    xs = list(range(1, 21))  # n=20: P(Bin(20, 1/2) <= 5) = 2.1% <= 2.5% < P(<= 6) = 5.8%
+    assert bench.median_interval(xs) == (6, 15)
+
+
+def _calls(ratios: list[float], base: float = 10.0):
+    return bench.call([base * r for r in ratios], [base] * len(ratios))
+
+
+def test_call_needs_enough_pairs_and_an_interval_that_excludes_one():
+    assert _calls([0.5] * (bench.MIN_PAIRS - 1)).outcome == "few"  # clear, but too few pairs to call
+    assert _calls([0.5, 0.6, 0.55, 0.52, 0.58, 0.61]).outcome == "faster"
+    assert _calls([1.3, 1.2, 1.25, 1.4, 1.22, 1.5]).outcome == "slower"
+    assert _calls([0.99, 1.01, 1.0, 0.98, 1.02, 1.0]).outcome == "same"  # inside 1 +- 5%
+    noisy = _calls([0.5, 0.6, 0.55, 0.52, 0.58, 2.0])  # one stalled step puts 1.0 inside the interval
+    assert noisy.outcome == "noisy" and noisy.median == pytest.approx(0.565)
+    assert noisy.text().startswith("too noisy to call, 0.56x its step time but the 95% interval 0.50-2.00x")
+    assert bench.call([], []) is None
+
+
+def test_paired_ratios_cancel_drift_that_separate_medians_do_not():
+    # the machine slows down halfway: freezert is 0.8x naive in every round, but its slow-half steps overlap
+    # naive's fast-half steps
+    naive = [10.0] * 8 + [20.0] * 8
+    fz = [8.0] * 8 + [16.0] * 8
+    c = bench.call(fz, naive)
+    assert c.outcome == "faster" and c.median == pytest.approx(0.8) and c.low == c.high == pytest.approx(0.8)
+
+
+def test_verdict_calls_each_baseline_and_says_why_not():
     fast = {
-        NAIVE: _result(NAIVE, [10, 11, 12, 13], 100),
-        FREEZERT: _result(FREEZERT, [7, 8, 8, 9], 50),
-        FULL: _result(FULL, [20, 21, 22, 23], 300),
+        NAIVE: _result(NAIVE, [10, 11, 12, 13, 12, 11], 100),
+        FREEZERT: _result(FREEZERT, [7, 8, 8, 9, 8, 8], 50),
+        FULL: _result(FULL, [20, 21, 22, 23, 22, 21], 300),
     }
     line = bench.verdict(fast)
-    assert line.startswith("verdict: freezert is faster than naive freezing") and "\n" not in line
-    assert "faster than full fine-tuning" in line and "memory 0.50x naive freezing's" in line
-    same = {NAIVE: _result(NAIVE, [10, 11, 12, 13]), FREEZERT: _result(FREEZERT, [10.5, 11, 12.5, 13])}
-    assert "as fast as naive freezing within the spread" in bench.verdict(same)
-    slow = {NAIVE: _result(NAIVE, [10, 10, 10]), FREEZERT: _result(FREEZERT, [12, 12, 12])}
-    assert "slower than naive freezing (1.20x" in bench.verdict(slow)
+    assert line.startswith("verdict: freezert vs naive freezing: faster, 0.") and "\n" not in line
+    assert "vs full fine-tuning: faster" in line and "memory 0.50x naive freezing's" in line
+    assert "95% interval" in line and "over 6 paired steps" in line
+    few = {NAIVE: _result(NAIVE, [10, 11, 12, 13]), FREEZERT: _result(FREEZERT, [5, 5, 6, 6])}
+    assert "naive freezing: too noisy to call, 0.48x its step time over only 4 paired steps" in bench.verdict(few)
+    slow = {NAIVE: _result(NAIVE, [10] * 6), FREEZERT: _result(FREEZERT, [12] * 6)}
+    assert "naive freezing: slower, 1.20x its step time" in bench.verdict(slow)
+    # the old wording called 0.48x "as fast as ... within the spread" when the baseline's IQR was wide
+    wide = {NAIVE: _result(NAIVE, [10, 40, 10, 40, 10, 40]), FREEZERT: _result(FREEZERT, [5, 19, 5, 19, 5, 19])}
+    assert "naive freezing: faster, 0.49x" in bench.verdict(wide)
 
 
 def test_results_json_and_table():

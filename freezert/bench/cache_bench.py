@@ -96,7 +96,7 @@ class YoloTask:
         return {j: t.detach() for j, t in fm.segment.run(b[0]).items()}  # the driven path: {block: output}
 
     def floor_forward(self, fm, feats, b):
-        return fm._run_tail(dict(feats))  # _run_tail adds the tail's saved outputs to the dict it is given
+        return fm._tail.blocks_after(dict(feats))  # blocks_after adds the tail's saved outputs to the dict it is given
 
 
 class EncoderTask:
@@ -220,7 +220,7 @@ class EpochVariant:
         batches: list,
         cache: CacheConfig = CacheConfig(),
     ):
-        import freezert
+        from ..wrapper import wrap
 
         self.name, self.task, self.device = name, task, device
         self.cuda = device.type == "cuda"
@@ -239,7 +239,7 @@ class EpochVariant:
                 from ..cache import FeatureCache
 
                 fc = FeatureCache(codec=cache.codec, where=cache.where)
-            self.fm = freezert.wrap(
+            self.fm = wrap(
                 model,
                 freeze=config.freeze,
                 bn=config.bn,
@@ -277,7 +277,7 @@ class EpochVariant:
 
     def _kernel_context(self, b):
         # The floor trains the tail with the same freezert.ops substitutions the wrapped variants get.
-        plan = self.fm._kernels_for([b[0]])
+        plan = self.fm._tail.kernels_for([b[0]])
         if not plan:
             return contextlib.nullcontext()
         from ..ops.substitute import swapped

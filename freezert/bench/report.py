@@ -8,7 +8,10 @@ import torch
 
 from .._units import fmt_bytes
 from .cache_bench import _COUNTERS, CACHE_VARIANTS, CACHED, FLOOR, EpochResult
-from .variants import FREEZERT, FULL, NAIVE, VARIANTS, BenchError, VariantResult, quartiles
+from .catalog import FREEZERT, FULL, NAIVE, VARIANTS
+from .options import OptionsRun
+from .stats import CONFIDENCE, MIN_PAIRS, SAME_WITHIN, call, quartiles
+from .variants import BenchError, VariantResult
 
 
 def _ratio(a, b) -> str:
@@ -62,27 +65,18 @@ def format_table(results: dict[str, VariantResult], device: torch.device) -> str
     return "\n".join(lines)
 
 
-def _against(r: VariantResult, base: VariantResult, what: str) -> str:
-    q1, med, q3 = quartiles(r.step_ms)
-    b1, bmed, b3 = quartiles(base.step_ms)
-    ratio = med / bmed
-    # "Within the spread": either median falls inside the other's interquartile range.
-    if b1 <= med <= b3 or q1 <= bmed <= q3:
-        return f"as fast as {what} within the spread ({ratio:.2f}x its median step)"
-    return f"{'faster' if ratio < 1 else 'slower'} than {what} ({ratio:.2f}x its median step)"
-
-
 def verdict(results: dict[str, VariantResult]) -> str:
-    """One line: freezert's step time against naive freezing and full fine-tuning, and its memory."""
+    """One line: freezert's step time against naive freezing and full fine-tuning, paired step by step, and its
+    memory. A comparison is called only when the interval of the median step-time ratio allows it."""
     f, n, full = results.get(FREEZERT), results.get(NAIVE), results.get(FULL)
     if f is None or n is None or not f.step_ms or not n.step_ms:
         return "verdict: nothing to compare (freezert and naive freeze both need timed steps)"
-    parts = [_against(f, n, "naive freezing")]
+    parts = [f"freezert vs naive freezing: {call(f.step_ms, n.step_ms).text()}"]
     if full is not None and full.step_ms:
-        parts.append(_against(f, full, "full fine-tuning"))
+        parts.append(f"vs full fine-tuning: {call(f.step_ms, full.step_ms).text()}")
     mem = _div(f.memory_bytes, n.memory_bytes)
     tail = f"; memory {mem:.2f}x naive freezing's" if mem is not None else ""
-    return f"verdict: freezert is {' and '.join(parts)}{tail}"
+    return f"verdict: {'; '.join(parts)}{tail}"
 
 
 def _norm(x) -> str:
@@ -214,7 +208,141 @@ def results_json(results: dict[str, VariantResult], config: dict, verdict_line: 
             "time_vs_full": _div(r.median_ms, full and full.median_ms),
             "mem_vs_naive": _div(r.memory_bytes, naive and naive.memory_bytes),
             "mem_vs_full": _div(r.memory_bytes, full and full.memory_bytes),
+            "time_call_vs_naive": _call_json(r, naive),
+            "time_call_vs_full": _call_json(r, full),
             "monitor": r.monitor,
+        }
+    return out
+
+
+def _call_json(r: VariantResult, base: VariantResult | None) -> dict | None:
+    c = call(r.step_ms, base.step_ms) if base is not None and base is not r else None
+    return None if c is None else {k: getattr(c, k) for k in ("n", "median", "low", "high", "outcome")}
+
+
+# --- the options benchmark (bench --model ... --input SHAPE) ------------------------------------------------
+
+LOSSY = 1e-3  # a relative output error above this is reported as a change of the model's function
+
+
+def _err(x: float | None) -> str:
+    return "-" if x is None else "0" if x == 0 else f"{x:.1e}"
+
+
+def format_options_table(run: OptionsRun, device: torch.device) -> str:
+    """Per option: step time (median, IQR), the paired ratio to naive freezing with its interval and call, bytes
+    saved for backward, CUDA peak, output error; then each option's notes and why skipped options did not run."""
+    rows = [r for r in run.results if r.skipped is None]
+    naive = rows[0] if rows and rows[0].label == NAIVE else None
+    width = max([len(r.label) for r in run.results] + [16])
+    head = (
+        f"{'option':<{width}} {'median ms':>10} {'IQR ms':>8} {'vs naive':>9} {'interval':>12} {'time':>10}"
+        f" {'saved MiB':>10} {'vs naive':>9} {'peak MiB':>9} {'max |err|':>10} {'rel err':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        c = call(r.step_ms, naive.step_ms) if naive is not None and r is not naive else None
+        ratio = "1.00x" if r is naive else "-" if c is None else f"{c.median:.2f}x"
+        lines.append(
+            f"{r.label:<{width}} {r.median_ms:>10.1f} {r.iqr_ms:>8.1f} {ratio:>9}"
+            f" {(c.interval() if c else '-'):>12} {(c.short if c else '-'):>10}"
+            f" {_mib2(r.saved_bytes):>10} {_ratio(r.saved_bytes, naive and naive.saved_bytes):>9}"
+            f" {_mib(r.peak_bytes):>9} {_err(r.max_error):>10} {_err(r.rel_error):>8}"
+        )
+    for r in run.results:
+        if r.skipped is not None:
+            lines.append(f"  {r.label}: not run: {r.skipped}")
+        lines += [f"  {r.label}: {n}" for n in r.notes]
+    lines.append(
+        f"time: median and IQR of every timed step; vs naive: the median of each round's ratio to naive freezing's "
+        f"step, its {100 * CONFIDENCE:.0f}% interval and the call it allows (same: within {100 * SAME_WITHIN:.0f}%; "
+        f"at least {MIN_PAIRS} rounds needed)"
+    )
+    lines.append(
+        "saved: bytes autograd keeps for backward in one training step (saved_tensors_hooks; parameters and "
+        "buffers excluded); peak: CUDA max allocated while the option stepped, plus what it keeps resident"
+        + ("" if device.type == "cuda" else " (CUDA only)")
+    )
+    lines.append(
+        "max |err|: the largest difference of an output from naive freezing's on the same inputs and weights; "
+        "rel err: over naive's largest output"
+    )
+    return "\n".join(lines)
+
+
+def _mib2(b) -> str:
+    return f"{b / 2**20:.1f}" if b is not None else "-"
+
+
+def options_verdict(run: OptionsRun) -> str:
+    """One line: the fastest option measurably faster than naive freezing, the leanest for backward, the options
+    that change the outputs; step times are called only with enough rounds and an interval that allows it."""
+    rows = [r for r in run.results if r.skipped is None]
+    naive, others = rows[0], rows[1:]
+    parts = []
+    if run.rounds < MIN_PAIRS:
+        parts.append(
+            f"step times too noisy to call: {run.rounds} rounds ran, at least {MIN_PAIRS} needed "
+            "(raise --budget or --steps, or make --input smaller)"
+        )
+    else:
+        calls = {r.label: call(r.step_ms, naive.step_ms) for r in others}
+        faster = sorted((c.median, label) for label, c in calls.items() if c is not None and c.outcome == "faster")
+        if faster:
+            label = faster[0][1]
+            parts.append(f"fastest: {label} vs naive freezing: {calls[label].text()}")
+        else:
+            noisy = [label for label, c in calls.items() if c is not None and c.outcome in ("noisy", "few")]
+            tail = f" ({', '.join(noisy)} too noisy to call)" if noisy else ""
+            parts.append(f"no option is measurably faster than naive freezing{tail}")
+        slower = [f"{label} ({c.median:.2f}x)" for label, c in calls.items() if c is not None and c.outcome == "slower"]
+        if slower:
+            parts.append(f"slower than naive freezing: {', '.join(slower)}")
+    lean = [r for r in others if r.saved_bytes is not None and naive.saved_bytes]
+    if lean:
+        best = min(lean, key=lambda r: r.saved_bytes)
+        if best.saved_bytes < naive.saved_bytes:
+            parts.append(
+                f"leanest for backward: {best.label}, {best.saved_bytes / naive.saved_bytes:.2f}x naive freezing's "
+                f"saved bytes ({fmt_bytes(naive.saved_bytes - best.saved_bytes)} less a step)"
+            )
+        else:
+            parts.append("no option saves fewer bytes for backward than naive freezing")
+    lossy = [r for r in others if r.rel_error is not None and r.rel_error > LOSSY]
+    if lossy:
+        parts.append(
+            "changes the outputs: "
+            + ", ".join(f"{r.label} (up to {100 * r.rel_error:.2g}% of the largest)" for r in lossy)
+        )
+    return "verdict: " + "; ".join(parts)
+
+
+def options_json(run: OptionsRun, config: dict, verdict_line: str) -> dict:
+    """The options benchmark as JSON-ready data: config, rounds, per option its numbers and call."""
+    rows = [r for r in run.results if r.skipped is None]
+    naive = rows[0] if rows else None
+    out: dict = {"config": config, "rounds": run.rounds, "stopped": run.stopped, "verdict": verdict_line}
+    out["frozen_params"], out["total_params"] = run.frozen_params, run.total_params
+    out["options"] = {}
+    for r in run.results:
+        q1, med, q3 = quartiles(r.step_ms)
+        c = call(r.step_ms, naive.step_ms) if naive is not None and r is not naive and r.step_ms else None
+        out["options"][r.label] = {
+            "wrap_options": r.kwargs,
+            "skipped": r.skipped,
+            "median_ms": med if r.step_ms else None,
+            "q1_ms": q1 if r.step_ms else None,
+            "q3_ms": q3 if r.step_ms else None,
+            "step_ms": r.step_ms,
+            "saved_bytes": r.saved_bytes,
+            "peak_bytes": r.peak_bytes,
+            "max_error": r.max_error,
+            "rel_error": r.rel_error,
+            "trainable_params": r.trainable,
+            "notes": r.notes,
+            "time_call_vs_naive": None
+            if c is None
+            else {k: getattr(c, k) for k in ("n", "median", "low", "high", "outcome")},
         }
     return out
 

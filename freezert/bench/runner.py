@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .monitors import Monitors
+from .stats import MIN_PAIRS
 from .variants import VARIANTS, TrainConfig, Variant, VariantResult
 
 
@@ -44,7 +45,7 @@ def compare(
 
     ``block=1`` alternates step by step. After the timed rounds: one untimed step per variant that counts its
     training memory, then ``monitor_steps`` untimed steps under the monitors. ``budget_s`` ends the timed
-    rounds early (after at least 3 steps each) and, once spent, cuts the monitors to 2 steps each.
+    rounds early (after at least ``MIN_PAIRS`` steps each) and, once spent, cuts the monitors to 2 steps each.
     """
     bar = progress or _NoProgress()
     cuda = device.type == "cuda"
@@ -78,7 +79,8 @@ def compare(
                 peaks[v.name].append(torch.cuda.max_memory_allocated(device) - base + v.static_bytes)
         done += n
         rounds += 1
-        if budget_s and done >= 3 and done < steps and time.perf_counter() - t0 > budget_s:
+        # the budget leaves at least MIN_PAIRS steps each, the fewest a verdict is called on
+        if budget_s and done >= MIN_PAIRS and done < steps and time.perf_counter() - t0 > budget_s:
             stopped = f"time budget of {budget_s:g} s reached after {done} of {steps} steps per variant"
             break
 

@@ -19,11 +19,8 @@ import torch
 import torch.nn as nn
 
 from .._errors import FreezeError
-
-FULL, NAIVE, FREEZERT = "full fine-tune", "naive freeze", "freezert"
-VARIANTS = (FULL, NAIVE, FREEZERT)
-MODELS = ("yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x", "cnn", "encoder")
-DEFAULT_FREEZE = {"cnn": 3, "encoder": 6}  # yolov5*: 10 (the backbone)
+from .catalog import FREEZERT, FULL, MODELS, NAIVE, VARIANTS
+from .stats import quartiles
 
 
 class BenchError(FreezeError):
@@ -123,16 +120,6 @@ def naive_freeze(model: nn.Module, n: int) -> nn.Module:
     return model
 
 
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    """(first quartile, median, third quartile); NaNs for no data."""
-    if not xs:
-        return (float("nan"),) * 3
-    if len(xs) == 1:
-        return (xs[0],) * 3
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
-
-
 @dataclass
 class VariantResult:
     """One variant's numbers: every timed step, its memory, its last loss and what the monitors saw."""
@@ -164,7 +151,8 @@ class Variant:
     """One training setup: model, optimizer, a timed step function and its bookkeeping."""
 
     def __init__(self, name: str, initial: nn.Module, config: TrainConfig, device: torch.device):
-        import freezert
+        from ..blocks import find_blocks
+        from ..wrapper import wrap
 
         self.name = name
         model = copy.deepcopy(initial).to(device).train()
@@ -172,13 +160,13 @@ class Variant:
             for p in model.parameters():
                 p.requires_grad_(True)
             self.module, self.opt = model, yolo_optimizer(model)
-            self.blocks = freezert.find_blocks(model)
+            self.blocks = find_blocks(model)
         elif name == NAIVE:
             naive_freeze(model, config.freeze)
             self.module, self.opt = model, yolo_optimizer(model)  # all params, as YOLOv5
-            self.blocks = freezert.find_blocks(model)
+            self.blocks = find_blocks(model)
         elif name == FREEZERT:
-            fm = freezert.wrap(
+            fm = wrap(
                 model, freeze=config.freeze, bn=config.bn, channels_last=config.channels_last, graphs=config.graphs
             )
             self.module, self.opt = fm, yolo_optimizer(model, fm.trainable_parameters())
