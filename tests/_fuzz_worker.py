@@ -207,7 +207,8 @@ def fuzz_disk(n: int, tmp: str) -> None:
         c = open_()
         try:
             for op, arg in ops:
-                slab_file = os.path.join(path, "slab_fp32.bin")
+                slabs = [n for n in os.listdir(path) if n.startswith("slab_")] if os.path.isdir(path) else []
+                slab_file = os.path.join(path, slabs[0] if slabs else "slab_none.bin")  # one layout: one slab
                 if op == "put":
                     rows = make(arg)
                     c.put(torch.tensor(arg), rows)

@@ -48,11 +48,21 @@ def _got(cache: FeatureCache, keys, device="cpu") -> list[torch.Tensor]:
 
 def _flip(cache: FeatureCache, key: int, offset: int, mask: int) -> None:
     """XORs one byte of ``key``'s disk record (offset within the record) in its slab file."""
-    ti, codec, slot, _ = cache._index[key]
-    slab = cache._tiers[ti].slabs[codec]
-    pos = slot * slab.rec + offset
+    entry = next(e for (_, k), e in cache._index.rows.items() if k == key)
+    slab = entry.slab
+    pos = entry.slot * slab.rec + offset
     b = os.pread(slab.fd, 1, pos)
     os.pwrite(slab.fd, bytes([b[0] ^ mask]), pos)
+
+
+def _slab_file(store, codec: str):
+    """The one slab file of ``codec`` in the store (one layout): slab_<layout id>_<codec>.bin."""
+    (file,) = [p for p in store.iterdir() if p.name.startswith("slab_") and p.name.endswith(f"_{codec}.bin")]
+    return file
+
+
+def _lru(cache: FeatureCache) -> list[int]:
+    return [k for _, k in cache._index.lru()]
 
 
 def _take(rows: list[torch.Tensor], idx) -> list[torch.Tensor]:
@@ -337,11 +347,11 @@ def test_new_fingerprint_invalidates(tmp_path):
     assert len(c) == 3 and c.stats()["invalidations"] == 0
     c.bind("ffffffffffffffff", [((4,), torch.float32)], "cpu")  # other weights, other boundary
     assert len(c) == 0 and c.stats()["invalidations"] == 1 and c.fingerprint == "ffffffffffffffff"
-    c.put(torch.arange(3), [torch.ones(3, 4)])
-    assert torch.equal(_got(c, torch.tensor([2]))[0], torch.ones(1, 4))
+    c.put(torch.arange(9), [torch.ones(9, 4)])  # 5 rows of 8 bytes on the device, 4 spill to the re-created store
+    assert torch.equal(_got(c, torch.tensor([8]))[0], torch.ones(1, 4)) and c.stats()["rows_disk"] == 4
     c.flush()
     head = json.loads((tmp_path / "inv" / "header.json").read_text())
-    assert head["fingerprint"] == "ffffffffffffffff" and head["layout"] == [[[4], "float32"]]
+    assert head["fingerprint"] == "ffffffffffffffff" and [x["tensors"] for x in head["layouts"]] == [[[[4], "float32"]]]
 
 
 def test_extend_converts_rows_keeps_lru_order_and_traffic_counters():
@@ -363,7 +373,7 @@ def test_extend_converts_rows_keeps_lru_order_and_traffic_counters():
     assert sorted(seen) == [2, 4] and c.fingerprint == "fedcba9876543210" and c.layout == new_layout
     assert st["extended"] == 6 and st["invalidations"] == 0 and st["stores"] == before["stores"] + 6
     assert (st["lookups"], st["hits"], st["misses"]) == (before["lookups"], before["hits"], before["misses"])
-    assert list(c._index) == [0, 2, 3, 4, 5, 1]  # the old LRU order
+    assert _lru(c) == [0, 2, 3, 4, 5, 1]  # the old LRU order
     got = _got(c, torch.arange(6))[0]
     torch.testing.assert_close(got, x[0].sum(1) + x[1][:, :1], rtol=0, atol=0)
     # the new layout fills a 10-row budget with 6 rows of 20 bytes: nothing was evicted
@@ -376,7 +386,7 @@ def test_extend_refuses_a_convert_of_the_wrong_shape():
     with pytest.raises(CacheError, match=r"convert\(\) returned shapes \[\(3, 4\)\].*needs \[\(3, 5\)\]"):
         c.extend("fedcba9876543210", [((5,), torch.float32)], "cpu", lambda rows: [torch.zeros(3, 4)])
     assert len(c) == 3 and c.fingerprint == FP  # nothing the cache had is lost
-    assert list(c._index) == [0, 1, 2] and c.stats()["lookups"] == 0 and _hit(c, torch.arange(3)).all()
+    assert _lru(c) == [0, 1, 2] and c.stats()["lookups"] == 0 and _hit(c, torch.arange(3)).all()
 
 
 def test_fingerprint_of():
@@ -412,11 +422,11 @@ def test_disk_store_persists_across_processes(tmp_path):
     store = tmp_path / "persist"
     assert _worker("write", store, 9) == {"rows": 9}
     head = json.loads((store / "header.json").read_text())
-    assert head["fingerprint"] == "feedc0de00000001" and head["codec"] == "fp32" and head["version"] == 2
+    assert head["fingerprint"] == "feedc0de00000001" and head["codec"] == "fp32" and head["version"] == 3
     out = _worker("read", store, 9)
     assert out["hits"] == [True] * 9 + [False] and out["max_err"] == 0.0 and out["corrupt"] == 0
     # corrupt one record's payload and truncate the data file: detected in a fresh process, never returned
-    data, rec = store / "slab_fp32.bin", 24 + 22 * 4  # an fp32 record: checksum, key, content, 22 floats
+    data, rec = _slab_file(store, "fp32"), 24 + 22 * 4  # an fp32 record: checksum, key, content, 22 floats
     raw = bytearray(data.read_bytes())
     raw[3 * rec + 40] ^= 0xFF  # a payload byte of record 3
     data.write_bytes(bytes(raw[: 7 * rec + 50]))  # record 7 cut in half, record 8 gone
@@ -446,7 +456,7 @@ def test_truncated_while_open_does_not_crash(tmp_path):
     c = _cache("fp32", "disk", path=tmp_path / "trunc")
     c.put(torch.arange(20), _rows(20))
     c.flush()
-    os.truncate(tmp_path / "trunc" / "slab_fp32.bin", 5 * (24 + 22 * 4))
+    os.truncate(_slab_file(tmp_path / "trunc", "fp32"), 5 * (24 + 22 * 4))
     hit = _hit(c, torch.arange(20))
     assert hit[:5].all() and not hit[5:].any() and c.stats()["corrupt"] == 15
     assert torch.equal(_got(c, torch.arange(5))[0], _rows(20)[0][:5])
@@ -476,8 +486,11 @@ def test_foreign_store_is_refused_with_both_fingerprints(tmp_path):
     assert other.fingerprint is None and len(other) == 0
     with pytest.raises(CacheError, match="codec 'fp16'.*codec 'bf16'"):
         FeatureCache("bf16", "disk", "1MiB", store).bind(FP, LAYOUT, "cpu")
-    with pytest.raises(CacheError, match="layout"):
-        FeatureCache("fp16", "disk", "1MiB", store).bind(FP, [((9,), torch.float32)], "cpu")
+    more = FeatureCache("fp16", "disk", "1MiB", store)  # another layout of the same setup (another input shape)
+    more.bind(FP, [((9,), torch.float32)], "cpu")  # is held beside the first, in files of its own
+    more.put(torch.arange(2), [torch.ones(2, 9)])
+    assert _hit(more, torch.arange(3)).tolist() == [True, True, False] and len(more) == 5
+    more.close()
     same = FeatureCache("fp16", "disk", "1MiB", store)
     same.bind(FP, LAYOUT, "cpu")
     assert _hit(same, torch.arange(3)).all()  # the right model reads it

@@ -117,7 +117,7 @@ def test_extension_drops_bad_records_instead_of_carrying_them(yolo, tmp_path):
     with torch.no_grad():
         fm(x)
         cache.flush()
-        slab = cache._tier("disk").slabs["fp32"]
+        slab = next(iter(cache._index.rows.values())).slab  # the one slab: fp32 records of one layout
         pos = slab.rec + 64  # one payload byte of the second record
         os.pwrite(slab.fd, bytes([os.pread(slab.fd, 1, pos)[0] ^ 0x5A]), pos)
         fm.set_freeze(10)

@@ -34,6 +34,12 @@ def _cache(codec="fp16", where="host", budget="1MiB", path=None, fp=FP, **kw) ->
     return c
 
 
+def _slab_file(store, codec: str):
+    """The one slab file of ``codec`` in the store (one layout): slab_<layout id>_<codec>.bin."""
+    (file,) = [p for p in store.iterdir() if p.name.startswith("slab_") and p.name.endswith(f"_{codec}.bin")]
+    return file
+
+
 def _run(code: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run(
@@ -99,7 +105,7 @@ def test_records_copied_from_another_model_are_never_served(tmp_path):
     cb = _cache("fp32", "disk", path=b, fp=FP2)
     cb.put(torch.arange(8), _rows(8, seed=2))
     cb.close()
-    for name in ("slab_fp32.bin", "index.pt"):  # same architecture, other weights: same layout, other fingerprint
+    for name in (_slab_file(a, "fp32").name, "index.pt"):  # same architecture, other weights: same layout files
         shutil.copy(a / name, b / name)
     cb = _cache("fp32", "disk", path=b, fp=FP2)
     hit, rows = cb.fetch(torch.arange(8), "cpu")
@@ -108,9 +114,20 @@ def test_records_copied_from_another_model_are_never_served(tmp_path):
 
 @pytest.mark.parametrize(
     "damage",
-    ["garbage", "layout_value", "layout_type", "layout_dtype", "edited_fingerprint", "no_header", "version1"],
+    [
+        "garbage",
+        "layout_value",
+        "layout_type",
+        "layout_dtype",
+        "layout_id",
+        "edited_fingerprint",
+        "no_header",
+        "version2",
+    ],
 )
 def test_an_unverifiable_header_is_refused_and_nothing_deleted(damage, tmp_path):
+    from freezert.cache.disk import _header_check
+
     store = tmp_path / "s"
     c = _cache("fp16", "disk", path=store)
     c.put(torch.arange(4), _rows(4))
@@ -122,15 +139,19 @@ def test_an_unverifiable_header_is_refused_and_nothing_deleted(damage, tmp_path)
         (store / "header.json").unlink()
     else:
         if damage == "layout_value":
-            head["layout"] = [[["a"], "float32"]]
+            head["layouts"][0]["tensors"] = [[["a"], "float32"]]
         elif damage == "layout_type":
-            head["layout"] = 7
+            head["layouts"] = 7
         elif damage == "layout_dtype":
-            head["layout"] = [[[3, 5], "Tensor"], [[7], "float32"]]
+            head["layouts"][0]["tensors"] = [[[3, 5], "Tensor"], [[7], "float32"]]
+        elif damage == "layout_id":  # a layout whose id does not name its contents: its files are not its rows
+            head["layouts"][0]["tensors"] = [[[15], "float32"], [[7], "float32"]]
         elif damage == "edited_fingerprint":
             head["fingerprint"] = FP2  # adopting it would serve FP's rows to FP2's model
-        elif damage == "version1":
-            head["version"] = 1
+        elif damage == "version2":
+            head["version"] = 2  # before a store held many layouts
+        if damage.startswith("layout"):  # self-consistent: the layout check itself must refuse it
+            head["header_check"] = _header_check(head)
         (store / "header.json").write_text(json.dumps(head))
     before = sorted(os.listdir(store))
     with pytest.raises(CacheError, match=r"cannot be verified.*clear it.*another path"):
@@ -227,7 +248,7 @@ def test_content_keys_that_never_repeat_are_reported_after_an_epoch():
         warnings.simplefilter("error")
         for step in range(4):
             d.put(torch.arange(8) + 100 * step, _rows(8))
-    d._content_misses = 65_530
+    d._index.counters.content_misses = 65_530
     with pytest.warns(UserWarning, match=r"more than an epoch's worth \(65536, the default\)"):
         d.put(torch.arange(8) + 900, _rows(8))
     # a cache that is reused never says it
@@ -265,7 +286,8 @@ def test_writes_after_someone_truncated_the_slab_never_crash(tmp_path):
         c.bind("0123456789abcdef", lay, "cpu")
         x = [torch.randn(8, 3, 5), torch.randn(8, 7)]
         c.put(torch.arange(8), x)
-        os.truncate(os.path.join(sys.argv[1], "slab_fp32.bin"), 0)  # as another process's clear() would
+        (slab,) = [n for n in os.listdir(sys.argv[1]) if n.startswith("slab_")]
+        os.truncate(os.path.join(sys.argv[1], slab), 0)  # as another process's clear() would
         for step in range(1, 4):  # evicts and reuses slots past the (now empty) file's end
             c.put(torch.arange(8) + 100 * step, x)
         hit, rows = c.fetch(torch.arange(8) + 300, "cpu")
@@ -362,13 +384,14 @@ def test_path_naming_a_file_is_refused(tmp_path):
         FeatureCache("fp16", "disk", "1MiB", f)
 
 
-@pytest.mark.parametrize("name", ["slab_fp16.bin", "index.pt"])
+@pytest.mark.parametrize("name", ["slab", "index.pt"])
 @pytest.mark.parametrize("kind", ["directory", "devnull"])
 def test_store_files_that_are_not_regular_files_are_refused(name, kind, tmp_path):
     store = tmp_path / "s"
     c = _cache("fp16", "disk", path=store)
     c.put(torch.arange(3), _rows(3))
     c.close()
+    name = _slab_file(store, "fp16").name if name == "slab" else name
     os.remove(store / name)
     if kind == "directory":
         os.mkdir(store / name)
@@ -455,7 +478,8 @@ def test_cuda_model_disk_tier_survives_a_truncated_slab(tmp_path):
         c.bind("0123456789abcdef", lay, "cuda")
         x = [torch.randn(8, 3, 5, device="cuda"), torch.randn(8, 7, device="cuda")]
         c.put(torch.arange(8), x)
-        os.truncate(os.path.join(sys.argv[1], "slab_fp32.bin"), 0)
+        (slab,) = [n for n in os.listdir(sys.argv[1]) if n.startswith("slab_")]
+        os.truncate(os.path.join(sys.argv[1], slab), 0)
         for step in range(1, 4):
             c.put(torch.arange(8) + 100 * step, x)
         hit, rows = c.fetch(torch.arange(8) + 300, "cuda")
@@ -557,7 +581,8 @@ def test_a_dropped_cache_in_a_reference_cycle_does_not_hold_the_lock(tmp_path):
 def test_the_fingerprint_reads_the_codec_from_the_one_table(monkeypatch):
     import dataclasses
 
-    from freezert.cache import codecs, fingerprint_of
+    from freezert import _codecs as codecs
+    from freezert.cache import fingerprint_of
 
     w = [torch.randn(4, 3)]
     a = fingerprint_of(w, codec="fp16", bn="frozen")

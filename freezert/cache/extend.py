@@ -9,76 +9,75 @@ from typing import Any
 import torch
 
 from .._errors import CacheError
-from .binding import check_layout
+from . import rows as _rows
+from .binding import Layout, check_layout
+from .index import Index
 from .tiers import available_ram
 
 __all__ = ["extend"]
 
 
-def extend(cache: Any, fingerprint: str, layout, device, convert, *, chunk_bytes: int = 64 * 2**20) -> int:
-    """Re-binds to ``fingerprint``/``layout`` keeping every stored row, converted rather than dropped.
+def extend(
+    cache: Any, index: Index, new: tuple, convert, chunk_bytes: int, *, carry: bool, old_default: Layout | None
+) -> int:
+    """Re-binds ``cache`` to ``new`` = (fingerprint, layout, device, depth) keeping every stored row of ``index``,
+    converted rather than dropped.
 
-    ``convert(rows)`` maps a batch of stored boundary rows (the bound layout, decoded on ``device``) to the new
-    boundary's rows. Rows are staged in host memory (at most half the available RAM, most recently used first)
-    and stored under the new binding in their old LRU order; records that fail verification are dropped.
-    Returns how many rows were carried over (``stats()["extended"]`` adds them up).
+    ``convert(rows)`` maps a batch of one layout's stored rows (decoded on ``device``) to the new boundary's rows.
+    ``layout``: the new default layout (rows of ``old_default`` must convert to it); every other layout becomes
+    what ``convert`` returns for it, under the same tag. Rows are staged in host memory (at most half the available
+    RAM, most recently used first) and stored under the new binding in their old LRU order; records that fail
+    verification are dropped. ``carry`` False (nothing bound yet, or the same fingerprint): a plain bind. Returns
+    how many rows were carried (``stats()["extended"]`` adds them up).
     """
-    if not cache._bound or not cache._tiers or not len(cache._index) or fingerprint == cache.fingerprint:
-        cache.bind(fingerprint, layout, device)
+    fingerprint, layout, device, depth = new
+    if not carry or not len(index):
+        cache.bind(fingerprint, layout, device, depth=depth)
         return 0
-    layout = check_layout(layout)
-    saved = dict(cache._counts)
-    get_s = cache._counts.get_s
-    row_bytes = sum(math.prod(s) * max(dt.itemsize, 4) for s, dt in cache.layout)
+    new_default = None if layout is None else check_layout(layout)
+    row_bytes = max(sum(math.prod(s) * max(dt.itemsize, 4) for s, dt in lay.tensors) for lay, _ in index.rows)
     step = max(1, chunk_bytes // max(row_bytes, 1))
-    order = list(cache._index)
-    try:
-        staged = _convert_rows(cache, layout, convert, step, torch.device(device))
-    except BaseException:  # nothing was re-bound: the rows, their LRU order and the traffic stay as they were
-        for key in ("lookups", "hits"):
-            cache._counts[key] = saved[key]
-        cache._counts.get_s = get_s
-        for k in order:
-            if k in cache._index:
-                cache._index.move_to_end(k)
-        raise
-    cache.bind(fingerprint, layout, device)  # a new fingerprint: the old rows are dropped here
+    staged = _convert_rows(index, convert, step, torch.device(device), old_default, new_default)
+    invalidations = index.counters["invalidations"]
+    cache.bind(fingerprint, layout, device, depth=depth)  # a new fingerprint: the old rows are dropped here
     carried = 0
-    for ks, cs, host in reversed(staged):  # oldest first, so the LRU order survives
-        cache._put(ks, cs, [t.to(cache.device) for t in host])
+    for tensors, tag, ks, cs, host in reversed(staged):  # oldest first, so the LRU order survives
+        _rows.write(index, cache.layout_for(tensors, tag), ks, cs, [t.to(cache.device) for t in host])
         carried += len(ks)
-    # what users read as traffic (lookups, hits, misses) and the invalidation are not the forward's doing
-    for key in ("lookups", "hits", "misses", "invalidations"):
-        cache._counts[key] = saved[key]
-    cache._counts["extended"] += carried
-    cache._counts.get_s = get_s
-    cache._counts.seg_s, cache._counts.seg_rows = 0.0, 0  # the segment's per-row time changed with its depth
+    # the invalidation is not the forward's doing, nor is the carrying traffic (reads here count no lookups)
+    index.counters["invalidations"] = invalidations
+    index.counters["extended"] += carried
+    index.counters.seg_s, index.counters.seg_rows = 0.0, 0  # the segment's per-row time changed with its depth
     return carried
 
 
-def _convert_rows(cache: Any, layout, convert, step: int, device) -> list:
-    """``extend``'s first half: (keys, contents, converted rows on the host) per chunk, most recent first."""
+def _convert_rows(index: Index, convert, step: int, device, old_default, new_default) -> list:
+    """``extend``'s first half: (new tensors, tag, keys, contents, converted rows on the host) per chunk and layout,
+    most recent first. Nothing is changed if ``convert`` fails or returns the wrong shapes."""
     room = available_ram() / 2
-    keys = list(cache._index)
+    order = index.lru()
     staged = []
-    for hi in range(len(keys), 0, -step):  # most recently used first: those are kept if RAM runs short
-        chunk = keys[max(0, hi - step) : hi]
-        cs = [cache._index[k][3] for k in chunk]
-        hit, rows = cache.fetch(torch.tensor(chunk, dtype=torch.int64), device)  # verifies disk records
-        ks = [k for k, h in zip(chunk, hit.tolist()) if h]
-        cs = [cache._stored_content.get(k, c) for k, c, h in zip(chunk, cs, hit.tolist()) if h]
-        if not ks:
-            continue
-        new = [t.detach() for t in convert(rows)]
-        if len(new) != len(layout) or any(tuple(t.shape) != (len(ks), *shape) for t, (shape, _) in zip(new, layout)):
-            got = [tuple(t.shape) for t in new]
-            raise CacheError(
-                f"extend(): convert() returned shapes {got} for {len(ks)} row(s), but the new layout needs "
-                f"{[(len(ks), *s) for s, _ in layout]}; return one batch-first tensor per boundary tensor"
-            )
-        host = [t.to("cpu") for t in new]
-        room -= sum(t.numel() * t.element_size() for t in host)
-        if room < 0:
-            break
-        staged.append((ks, cs, host))
+    for hi in range(len(order), 0, -step):  # most recently used first: those are kept if RAM runs short
+        by_layout: dict[Layout, list[int]] = {}
+        for lay, k in order[max(0, hi - step) : hi]:
+            by_layout.setdefault(lay, []).append(k)
+        for lay, chunk in by_layout.items():
+            hit, rows, stored = _rows.read(index, lay, chunk, None, device, strict=False)  # verifies disk records
+            ks = [k for k, h in zip(chunk, hit) if h]
+            if not ks:
+                continue
+            new = [t.detach() for t in convert(rows)]
+            want = new_default if lay is old_default and new_default is not None else None
+            tensors = want or [(tuple(t.shape[1:]), t.dtype) for t in new]
+            if len(new) != len(tensors) or any(tuple(t.shape) != (len(ks), *s) for t, (s, _) in zip(new, tensors)):
+                raise CacheError(
+                    f"extend(): convert() returned shapes {[tuple(t.shape) for t in new]} for {len(ks)} row(s), but "
+                    f"the new layout needs {[(len(ks), *s) for s, _ in tensors]}; return one batch-first tensor "
+                    "per boundary tensor"
+                )
+            host = [t.to("cpu") for t in new]
+            room -= sum(t.numel() * t.element_size() for t in host)
+            if room < 0:
+                return staged
+            staged.append((tensors, lay.tag, ks, [stored.get(k) for k in ks], host))
     return staged

@@ -1,4 +1,5 @@
-"""Memory tiers: size parsing and budgets, slot allocation, and slabs of encoded rows in device or host memory."""
+"""Tiers and slabs: a tier's budget and accounting, slot allocation, and the memory tiers' slabs of encoded rows
+(device or host memory). The disk tier (``disk.DiskTier``) is a ``Tier`` too."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from typing import Any
 import torch
 
 from .. import _native
-from .codecs import CODECS
+from .._codecs import CODECS
 
-__all__ = ["MemSlab", "Slab", "Tier", "available_ram"]
+__all__ = ["MemSlab", "MemTier", "Slab", "Tier", "available_ram"]
 
 TIERS = ("device", "host", "disk")
 WHERE = {"auto": ("device", "host", "disk"), "cuda": ("device",), "host": ("host",), "disk": ("disk",)}
@@ -31,25 +32,86 @@ def available_ram() -> int:
 
 
 class Tier:
-    """One tier's budget and accounting, and its slabs (the main codec, and the fp32 escape when used)."""
+    """One tier's budget and accounting, and its slabs: one per (layout, codec) (a layout's codec, and the fp32
+    escape when used). ``used``/``rows`` count every row it indexes; ``shared`` the bytes of rows another writer
+    owns (another rank's shard), which it serves but which do not count against its budget."""
 
     def __init__(self, name: str, budget: float):
         self.name, self.budget = name, budget
         self.used = 0  # bytes of rows stored
         self.rows = 0
-        self.slabs: dict[str, Any] = {}
+        self.shared = self.shared_rows = 0
+        self.slabs: dict[tuple[Any, str], Slab] = {}
         self.readonly = False  # a disk tier whose directory cannot be written: serves rows, stores none
 
     def fits(self, nbytes: int) -> bool:
-        return not self.readonly and self.used + nbytes <= self.budget
+        return not self.readonly and self.used - self.shared + nbytes <= self.budget
+
+    def row_bytes(self, layout: Any, codec: str) -> int:
+        """Bytes one row of ``layout`` in ``codec`` takes here (what the budget counts)."""
+        return CODECS[codec].row_bytes(layout.dims)
+
+    def slab(self, layout: Any, codec: str) -> Slab:
+        """The slab holding rows of ``layout`` in ``codec``, made on first use."""
+        raise NotImplementedError
+
+    def account(self, slab: Slab, nbytes: int, n: int) -> None:
+        """Adds (n = 1) or removes (n = -1) one row of ``nbytes`` held by ``slab``."""
+        self.used += n * nbytes
+        self.rows += n
+        if slab.shared:
+            self.shared += n * nbytes
+            self.shared_rows += n
+
+    def allocated(self) -> int:
+        return sum(s.nbytes() for s in self.slabs.values())
+
+    def clear(self) -> None:
+        """Drops every row (memory freed)."""
+        self.used = self.rows = self.shared = self.shared_rows = 0
+        for slab in self.slabs.values():
+            slab.free_memory()
+
+
+class MemTier(Tier):
+    """The device tier (memory of the bound device) or the host tier (CPU memory, pinned when the model is on
+    CUDA, so the GPU reads it directly)."""
+
+    def __init__(self, name: str, budget: float, device: torch.device):
+        super().__init__(name, budget)
+        self.device = device if name == "device" else torch.device("cpu")
+        self.pinned = name == "host" and device.type == "cuda" and torch.cuda.is_available()
+
+    def slab(self, layout: Any, codec: str) -> Slab:
+        slab = self.slabs.get((layout, codec))
+        if slab is None:
+            per = self.row_bytes(layout, codec)
+            cap = int(min(self.budget, 2**62) // max(per, 1))
+            slab = self.slabs[(layout, codec)] = MemSlab(layout, codec, self.device, self.pinned, cap)
+        return slab
+
+    def move(self, device: torch.device) -> None:
+        """The bound device changed: device rows move there; host rows get pinned for a CUDA device."""
+        pinned = device.type == "cuda" and torch.cuda.is_available()
+        if self.name == "device":
+            self.device = device
+            for slab in self.slabs.values():
+                slab.move(device, False)
+        elif pinned and not self.pinned:
+            self.pinned = True
+            for slab in self.slabs.values():
+                slab.move(torch.device("cpu"), True)
 
 
 class Slab:
-    """Slot allocation shared by memory and disk slabs."""
+    """Slot allocation shared by memory and disk slabs: the rows of one layout in one codec."""
 
-    def __init__(self, codec: str, dims: list[int]):
-        self.codec = codec
-        self.dims = dims
+    shared = False  # rows another writer owns (another rank's shard): served, never written or evicted
+    readonly = False
+
+    def __init__(self, layout: Any, codec: str):
+        self.layout, self.codec = layout, codec
+        self.dims = layout.dims
         self.free: list[int] = []
         self.top = 0  # slots ever handed out (high-water mark)
 
@@ -69,8 +131,8 @@ class Slab:
 class MemSlab(Slab):
     """Rows in tensors (cap, D_i) of the codec's store dtype (+ float32 scales (cap,) for fp8)."""
 
-    def __init__(self, codec: str, dims: list[int], device: torch.device, pinned: bool, max_slots: int):
-        super().__init__(codec, dims)
+    def __init__(self, layout: Any, codec: str, device: torch.device, pinned: bool, max_slots: int):
+        super().__init__(layout, codec)
         self.device, self.pinned, self.max_slots = device, pinned, max(1, max_slots)
         self.cap = 0
         self.stores: list[torch.Tensor] = []

@@ -1,8 +1,8 @@
 """The one codec table: how each feature-cache codec stores a row, its precision and the range it keeps.
 
-Used by the native wrappers (``freezert._native``: store dtype and element code), the cache's tiers and disk
-records (element size, scales), the escape rule below and the fingerprint (the codec's name). Never renumber
-``elem``: it crosses into csrc/common.h (enum Elem).
+A leaf below both of its readers: the native wrappers (``freezert._native``: store dtype and element code) and the
+cache (``freezert.cache``: tiers, disk records, the escape rule below, the fingerprint, the codec ladders). Never
+renumber ``elem``: it crosses into csrc/common.h (enum Elem).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CODECS", "ESCAPE", "IO_DTYPES", "Codec", "escape_kind", "store_dtypes"]
+__all__ = ["CODECS", "ESCAPE", "IO_DTYPES", "IO_ELEM", "Codec", "escape_kind", "store_dtypes"]
 
 
 @dataclass(frozen=True)
