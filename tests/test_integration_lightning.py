@@ -1,402 +1,92 @@
-"""freezert.integrations.lightning: Lightning's own finetuning-callback tests ported onto freezert's callback
-(tests/tests_pytorch/callbacks/test_finetuning_callback.py), each difference a documented choice, and a
-loss-for-loss comparison with Lightning's BackboneFinetuning."""
+"""freezert.integrations.lightning: the BaseFinetuning/BackboneFinetuning drop-ins run frozen modules as freezert's
+segment and match Lightning's own callbacks (losses, weights, learning rates, BatchNorm statistics); resume is exact;
+FreezertFinetuning drives a freezert schedule. Lightning's own tests, ported, are in test_lightning_finetuning_port.py.
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
-from torch.optim import SGD
+from torch.overrides import TorchFunctionMode
 
 pytest.importorskip("lightning")
 
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import BackboneFinetuning as LightningBackboneFinetuning
+from lightning.pytorch.callbacks import BaseFinetuning as LightningBaseFinetuning
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.utils.data import DataLoader
 
 import freezert
 from freezert import Linear
 from freezert._errors import FreezeError
-from freezert.integrations.lightning import BackboneFinetuning, FreezertFinetuning
+from freezert.integrations.lightning import BackboneFinetuning, BaseFinetuning, FreezertFinetuning
 
 warnings.filterwarnings("ignore", module="lightning")
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False, logger=False, accelerator="cpu")
 
 
-def groups_of(opt):
-    return [[id(p) for p in g["params"]] for g in opt.param_groups]
+class StopAfter(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
 
 
-class TestBackboneFinetuningCallback(BackboneFinetuning):
-    def on_train_epoch_start(self, trainer, pl_module):
-        super().on_train_epoch_start(trainer, pl_module)
-        epoch = trainer.current_epoch
-        if self.unfreeze_backbone_at_epoch <= epoch:
-            optimizer = trainer.optimizers[0]
-            current_lr = optimizer.param_groups[0]["lr"]
-            backbone_lr = self.previous_backbone_lr
-            if epoch < 6:
-                assert backbone_lr <= current_lr
-            else:
-                assert backbone_lr == current_lr
+class _WeightUse(TorchFunctionMode):
+    """Notes, for each ``F.linear`` call on ``weight`` (a forward of its layer), whether autograd was on."""
 
-
-def test_finetuning_callback(tmp_path):
-    """Lightning's test_finetuning_callback, unchanged but for the callback's import."""
-    seed_everything(42)
-
-    class FinetuningBoringModel(BoringModel):
-        def __init__(self):
-            super().__init__()
-            self.backbone = nn.Sequential(nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU())
-            self.layer = torch.nn.Linear(32, 2)
-            self.backbone.has_been_used = False
-
-        def forward(self, x):
-            self.backbone.has_been_used = True
-            x = self.backbone(x)
-            return self.layer(x)
-
-        def configure_optimizers(self):
-            optimizer = torch.optim.SGD(self.layer.parameters(), lr=0.1)
-            lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
-            return [optimizer], [lr_scheduler]
-
-        def train_dataloader(self):
-            return DataLoader(RandomDataset(32, 64), batch_size=2)
-
-    model = FinetuningBoringModel()
-    callback = TestBackboneFinetuningCallback(unfreeze_backbone_at_epoch=3, verbose=False)
-    trainer = Trainer(limit_train_batches=4, default_root_dir=tmp_path, callbacks=[callback], max_epochs=8, **QUIET)
-    trainer.fit(model)
-    assert model.backbone.has_been_used
-
-
-class TestBackboneFinetuningWarningCallback(BackboneFinetuning):
-    def finetune_function(self, pl_module, epoch: int, optimizer):
-        if epoch == 0:
-            self.unfreeze_and_add_param_group(
-                pl_module.backbone, optimizer, 0.1, train_bn=self.train_bn, initial_denom_lr=self.initial_denom_lr
-            )
-
-
-def test_finetuning_callback_warning(tmp_path):
-    """Lightning expects a "Did you init your optimizer" warning here: the optimizer was built over the frozen
-    backbone too, so re-adding it duplicates. freezert takes frozen parameters out of the optimizer at fit start
-    (deliberate: no momentum or weight decay on frozen weights), so the backbone returns in one group, no warning."""
-    seed_everything(42)
-
-    class FinetuningBoringModel(BoringModel):
-        def __init__(self):
-            super().__init__()
-            self.backbone = nn.Linear(32, 2, bias=False)
-            self.layer = None
-            self.backbone.has_been_used = False
-
-        def forward(self, x):
-            self.backbone.has_been_used = True
-            return self.backbone(x)
-
-        def train_dataloader(self):
-            return DataLoader(RandomDataset(32, 64), batch_size=2)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    chk = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    model = FinetuningBoringModel()
-    model.validation_step = None
-    callback = TestBackboneFinetuningWarningCallback(unfreeze_backbone_at_epoch=3, verbose=False)
-    trainer = Trainer(
-        limit_train_batches=1, default_root_dir=tmp_path, callbacks=[callback, chk], max_epochs=2, **QUIET
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="The provided params")
-        trainer.fit(model)
-    assert model.backbone.has_been_used
-    assert groups_of(trainer.optimizers[0]) == [[], [id(model.backbone.weight)]]
-    # Lightning resumes without the callback: its optimizer never grew a group. Here the checkpoint's optimizer
-    # has the backbone's group, so the resumed fit needs the callback to lay the new optimizer out the same way.
-    callback = TestBackboneFinetuningWarningCallback(unfreeze_backbone_at_epoch=3, verbose=False)
-    trainer = Trainer(default_root_dir=tmp_path, max_epochs=3, callbacks=[callback], **QUIET)
-    trainer.fit(model, ckpt_path=chk.last_model_path)
-
-
-def test_freeze_unfreeze_function():
-    """Lightning's test_freeze_unfreeze_function on the callback's methods. Difference (deliberate): a BatchNorm
-    frozen with train_bn=False runs in eval mode (fixed statistics, like wrap's bn="frozen") where Lightning sets
-    track_running_stats=False (batch statistics, never stored)."""
-    seed_everything(42)
-
-    class FreezeModel(LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.backbone = nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
-
-    cb = FreezertFinetuning()
-    model = FreezeModel()
-    bn = model.backbone[1]
-    cb.freeze(model, train_bn=True)
-    assert not model.backbone[0].weight.requires_grad
-    assert bn.weight.requires_grad and bn.track_running_stats and model.training == bn.training
-    assert not model.backbone[3].weight.requires_grad
-
-    cb.freeze(model, train_bn=False)
-    assert not model.backbone[0].weight.requires_grad
-    assert not bn.weight.requires_grad
-    model.train()
-    stats = bn.running_mean.clone()
-    model.backbone(torch.randn(4, 32))
-    assert not bn.training and torch.equal(bn.running_mean, stats)  # eval, not track_running_stats=False
-    assert not model.backbone[3].weight.requires_grad
-
-    cb.make_trainable(model)
-    assert model.backbone[0].weight.requires_grad
-    assert bn.weight.requires_grad and bn.training
-    assert model.backbone[3].weight.requires_grad
-
-    cb.freeze(model.backbone[0], train_bn=False)
-    assert not model.backbone[0].weight.requires_grad
-
-    cb.freeze(([(model.backbone[1]), [model.backbone[3]]]), train_bn=True)
-    assert bn.weight.requires_grad and bn.track_running_stats
-    assert not model.backbone[3].weight.requires_grad
-
-
-def test_unfreeze_and_add_param_group_function():
-    """Lightning's test, unchanged in substance: default lr = group 0's / initial_denom_lr, explicit lr as given,
-    parameters already in the optimizer skipped with a warning."""
-    seed_everything(42)
-
-    class FreezeModel(LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.backbone = nn.Sequential(*[nn.Linear(32, 32, bias=False) for _ in range(5)], nn.BatchNorm1d(32))
-
-    cb = FreezertFinetuning()
-    model = FreezeModel()
-    optimizer = SGD(model.backbone[0].parameters(), lr=0.01)
-
-    with pytest.warns(UserWarning, match="The provided params to be frozen already"):
-        cb.unfreeze_and_add_param_group(model.backbone[0], optimizer=optimizer)
-    assert optimizer.param_groups[0]["lr"] == 0.01
-
-    model.backbone[1].weight.requires_grad = False
-    cb.unfreeze_and_add_param_group(model.backbone[1], optimizer=optimizer)
-    assert len(optimizer.param_groups) == 2
-    assert optimizer.param_groups[1]["lr"] == 0.001
-    assert optimizer.param_groups[1]["params"][0] is model.backbone[1].weight
-    assert model.backbone[1].weight.requires_grad
-
-    with pytest.warns(UserWarning, match="The provided params to be frozen already"):
-        cb.unfreeze_and_add_param_group(model, optimizer=optimizer, lr=100, train_bn=False)
-    assert len(optimizer.param_groups) == 3
-    assert optimizer.param_groups[2]["lr"] == 100
-    assert optimizer.param_groups[2]["params"] == [model.backbone[i].weight for i in (2, 3, 4)]
-
-
-class OnEpochLayerFinetuning(FreezertFinetuning):
-    def freeze_before_training(self, pl_module):
-        self.freeze(pl_module.layer)
-
-    def finetune_function(self, pl_module, epoch, optimizer):
-        self.unfreeze_and_add_param_group(pl_module.layer[epoch + 1], optimizer)
-
-
-def test_base_finetuning_internal_optimizer_metadata(tmp_path):
-    """Lightning's test; the per-group parameter names live in state_dict()["optimizers"] (freezert's layout).
-    Difference (deliberate): group 0 is empty, because layer.0 is frozen (freeze(pl_module.layer)) and never
-    thawed; Lightning keeps the frozen layer.0 in group 0, where it never trains."""
-    seed_everything(42)
-
-    class FreezeModel(BoringModel):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.Sequential(
-                nn.Linear(32, 32, bias=False),
-                nn.Linear(32, 32, bias=True),
-                nn.Linear(32, 32, bias=False),
-                nn.Linear(32, 32, bias=True),
-                nn.Linear(32, 32, bias=False),
-                nn.Linear(32, 2, bias=True),
-            )
-
-        def forward(self, x):
-            return self.layer(x)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.layer[0].parameters(), lr=0.1)
-
-    cb = OnEpochLayerFinetuning()
-    chk = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    model = FreezeModel()
-    trainer = Trainer(default_root_dir=tmp_path, max_epochs=5, limit_train_batches=1, callbacks=[cb, chk], **QUIET)
-    trainer.fit(model)
-    groups = cb.state_dict()["optimizers"][0]["groups"]
-    assert [g["params"] for g in groups] == [
-        [],
-        ["layer.1.weight", "layer.1.bias"],
-        ["layer.2.weight"],
-        ["layer.3.weight", "layer.3.bias"],
-        ["layer.4.weight"],
-        ["layer.5.weight", "layer.5.bias"],
-    ]
-
-    model = FreezeModel()
-    cb = OnEpochLayerFinetuning()
-    trainer = Trainer(default_root_dir=tmp_path, max_epochs=10, callbacks=[cb], **QUIET)
-    with pytest.raises(IndexError, match="index 6 is out of range"):
-        trainer.fit(model, ckpt_path=chk.last_model_path)
-
-
-class ConvBlock(nn.Module):
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, weight, out):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3)
-        self.act = nn.ReLU()
-        self.bn = nn.BatchNorm2d(out_channels)
+        self.weight, self.out = weight, out
 
-    def forward(self, x):
-        return self.bn(self.act(self.conv(x)))
-
-
-class ConvBlockParam(nn.Module):
-    def __init__(self, in_channels, out_channels):
-        super().__init__()
-        self.module_dict = nn.ModuleDict({"conv": nn.Conv2d(in_channels, out_channels, 3), "act": nn.ReLU()})
-        self.parent_param = nn.Parameter(torch.zeros((1), dtype=torch.float))
-        self.bn = nn.BatchNorm2d(out_channels)
-
-    def forward(self, x):
-        return self.bn(self.module_dict["act"](self.module_dict["conv"](x)))
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is nn.functional.linear and any(a is self.weight for a in (*args, *kwargs.values())):
+            self.out.append(torch.is_grad_enabled())
+        return func(*args, **kwargs)
 
 
-def test_complex_nested_model():
-    """Lightning's test: parameters owned directly by a parent module freeze too. (Its flatten_modules and
-    filter_params are Lightning's static helpers, not part of this callback: not ported.)"""
-    model = nn.Sequential(
-        OrderedDict(
-            [("encoder", nn.Sequential(ConvBlockParam(3, 64), ConvBlock(64, 128))), ("decoder", ConvBlock(128, 10))]
-        )
-    )
-    cb = FreezertFinetuning()
-    cb.freeze(model.encoder, train_bn=True)
-    assert not model.encoder[0].module_dict["conv"].weight.requires_grad
-    assert not model.encoder[0].parent_param.requires_grad
-    assert model.encoder[0].bn.weight.requires_grad
-    cb.make_trainable(model)
-    assert sum(p.requires_grad for p in model.encoder.parameters()) == 9
+class GradModeSpy(Callback):
+    """Records, for each training step, whether the backbone was a FrozenModel and, for each use of the first
+    frozen layer's weight in the step, whether autograd was on (freezert's segment runs under no_grad)."""
 
-
-class TestCallbacksRestoreCallback(FreezertFinetuning):
-    def freeze_before_training(self, pl_module):
-        self.freeze(pl_module.layer[:3])
-
-    def finetune_function(self, pl_module, epoch, optimizer):
-        if epoch >= 1:
-            self.unfreeze_and_add_param_group(pl_module.layer[epoch - 1], optimizer)
-
-
-class FinetuningBoringModel(BoringModel):
     def __init__(self):
-        super().__init__()
-        self.layer = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 2))
+        self.grad_on, self.wrapped, self._mode = [], [], None
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(filter(lambda x: x.requires_grad, self.parameters()), lr=0.1)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        backbone = pl_module.backbone
+        self.wrapped.append(isinstance(backbone, freezert.FrozenModel))
+        first = (backbone.module if self.wrapped[-1] else backbone)[0]
+        self._mode = _WeightUse(first.weight, self.grad_on)
+        self._mode.__enter__()
 
-
-@pytest.mark.parametrize("same_callback", [False, True])
-def test_callbacks_restore(tmp_path, same_callback):
-    """Lightning's test (the callback's state is restored after the optimizers are created and before their
-    state loads), plus the same callback object re-bound to the resumed fit's optimizer."""
-    chk = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    model = FinetuningBoringModel()
-    callback = TestCallbacksRestoreCallback()
-    kw = dict(
-        default_root_dir=tmp_path, limit_train_batches=1, limit_val_batches=1, callbacks=[callback, chk], max_epochs=2
-    )
-    trainer = Trainer(**kw, **QUIET)
-    trainer.fit(model)
-    layouts = callback.state_dict()["optimizers"]
-    assert len(layouts) == 1 and len(layouts[0]["groups"]) == 2
-    expected = {
-        "lr": 0.1,
-        "momentum": 0,
-        "dampening": 0,
-        "weight_decay": 0,
-        "nesterov": False,
-        "maximize": False,
-        "foreach": None,
-        "differentiable": False,
-        "fused": None,
-    }
-    assert layouts[0]["groups"][0] == {"params": ["layer.3.weight", "layer.3.bias"], "hparams": expected}
-    assert layouts[0]["groups"][1] == {
-        "params": ["layer.0.weight", "layer.0.bias"],
-        "hparams": {**expected, "lr": 0.01},
-    }
-    assert callback.state_dict()["frozen"] == ["layer.1.bias", "layer.1.weight", "layer.2.bias", "layer.2.weight"]
-
-    if not same_callback:
-        callback = TestCallbacksRestoreCallback()
-    kw.update(max_epochs=3, callbacks=[callback, chk])
-    trainer = Trainer(**kw, **QUIET)
-    trainer.fit(model, ckpt_path=chk.last_model_path)
-    # resumed with the saved flags and groups, then epoch 2 thawed layer 1 into a third group
-    assert [p.requires_grad for p in model.layer.parameters()] == [True, True, True, True, False, False, True, True]
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert [[names[i] for i in g] for g in groups_of(trainer.optimizers[0])] == [
-        ["layer.3.weight", "layer.3.bias"],
-        ["layer.0.weight", "layer.0.bias"],
-        ["layer.1.weight", "layer.1.bias"],
-    ]
-
-
-class BackboneBoringModel(BoringModel):
-    def __init__(self):
-        super().__init__()
-        self.layer = nn.Linear(32, 2)
-        self.backbone = nn.Linear(32, 32)
-
-    def forward(self, x):
-        return self.layer(self.backbone(x))
-
-
-def test_callbacks_restore_backbone(tmp_path):
-    """Lightning's test: resume a BackboneFinetuning run past its unfreezing epoch with a new callback."""
-    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    kw = dict(default_root_dir=tmp_path, limit_train_batches=1, limit_val_batches=1, **QUIET)
-    trainer = Trainer(max_epochs=2, callbacks=[ckpt, BackboneFinetuning(unfreeze_backbone_at_epoch=1)], **kw)
-    trainer.fit(BackboneBoringModel())
-    model = BackboneBoringModel()
-    trainer = Trainer(max_epochs=3, callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1)], **kw)
-    trainer.fit(model, ckpt_path=ckpt.last_model_path)
-    # Lightning leaves the resumed backbone with requires_grad=False inside its param group; freezert restores it
-    assert model.backbone.weight.requires_grad and len(trainer.optimizers[0].param_groups) == 2
-
-
-def test_missing_backbone_names_the_attribute(tmp_path):
-    trainer = Trainer(max_epochs=1, limit_train_batches=1, callbacks=[BackboneFinetuning()], **QUIET)
-    with pytest.raises(FreezeError, match="'backbone'"):
-        trainer.fit(FinetuningBoringModel())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# parity with Lightning's own BackboneFinetuning, loss for loss
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._mode.__exit__(None, None, None)
 
 
 class BNBackboneModel(LightningModule):
-    def __init__(self, record):
+    """A backbone whose BatchNorm trains while the rest of it is frozen (Lightning's train_bn=True freeze), with
+    dropout in the frozen blocks before it: the segment must draw the same random numbers."""
+
+    def __init__(self, record, dropout=0.2):
         super().__init__()
         torch.manual_seed(3)
-        self.backbone = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.backbone = nn.Sequential(
+            nn.Linear(8, 16),
+            nn.Dropout(dropout),
+            nn.ReLU(),
+            nn.Linear(16, 16),
+            nn.BatchNorm1d(16),
+            nn.ReLU(),
+            nn.Linear(16, 16),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(16, 2)
         self.record = record
 
@@ -419,22 +109,259 @@ class BNBackboneModel(LightningModule):
         return DataLoader(ds, batch_size=8)
 
 
+def fit(callback, model, tmp_path, epochs=5, spy=None, callbacks=(), ckpt_path=None):
+    callbacks = [callback] + ([spy] if spy is not None else []) + list(callbacks)
+    trainer = Trainer(max_epochs=epochs, callbacks=callbacks, default_root_dir=tmp_path, **QUIET)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# side by side with Lightning's own BackboneFinetuning
+
+
 @pytest.mark.parametrize("train_bn", [True, False])
-def test_same_losses_and_weights_as_lightnings_backbone_finetuning(tmp_path, train_bn):
+def test_same_training_as_lightnings_backbone_finetuning_with_the_segment_running(tmp_path, train_bn):
     runs = {}
     for name, cls in (("lightning", LightningBackboneFinetuning), ("freezert", BackboneFinetuning)):
         seed_everything(0)
-        record = []
+        record, spy = [], GradModeSpy()
         model = BNBackboneModel(record)
         cb = cls(unfreeze_backbone_at_epoch=2, train_bn=train_bn, backbone_initial_ratio_lr=0.5)
-        trainer = Trainer(max_epochs=5, callbacks=[cb], default_root_dir=tmp_path, **QUIET)
-        trainer.fit(model)
-        runs[name] = (record, model, trainer.optimizers[0])
-    (la, ma, oa), (lb, mb, ob) = runs["lightning"], runs["freezert"]
-    assert la == pytest.approx(lb, rel=1e-6, abs=1e-7)
-    for (n, a), b in zip(ma.named_parameters(), mb.parameters()):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), n
-    assert [g["lr"] for g in oa.param_groups] == pytest.approx([g["lr"] for g in ob.param_groups])
+        trainer = fit(cb, model, tmp_path, spy=spy)
+        runs[name] = (record, model, trainer.optimizers[0], spy)
+    (la, ma, oa, sa), (lb, mb, ob, sb) = runs["lightning"], runs["freezert"]
+    assert la == lb and len(la) == 20  # loss for loss, bit for bit
+    for (n, a), b in zip(ma.state_dict().items(), mb.state_dict().values()):
+        assert torch.equal(a, b), n  # weights and BatchNorm statistics
+    assert [g["lr"] for g in oa.param_groups] == [g["lr"] for g in ob.param_groups]
+    # Lightning runs the frozen blocks with autograd on; freezert's segment runs them under no_grad, from the
+    # end of the first step (which shows the callback the backbone is called whole) until the unfreeze epoch
+    assert all(sa.grad_on) and not any(sa.wrapped)
+    assert sb.wrapped == [False, True, True, True, True, True, True, True] + [False] * 12
+    assert sb.grad_on == [True] + [False] * 7 + [True] * 12
+    assert isinstance(mb.backbone, nn.Sequential)  # the plain module is back after the fit
+
+
+class PlainBackboneModel(BNBackboneModel):
+    def __init__(self, record):
+        super().__init__(record)
+        torch.manual_seed(5)
+        self.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+
+
+def test_the_cache_skips_the_frozen_backbone_and_keeps_lightnings_losses(tmp_path):
+    runs = {}
+    for name, cb in (
+        ("lightning", LightningBackboneFinetuning(unfreeze_backbone_at_epoch=3)),
+        ("freezert", BackboneFinetuning(unfreeze_backbone_at_epoch=3, bn="frozen", cache="fp32")),
+    ):
+        seed_everything(0)
+        record, spy = [], GradModeSpy()
+        model = PlainBackboneModel(record)
+        fit(cb, model, tmp_path, spy=spy)
+        runs[name] = (record, model, spy)
+    (la, ma, sa), (lb, mb, sb) = runs["lightning"], runs["freezert"]
+    assert la == lb
+    for a, b in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(a, b)
+    assert len(sa.grad_on) == 20
+    # epoch 0 runs the backbone (step 0 plainly, then the segment filling the cache); epochs 1 and 2 read
+    # the cache and never run it; epochs 3 and 4 train it
+    assert len(sb.grad_on) <= 4 + 1 + 8 and sb.grad_on[-8:] == [True] * 8
+
+
+def test_bn_frozen_holds_the_backbones_batchnorm_statistics_until_it_unfreezes(tmp_path):
+    seed_everything(0)
+    model = BNBackboneModel([], dropout=0.0)
+    bn = model.backbone[4]
+    before = bn.running_mean.clone()
+    cb = BackboneFinetuning(unfreeze_backbone_at_epoch=2, bn="frozen")
+    seen = []
+
+    class Stats(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append(torch.equal(bn.running_mean, before))
+
+    fit(cb, model, tmp_path, epochs=3, callbacks=[Stats()])
+    assert seen == [True, True, False]  # fixed while frozen (eval mode from the first step), moving after
+    assert bn.training and bn.track_running_stats
+
+
+def test_cache_needs_bn_frozen():
+    with pytest.raises(FreezeError, match="bn='frozen'"):
+        BackboneFinetuning(cache=True)
+    with pytest.raises(FreezeError, match="unknown option"):
+        BackboneFinetuning(chache=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BaseFinetuning subclasses: what self.freeze() froze runs as the segment
+
+
+class FeatureModel(BNBackboneModel):
+    def __init__(self, record, indexed=False):
+        super().__init__(record, dropout=0.0)
+        self.feature_extractor = self.backbone
+        del self.backbone
+        self.indexed = indexed
+
+    def forward(self, x):
+        if self.indexed:  # layer by layer: the extractor is never called as a whole
+            for layer in self.feature_extractor:
+                x = layer(x)
+            return self.head(x)
+        return self.head(self.feature_extractor(x))
+
+
+class FeatureExtractorFreezeUnfreeze(BaseFinetuning):
+    """Lightning's BaseFinetuning docstring example."""
+
+    def __init__(self, unfreeze_at_epoch=10, static=False):
+        super().__init__()
+        self._unfreeze_at_epoch = unfreeze_at_epoch
+        self.static = static
+
+    def freeze_before_training(self, pl_module):
+        if self.static:
+            BaseFinetuning.freeze(pl_module.feature_extractor)  # Lightning's static call: nothing noted
+        else:
+            self.freeze(pl_module.feature_extractor)
+
+    def finetune_function(self, pl_module, current_epoch, optimizer):
+        if current_epoch == self._unfreeze_at_epoch:
+            self.unfreeze_and_add_param_group(modules=pl_module.feature_extractor, optimizer=optimizer, train_bn=True)
+
+
+@pytest.mark.parametrize("case", ["noted", "static", "indexed"])
+def test_what_self_freeze_froze_runs_as_the_segment_when_called_whole(tmp_path, case):
+    seed_everything(0)
+    model = FeatureModel([], indexed=case == "indexed")
+    cb = FeatureExtractorFreezeUnfreeze(unfreeze_at_epoch=1, static=case == "static")
+    seen = []
+
+    class Look(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(sorted(cb.segments))
+
+    fit(cb, model, tmp_path, epochs=2, callbacks=[Look()])
+    if case == "noted":
+        assert seen == [[]] + [["feature_extractor"]] * 3 + [[]] * 4
+    else:
+        assert seen == [[]] * 8
+    if case == "indexed":
+        assert cb.not_wrapped == {"feature_extractor": "the training step does not call it as a whole"}
+
+
+class Stemmed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.blocks = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(self.blocks(self.stem(x)))
+
+
+class StemmedModel(BNBackboneModel):
+    def __init__(self, record):
+        super().__init__(record, dropout=0.0)
+        torch.manual_seed(6)
+        self.backbone = Stemmed()
+
+
+def freeze_all_but_the_stem(base):
+    class FreezeAllButTheStem(base):
+        def freeze_before_training(self, pl_module):
+            self.freeze(pl_module.backbone)
+            self.make_trainable(pl_module.backbone.stem)
+
+        def finetune_function(self, pl_module, epoch, optimizer):
+            pass
+
+    return FreezeAllButTheStem()
+
+
+def test_a_module_whose_stem_trains_runs_plainly_and_trains_as_in_lightning(tmp_path):
+    runs = {}
+    for name, base in (("lightning", LightningBaseFinetuning), ("freezert", BaseFinetuning)):
+        seed_everything(0)
+        record = []
+        cb = freeze_all_but_the_stem(base)
+        model = StemmedModel(record)
+        stem = model.backbone.stem.weight.detach().clone()
+        fit(cb, model, tmp_path, epochs=2)
+        runs[name] = (record, model, cb)
+    (la, ma, _), (lb, mb, cb) = runs["lightning"], runs["freezert"]
+    assert la == lb and not torch.equal(mb.backbone.stem.weight, stem)  # the stem trained, as in Lightning
+    for a, b in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(a, b)
+    # the blocks are frozen, but the record found the stem running before block 0: freezing block 0 would
+    # freeze the stem with it, so the module is left to run as Lightning runs it
+    assert cb.not_wrapped == {"backbone": "modules that run before its first block still train"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints: plain keys, exact resume, Lightning's checkpoints
+
+
+class ResumeModel(BNBackboneModel):
+    def __init__(self, record, seed=3):
+        super().__init__(record, dropout=0.0)  # Lightning does not checkpoint the RNG: no dropout in a resume
+        torch.manual_seed(seed)
+        for p in self.parameters():
+            p.data.normal_(0, 0.3)
+
+
+@pytest.mark.parametrize("stop", [0, 3])
+@pytest.mark.parametrize("saved_by", ["freezert", "lightning"])
+def test_resume_in_the_frozen_phase_or_after_the_unfreeze_is_exact(tmp_path, stop, saved_by):
+    seed_everything(0)
+    ref = ResumeModel([])
+    fit(BackboneFinetuning(unfreeze_backbone_at_epoch=2), ref, tmp_path / "ref")
+    seed_everything(0)
+    model = ResumeModel([])
+    first = (BackboneFinetuning if saved_by == "freezert" else LightningBackboneFinetuning)(
+        unfreeze_backbone_at_epoch=2
+    )
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)
+    fit(first, model, tmp_path / "a", callbacks=[ckpt, StopAfter(stop)])
+    sd = torch.load(ckpt.last_model_path, weights_only=False)
+    assert list(sd["state_dict"]) == list(ResumeModel([]).state_dict())  # plain keys, saved while wrapped
+    resumed = ResumeModel([], seed=9)  # another init: everything must come from the checkpoint
+    fit(BackboneFinetuning(unfreeze_backbone_at_epoch=2), resumed, tmp_path / "b", ckpt_path=ckpt.last_model_path)
+    if saved_by == "lightning" and stop == 3:
+        # Lightning's checkpoint does not hold the flags: its setup froze the backbone again and nothing thaws it
+        assert not resumed.backbone[0].weight.requires_grad
+        return
+    for (n, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert [p.requires_grad for p in ref.parameters()] == [p.requires_grad for p in resumed.parameters()]
+
+
+def test_lightnings_own_callback_resumes_from_a_freezert_checkpoint(tmp_path):
+    seed_everything(0)
+    model = ResumeModel([])
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)
+    fit(BackboneFinetuning(unfreeze_backbone_at_epoch=2), model, tmp_path, epochs=5, callbacks=[ckpt, StopAfter(0)])
+    resumed = ResumeModel([], seed=9)
+    fit(LightningBackboneFinetuning(unfreeze_backbone_at_epoch=2), resumed, tmp_path, ckpt_path=ckpt.last_model_path)
+    assert resumed.backbone[0].weight.requires_grad
+
+
+def test_missing_backbone_names_the_attribute(tmp_path):
+    class NoBackbone(BNBackboneModel):
+        def __init__(self):
+            super().__init__([])
+            self.features = self.backbone
+            del self.backbone
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    with pytest.raises(FreezeError, match="'backbone'"):
+        fit(BackboneFinetuning(), NoBackbone(), tmp_path, epochs=1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -453,8 +380,8 @@ class SeqBackboneModel(BNBackboneModel):
         )
 
 
-class NaiveLinear(FreezertFinetuning):
-    """The reference: the same Linear schedule applied by requires_grad on the plain backbone."""
+class NaiveLinear(LightningBaseFinetuning):
+    """The reference: the same Linear schedule applied by requires_grad on the plain backbone (Lightning's own)."""
 
     def freeze_before_training(self, pl_module):
         self.sched = Linear(0.2, 1.0)
@@ -486,15 +413,6 @@ def test_schedule_over_a_wrapped_backbone_matches_naive_freezing(tmp_path):
     plain = SeqBackboneModel([])
     plain.load_state_dict(sd)
     mb.load_state_dict(sd)  # and back into the wrapped one
-
-
-class StopAfter(__import__("lightning").pytorch.callbacks.Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
 
 
 @pytest.mark.parametrize("same_callback", [False, True])

@@ -1,54 +1,51 @@
-"""Lightning: ``FreezertFinetuning`` (``BaseFinetuning``'s extension points) and ``BackboneFinetuning``.
+"""Lightning: ``BaseFinetuning`` and ``BackboneFinetuning`` drop-ins that run frozen modules as freezert's
+inference segment, and ``FreezertFinetuning``, which drives a freezert schedule over ``pl_module.backbone``.
 
-Drop-in for ``lightning.pytorch.callbacks.BackboneFinetuning`` (same arguments, same learning-rate ramp)::
-
-    from freezert.integrations.lightning import BackboneFinetuning
+    from freezert.integrations.lightning import BackboneFinetuning   # instead of lightning's
     trainer = Trainer(callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=10)])
 
-What freezert does differently (docs/INTEGRATIONS.md): frozen parameters leave the optimizer and their state
-is purged; BatchNorms frozen with ``train_bn=False`` run in eval mode (fixed statistics, as ``wrap``'s
-``bn="frozen"``) instead of Lightning's ``track_running_stats=False``; the checkpoint holds the frozen set, so a
-resumed fit (with a new callback or the same one) gets the same ``requires_grad`` flags and param groups.
-``FreezertFinetuning(schedule=Linear(...))`` instead drives a freezert schedule over ``pl_module.backbone``
-wrapped as a ``FrozenModel``, so the frozen prefix runs as freezert's inference segment.
+The drop-ins subclass Lightning's own classes: the static helpers, the learning-rate ramp, the param groups and
+the checkpoint format are Lightning's. What they add: while a module the callback froze (``self.freeze(module)``;
+``pl_module.backbone`` for ``BackboneFinetuning``) stays frozen, ``pl_module.<name>`` is that module wrapped by
+``freezert.wrap`` (its frozen blocks from block 0 on run under no_grad as one segment; ``bn="frozen"`` also folds
+BatchNorm, and ``cache=`` skips the frozen part for inputs it has seen); a resumed fit gets the saved
+``requires_grad`` flags back. docs/INTEGRATIONS.md lists every difference from Lightning and why.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterable
+import functools
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.optim import Optimizer
 
 from . import require
 
-try:  # the unified package; the standalone pytorch_lightning has its own Callback class, used by its Trainer
+try:  # the unified package; the standalone pytorch_lightning has its own classes, used by its Trainer
+    from lightning.pytorch.callbacks import BackboneFinetuning as _LightningBackbone
+    from lightning.pytorch.callbacks import BaseFinetuning as _LightningBase
     from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 except ImportError:
     try:
+        from pytorch_lightning.callbacks import BackboneFinetuning as _LightningBackbone  # type: ignore[no-redef]
+        from pytorch_lightning.callbacks import BaseFinetuning as _LightningBase  # type: ignore[no-redef]
         from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+        from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy  # type: ignore[no-redef]
     except ImportError:
         require("lightning", "lightning", "lightning")
         raise
 
 from .._errors import FreezeError
+from ..blocks import find_blocks
+from ..cache import FeatureCache
+from ..config import FreezeConfig
 from ..schedule import Schedule
-from ..schedule.apply import _hold_eval as _fix_bn  # TEMP
-from ..schedule.apply import _release_eval as _release_bn
-from ..schedule.optim import (
-    optimizer_layout as _layout,
-)  # TEMP
-from ..schedule.optim import (
-    remove_params as _remove_params,
-)
-from ..schedule.optim import (
-    restore_layout as _restore_layout,
-)
+from ..wrapper import FrozenModel, wrap
 
-__all__ = ["BackboneFinetuning", "FreezertFinetuning", "multiplicative"]
+__all__ = ["BackboneFinetuning", "BaseFinetuning", "FreezertFinetuning", "multiplicative"]
 
 
 def multiplicative(epoch: int) -> float:
@@ -56,239 +53,325 @@ def multiplicative(epoch: int) -> float:
     return 2.0
 
 
-def _modules(modules: nn.Module | Iterable) -> list[nn.Module]:
-    """Every module under ``modules`` (a module, or nested iterables of them), each once."""
+class _StaticOrNoting:
+    """Lightning's static ``freeze``; called on a callback (``self.freeze(...)``) it also notes the modules."""
+
+    def __init__(self, func):
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, obj: Any, owner: type | None = None):
+        if obj is None:
+            return self.func
+
+        @functools.wraps(self.func)
+        def freeze(modules, *args, **kwargs):
+            obj._note_frozen(modules)
+            return self.func(modules, *args, **kwargs)
+
+        return freeze
+
+
+def _as_modules(modules: Any) -> list[nn.Module]:
+    """The modules named by ``freeze``'s argument (a module, a ModuleDict, nested iterables of them)."""
     if isinstance(modules, nn.ModuleDict):
-        modules = modules.values()
+        modules = list(modules.values())
+    if isinstance(modules, nn.Module):
+        return [modules]
     out: list[nn.Module] = []
-    seen: set[int] = set()
-    roots = [modules] if isinstance(modules, nn.Module) else list(modules)
-    for r in roots:
-        subs = r.modules() if isinstance(r, nn.Module) else _modules(r)
-        for m in subs:
-            if id(m) not in seen:
-                seen.add(id(m))
-                out.append(m)
+    if isinstance(modules, Iterable):
+        for m in modules:
+            out += _as_modules(m)
     return out
 
 
-def _own_params(modules: list[nn.Module], train_bn: bool) -> list[nn.Parameter]:
-    out, seen = [], set()
-    for m in modules:
-        if isinstance(m, _BatchNorm) and not train_bn:
-            continue
-        for p in m.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
+def _flags(module: nn.Module) -> tuple:
+    """What decides a module's frozen part: each parameter's requires_grad, each BatchNorm's track_running_stats."""
+    rg = tuple(p.requires_grad for p in module.parameters())
+    return rg + tuple(m.track_running_stats for m in module.modules() if isinstance(m, _BatchNorm))
 
 
-class FreezertFinetuning(Callback):
-    """``BaseFinetuning`` with freezert's optimizer surgery and checkpointed freeze state.
+def _frozen_part(module: nn.Module) -> Any:
+    """``freeze=`` for what is frozen in ``module``: "all", the blocks from block 0 on with every parameter
+    frozen (``[0, .., k-1]``), or None."""
+    params = list(module.parameters())
+    if not params:
+        return None
+    if not any(p.requires_grad for p in params):
+        return "all"
+    try:
+        blocks = find_blocks(module)
+    except FreezeError:
+        return None
+    k = 0
+    while k < len(blocks) and not any(p.requires_grad for p in blocks[k][1].parameters()):
+        k += 1
+    return list(range(k)) or None
 
-    Subclass it as Lightning's ``BaseFinetuning`` (override ``freeze_before_training`` and ``finetune_function``,
-    use ``freeze``/``make_trainable``/``unfreeze_and_add_param_group``), or pass ``schedule=`` (a freezert
-    ``Linear``, ``FreezeOut``, ``GradientNorm`` or ``Unfreeze``): ``pl_module.<attr>`` is then wrapped with
-    ``freezert.wrap`` and the schedule steps at every epoch start with progress ``epoch / max_epochs``.
+
+def _set_child(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _drop(fm: FrozenModel) -> nn.Module:
+    """Unwraps ``fm`` keeping the flags its model has now (the user may have changed them since the wrap)."""
+    flags = [(p, p.requires_grad) for p in fm.module.parameters()]
+    model = fm.unwrap()
+    for p, rg in flags:
+        p.requires_grad_(rg)
+    return model
+
+
+class BaseFinetuning(_LightningBase):
+    """Lightning's ``BaseFinetuning`` whose frozen modules run as freezert's inference segment.
+
+    Subclass it as Lightning's (``freeze_before_training``, ``finetune_function``; the static ``freeze``,
+    ``make_trainable``, ``flatten_modules``, ``filter_params``, ``filter_on_optimizer``,
+    ``unfreeze_and_add_param_group`` are Lightning's own). A module passed to ``self.freeze(...)`` that is an
+    attribute of the LightningModule is, while it has frozen blocks from its first on, replaced by
+    ``freezert.wrap(module, ...)``: from the end of the first training step that calls it as a whole until the
+    next epoch start where its flags changed. ``bn="train"`` (default) runs the frozen modules as they are
+    (Lightning's training exactly); ``bn="frozen"`` runs them in eval mode (BatchNorm statistics fixed and folded,
+    dropout off), which ``cache=`` needs. Other options are ``freezert.FreezeConfig``'s (``dtype``, ``graphs``...).
     """
 
-    def __init__(self, schedule: Schedule | None = None, *, attr: str = "backbone", **wrap_kwargs: Any) -> None:
-        self.schedule = schedule
-        self.attr = attr
-        self.wrap_kwargs = wrap_kwargs
-        self._frozen: dict[int, nn.Parameter] = {}  # parameters this callback froze
-        self._fixed_bns: dict[int, _BatchNorm] = {}  # BatchNorms held in eval mode
-        self._restored: dict | None = None  # a checkpoint's state, applied at on_fit_start
-        self._layouts: dict[int, dict] = {}
-        self._pl_module: Any = None
+    freeze = _StaticOrNoting(_LightningBase.freeze)
 
-    # -- Lightning's BaseFinetuning helpers ----------------------------------------------------------------
-    def freeze(self, modules: nn.Module | Iterable, train_bn: bool = True) -> None:
-        """Freezes ``modules``; their BatchNorms keep training with ``train_bn``, else run in eval mode."""
-        for m in _modules(modules):
-            if isinstance(m, _BatchNorm):
-                if train_bn:
-                    self._thaw_bn(m)
-                    continue
-                _fix_bn(m)
-                self._fixed_bns[id(m)] = m
-            for p in m.parameters(recurse=False):
-                p.requires_grad_(False)
-                self._frozen[id(p)] = p
+    def __init__(self, *, bn: str = "train", cache: Any = None, **options: Any) -> None:
+        super().__init__()
+        self._init_segments(bn, cache, options)
 
-    def make_trainable(self, modules: nn.Module | Iterable) -> None:
-        """Unfreezes ``modules`` (BatchNorms included) and lets their BatchNorms follow the model's mode."""
-        for m in _modules(modules):
-            if isinstance(m, _BatchNorm):
-                self._thaw_bn(m)
-            for p in m.parameters(recurse=False):
-                p.requires_grad_(True)
-                self._frozen.pop(id(p), None)
-
-    def _thaw_bn(self, bn: _BatchNorm) -> None:
-        self._fixed_bns.pop(id(bn), None)
-        _release_bn(bn, True)
-        for p in bn.parameters(recurse=False):
-            p.requires_grad_(True)
-            self._frozen.pop(id(p), None)
-
-    def unfreeze_and_add_param_group(
-        self,
-        modules: nn.Module | Iterable,
-        optimizer: Optimizer,
-        lr: float | None = None,
-        initial_denom_lr: float = 10.0,
-        train_bn: bool = True,
-    ) -> None:
-        """Unfreezes ``modules`` into a new param group: ``lr``, or group 0's lr / ``initial_denom_lr``.
-
-        As in Lightning, ``train_bn=False`` only keeps BatchNorm parameters out of the new group.
-        """
-        mods = _modules(modules)
-        self.make_trainable(mods)
-        present = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        params = _own_params(mods, train_bn)
-        fresh = [p for p in params if id(p) not in present]
-        if len(fresh) != len(params):
-            warnings.warn(
-                "The provided params to be frozen already exist within another group of this optimizer; those "
-                "parameters are skipped. Did you init your optimizer with only the trainable parameters?",
-                UserWarning,
-                stacklevel=2,
+    def _init_segments(self, bn: str, cache: Any, options: dict) -> None:
+        options = {"kernels": False, **options}  # the trainable blocks as Lightning runs them, unless asked
+        for name in ("freeze", "blocks", "also_freeze"):
+            if name in options:
+                raise FreezeError(f"{name}= is decided by the callback's freeze() calls; drop it from the options")
+        FreezeConfig.of("all", bn=bn, **options)  # every option checked once, here
+        if cache not in (None, False) and bn != "frozen":
+            raise FreezeError(
+                f"cache={cache!r} needs bn='frozen': with bn={bn!r} the frozen modules run in training mode (batch "
+                "statistics, dropout), so a sample's frozen output changes from step to step; pass bn='frozen' "
+                "(BatchNorm statistics fixed, dropout off in the frozen part) or drop cache="
             )
-        if fresh:
-            group_lr = optimizer.param_groups[0]["lr"] if lr is None else float(lr)
-            optimizer.add_param_group({"params": fresh, "lr": group_lr / (initial_denom_lr if lr is None else 1.0)})
+        self.bn, self.cache, self.options = bn, cache, options
+        self._noted: list[nn.Module] = []  # modules this callback froze (self.freeze) in the current setup
+        self._wrapped: dict[str, tuple[FrozenModel, tuple]] = {}  # path -> (FrozenModel in place, flags)
+        self._parked: dict[str, tuple[FrozenModel, tuple]] = {}  # taken out while finetune_function runs
+        self._watch: dict[str, dict] = {}  # path -> a first call being watched before wrapping
+        self._skip: dict[str, tuple[tuple, str]] = {}  # path -> (flags, why it is not wrapped)
+        self._held: dict[str, list[_BatchNorm]] = {}  # bn="frozen": BatchNorms put in eval before the wrap
+        self._caches: dict[str, FeatureCache] = {}
+        self._pl_module: Any = None
+        self._restored_flags: dict | None = None
 
-    # -- extension points ---------------------------------------------------------------------------------
-    def freeze_before_training(self, pl_module: Any) -> None:
-        """Override to freeze modules before ``configure_optimizers`` (with ``schedule=``: wraps ``attr``)."""
-        if self.schedule is None:
-            raise NotImplementedError("override freeze_before_training, or pass schedule= to FreezertFinetuning")
-        from ..wrapper import FrozenModel, wrap
+    # -- what runs as a segment -----------------------------------------------------------------------------
+    @property
+    def segments(self) -> dict[str, FrozenModel]:
+        """The LightningModule's attributes (dotted names) that run through freezert now."""
+        return {path: fm for path, (fm, _) in self._wrapped.items()}
 
-        inner = getattr(pl_module, self.attr, None)
-        if isinstance(inner, FrozenModel):
-            return
-        if not isinstance(inner, nn.Module):
-            raise FreezeError(f"the LightningModule has no nn.Module attribute {self.attr!r}; pass attr= naming it")
-        fm = wrap(inner, freeze=self.schedule, **self.wrap_kwargs)  # loads plain keys when nested (a pre-hook)
-        setattr(pl_module, self.attr, fm)
+    @property
+    def not_wrapped(self) -> dict[str, str]:
+        """Modules this callback froze that run plainly, each with why."""
+        return {path: why for path, (_, why) in self._skip.items()}
 
-    def finetune_function(self, pl_module: Any, epoch: int, optimizer: Optimizer) -> None:
-        """Override to unfreeze at epoch starts (with ``schedule=``: steps the schedule)."""
-        if self.schedule is None:
-            raise NotImplementedError("override finetune_function, or pass schedule= to FreezertFinetuning")
+    def _note_frozen(self, modules: Any) -> None:
+        for m in _as_modules(modules):
+            if all(m is not n for n in self._noted):
+                self._noted.append(m)
 
-    # -- Lightning hooks ----------------------------------------------------------------------------------
+    def _targets(self, pl_module: nn.Module) -> dict[str, nn.Module]:
+        """The noted modules that are attributes of ``pl_module``, outermost only, by dotted name."""
+        paths = {id(m): name for name, m in pl_module.named_modules() if name}
+        found = {paths[id(m)]: m for m in self._noted if id(m) in paths}
+        return {p: m for p, m in found.items() if not any(p.startswith(q + ".") for q in found)}
+
+    def _may_wrap(self, trainer: Any) -> bool:
+        # Sharded strategies (FSDP, DeepSpeed) own the modules' parameters: those run as Lightning runs them.
+        return isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy))
+
+    def _park(self, pl_module: nn.Module) -> None:
+        """Puts the plain modules back while user code (``finetune_function``) runs; the wrappers wait aside."""
+        for path, (fm, flags) in self._wrapped.items():
+            _set_child(pl_module, path, fm.module)
+            self._parked[path] = (fm, flags)
+        self._wrapped = {}
+
+    def _release(self, path: str, pl_module: nn.Module) -> None:
+        fm, _ = self._parked.pop(path, None) or self._wrapped.pop(path, (None, None))
+        if fm is not None:
+            _set_child(pl_module, path, _drop(fm))
+        for m in self._held.pop(path, []):
+            m.train(pl_module.training)
+        w = self._watch.pop(path, None)
+        if w is not None:
+            w["handle"].remove()
+
+    def _plan(self, trainer: Any, pl_module: nn.Module) -> None:
+        """After the flags may have changed: keeps, drops or prepares each module's wrapper."""
+        targets = self._targets(pl_module) if self._may_wrap(trainer) else {}
+        for path in [p for p in {*self._parked, *self._watch, *self._held} if p not in targets]:
+            self._release(path, pl_module)
+        for path, module in targets.items():
+            flags, arg = _flags(module), _frozen_part(module)
+            parked = self._parked.get(path)
+            if parked is not None and parked[1] == flags:
+                del self._parked[path]
+                _set_child(pl_module, path, parked[0])
+                self._wrapped[path] = parked
+                continue
+            watched = self._watch.get(path)
+            if watched is not None and watched["flags"] == flags:
+                continue
+            self._release(path, pl_module)
+            if arg is None or self._skip.get(path, (None,))[0] == flags:
+                continue
+            self._skip.pop(path, None)
+            if self.bn == "frozen":  # eval from the first step on, as the wrapper will hold them
+                frozen = [b for _, b in find_blocks(module)[: len(arg)]] if arg != "all" else [module]
+                self._held[path] = [m for b in frozen for m in b.modules() if isinstance(m, _BatchNorm)]
+                for m in self._held[path]:
+                    m.eval()
+            watch: dict = {"flags": flags, "arg": arg, "call": None}
+
+            def seen(mod, args, kwargs, watch=watch):
+                if watch["call"] is None:
+                    watch["call"] = (args, kwargs)
+
+            watch["handle"] = module.register_forward_pre_hook(seen, with_kwargs=True)
+            self._watch[path] = watch
+
+    def _wrap_watched(self, pl_module: nn.Module) -> None:
+        """At the end of a training step: wraps each watched module that step called as a whole."""
+        for path, watch in list(self._watch.items()):
+            watch["handle"].remove()
+            del self._watch[path]
+            module = pl_module.get_submodule(path)
+            if watch["call"] is None:
+                self._skip[path] = (watch["flags"], "the training step does not call it as a whole")
+                continue
+            args, kwargs = watch["call"]
+            frozen_before = {id(p) for p in module.parameters() if not p.requires_grad}
+            try:
+                fm = wrap(module, watch["arg"], bn=self.bn, cache=self._cache_for(path), **self.options)
+            except FreezeError as e:
+                self._skip[path] = (watch["flags"], f"freezert cannot wrap it: {e}")
+                continue
+            try:
+                fm.plan(*args, **kwargs)  # the record finds the stem, frozen with block 0
+            except FreezeError as e:
+                fm.unwrap()
+                self._skip[path] = (watch["flags"], f"freezert cannot plan it: {e}")
+                continue
+            if any(id(p) not in frozen_before for p in fm.frozen_parameters()):
+                fm.unwrap()  # the flags from before the wrap: the stem trains again
+                self._skip[path] = (watch["flags"], "modules that run before its first block still train")
+                continue
+            _set_child(pl_module, path, fm)
+            self._wrapped[path] = (fm, watch["flags"])
+
+    def _cache_for(self, path: str) -> FeatureCache | None:
+        if self.cache in (None, False):
+            return None
+        if path not in self._caches:
+            if isinstance(self.cache, FeatureCache):
+                if self._caches:
+                    raise FreezeError(
+                        f"cache= is one FeatureCache but the callback runs more than one frozen module ({path!r} "
+                        "too); pass cache=True or a codec name so that each gets its own"
+                    )
+                self._caches[path] = self.cache
+            else:
+                self._caches[path] = FeatureCache() if self.cache is True else FeatureCache(codec=self.cache)
+        return self._caches[path]
+
+    def _unwrap_all(self, pl_module: nn.Module) -> None:
+        for path in [*self._wrapped, *self._parked, *self._watch, *self._held]:
+            self._release(path, pl_module)
+
+    # -- Lightning hooks ------------------------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if type(trainer.strategy).__name__.startswith("DeepSpeed"):
-            raise NotImplementedError("freezert's finetuning callback does not support the DeepSpeed strategy")
-        self._pl_module = pl_module  # state_dict() takes no module: names are read from this one
-        if self._restored is None:
-            self._frozen, self._fixed_bns = {}, {}
-        self.freeze_before_training(pl_module)
+        self._noted = []
+        self._pl_module = pl_module
+        super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        """Binds this fit's optimizers: frozen parameters leave them, or a checkpoint's layout is restored."""
-        opts = list(trainer.optimizers)
-        if self.schedule is not None:
-            self.schedule.attach(optimizer=opts)  # a pending checkpoint state is applied here
-        restored, self._restored = self._restored, None
-        if restored is not None and self.schedule is None:
-            self._apply_restored(pl_module, restored, opts)
-        elif self.schedule is None:
-            _remove_params(opts, self._frozen)
+        super().on_fit_start(trainer, pl_module)  # Lightning's: the checkpoint's param groups
+        restored, self._restored_flags = self._restored_flags, None
+        if restored is not None:  # the flags as saved (Lightning's setup froze anew what may have been thawed)
+            off = set(restored["frozen"])
+            for name, p in pl_module.named_parameters():
+                p.requires_grad_(name not in off)
+            no_stats = set(restored["no_running_stats"])
+            for name, m in pl_module.named_modules():
+                if isinstance(m, _BatchNorm):
+                    m.track_running_stats = name not in no_stats
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._plan(trainer, pl_module)  # also when a fit resumes mid-epoch (no epoch start then)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.schedule is not None:
-            total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-            if total is None:
-                raise FreezeError("schedule= needs Trainer(max_epochs=N) to turn epochs into training progress")
-            self.schedule.step(min(trainer.current_epoch / total, 1.0))
-            return
-        names = _names(pl_module)
-        for i, opt in enumerate(trainer.optimizers):
-            self.finetune_function(pl_module, trainer.current_epoch, opt)
-            self._layouts[i] = _layout(opt, names)
+        self._park(pl_module)
+        super().on_train_epoch_start(trainer, pl_module)  # finetune_function and Lightning's metadata, plain names
+        self._plan(trainer, pl_module)
 
-    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-        if self.schedule is not None and self.schedule.needs_grad_norms:
-            self.schedule.after_backward()
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # A parameter thawed in the middle of an epoch (by user code) must not stay under no_grad.
+        if any(flags != _flags(fm.module) for fm, flags in self._wrapped.values()):
+            self._park(pl_module)
+            self._plan(trainer, pl_module)
 
-    # -- checkpoints --------------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._watch:
+            self._wrap_watched(pl_module)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._unwrap_all(pl_module)
+        super().teardown(trainer, pl_module, stage)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def _plain(self, name: str) -> str:
+        """A name in the LightningModule as the plain model has it (a wrapper puts its model at ``.model``)."""
+        for path in self._wrapped:
+            if name == path + ".model" or name.startswith(path + ".model."):
+                return path + name[len(path) + len(".model") :]
+        return name
+
     def state_dict(self) -> dict[str, Any]:
-        if self.schedule is not None:
-            return {"schedule": self.schedule.state_dict()}
-        return {
-            "frozen": sorted(self._frozen_names),
-            "fixed_bns": sorted(self._bn_names),
-            "optimizers": {i: lay for i, lay in self._layouts.items()},
-        }
+        """Lightning's state (``internal_optimizer_metadata``...) plus the flags, so a resume gets them back."""
+        state = super().state_dict()
+        pl = self._pl_module
+        if pl is not None:
+            state["freezert"] = {
+                "frozen": [self._plain(n) for n, p in pl.named_parameters() if not p.requires_grad],
+                "no_running_stats": [
+                    self._plain(n)
+                    for n, m in pl.named_modules()
+                    if isinstance(m, _BatchNorm) and not m.track_running_stats
+                ],
+            }
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.schedule is not None:
-            # The optimizers bound now are the previous fit's: the layout must go to the next fit's, at
-            # on_fit_start's attach (Schedule.load_state_dict keeps it pending while no optimizer is bound).
-            self.schedule._optimizers = []
-            self.schedule.load_state_dict(state_dict["schedule"])
-            return
-        self._restored = state_dict
-
-    def _apply_restored(self, pl_module: Any, state: dict, opts: list[Optimizer]) -> None:
-        params = dict(pl_module.named_parameters())
-        modules = dict(pl_module.named_modules())
-        for p in self._frozen.values():  # what setup() froze but the checkpoint had thawed trains again
-            p.requires_grad_(True)
-        for bn in self._fixed_bns.values():
-            _release_bn(bn, pl_module.training)
-        self._frozen, self._fixed_bns = {}, {}
-        for n in state["frozen"]:
-            params[n].requires_grad_(False)
-            self._frozen[id(params[n])] = params[n]
-        for n in state["fixed_bns"]:
-            _fix_bn(modules[n])
-            self._fixed_bns[id(modules[n])] = modules[n]
-        for i, opt in enumerate(opts):
-            lay = state["optimizers"].get(i)
-            if lay is not None:
-                _restore_layout(opt, lay, params)
-                self._layouts[i] = lay
-            else:
-                _remove_params([opt], self._frozen)
-
-    @property
-    def _frozen_names(self) -> list[str]:
-        pl = self._pl_module
-        return [] if pl is None else [n for n, p in pl.named_parameters() if id(p) in self._frozen]
-
-    @property
-    def _bn_names(self) -> list[str]:
-        pl = self._pl_module
-        return [] if pl is None else [n for n, m in pl.named_modules() if id(m) in self._fixed_bns]
+        state = dict(state_dict)
+        self._restored_flags = state.pop("freezert", None)  # absent in a checkpoint of Lightning's own callback
+        super().load_state_dict(state)
 
 
-def _names(pl_module: nn.Module) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for n, p in pl_module.named_parameters():
-        out.setdefault(id(p), n)
-    return out
+class BackboneFinetuning(BaseFinetuning, _LightningBackbone):
+    """Lightning's ``BackboneFinetuning`` (same arguments, learning-rate ramp, param groups and checkpoint
+    state) with ``pl_module.backbone`` run as freezert's segment while it is frozen.
 
-
-class BackboneFinetuning(FreezertFinetuning):
-    """Lightning's ``BackboneFinetuning``, same arguments and learning-rate ramp, on freezert's surgery.
-
-    Freezes ``pl_module.backbone`` before training (its BatchNorms keep training, as in Lightning), unfreezes it at
-    ``unfreeze_backbone_at_epoch`` into a new param group at ``backbone_initial_lr`` (default: current lr *
-    ``backbone_initial_ratio_lr``), then multiplies that lr by ``lambda_func(epoch + 1)`` each epoch, capped at
-    the current lr when ``should_align``.
+    With ``bn="train"`` (default) the backbone's BatchNorms keep training until the unfreeze epoch, as in
+    Lightning, so only the blocks before the first BatchNorm run as the segment; ``bn="frozen"`` freezes them
+    too (eval mode, fixed statistics) and runs the whole backbone as the segment, which ``cache=`` needs.
     """
 
     def __init__(
         self,
         unfreeze_backbone_at_epoch: int = 10,
-        lambda_func: Callable = multiplicative,
+        lambda_func: Any = multiplicative,
         backbone_initial_ratio_lr: float = 10e-2,
         backbone_initial_lr: float | None = None,
         should_align: bool = True,
@@ -296,25 +379,24 @@ class BackboneFinetuning(FreezertFinetuning):
         train_bn: bool = True,
         verbose: bool = False,
         rounding: int = 12,
+        *,
+        bn: str = "train",
+        cache: Any = None,
+        **options: Any,
     ) -> None:
-        super().__init__()
-        self.unfreeze_backbone_at_epoch = unfreeze_backbone_at_epoch
-        self.lambda_func = lambda_func
-        self.backbone_initial_ratio_lr = backbone_initial_ratio_lr
-        self.backbone_initial_lr = backbone_initial_lr
-        self.should_align = should_align
-        self.initial_denom_lr = initial_denom_lr
-        self.train_bn = train_bn
-        self.verbose = verbose
-        self.rounding = rounding
-        self.previous_backbone_lr: float | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "previous_backbone_lr": self.previous_backbone_lr}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.previous_backbone_lr = state_dict["previous_backbone_lr"]
-        super().load_state_dict(state_dict)
+        _LightningBackbone.__init__(
+            self,
+            unfreeze_backbone_at_epoch,
+            lambda_func,
+            backbone_initial_ratio_lr,
+            backbone_initial_lr,
+            should_align,
+            initial_denom_lr,
+            train_bn,
+            verbose,
+            rounding,
+        )
+        self._init_segments(bn, cache, options)
 
     def freeze_before_training(self, pl_module: Any) -> None:
         if not isinstance(getattr(pl_module, "backbone", None), nn.Module):
@@ -322,27 +404,56 @@ class BackboneFinetuning(FreezertFinetuning):
                 f"{type(pl_module).__name__} has no nn.Module attribute 'backbone'; BackboneFinetuning freezes "
                 "pl_module.backbone: name your feature extractor so"
             )
-        self.freeze(pl_module.backbone)
+        self.freeze(pl_module.backbone, train_bn=self.bn != "frozen")
 
-    def finetune_function(self, pl_module: Any, epoch: int, optimizer: Optimizer) -> None:
-        if epoch == self.unfreeze_backbone_at_epoch:
-            current_lr = optimizer.param_groups[0]["lr"]
-            initial = (
-                self.backbone_initial_lr
-                if self.backbone_initial_lr is not None
-                else current_lr * self.backbone_initial_ratio_lr
+
+class FreezertFinetuning(Callback):
+    """Drives a freezert schedule (``Linear``, ``FreezeOut``, ``GradientNorm``, ``Unfreeze``) over
+    ``pl_module.<attr>``, wrapped with ``freezert.wrap`` at setup; the schedule steps at every epoch start with
+    progress ``epoch / max_epochs``. Checkpoints hold the schedule's state and keep the model's plain keys.
+    """
+
+    def __init__(self, schedule: Schedule, *, attr: str = "backbone", **options: Any) -> None:
+        if not isinstance(schedule, Schedule):
+            raise FreezeError(
+                f"schedule={schedule!r} is not a freezert schedule; pass Linear(...), FreezeOut(...), "
+                "GradientNorm(...) or Unfreeze(...), or subclass BaseFinetuning for hand-written freezing"
             )
-            self.previous_backbone_lr = initial
-            self.unfreeze_and_add_param_group(
-                pl_module.backbone, optimizer, initial, train_bn=self.train_bn, initial_denom_lr=self.initial_denom_lr
-            )
-            if self.verbose:
-                print(f"Current lr: {round(current_lr, self.rounding)}, Backbone lr: {round(initial, self.rounding)}")
-        elif epoch > self.unfreeze_backbone_at_epoch:
-            current_lr = optimizer.param_groups[0]["lr"]
-            nxt = self.lambda_func(epoch + 1) * self.previous_backbone_lr
-            nxt = current_lr if (self.should_align and nxt > current_lr) else nxt
-            optimizer.param_groups[-1]["lr"] = nxt
-            self.previous_backbone_lr = nxt
-            if self.verbose:
-                print(f"Current lr: {round(current_lr, self.rounding)}, Backbone lr: {round(nxt, self.rounding)}")
+        self.schedule = schedule
+        self.attr = attr
+        self.options = options
+        self._restored: dict | None = None  # a checkpoint's schedule state, applied once the fit's optimizers exist
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if type(trainer.strategy).__name__.startswith("DeepSpeed"):
+            raise NotImplementedError("freezert's finetuning callback does not support the DeepSpeed strategy")
+        inner = getattr(pl_module, self.attr, None)
+        if isinstance(inner, FrozenModel):
+            return
+        if not isinstance(inner, nn.Module):
+            raise FreezeError(f"the LightningModule has no nn.Module attribute {self.attr!r}; pass attr= naming it")
+        setattr(pl_module, self.attr, wrap(inner, self.schedule, **self.options))  # loads plain keys (a pre-hook)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Binds this fit's optimizers (frozen parameters leave them), then a checkpoint's state if resuming."""
+        self.schedule.attach(optimizer=list(trainer.optimizers))
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            self.schedule.load_state_dict(restored)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        if total is None:
+            raise FreezeError("FreezertFinetuning needs Trainer(max_epochs=N) to turn epochs into training progress")
+        self.schedule.step(min(trainer.current_epoch / total, 1.0))
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        if self.schedule.needs_grad_norms:
+            self.schedule.after_backward()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied at on_fit_start: the optimizers the schedule holds now are the previous fit's (or none).
+        self._restored = state_dict["schedule"]
