@@ -225,6 +225,8 @@ def ids_to_keys(ids: Any, what: str = "keys") -> torch.Tensor:
                     "(dataset indices, or a 63-bit hash of your own ids)"
                 ) from None
             raise CacheError(f"{what}={ids!r} is not a sequence of integers; pass one integer id per sample") from None
+    if t.numel() == 0 and not isinstance(ids, torch.Tensor):  # [] or range(0): no keys (torch reads [] as float)
+        return torch.zeros(0, dtype=torch.int64)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise CacheError(f"{what} have dtype {t.dtype}; pass int64 keys (content hashes or sample ids)")
     if t.dtype == torch.uint64:

@@ -31,7 +31,7 @@ from .tiers import WHERE, MemTier
 
 __all__ = ["FeatureCache"]
 
-_SHARE_S = 5.0  # a shard writer flushes its index, and readers look for other shards' flushes, this often
+_SHARE_S = 5.0  # a shard writer flushes its index, and readers look for other shards' flushes, at most this often
 
 
 class FeatureCache:
@@ -76,7 +76,8 @@ class FeatureCache:
         self._bound = False  # bind() succeeded once (a later change invalidates instead of refusing)
         self._detached = False  # a read-only store left behind by an invalidation: no longer read
         self._prefetch: Prefetch | None = None
-        self._shared_at = 0.0  # when this cache last flushed/refreshed a shared store
+        now = time.monotonic()
+        self._shared = {"flush": (now, _SHARE_S), "refresh": (now, _SHARE_S)}  # (last time, interval) of each
 
     # -- copies and pickles ----------------------------------------------------------------------------------------
     def __getstate__(self) -> dict:
@@ -217,7 +218,7 @@ class FeatureCache:
         if not idx.tiers:
             return torch.zeros(len(ks), dtype=torch.bool), []
         lay = self._resolve(layout)
-        self._share(refresh=True)
+        self._share("refresh")
         pre = self._prefetch if self._prefetch is not None and self._prefetch.layout is lay else None
         if pre is not None:
             pre.wait()
@@ -258,7 +259,7 @@ class FeatureCache:
         _rows.write(self._index, lay, ks, cs, rows)
         if cs is None:
             self._index.note_content_misses(len(ks), self.epoch_rows)
-        self._share(refresh=False)
+        self._share("flush")
 
     def _need_bound(self, what: str) -> None:
         if not self._index.tiers:
@@ -270,12 +271,15 @@ class FeatureCache:
             self._prefetch = None
 
     # -- several processes -----------------------------------------------------------------------------------------
-    def _share(self, refresh: bool) -> None:
-        """In a store other processes write too: flush this shard's index and read theirs every few seconds."""
-        if self._disk is None or not self._disk.sharded or time.monotonic() - self._shared_at < _SHARE_S:
+    def _share(self, what: str) -> None:
+        """In a store other processes write too, flush this shard's index (put) and read theirs (fetch) every few
+        seconds, at most 5% of the time (both cost time in proportion to the rows)."""
+        last, every = self._shared[what]
+        if self._disk is None or not self._disk.sharded or time.monotonic() - last < every:
             return
-        self._shared_at = time.monotonic()
-        self.refresh() if refresh else self.flush()
+        t0 = time.monotonic()
+        self.refresh() if what == "refresh" else self.flush()
+        self._shared[what] = (time.monotonic(), max(_SHARE_S, 20 * (time.monotonic() - t0)))
 
     def refresh(self) -> int:
         """Reads the other shards of the disk store as their writers last flushed them (rows other ranks stored
