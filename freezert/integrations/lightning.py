@@ -91,22 +91,23 @@ def _flags(module: nn.Module) -> tuple:
     return rg + tuple(m.track_running_stats for m in module.modules() if isinstance(m, _BatchNorm))
 
 
-def _frozen_part(module: nn.Module) -> Any:
-    """``freeze=`` for what is frozen in ``module``: "all", the blocks from block 0 on with every parameter
-    frozen (``[0, .., k-1]``), or None."""
+def _frozen_part(module: nn.Module) -> tuple[Any, list[nn.Module]]:
+    """``freeze=`` for what is frozen in ``module`` ("all", or the names of its blocks from block 0 on whose
+    parameters are all frozen; None if neither), and those modules."""
     params = list(module.parameters())
     if not params:
-        return None
+        return None, []
     if not any(p.requires_grad for p in params):
-        return "all"
+        return "all", [module]
     try:
         blocks = find_blocks(module)
     except FreezeError:
-        return None
+        return None, []
     k = 0
     while k < len(blocks) and not any(p.requires_grad for p in blocks[k][1].parameters()):
         k += 1
-    return list(range(k)) or None
+    # By name: the wrapper's record may put the blocks in forward order, which indices would not follow.
+    return ([name for name, _ in blocks[:k]] or None), [m for _, m in blocks[:k]]
 
 
 def _set_child(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -214,7 +215,7 @@ class BaseFinetuning(_LightningBase):
         for path in [p for p in {*self._parked, *self._watch, *self._held} if p not in targets]:
             self._release(path, pl_module)
         for path, module in targets.items():
-            flags, arg = _flags(module), _frozen_part(module)
+            flags, (arg, frozen) = _flags(module), _frozen_part(module)
             parked = self._parked.get(path)
             if parked is not None and parked[1] == flags:
                 del self._parked[path]
@@ -229,7 +230,6 @@ class BaseFinetuning(_LightningBase):
                 continue
             self._skip.pop(path, None)
             if self.bn == "frozen":  # eval from the first step on, as the wrapper will hold them
-                frozen = [b for _, b in find_blocks(module)[: len(arg)]] if arg != "all" else [module]
                 self._held[path] = [m for b in frozen for m in b.modules() if isinstance(m, _BatchNorm)]
                 for m in self._held[path]:
                     m.eval()
