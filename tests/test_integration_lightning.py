@@ -307,6 +307,46 @@ def test_a_module_whose_stem_trains_runs_plainly_and_trains_as_in_lightning(tmp_
     assert cb.not_wrapped == {"backbone": "modules that run before its first block still train"}
 
 
+def test_a_module_thawed_mid_epoch_leaves_the_segment_at_the_next_step(tmp_path):
+    class ThawAtStep(Callback):  # user code thawing the backbone's first layer in the middle of epoch 0
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 0 and batch_idx == 2:
+                bb = (
+                    pl_module.backbone.module
+                    if isinstance(pl_module.backbone, freezert.FrozenModel)
+                    else pl_module.backbone
+                )
+                bb[0].weight.requires_grad_(True)
+
+    runs = {}
+    for name, cls in (("lightning", LightningBackboneFinetuning), ("freezert", BackboneFinetuning)):
+        seed_everything(0)
+        record, spy = [], GradModeSpy()
+        model = BNBackboneModel(record)
+        fit(cls(unfreeze_backbone_at_epoch=5), model, tmp_path, epochs=2, spy=spy, callbacks=[ThawAtStep()])
+        runs[name] = (record, model, spy)
+    (la, ma, _), (lb, mb, sb) = runs["lightning"], runs["freezert"]
+    assert la == lb
+    for a, b in zip(ma.state_dict().values(), mb.state_dict().values()):
+        assert torch.equal(a, b)
+    # the thaw comes after the callback's check at step 2 (callback order), so step 3 runs plainly again
+    assert sb.wrapped == [False, True, True] + [False] * 5 and sb.grad_on == [True, False, False] + [True] * 5
+
+
+def test_the_plain_module_is_back_after_an_exception(tmp_path):
+    class Boom(BNBackboneModel):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    model = Boom([])
+    cb = BackboneFinetuning(unfreeze_backbone_at_epoch=5)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(cb, model, tmp_path, epochs=1)
+    assert isinstance(model.backbone, nn.Sequential) and cb.segments == {}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # checkpoints: plain keys, exact resume, Lightning's checkpoints
 

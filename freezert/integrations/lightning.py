@@ -317,7 +317,8 @@ class BaseFinetuning(_LightningBase):
         self._plan(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        # A parameter thawed in the middle of an epoch (by user code) must not stay under no_grad.
+        # A parameter thawed in the middle of an epoch (by user code) must not stay under no_grad: from the next
+        # step's start (this hook) on, the module runs plainly again.
         if any(flags != _flags(fm.module) for fm, flags in self._wrapped.values()):
             self._park(pl_module)
             self._plan(trainer, pl_module)
@@ -325,6 +326,9 @@ class BaseFinetuning(_LightningBase):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._watch:
             self._wrap_watched(pl_module)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._unwrap_all(pl_module)  # Lightning's teardown hooks do not run after an exception
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._unwrap_all(pl_module)
