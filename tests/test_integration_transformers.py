@@ -1,5 +1,7 @@
 """freezert.integrations.transformers: a real transformers.Trainer on a tiny BERT (built from a config, nothing
-downloaded) with a FrozenModel in the loop gives naive freezing's losses; schedules step and checkpoint."""
+downloaded) with a FrozenModel in the loop, default TrainingArguments: naive freezing's losses, eval_loss, metrics
+and predictions; the Trainer drops the columns the model does not take; schedules step and checkpoint;
+checkpoints load with from_pretrained."""
 
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ warnings.filterwarnings("ignore", module="transformers")
 
 import freezert  # noqa: E402
 from freezert import Linear  # noqa: E402
-from freezert._errors import FreezeError  # noqa: E402
 from freezert.integrations.transformers import STATE_FILE, FreezertCallback  # noqa: E402
 
 
@@ -35,8 +36,10 @@ def tiny_bert():
 
 
 class Data(torch.utils.data.Dataset):
-    def __init__(self, n=32):
-        g = torch.Generator().manual_seed(1)
+    """Token ids, a mask and labels, plus a column the model does not take (``idx``): the Trainer drops it."""
+
+    def __init__(self, n=32, seed=1):
+        g = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(1, 64, (n, 12), generator=g)
         self.mask = torch.ones(n, 12, dtype=torch.long)
         self.mask[::3, 8:] = 0
@@ -46,7 +49,7 @@ class Data(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i], "idx": i}
 
 
 def train(model, tmp_path, name, callbacks=(), resume=None, **kw):
@@ -60,7 +63,6 @@ def train(model, tmp_path, name, callbacks=(), resume=None, **kw):
         report_to=[],
         seed=0,
         save_strategy="no",
-        remove_unused_columns=False,
         disable_tqdm=True,
     )
     args.update(kw)
@@ -136,12 +138,63 @@ def test_unfreezing_under_the_trainer_adds_a_group_its_lr_scheduler_drives(tmp_p
     assert all(p.requires_grad and id(p) in in_opt for p in fm.module.bert.embeddings.parameters())
 
 
-def test_remove_unused_columns_is_refused_with_the_fix(tmp_path):
-    with pytest.raises(FreezeError, match="remove_unused_columns=False"):
-        train(
-            freezert.wrap(tiny_bert(), freeze=2),
-            tmp_path,
-            "x",
-            callbacks=[FreezertCallback()],
-            remove_unused_columns=True,
+def naive_bert():
+    naive = tiny_bert()
+    for m in (naive.bert.embeddings, *naive.bert.encoder.layer[:2]):
+        m.requires_grad_(False)
+    return naive
+
+
+def accuracy(p):
+    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+
+def test_evaluate_and_predict_equal_the_plain_models_with_default_arguments(tmp_path):
+    # Default TrainingArguments: no label_names, remove_unused_columns=True. The Trainer reads the label names and
+    # the columns to keep from type(model).forward, which a FrozenModel's class takes from the wrapped model.
+    got = []
+    for name, model in (("naive", naive_bert()), ("fz", freezert.wrap(tiny_bert(), freeze=2))):
+        seen = []
+        model.register_forward_pre_hook(lambda m, a, kw, seen=seen: seen.append(set(kw)), with_kwargs=True)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / name), max_steps=4, use_cpu=True, report_to=[], save_strategy="no", seed=0
         )
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=Data(), eval_dataset=Data(16, seed=2), compute_metrics=accuracy
+        )
+        trainer.train()
+        got.append((trainer.evaluate(), trainer.predict(Data(16, seed=3)), seen))
+    (ev_n, pr_n, seen_n), (ev_f, pr_f, seen_f) = got
+    assert {"eval_loss", "eval_accuracy"} <= set(ev_f)
+    assert ev_f["eval_loss"] == pytest.approx(ev_n["eval_loss"], rel=1e-4)
+    assert ev_f["eval_accuracy"] == ev_n["eval_accuracy"]
+    assert pr_f.metrics["test_loss"] == pytest.approx(pr_n.metrics["test_loss"], rel=1e-4)
+    assert (pr_f.label_ids == pr_n.label_ids).all()
+    assert torch.allclose(torch.as_tensor(pr_f.predictions), torch.as_tensor(pr_n.predictions), rtol=1e-4, atol=1e-5)
+    # the Trainer dropped the column the model does not take (idx), and only that one
+    assert seen_f == seen_n and all(k >= {"input_ids", "attention_mask", "labels"} and "idx" not in k for k in seen_f)
+
+
+def test_a_checkpoint_loads_with_from_pretrained(tmp_path):
+    fm = freezert.wrap(tiny_bert(), freeze=2)
+    train(fm, tmp_path, "ck", callbacks=[FreezertCallback()], save_strategy="steps", save_steps=8)
+    folder = tmp_path / "ck" / "checkpoint-8"
+    assert (folder / "config.json").exists() and not (folder / STATE_FILE).exists()  # no schedule, no state
+    back = transformers.BertForSequenceClassification.from_pretrained(folder)
+    assert all(torch.equal(a, b) for a, b in zip(back.parameters(), fm.module.parameters()))
+
+
+# transformers' Trainer._save calls save_pretrained (config.json + weights) only when isinstance(model,
+# PreTrainedModel); for anything else it writes the state dict alone. A FrozenModel is not one, so until the
+# wrapper's class for a PreTrainedModel is one, trainer.save_model(dir) writes no config.json.
+@pytest.mark.xfail(
+    not isinstance(freezert.wrap(tiny_bert(), freeze=2), transformers.PreTrainedModel),
+    reason="needs the wrapper: a FrozenModel of a PreTrainedModel is not an instance of one",
+    strict=True,
+)
+def test_save_model_round_trips_through_from_pretrained(tmp_path):
+    fm = freezert.wrap(tiny_bert(), freeze=2)
+    trainer, _ = train(fm, tmp_path, "s", max_steps=2)
+    trainer.save_model(str(tmp_path / "saved"))
+    back = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "saved")
+    assert all(torch.equal(a, b) for a, b in zip(back.parameters(), fm.module.parameters()))

@@ -2,14 +2,15 @@
 its schedule and checkpoints it.
 
     fm = freezert.wrap(model, freeze=4)                      # or freeze=freezert.Linear(0.5, 1.0)
-    args = TrainingArguments(..., remove_unused_columns=False)
-    trainer = Trainer(model=fm, args=args, train_dataset=ds, callbacks=[FreezertCallback()])
-    trainer.train()
+    trainer = Trainer(model=fm, args=TrainingArguments(...), train_dataset=ds, eval_dataset=ev,
+                      compute_metrics=metrics, callbacks=[FreezertCallback()])
+    trainer.train(); trainer.evaluate()                      # eval_loss and metrics, as for the plain model
     fm.module.save_pretrained(out)                           # config.json + weights, plain keys
 
-``remove_unused_columns=False`` is needed: the Trainer drops batch columns that the model's ``forward`` does not
-name, and ``FrozenModel.forward`` takes ``*args, **kwargs``. See docs/INTEGRATIONS.md for ``config``,
-gradient checkpointing and PEFT.
+The wrapped model's class carries the model's ``forward`` signature, so the Trainer finds the label names, keeps
+the batch columns the model takes and drops the rest itself (default ``TrainingArguments``). The callback writes
+the model's ``config.json`` into each ``checkpoint-N`` folder, so checkpoints load with ``from_pretrained``. See
+docs/INTEGRATIONS.md for ``save_model``, gradient checkpointing and PEFT.
 """
 
 from __future__ import annotations
@@ -52,11 +53,6 @@ class FreezertCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         self.model = model
-        if model is not None and hasattr(model, "set_freeze") and args.remove_unused_columns:
-            raise FreezeError(
-                "TrainingArguments(remove_unused_columns=True) drops every batch column of a FrozenModel (its forward "
-                "takes *args, **kwargs); pass remove_unused_columns=False"
-            )
         sched = self._schedule(model)
         if sched is not None and optimizer is not None:
             # accelerate may wrap the scheduler (AcceleratedScheduler.scheduler); the LambdaLR inside needs to learn
@@ -74,12 +70,15 @@ class FreezertCallback(TrainerCallback):
             sched.step(min(state.global_step / state.max_steps, 1.0))
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        sched = self._schedule(model or self.model)
-        if sched is None or not args.should_save:
+        model = model or self.model
+        if not args.should_save or model is None:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        torch.save(sched.state_dict(), os.path.join(folder, STATE_FILE))
+        _save_config(model, folder)
+        sched = self._schedule(model)
+        if sched is not None:
+            torch.save(sched.state_dict(), os.path.join(folder, STATE_FILE))
 
     def load(self, model: Any, checkpoint_dir: str) -> None:
         """Re-applies the frozen set saved in ``checkpoint_dir`` to ``model`` (a FrozenModel with a schedule)."""
@@ -94,3 +93,19 @@ class FreezertCallback(TrainerCallback):
             raise FreezeError(f"{path} does not exist; pass a checkpoint-N folder saved with FreezertCallback")
         sched._optimizers = []  # the layout waits for the resumed fit's optimizer (on_train_begin)
         sched.load_state_dict(torch.load(path, weights_only=False))
+
+
+def _save_config(model: Any, folder: str) -> None:
+    """Writes the wrapped model's ``config.json`` (and generation config) into ``folder`` where the Trainer wrote
+    only weights: it calls ``save_pretrained`` only on a ``PreTrainedModel``, which a FrozenModel is not, so its
+    checkpoints would not load with ``from_pretrained``."""
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return
+    inner = getattr(model, "module", None)
+    config = getattr(inner, "config", None)
+    if inner is model or not hasattr(config, "save_pretrained"):
+        return  # not a wrapped Hugging Face model: nothing to add
+    config.save_pretrained(folder)
+    generation = getattr(inner, "generation_config", None)
+    if generation is not None and hasattr(generation, "save_pretrained") and getattr(inner, "can_generate", bool)():
+        generation.save_pretrained(folder)
