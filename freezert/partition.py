@@ -63,9 +63,12 @@ def partition(table: BlockTable, frozen: list[int], k: int) -> Partition:
     return Partition(k, tuple(frozen), tuple(boundary), {i: tuple(v) for i, v in free_after.items()})
 
 
-def eager_reasons(table: BlockTable, rec: Record, frozen: list[int], trainable_direct: list[str]) -> dict[int, str]:
+def _shown(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def eager_reasons(table: BlockTable, rec: Record, frozen: list[int]) -> dict[int, str]:
     """Frozen blocks that need autograd through them, each with the cause in words (indices: ``rec``'s)."""
-    feeders = ", ".join(trainable_direct)
     out: dict[int, str] = {}
     for i in frozen:
         if rec.block_calls.get(i, 0) > 1:
@@ -73,21 +76,15 @@ def eager_reasons(table: BlockTable, rec: Record, frozen: list[int], trainable_d
                 f"it runs {rec.block_calls[i]} times in one forward (a shared block), and a later call needs autograd"
             )
         elif rec.grad_in.get(i):
-            out[i] = (
-                f"its input depends on parameters that still train ({feeders})"
-                if feeders
-                else "its input depends on a trainable block or an input that requires grad"
-            )
+            out[i] = f"its input depends on parameters that still train ({_shown(rec.grad_in[i])})"
         elif rec.grad_inside.get(i):
-            out[i] = "it reads a trainable parameter held outside the block"
+            out[i] = f"it reads parameters that still train from outside the block ({_shown(rec.grad_inside[i])})"
     return out
 
 
-def plan(
-    table: BlockTable, rec: Record, frozen: list[int], k: int, stem_units: list[int], trainable_direct: list[str]
-) -> Partition:
+def plan(table: BlockTable, rec: Record, frozen: list[int], k: int, stem_units: list[int]) -> Partition:
     """The swap-mode plan from a record (``table`` already in forward order, ``rec`` mapped to it)."""
-    eager = eager_reasons(table, rec, frozen, trainable_direct)
+    eager = eager_reasons(table, rec, frozen)
     cached = 0
     while cached < k and cached not in eager:
         cached += 1

@@ -20,7 +20,7 @@ from . import spec as _spec
 from ._errors import FreezeWarning
 from .blocks import BlockTable
 from .partition import Partition, partition, plan
-from .record import Record, record
+from .record import OUTSIDE, Record, record
 
 __all__ = ["Plan", "Planner", "user_stacklevel"]
 
@@ -58,48 +58,103 @@ class Plan:
 
 
 class Planner:
-    """Turns ``freeze=`` into plans for one model: from its structure, or from a recorded forward."""
+    """Turns ``freeze=`` into plans for one model: from its structure, or from recorded forwards.
+
+    A plan must hold for every call it serves, so the record is kept per kind of call (its structure, the
+    model's mode, grad mode, a batch of one or more): a call of a new kind is recorded, a kind seen before is
+    planned again from its record. Readers of frozen outputs seen in any record are readers in all of them:
+    what one kind of call reads (GoogLeNet's auxiliary heads in train mode) is stored for every kind.
+    """
 
     def __init__(self, model: nn.Module, table: BlockTable, freeze: Any, bn: str, also: list[nn.Parameter]):
         self.model, self.registered, self.freeze, self.bn, self.also = model, table, freeze, bn, also
         self._warned: set[tuple[int, ...]] = set()
+        self._records: dict[Any, tuple[BlockTable, Record]] = {}
 
     def unrecorded(self, table: BlockTable | None = None) -> Plan:
-        """The plan from the structure alone (driven models; others until their first call)."""
+        """The plan from the structure alone (driven models; others until their first call). A new freeze: the
+        records of the old one no longer hold."""
+        self._records.clear()
         table = table or self.registered
         frozen = _spec.resolve(self.freeze, table)
         return Plan(table, partition(table, frozen, _spec.prefix_length(frozen)))
 
     def recorded(self, args, kwargs, sig: Any, requires_grad: dict[int, bool]) -> Plan:
-        """Records one forward on ``args``/``kwargs`` and plans from it: forward order, the stem, eager blocks, the
-        boundary. ``requires_grad``: each parameter's flag before the wrap (by id)."""
+        """The plan for calls of kind ``sig``: recorded on ``args``/``kwargs`` the first time, then from the record.
+        ``requires_grad``: each parameter's flag before the wrap (by id)."""
+        if sig not in self._records:
+            self._records[sig] = self._record_in_order(args, kwargs, requires_grad)
+        table, rec = self._records[sig]
+        for other_table, other in self._records.values():
+            if other is not rec and other_table.names == table.names:
+                rec.merge_readers(other)
+                other.merge_readers(rec)
+        return self._plan(table, rec, sig)
+
+    def with_reader(self, plan: Plan, key: tuple[int, int, int]) -> Plan:
+        """``plan`` again, now that a call read output ``key`` of the cached part from outside it (a branch the
+        records did not take): every record of this order counts that reader from now on."""
+        for table, rec in self._records.values():
+            if table.names == plan.table.names and key in rec.consumers:
+                rec.consumers[key].add(OUTSIDE)
+        return self._plan(plan.table, plan.rec, plan.sig)
+
+    def _record_in_order(self, args, kwargs, requires_grad: dict[int, bool]) -> tuple[BlockTable, Record]:
+        """The record, taken on the blocks in forward order (a second record when the order or the parameters that
+        must be live differ from the first's)."""
         table = self.registered
-        frozen = _spec.resolve(self.freeze, table)
-        rec = self._record(table, frozen, args, kwargs, requires_grad)
-        seen = [min((rec.first_call.get(n, 1 << 30) for n, _ in ms), default=1 << 30) for ms in table.members]
-        order = sorted(range(len(table)), key=lambda i: (seen[i], i))
-        if order != list(range(len(table))):  # forward order differs from registration order
-            table = table.reordered(order)
+        glue: set[int] = set()
+        for _ in range(3):
             frozen = _spec.resolve(self.freeze, table)
-            rec = self._record(table, frozen, args, kwargs, requires_grad)
+            rec = self._record(table, frozen, args, kwargs, requires_grad, glue)
+            order = _forward_order(table, rec)
+            # parameters read by the model's glue that will train: not the stem's (frozen with block 0)
+            stem_params = {id(p) for n, m in table.candidates if n in rec.before_first_block for p in m.parameters()}
+            live_glue = {i for i in rec.glue_params if requires_grad.get(i)} - {id(p) for p in self.also} - stem_params
+            if order == list(range(len(table))) and live_glue <= glue:
+                break
+            if order != list(range(len(table))):  # forward order differs from registration order
+                table = table.reordered(order)
+            glue |= live_glue  # parameters read by the model's glue: live in the record, so their readers show
         n = len(table)
         stem_units = sorted(
-            (n + c for c, (name, _) in enumerate(table.candidates) if name in rec.before_first_block),
+            (
+                n + c
+                for c, (name, m) in enumerate(table.candidates)
+                if name in rec.before_first_block and any(True for _ in m.parameters())
+            ),
             key=lambda u: rec.first_call.get(table.candidates[u - n][0], 0),
         )
+        # The stem is frozen parameters: a parameter-free module that runs first (torchvision detection's
+        # GeneralizedRCNNTransform, a dropout) keeps the model's mode and runs as the model runs it.
         table.stem = [table.candidates[u - n] for u in stem_units]
-        also = {id(p) for p in self.also}
-        direct = [name for name, p in table.direct_parameters(self.model) if p.requires_grad and id(p) not in also]
-        # Direct parameters only feed what runs after them; which ones reach the frozen blocks is in the record.
+        return table, rec
+
+    def _plan(self, table: BlockTable, rec: Record, sig: Any) -> Plan:
+        frozen = _spec.resolve(self.freeze, table)
         k = _spec.prefix_length(frozen)
-        part = plan(table, rec, frozen, k, stem_units if k else [], direct)
-        self._warn_eager(table, part, direct)
+        n = len(table)
+        stem = {name for name, _ in table.stem}
+        stem_units = [n + c for c, (name, _) in enumerate(table.candidates) if name in stem]
+        stem_units.sort(key=lambda u: rec.first_call.get(table.candidates[u - n][0], 0))
+        part = plan(table, rec, frozen, k, stem_units if k else [])
+        self._warn_eager(table, part, rec)
         return Plan(table, part, rec, sig)
 
-    def _record(self, table: BlockTable, frozen: list[int], args, kwargs, requires_grad: dict[int, bool]) -> Record:
-        """One observed forward with only the parameters that will train requiring grad."""
+    def _record(
+        self,
+        table: BlockTable,
+        frozen: list[int],
+        args,
+        kwargs,
+        requires_grad: dict[int, bool],
+        glue: set[int],
+    ) -> Record:
+        """One observed forward with only the parameters that will train requiring grad (stem and head candidates
+        off: which is which is what the record tells; ``glue``: candidate parameters read by glue code, on)."""
         frozen_modules = [m for i in frozen for _, m in table.members[i]] + [m for _, m in table.candidates]
-        off = {id(p) for m in frozen_modules for p in m.parameters()} | {id(p) for p in self.also}
+        off = {id(p) for m in frozen_modules for p in m.parameters()} - glue
+        off |= {id(p) for p in self.also}
         keep = {i for i, rg in requires_grad.items() if rg and i not in off}
         frozen_bn = [
             m for i in frozen for _, mod in table.members[i] for m in mod.modules() if isinstance(m, _BatchNorm)
@@ -116,7 +171,7 @@ class Planner:
                 m.train(mode)
         return rec
 
-    def _warn_eager(self, table: BlockTable, part: Partition, direct: list[str]) -> None:
+    def _warn_eager(self, table: BlockTable, part: Partition, rec: Record) -> None:
         eager = [i for i in part.eager if i < part.k]
         if not eager or tuple(eager) in self._warned:
             return
@@ -124,9 +179,11 @@ class Planner:
         names = [table.names[i] for i in eager]
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         reason = part.eager[eager[0]]
+        inside = {n for _, m in zip(table.names, table.modules) for n, _ in _named_params_under(self.model, m)}
+        feeders = sorted({f for i in eager for f in rec.grad_in.get(i, []) + rec.grad_inside.get(i, [])} - inside)
         fix = (
-            f"freeze those too to run them as inference: wrap(model, freeze=..., also_freeze={direct!r})"
-            if direct and "parameters that still train" in reason
+            f"freeze those too to run them as inference: wrap(model, freeze=..., also_freeze={feeders!r})"
+            if feeders
             else "freeze what feeds them, or accept the eager run"
         )
         warnings.warn(
@@ -134,6 +191,21 @@ class Planner:
             FreezeWarning,
             stacklevel=user_stacklevel(),
         )
+
+
+def _named_params_under(model: nn.Module, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    ids = {id(p) for p in module.parameters()}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+
+
+def _forward_order(table: BlockTable, rec: Record) -> list[int]:
+    """Block indices in the order the record saw them run; blocks that did not run keep their places."""
+    seen = [min((rec.first_call.get(n, 1 << 30) for n, _ in ms), default=1 << 30) for ms in table.members]
+    ran = [i for i in range(len(table)) if seen[i] < 1 << 30]
+    order = list(range(len(table)))
+    for slot, i in zip(ran, sorted(ran, key=lambda i: (seen[i], i))):
+        order[slot] = i
+    return order
 
 
 def user_stacklevel() -> int:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -20,11 +21,19 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from . import _tree
-from ._errors import CacheError, FreezeWarning
+from ._errors import CacheError, FreezeError, FreezeWarning
 from .config import FreezeConfig
 from .partition import Partition
 from .planner import Plan, user_stacklevel
-from .segment import FrozenSegment, frozen_tensors
+from .segment import (
+    FrozenSegment,
+    PlaceholderRead,
+    contains_placeholder,
+    frozen_tensors,
+    has_hooks,
+    hooked_inside,
+    structure_of,
+)
 
 __all__ = ["Boundary", "Call", "Prefix"]
 
@@ -43,10 +52,19 @@ class Call:
         self.grad_in = torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors)
         self.single_tensor = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
 
-    @property
-    def structure(self) -> tuple:
-        """What a recorded plan depends on: containers, keyword names, tensor ranks and dtypes, other types."""
-        return _tree.structure(self.leaves, self.spec)
+    def kind(self, training: bool) -> tuple:
+        """What a recorded plan depends on: containers, keyword names, tensor ranks and dtypes, other types; the
+        model's mode, grad and inference mode (what reads a frozen output, and what needs its gradient, can
+        differ between training and validation); whether the batch has more than one sample (with one, a
+        tensor shared by the batch cannot be told from a per-sample one)."""
+        batch = next((t.shape[0] for t in self.tensors if t.dim() > 0), 0)
+        return (
+            _tree.structure(self.leaves, self.spec),
+            training,
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            batch > 1,
+        )
 
     def run(self, fn: Callable[..., Any]) -> Any:
         return fn(*self.args, **self.kwargs)
@@ -78,10 +96,20 @@ class Prefix:
         self._cache_part: Partition | None = None  # the cut whose boundary the cache's rows hold
         self._offloaded_from: torch.device | None = None  # where the frozen weights live when not offloaded
         self._warned: set[str] = set()
+        self._places: list[tuple[nn.Module, str, nn.Module]] = []  # where each frozen module sits in the model
+        self._mutable: list[torch.Tensor] = []  # buffers outside the frozen part: what a replay may have to undo
+        self.on_reader: weakref.WeakMethod | None = None  # set by the wrapper: how to learn a new reader
 
     def reset(self, plan: Plan) -> None:
-        """A new plan: the segment is built again at the next call."""
-        self.plan, self.segment = plan, None
+        """A new plan: the segment is built again at the next call, unless the cut and what it stores are the
+        same (a recorded kind of call seen again)."""
+        old = self.plan
+        same = old is not None and old.part == plan.part and old.table.names == plan.table.names
+        self.plan = plan
+        if not same:
+            self.segment = None
+        frozen = {id(b) for _, m in plan.frozen_named() for b in m.buffers()}
+        self._mutable = [b for b in self.model.buffers() if id(b) not in frozen]
 
     # -- one call ------------------------------------------------------------------------------------------
     def __call__(self, call: Call) -> Boundary:
@@ -100,17 +128,25 @@ class Prefix:
         driven = plan.driven and call.single_tensor
         if cache is not None:
             if driven:
+                if self._hooked(seg.block_runners, inside_only=False):
+                    return Boundary(tensors=seg.run(call.args[0]))
                 return Boundary(tensors=self._cached_driven(seg, call))
-            if plan.part.cached_units:
+            if plan.part.cached_units and not (plan.rec and plan.rec.stochastic):
                 return self._cached_swap(seg, call)
             self._warn_cache_unused()
         if driven:
             return Boundary(tensors=seg.run(call.args[0]))
-        return Boundary(run=lambda fn: _within(fn, seg.preparing(), seg.swapped(self.model)))
+        return Boundary(run=lambda fn: _within(fn, seg.preparing(), seg.installed()))
 
     def segment_now(self) -> FrozenSegment:
         """The segment for the current plan and weights (built now if needed)."""
         seg = self.segment
+        for parent, key, m in self._places:
+            if parent._modules.get(key) is not m:
+                raise FreezeError(
+                    f"the frozen module {key!r} of {type(parent).__name__} was replaced after wrap(); freezert plans "
+                    "from the modules it was given: call fm.unwrap() and wrap the model again"
+                )
         if seg is None or seg.is_stale():
             self._weights_token += 1
             plan = self.plan
@@ -126,20 +162,30 @@ class Prefix:
                 cached = set(part.cached_units)
                 readers = {(u, j): ctx for (u, j, idx), ctx in plan.rec.consumers.items() if idx == 0}
             seg = self.segment = FrozenSegment(t, part, entries, self.config, cached=cached, readers=readers)
+            self._places = [_place(self.model, name, m) for _, name, m in entries]
         return seg
 
     def _warn_cache_unused(self) -> None:
         if "cache" in self._warned:
             return
         self._warned.add("cache")
-        part = self.plan.part
-        why = (
-            f"block {self.plan.table.names[0]!r} runs eagerly ({part.eager[0]}), so nothing before it can be skipped"
-            if 0 in part.eager
-            else f"{self.plan.unit_name(part.unbatched[0])!r} hands the rest of the model a tensor without the batch "
-            "dimension first (shared by the whole batch, e.g. a position bias), so no sample's frozen outputs can be "
-            "stored on their own"
-        )
+        part, rec = self.plan.part, self.plan.rec
+        if rec is not None and rec.stochastic:
+            why = (
+                f"{rec.stochastic[0]!r} runs before the frozen part and gives another output each time on the same "
+                "input (random augmentation, dropout in train mode), so the frozen part's input is not a function of "
+                "the call's inputs; in eval mode, or with that module deterministic, the cache is used"
+            )
+        elif 0 in part.eager:
+            name = self.plan.table.names[0]
+            why = f"block {name!r} runs eagerly ({part.eager[0]}), so nothing before it can be skipped"
+        else:
+            why = (
+                f"{self.plan.unit_name(part.unbatched[0])!r} hands the rest of the model a tensor whose first "
+                "dimension is not the batch size, so the frozen outputs cannot be stored per sample (a tensor shared "
+                "by the whole batch such as a position bias, or inputs that are not batch-first tensors such as a "
+                "list of images)"
+            )
         warnings.warn(f"the feature cache is not used: {why}", FreezeWarning, stacklevel=user_stacklevel())
 
     # -- the feature cache: driven models ------------------------------------------------------------------
@@ -183,23 +229,63 @@ class Prefix:
         anything else reads) and run nothing; otherwise the prefix runs in full and the misses are stored."""
         batch, tensors, keys, content = self._keys(call)
         order = self.plan.part.replay
-        if self._cache_sig == (self._weights_token, _input_sig(tensors)) and seg.can_replay:
+        hooked = self._hooked(seg.cached_runners, inside_only=True)
+        if self._cache_sig == (self._weights_token, _input_sig(tensors)) and seg.can_replay and not hooked:
             hit, rows = self.cache.fetch(keys, seg.cached_runners[-1].device, content=content)
             if bool(hit.all()):
                 self._maybe_offload(seg)
                 replay = dict(zip(order, rows))
-                return Boundary(run=lambda fn: _within(fn, seg.swapped(self.model), seg.replaying(batch, replay)))
+                return Boundary(run=lambda fn: self._replay(fn, call, seg, batch, replay))
         else:
             hit = None
         self._restore_offloaded(seg)
         return Boundary(run=lambda fn: self._compute_and_store(fn, seg, batch, tensors, keys, content, hit))
+
+    def _replay(self, fn, call: Call, seg: FrozenSegment, batch: int, rows: dict) -> Any:
+        """The model's forward with the cached part replayed. A read of an output the cache does not store (a
+        branch no recorded call took, a hook) is undone: the RNG and the buffers outside the frozen part go
+        back, the plan learns the reader, and the call runs again under it."""
+        undo = _Undo(self._mutable)
+        try:
+            with seg.installed(), seg.replaying(batch, rows):
+                out = fn()
+            key = contains_placeholder(out)
+            if key is None:
+                return out
+        except PlaceholderRead as e:
+            key = e.key
+        undo.restore()
+        learn = self.on_reader() if self.on_reader is not None else None
+        if learn is None:
+            raise PlaceholderRead(key)
+        learn(key)  # the wrapper re-plans (and resets this prefix)
+        return self(call).run(fn)
+
+    def _hooked(self, runners, inside_only: bool) -> bool:
+        """True when a cache hit would skip a hook: one on a submodule of a module a hit does not run (or, for a
+        driven model, on the module itself). Such calls run the prefix; said once, naming the module."""
+        for r in runners:
+            o = r.__dict__["original"]
+            m = hooked_inside(o) or (None if inside_only or not has_hooks(o) else o)
+            if m is not None:
+                if "hooked" not in self._warned:
+                    self._warned.add("hooked")
+                    name = next((n for n, x in self.model.named_modules() if x is m), type(m).__name__)
+                    warnings.warn(
+                        f"freezert runs the frozen prefix instead of serving it from the cache while {name!r} has a "
+                        "forward hook: a cache hit would not run that module, so the hook would not fire",
+                        FreezeWarning,
+                        stacklevel=user_stacklevel(),
+                    )
+                return True
+        return False
 
     def _compute_and_store(self, fn, seg: FrozenSegment, batch: int, tensors, keys, content, hit):
         cache, order = self.cache, self.plan.part.replay
         started: list[float] = []
         handle = seg.cached_runners[0].register_forward_pre_hook(lambda m, a: started.append(time.perf_counter()))
         try:
-            with seg.preparing(), seg.capturing() as got, seg.swapped(self.model):
+            with seg.preparing(), seg.capturing() as got, seg.installed():
                 out = fn()
         finally:
             handle.remove()
@@ -242,12 +328,13 @@ class Prefix:
         batch = tensors[0].shape[0]
         rows = [t for t in tensors if t.shape[0] == batch]
         others = [t for t in call.tensors if t.dim() == 0 or t.shape[0] != batch]
-        plain = not others and not call.kwargs and all(isinstance(a, torch.Tensor) for a in call.args)
+        amp = _autocast(rows[0].device.type)  # rows computed under autocast are other rows
+        plain = not others and not call.kwargs and all(isinstance(a, torch.Tensor) for a in call.args) and not amp
         content = None
         for t in rows:
             r = hash_rows(t).cpu()
             content = r if content is None else content * _MIX + r
-        glob = None if plain else _digest(call, others, hash_rows)
+        glob = None if plain else _digest(call, others, hash_rows, amp)
         if glob is not None:  # other inputs reach the model: they are part of every sample's key
             content = content * _MIX + glob
         if call.cache_ids is None:
@@ -278,6 +365,7 @@ class Prefix:
             dtype=str(cfg.weights or cfg.dtype),
             codec=self.cache.codec,
             inputs=_sig_text(sig),
+            structure=structure_of(modules),
         )
 
     def _bind(self, seg: FrozenSegment, tensors, ids_mode: bool, boundary_like, driven: bool = False) -> None:
@@ -340,6 +428,28 @@ class Prefix:
             self._offloaded_from = None
 
 
+class _Undo:
+    """The RNG and some buffers as they are now, to be put back."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self.buffers = [(b, b.clone()) for b in buffers]
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, v in self.buffers:
+                b.copy_(v)
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _place(root: nn.Module, name: str, m: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    parent, _, key = name.rpartition(".")
+    return (root.get_submodule(parent) if parent else root), key, m
+
+
 def _within(fn: Callable[[], Any], *contexts) -> Any:
     with contextlib.ExitStack() as stack:
         for c in contexts:
@@ -347,11 +457,22 @@ def _within(fn: Callable[[], Any], *contexts) -> Any:
         return fn()
 
 
-def _digest(call: Call, others: list[torch.Tensor], hash_rows) -> int:
-    """One int64 for everything in the call that is not a batch row: the structure, every plain value, and each
-    tensor of another size (hashed whole); a value that cannot be keyed is refused."""
+def _autocast(device_type: str) -> str | None:
+    """The autocast dtype in force for ``device_type`` (None when autocast is off)."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+        return str(torch.get_autocast_dtype(device_type)) if on else None
+    except (TypeError, AttributeError):  # torch < 2.4
+        on = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+        return "autocast" if on else None
+
+
+def _digest(call: Call, others: list[torch.Tensor], hash_rows, amp: str | None) -> int:
+    """One int64 for everything in the call that is not a batch row: the structure, every plain value, each
+    tensor of another size (hashed whole) and the autocast dtype; a value that cannot be keyed is refused."""
     h = hashlib.blake2b(digest_size=8)
     h.update(repr(call.spec).encode())
+    h.update(f"autocast:{amp};".encode())
     for i, v in enumerate(call.leaves):
         if isinstance(v, torch.Tensor):
             h.update(b"T")

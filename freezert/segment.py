@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 
 from . import _tree
-from ._swap import swapped
 from .blocks import BlockTable
 from .config import FreezeConfig
 from .fold import FoldScan, after_fold, fold_
 from .partition import Partition
+from .record import METADATA, op_name
 
 
 def _shared_copy(module: nn.Module) -> nn.Module:
@@ -64,15 +65,99 @@ def _out_dtype(module: nn.Module) -> torch.dtype | None:
     return None
 
 
+_HOOKS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _unhooked(copy_of: nn.Module) -> nn.Module:
+    """A private copy without the hooks it inherited: hooks fire on the user's modules, never on copies."""
+    for m in copy_of.modules():
+        for name in _HOOKS:
+            d = m.__dict__.get(name)
+            if d:
+                d.clear()
+    return copy_of
+
+
+def has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def hooked_inside(module: nn.Module) -> nn.Module | None:
+    """A submodule (not ``module`` itself) with a forward or pre-forward hook, if any."""
+    return next((m for m in module.modules() if m is not module and has_hooks(m)), None)
+
+
+@contextlib.contextmanager
+def _all_eval(module: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+class PlaceholderRead(RuntimeError):
+    """Code read a frozen output that the cache does not store (a branch or hook no recorded call took)."""
+
+    def __init__(self, key):
+        super().__init__(
+            f"freezert: frozen output {key} was read outside the cached part after the call returned; the cache "
+            "does not store it. Call the model once more (freezert then stores it), or drop cache="
+        )
+        self.key = key
+
+
+class _Placeholder(torch.Tensor):
+    """Stands for a frozen output a cache hit does not store, which only the skipped part itself reads: its
+    shape can be asked, any read of its values raises ``PlaceholderRead``, so nothing is ever computed from it."""
+
+    key: tuple
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if op_name(func) in METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        raise PlaceholderRead(next(t.key for t in _tree.tensors((args, kwargs)) if isinstance(t, _Placeholder)))
+
+
+def contains_placeholder(obj) -> tuple | None:
+    """The key of a placeholder inside ``obj`` (nested), if any."""
+    return next((t.key for t in _tree.tensors(obj) if isinstance(t, _Placeholder)), None)
+
+
+def _needs_autograd(args, kwargs) -> bool:
+    """An input with a graph behind it, or a trainable parameter: autograd must run through the module. A leaf
+    tensor that requires grad but is no parameter (marked by the model's own code) has nothing behind it."""
+    return torch.is_grad_enabled() and any(
+        t.requires_grad and (t.grad_fn is not None or isinstance(t, nn.Parameter))
+        for t in _tree.tensors((args, kwargs))
+    )
+
+
 class _Runner(nn.Module):
-    """Runs a private copy of one frozen module under no_grad (folded and pre-cast once its segment is ready)."""
+    """Runs one frozen module as inference: its private copy under no_grad (folded and pre-cast once the segment
+    is ready). The user's module stays in the model; while the segment is installed, its ``forward`` is this
+    runner's, so its hooks fire with the module they were registered on."""
 
     def __init__(self, original: nn.Module, segment: FrozenSegment, key: tuple[int, int], *, copy_module: bool):
         super().__init__()
         # Not registered as a submodule: the copy must not appear in state_dict, parameters or .to().
-        self.__dict__["target"] = _shared_copy(original) if copy_module else original
+        self.__dict__["target"] = _unhooked(_shared_copy(original)) if copy_module else original
         self.__dict__["original"] = original
         self.__dict__["segment"] = segment
+        self.__dict__["plain"] = types.MethodType(type(original).forward, original)  # set again at install
         self.key = key  # (unit, member): where the record saw this module
         self.out_dtype = _out_dtype(original)
         self.template = None  # (structure, slots) of the last output: what a cache hit hands back in its place
@@ -84,12 +169,6 @@ class _Runner(nn.Module):
         """Where this runner's last output lives (from its recorded template)."""
         slots = [s for s in self.template[1] if isinstance(s, _Slot)] if self.template else []
         return slots[0].device if slots else None
-
-    def __getattr__(self, name):  # model code sometimes reads attributes of its blocks
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["target"], name)
 
     def _cast_in(self, t: torch.Tensor) -> torch.Tensor:
         seg = self.__dict__["segment"]
@@ -108,18 +187,27 @@ class _Runner(nn.Module):
     def forward(self, *args, **kwargs):
         if self.replay is not None:
             return self.replay()
-        if torch.is_grad_enabled() and any(t.requires_grad for t in _tree.tensors((args, kwargs))):
+        plain = self.__dict__["plain"]
+        if _needs_autograd(args, kwargs):
             # A call the record did not plan for (an input that needs a gradient): autograd through the user's
             # own module, exactly as naive freezing runs it.
-            return self.__dict__["original"](*args, **kwargs)
-        seg = self.__dict__["segment"]
+            return plain(*args, **kwargs)
+        seg, target, original = self.__dict__["segment"], self.__dict__["target"], self.__dict__["original"]
         with torch.no_grad():
-            cast = seg.prepared and (seg.dtype is not None or seg.channels_last)
-            if cast:
-                args, kwargs = _tree.map_tensors((args, kwargs), self._cast_in)
-            out = self.__dict__["target"](*args, **kwargs)
-            if cast:
-                out = _tree.map_tensors(out, self._cast_out)
+            if target is original:  # bn="train": the user's own module, batch statistics and all
+                out = plain(*args, **kwargs)
+            elif hooked_inside(original) is not None:
+                # a hook on one of its submodules must see that submodule's own output: the user's modules run,
+                # unfolded, in the segment's eval mode
+                with _all_eval(original):
+                    out = plain(*args, **kwargs)
+            else:
+                cast = seg.prepared and (seg.dtype is not None or seg.channels_last)
+                if cast:
+                    args, kwargs = _tree.map_tensors((args, kwargs), self._cast_in)
+                out = target(*args, **kwargs)
+                if cast:
+                    out = _tree.map_tensors(out, self._cast_out)
         leaves, spec = _tree.flatten(out)
         self.template = (spec, [_Slot.of(v) if isinstance(v, torch.Tensor) else v for v in leaves])
         if self.captured is not None:
@@ -139,9 +227,38 @@ class _Slot:
     def of(cls, t: torch.Tensor) -> _Slot:
         return cls(t.shape, t.dtype, t.device)
 
-    def placeholder(self, batch: int) -> torch.Tensor:
-        # A zero-stride expand: the right shape for the model's glue code, no memory.
-        return torch.zeros((), dtype=self.dtype, device=self.device).expand(batch, *self.shape[1:])
+    def placeholder(self, batch: int, key: tuple) -> torch.Tensor:
+        # A zero-stride expand: the right shape for the model's glue code, no memory, no values to read.
+        base = torch.zeros((), dtype=self.dtype, device=self.device).expand(batch, *self.shape[1:])
+        p = torch.Tensor._make_subclass(_Placeholder, base)
+        p.key = key
+        return p
+
+
+_PLAIN = (bool, int, float, str, type(None))
+_MISSING = object()
+
+
+def _settings(m: nn.Module) -> list[tuple[str, object]]:
+    """A module's plain settings (BatchNorm's ``eps``, an activation's ``inplace``, a conv's ``stride``): what
+    changes its function besides its tensors and children. The mode is not one (frozen modules run in eval)."""
+    out = []
+    for k, v in m.__dict__.items():
+        if k.startswith("_") or k == "training":
+            continue
+        if isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)):
+            out.append((k, v))
+    return out
+
+
+def structure_of(modules: list[nn.Module]) -> list:
+    """The frozen modules' structure as plain data: every submodule's type, children and settings (what the
+    cache's fingerprint holds besides the tensors: another activation or eps is another function)."""
+    return [
+        (name, f"{type(m).__module__}.{type(m).__qualname__}", _settings(m))
+        for top in modules
+        for name, m in top.named_modules()
+    ]
 
 
 def frozen_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
@@ -230,6 +347,9 @@ class FrozenSegment:
         self._records = [(o, kind, key, t, t._version, t.data_ptr()) for o, kind, key, t in _tensor_records(originals)]
         # DDP rewrites buffers in place every step with identical values: compare those by value.
         self._buffer_values = {id(t): t.detach().clone() for _, kind, _, t, _, _ in self._records if kind == "b"}
+        # Module edits after the build (another activation put in, a BatchNorm's eps changed) make it stale too.
+        self._children = [(m, tuple(m._modules.values())) for o in originals for m in o.modules()]
+        self._settings = [(m, _settings(m)) for o in originals for m in o.modules()]
 
     @property
     def device(self) -> torch.device | None:
@@ -300,7 +420,14 @@ class FrozenSegment:
         self._graphs.clear()  # captured graphs point at the old memory
 
     def is_stale(self) -> bool:
-        """True when the user's frozen tensors changed (load_state_dict, .to(), in-place edits) since the build."""
+        """True when the user's frozen modules changed since the build: their tensors (load_state_dict, .to(),
+        in-place edits), their submodules (one replaced) or their settings (an eps, an activation's inplace)."""
+        for m, kids in self._children:
+            if len(m._modules) != len(kids) or any(a is not b for a, b in zip(m._modules.values(), kids)):
+                return True
+        for m, settings in self._settings:
+            if any(m.__dict__.get(k, _MISSING) != v for k, v in settings):
+                return True
         for i, (owner, kind, key, t, version, ptr) in enumerate(self._records):
             store = owner._parameters if kind == "p" else owner._buffers
             if store.get(key) is not t or t.data_ptr() != ptr:
@@ -311,10 +438,27 @@ class FrozenSegment:
                 self._records[i] = (owner, kind, key, t, t._version, ptr)
         return False
 
-    # -- swap mode: the model's own forward calls the runners in place of its frozen modules --------------
-    def swapped(self, root: nn.Module):
-        """Context manager: the runners stand in place of the frozen modules inside ``root``."""
-        return swapped(root, list(zip(self.names, self.runners)))
+    # -- installed: the user's frozen modules run through the runners -----------------------------------
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """While active, each frozen module's ``forward`` is its runner's. The modules stay where they are in
+        the model, so the model's own code, ``isinstance`` checks and every hook (registered before or after the
+        wrap, by the user or by a library such as transformers) see the user's modules."""
+        done: list[tuple[nn.Module, object]] = []
+        try:
+            for r in self.runners:
+                o = r.__dict__["original"]
+                prev = o.__dict__.get("forward")  # an instance-level forward (accelerate's hooks) runs as before
+                r.__dict__["plain"] = prev if prev is not None else types.MethodType(type(o).forward, o)
+                o.__dict__["forward"] = r.forward
+                done.append((o, prev))
+            yield
+        finally:
+            for o, prev in reversed(done):
+                if prev is None:
+                    o.__dict__.pop("forward", None)
+                else:
+                    o.__dict__["forward"] = prev
 
     @property
     def can_replay(self) -> bool:
@@ -324,8 +468,8 @@ class FrozenSegment:
     @contextlib.contextmanager
     def replaying(self, batch: int, rows: dict[tuple[int, int, int], torch.Tensor]) -> Iterator[None]:
         """While active, the runners a cache hit skips return instead of running: ``rows`` (real tensors) for
-        every output something outside the skipped part reads, a zero-cost placeholder of the recorded shape
-        for outputs only the skipped part itself reads (it never looks at them)."""
+        every output something outside the skipped part reads, a placeholder of the recorded shape for outputs
+        only the skipped part itself reads (reading its values raises ``PlaceholderRead``)."""
 
         def replay(r: _Runner):
             spec, leaves = r.template
@@ -333,7 +477,7 @@ class FrozenSegment:
             for v in leaves:
                 if isinstance(v, _Slot):
                     got = rows.get((*r.key, n))
-                    v, n = (got if got is not None else v.placeholder(batch)), n + 1
+                    v, n = (got if got is not None else v.placeholder(batch, (*r.key, n))), n + 1
                 out.append(v)
             return _tree.unflatten(out, spec)
 
@@ -374,8 +518,9 @@ class FrozenSegment:
 
     def _run_eager(self, x, start: int = 0, y: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         y = {} if y is None else dict(y)
-        runners = self.block_runners
-        run_blocks(self.table, runners.__getitem__, start, len(runners), y, x, free_after=self.part.free_after)
+        blocks = [r.__dict__["original"] for r in self.block_runners]
+        with self.installed():  # through the user's blocks: their hooks fire
+            run_blocks(self.table, blocks.__getitem__, start, len(blocks), y, x, free_after=self.part.free_after)
         return {j: y[j] for j in self.part.boundary}
 
     def _run_graphed(self, x: torch.Tensor) -> dict[int, torch.Tensor]:

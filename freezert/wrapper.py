@@ -72,6 +72,7 @@ class FrozenModel(nn.Module):
         also = _spec.resolve_params(config.also_freeze, model, table)
         self._planner = Planner(model, table, freeze, config.bn, also)
         self._prefix = Prefix(model, config, scheduled=self.schedule is not None)
+        self._prefix.on_reader = weakref.WeakMethod(self._learn_reader)  # no cycle: a dropped wrapper dies
         self._tail = Tail(model, config)
         self._apply_plan(self._planner.unrecorded())
         _LIVE[model] = weakref.ref(self)
@@ -105,12 +106,16 @@ class FrozenModel(nn.Module):
         self._check_live()
         if self._plan.part.frozen and not self._plan.driven:
             call = Call(args, kwargs)
-            self._replan(call)
+            self._replan(call, call.kind(self.model.training))
         return self
 
-    def _replan(self, call: Call) -> None:
+    def _replan(self, call: Call, kind: tuple) -> None:
         flags = {id(p): rg for p, rg in zip(self._params, self._requires_grad)}
-        self._apply_plan(self._planner.recorded(call.args, call.kwargs, call.structure, flags))
+        self._apply_plan(self._planner.recorded(call.args, call.kwargs, kind, flags))
+
+    def _learn_reader(self, key: tuple) -> None:
+        """A call read a frozen output the plan let the cache skip: plan again with that reader."""
+        self._apply_plan(self._planner.with_reader(self._plan, key))
 
     def freeze_state_dict(self) -> dict:
         """The frozen set and, with a schedule, its state and the optimizer's groups (for resuming)."""
@@ -156,9 +161,10 @@ class FrozenModel(nn.Module):
         call = Call(args, kwargs, cache_ids)
         plan = self._plan
         if plan.part.frozen and not call.grad_in and not (plan.driven and call.single_tensor):
-            if plan.sig != call.structure:  # first call, a new kind of call, or a new freeze: record and plan
-                self._replan(call)
-        return self._tail(call, self._prefix(call), self.training)
+            kind = call.kind(self.model.training)
+            if plan.sig != kind:  # the first call of a new kind (structure, mode, grad mode, batch), or a new freeze
+                self._replan(call, kind)
+        return self._tail(call, self._prefix(call), self.model.training)
 
     def memory_report(self, *args, loss=None, optimizer=None, plot: str | None = None, **kwargs):
         """Where one training step's memory goes, on these inputs: frozen and trainable parameters, gradients,
@@ -304,11 +310,12 @@ class FrozenModel(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         prefix = state["_prefix"] = object.__new__(Prefix)  # rebuilt lazily after unpickling / deep-copying
-        prefix.__dict__.update(self._prefix.__dict__, segment=None)
+        prefix.__dict__.update(self._prefix.__dict__, segment=None, on_reader=None)
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._prefix.on_reader = weakref.WeakMethod(self._learn_reader)
         if not self._unwrapped:
             _LIVE[self.model] = weakref.ref(self)  # the copy owns the copied model
 

@@ -38,7 +38,8 @@ def test_deeper_freeze_carries_rows_without_running_the_old_prefix(yolo):
         seg = fm._prefix.segment_now()  # built now so its runners can be watched
         stem_rows: list[int] = []
         mid_rows: list[int] = []
-        hooks = [_rows_through(seg.runners[0], stem_rows), _rows_through(seg.block_runners[6], mid_rows)]
+        # counted on the segment's private copies: a hook on the user's blocks would keep the cache out
+        hooks = [_rows_through(seg.runners[0].target, stem_rows), _rows_through(seg.block_runners[6].target, mid_rows)]
         outs = [fm(x) for x in data]
         for h in hooks:
             h.remove()

@@ -85,11 +85,10 @@ def test_segment_frees_outputs_it_no_longer_needs():
     seg.run(x)  # fold first
     refs: dict[int, weakref.ref] = {}
     alive_at_9: list[int] = []
-    for i, r in enumerate(seg.block_runners):
-        r.register_forward_hook(lambda m, a, o, i=i: refs.__setitem__(i, weakref.ref(o)))
-    seg.block_runners[9].register_forward_pre_hook(
-        lambda m, a: alive_at_9.extend(j for j, w in refs.items() if w() is not None)
-    )
+    blocks = [m for _, m in fm.blocks]  # the user's blocks: hooks on them fire as the segment runs them
+    for i, b in enumerate(blocks[:10]):
+        b.register_forward_hook(lambda m, a, o, i=i: refs.__setitem__(i, weakref.ref(o)))
+    blocks[9].register_forward_pre_hook(lambda m, a: alive_at_9.extend(j for j, w in refs.items() if w() is not None))
     out = seg.run(x)
     assert sorted(out) == [4, 6, 9]
     assert sorted(alive_at_9) == [4, 6, 8]  # 8 is block 9's input; 0..3, 5, 7 are already gone

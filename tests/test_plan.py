@@ -66,7 +66,7 @@ def _plan(model, frozen, k, x, keep_names):
     table = block_table(model)
     keep = {id(p) for n, p in model.named_parameters() if n.startswith(tuple(keep_names))}
     rec, _ = record(model, table, set(frozen), (x,), {}, keep)
-    return table, plan(table, rec, frozen, k, [], ["bias"])
+    return table, plan(table, rec, frozen, k, [])
 
 
 def test_blocks_that_need_autograd_run_eagerly_with_their_cause():
@@ -92,7 +92,7 @@ def test_a_shared_unbatched_output_leaves_the_cache_and_its_readers_become_bound
     model = PosBias()
     table = block_table(model)
     rec, _ = record(model, table, {0, 1}, (torch.randn(3, 4),), {}, set())
-    p = plan(table, rec, [0, 1], 2, [], [])
+    p = plan(table, rec, [0, 1], 2, [])
     assert 0 in p.unbatched and 0 not in p.cached_units
     assert p.cached_units == (1,) and p.replay == ((1, 0, 0),)
 

@@ -85,7 +85,7 @@ def test_a_block_called_twice_is_counted_and_planned_eager():
     model = Chain(twice=True)
     table, rec, _ = _record(model, [0, 1, 2], torch.randn(2, 3), train=["head"])
     assert rec.block_calls[2] == 2
-    assert "runs 2 times" in plan(table, rec, [0, 1, 2], 3, [], []).eager[2]
+    assert "runs 2 times" in plan(table, rec, [0, 1, 2], 3, []).eager[2]
 
 
 def test_outputs_inside_a_dataclass_are_tracked():

@@ -463,7 +463,7 @@ def test_a_frozen_output_shared_by_the_batch_keeps_the_cache_out_and_says_which_
     fm = freezert.wrap(model, freeze=2, cache="fp32")
     x = torch.randn(4, 6)
     with pytest.warns(
-        freezert.FreezeWarning, match="'blocks.1' hands the rest of the model a tensor without the batch"
+        freezert.FreezeWarning, match="'blocks.1' hands the rest of the model a tensor whose first dimension is not the"
     ):
         out = fm(x)
     assert_outputs_close(out, ref(x), 1e-6)

@@ -39,13 +39,7 @@ def naive_freeze(model: nn.Module, frozen: set[str], modes: dict[str, bool] | No
 
 
 def output_tensors(out) -> list[torch.Tensor]:
-    """The tensors of a model output (tensor, tuple/list, dict, Hugging Face ModelOutput), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in output_tensors(o)]
-    return []
+    """The tensors of a model output (tensor, tuple/list, dict, Hugging Face ModelOutput, dataclass), in order."""
+    from .._tree import tensors
+
+    return tensors(out)

@@ -1,0 +1,414 @@
+"""A plan is right for every call it serves: how, when and in what mode a model is first called never gives a
+silently wrong result (issue 16). Each class of failure has a small model built for it, checked in float64
+against naive freezing with the zoo's harness (outputs, gradients, state, cache hits)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import freezert
+from freezert import FreezeWarning
+
+from .zoo._conformance import Twin, all_hits, prepare
+
+
+def vec(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def mlp(d=8):
+    return nn.Sequential(nn.Linear(d, d), nn.Tanh())
+
+
+class AuxHead(nn.Module):
+    """GoogLeNet's shape: an auxiliary head reads an early frozen output in train mode only; a keyword (or the
+    data) decides whether a second head reads another."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.blocks = nn.ModuleList(mlp(d) for _ in range(4))
+        self.aux = nn.Linear(d, 2)
+        self.extra = nn.Linear(d, 2)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x, extra: bool = False, by_data: bool = False):
+        h1 = self.blocks[1](self.blocks[0](x))
+        h = self.blocks[3](self.blocks[2](h1))
+        out = [self.head(h)]
+        if self.training:
+            out.append(self.aux(h1))
+        if extra or (by_data and float(x.sum()) > 0):
+            out.append(self.extra(h1 * 2))
+        return tuple(out)
+
+
+@pytest.mark.parametrize("cache", [None, "fp32"])
+def test_eval_first_then_train_stores_what_train_mode_reads(cache):
+    model = prepare(AuxHead())
+    x = vec(4, 8)
+    twin = Twin(model, 3, train=True, cache=cache)
+    model.eval()
+    with torch.no_grad():
+        twin.fm(x)  # validation before training: the auxiliary head does not run
+    model.train()
+    for _ in range(3):
+        twin.step(x)  # train mode: the auxiliary head reads block 1's output, on cache hits too
+    twin.unwrap()
+
+
+@pytest.mark.parametrize("cache", [None, "fp32"])
+def test_a_reader_seen_only_on_some_calls_never_gets_a_placeholder(cache):
+    model = prepare(AuxHead()).eval()
+    pos, neg = vec(4, 8).abs(), -vec(4, 8, seed=1).abs()
+    twin = Twin(model, 3, train=False, cache=cache)
+    twin.step(neg, by_data=True)  # the data branch is not taken: block 1's output is read by block 2 only
+    twin.step(neg, by_data=True)
+    twin.step(pos, by_data=True)  # now it is read from outside: never a zero placeholder
+    twin.step(pos, by_data=True)
+    twin.step(neg, extra=True)  # a keyword: another kind of call
+    twin.unwrap()
+
+
+class Tokens(nn.Module):
+    """ViT's shape: a trainable root parameter joins before the frozen blocks."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.embed = nn.Linear(d, d)
+        self.blocks = nn.ModuleList(mlp(d) for _ in range(3))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], 1)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h[:, 0])
+
+
+def test_a_first_call_under_inference_mode_does_not_plan_training():
+    model = prepare(Tokens())
+    x = vec(3, 5, 8)
+    twin = Twin(model, 2, train=True)
+    with torch.inference_mode():
+        twin.fm(x)  # nothing needs a gradient here: the plan of this call must not serve training
+    with pytest.warns(FreezeWarning, match="cls"):
+        twin.step(x)  # the cls token trains and feeds the frozen blocks: they run eagerly, it gets its gradient
+    assert model.cls.grad is None  # stepped: sgd_step cleared it after comparing with naive freezing
+    twin.unwrap()
+
+
+class Shared(nn.Module):
+    """GPT-2's shape: a frozen block hands the rest a tensor shared by the batch ([1, T, D])."""
+
+    def __init__(self, d=8, t=5):
+        super().__init__()
+        self.pos = nn.Embedding(t, d)
+        self.tok = nn.Linear(d, d)
+        self.blocks = nn.ModuleList(mlp(d) for _ in range(3))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        p = self.pos(torch.arange(x.shape[1]).unsqueeze(0))
+        h = self.tok(x) + p
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("first", ["call", "plan"])
+def test_one_sample_first_does_not_make_a_shared_tensor_per_sample(first):
+    model = prepare(Shared())
+    twin = Twin(model, 2, train=True, cache="fp32")
+    one = vec(1, 5, 8)
+    if first == "plan":
+        twin.fm.plan(one)
+    else:
+        twin.step(one)
+    x = vec(4, 5, 8, seed=3)
+    twin.step(x)
+    d = twin.step(x)  # a batch of four: served from the cache, the shared position tensor recomputed
+    assert all_hits(d)
+    twin.unwrap()
+
+
+class Hooked(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.blocks = nn.Sequential(*[mlp(d) for _ in range(4)])
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return self.head(self.blocks(x).relu())
+
+
+@pytest.mark.parametrize("cache", [None, "fp32"])
+@pytest.mark.parametrize("where", ["block", "inside"])
+def test_hooks_registered_after_the_first_call_fire_with_the_real_values(cache, where):
+    model = prepare(Hooked())
+    ref = prepare(Hooked())
+    ref.load_state_dict(model.state_dict())
+    fm = freezert.wrap(model, freeze=["blocks.0", "blocks.1", "blocks.2"], cache=cache)
+    x = vec(3, 8)
+    fm(x)
+    seen, want = [], []
+    target = (lambda m: m.blocks[1]) if where == "block" else (lambda m: m.blocks[1][0])
+    target(model).register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+    target(ref).register_forward_hook(lambda m, a, o: want.append(o.detach().clone()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FreezeWarning)
+        for _ in range(2):
+            out = fm(x)
+            ref_out = ref(x)
+    assert len(seen) == len(want) == 2
+    for a, b in zip(seen, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # a folded or stale value would differ
+    torch.testing.assert_close(out, ref_out, rtol=1e-3, atol=1e-6)
+    fm.unwrap()
+
+
+def test_a_frozen_module_replaced_or_edited_after_the_first_call_is_what_runs():
+    model = prepare(Hooked())
+    fm = freezert.wrap(model, freeze=["blocks.0", "blocks.1"])
+    x = vec(3, 8)
+    fm(x)
+    model.blocks[1][1] = nn.GELU()  # another activation inside a frozen block
+    with torch.no_grad():
+        want = model.head(model.blocks(x).relu())
+    torch.testing.assert_close(fm(x), want)
+    fm.unwrap()
+    bn_model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.Linear(8, 2)).double()
+    prepare(bn_model, (vec(6, 8),)).eval()
+    fm2 = freezert.wrap(bn_model, freeze=2)
+    fm2(vec(6, 8))  # BatchNorm folded into the first Linear's private copy... with this eps
+    bn_model[1].eps = 0.5  # a setting, not a tensor
+    with torch.no_grad():
+        want = bn_model(vec(6, 8))
+    torch.testing.assert_close(fm2(vec(6, 8)), want)
+    fm2.unwrap()
+
+
+def test_a_frozen_block_replaced_whole_is_refused_with_the_fix():
+    model = prepare(Hooked())
+    fm = freezert.wrap(model, freeze=["blocks.0", "blocks.1"])
+    fm(vec(3, 8))
+    model.blocks[0] = mlp().double()
+    with pytest.raises(freezert.FreezeError, match="replaced after wrap.*unwrap"):
+        fm(vec(3, 8))
+
+
+@dataclasses.dataclass
+class Hidden:
+    last: torch.Tensor
+    first: torch.Tensor
+    tag: str = "h"
+
+
+class DataclassOut(nn.Module):
+    """A frozen block returns a dataclass; the model returns a frozen output inside one."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.blocks = nn.ModuleList([Emit(d), mlp(d), mlp(d)])
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        e = self.blocks[0](x)
+        h = self.blocks[2](self.blocks[1](e.last))
+        return Hidden(self.head(h), e.first)
+
+
+class Emit(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return Hidden(y.tanh(), y * 3)
+
+
+def test_dataclass_outputs_are_stored_and_replayed():
+    model = prepare(DataclassOut())
+    twin = Twin(model, 2, train=True, cache="fp32")
+    x = vec(4, 8)
+    twin.step(x)
+    d = twin.step(x)
+    assert all_hits(d)
+    out = twin.fm(x)
+    assert isinstance(out, Hidden) and out.first.abs().sum() > 0  # the frozen output, not a zero placeholder
+    twin.unwrap()
+
+
+class Skips(nn.Module):
+    """A block that does not run on this call keeps its place in the order."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.layers = nn.ModuleList(mlp(d) for _ in range(4))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x, skip=True):
+        for i, layer in enumerate(self.layers):
+            if not (skip and i == 1):
+                x = layer(x)
+        return self.head(x)
+
+
+def test_a_block_that_did_not_run_keeps_its_place_and_frozen_indices_say_what_is_frozen():
+    model = prepare(Skips())
+    fm = freezert.wrap(model, freeze=2)
+    fm(vec(3, 8))
+    assert [n for n, _ in fm.blocks] == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert fm.frozen_indices == [0, 1]
+    frozen = {n.split(".")[1] for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"0", "1"}
+    fm.unwrap()
+
+
+class RandomFirst(nn.Module):
+    """torchvision detection's shape: a parameter-free module that is random in train mode runs first."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.jitter = Jitter()
+        self.blocks = nn.ModuleList(mlp(d) for _ in range(3))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        x = self.jitter(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class Jitter(nn.Module):
+    def forward(self, x):
+        return x + torch.randn_like(x) if self.training else x
+
+
+def test_a_random_parameter_free_first_module_keeps_the_models_mode_and_keeps_the_cache_honest():
+    import copy
+
+    model = prepare(RandomFirst()).train()
+    ref = copy.deepcopy(model)
+    fm = freezert.wrap(model, freeze=2, cache="fp32")
+    x = vec(4, 8)
+    for p in [*ref.blocks[0].parameters(), *ref.blocks[1].parameters()]:
+        p.requires_grad_(False)
+    ref.blocks[0].eval(), ref.blocks[1].eval()
+    for call in range(3):
+        torch.manual_seed(call)
+        if call == 0:
+            with pytest.warns(FreezeWarning, match="jitter.*another output each time"):
+                out = fm(x)
+        else:
+            out = fm(x)
+        torch.manual_seed(call)
+        torch.testing.assert_close(out, ref(x))  # the same noise: the module ran as the model runs it
+    assert model.jitter.training  # not put into the frozen stem's eval mode
+    assert fm.cache.stats()["hits"] == 0  # never served in train mode: the frozen part's input changes each call
+    model.eval(), ref.eval()
+    fm(x)
+    torch.testing.assert_close(fm(x), ref(x))
+    assert fm.cache.stats()["hits"] == 4  # in eval mode the module is deterministic: cached
+    fm.unwrap()
+
+
+class Glue(nn.Module):
+    """DeBERTa's shape: a trainable parameter of a module outside the blocks, read directly by the glue."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.rel = nn.Embedding(4, d)
+        self.blocks = nn.ModuleList(mlp(d) for _ in range(3))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        r = self.rel.weight.sum(0)  # the weight read by glue code, the module never called
+        for b in self.blocks:
+            x = b(x + r)
+        return self.head(x)
+
+
+def test_a_parameter_read_by_glue_is_seen_and_named():
+    model = prepare(Glue())
+    x = vec(4, 8)
+    twin = Twin(model, 2, train=True)
+    with pytest.warns(FreezeWarning, match=r"rel\.weight.*also_freeze=\['rel\.weight'\]"):
+        twin.step(x)
+    assert set(twin.fm.eager_blocks) == {"blocks.0", "blocks.1"}
+    twin.step(x)
+    twin.unwrap()
+    model = prepare(Glue())
+    twin = Twin(model, 2, train=True, cache="fp32", also_freeze=["rel"])  # the fix: the fast path, cached
+    twin.step(x)
+    assert all_hits(twin.step(x)) and not twin.fm.eager_blocks
+    twin.unwrap()
+
+
+class Marked(nn.Module):
+    """wav2vec2's shape: the model marks an internal tensor as requiring grad; nothing trainable is behind it."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.blocks = nn.ModuleList(mlp(d) for _ in range(3))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        h = self.blocks[0](x)
+        if self.training:
+            h.requires_grad = True
+        return self.head(self.blocks[2](self.blocks[1](h)))
+
+
+def test_an_input_marked_by_the_model_is_not_a_reason_to_run_eagerly():
+    model = prepare(Marked())
+    x = vec(4, 8)
+    twin = Twin(model, 3, train=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FreezeWarning)
+        twin.step(x)
+        twin.step(x)
+    assert not twin.fm.eager_blocks
+    twin.unwrap()
+
+
+def test_rows_computed_under_autocast_are_not_served_to_a_full_precision_call():
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)], nn.Linear(8, 2))
+    fm = freezert.wrap(model, freeze=3, cache="fp32")
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fm(x)
+        fm(x)
+    assert fm.cache.stats()["hits"] == 4
+    full = fm(x)
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(full, want)  # bf16 rows would be off by ~1e-2
+    fm.unwrap()
+
+
+def test_the_record_leaves_unchanged_buffers_untouched():
+    class Biased(nn.Module):  # LeViT's shape: a buffer the forward saves for backward
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+            self.register_buffer("scale", torch.ones(4))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x * self.scale
+
+    model = Biased()
+    v = model.scale._version
+    fm = freezert.wrap(model, freeze=1)
+    fm(torch.randn(2, 4)).sum().backward()
+    assert model.scale._version == v
+    fm.unwrap()
