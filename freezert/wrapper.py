@@ -54,7 +54,7 @@ class FrozenModel(nn.Module):
         return super().__new__(cls)
 
     def __init__(self, model: nn.Module, freeze: Any = 10, **options: Any):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): a Hugging Face model's class follows FrozenModel in the MRO
         config = FreezeConfig.of(freeze, **options)
         _check_wrappable(model)
         table = block_table(model, config.blocks)
@@ -371,10 +371,21 @@ def _signed_class(model_cls: type) -> type:
     forward.__signature__ = signature
     forward.__doc__ = model_cls.forward.__doc__
     name = f"Frozen{model_cls.__name__}"
-    cls = type(name, (FrozenModel,), {"forward": forward, "_model_cls": model_cls, "__module__": __name__})
+    # transformers' Trainer saves with save_pretrained (config.json + weights) only when isinstance(model,
+    # PreTrainedModel), else the state dict alone, which from_pretrained cannot load: a FrozenModel of a
+    # PreTrainedModel is an instance of the model's class. FrozenModel comes first in the MRO, so its methods
+    # (forward, state_dict, train, ...) win; the model class's own methods run on the wrapper, whose attributes
+    # fall through to the model (save_pretrained unwraps .module and saves the user's model).
+    bases = (FrozenModel, model_cls) if _is_pretrained(model_cls) else (FrozenModel,)
+    cls = type(name, bases, {"forward": forward, "_model_cls": model_cls, "__module__": __name__})
     cls.__qualname__ = name
     _SIGNED[model_cls] = cls
     return cls
+
+
+def _is_pretrained(model_cls: type) -> bool:
+    """A transformers PreTrainedModel subclass (told by name: transformers is not imported for it)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in model_cls.__mro__)
 
 
 def _new_signed(model_cls: type) -> FrozenModel:
