@@ -1,5 +1,6 @@
 """The command line, in-process at tiny sizes: inspect on built-in and user models, demo and bench."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -139,12 +140,15 @@ def test_help_is_per_subcommand():
 
 def test_demo_alternates_shows_spread_and_verdict(capsys, tmp_path):
     path = tmp_path / "demo.json"
+    torch.set_num_threads(2)
     assert main(["demo", "--steps", "3", *TINY, "--json", str(path)]) == 0
+    assert torch.get_num_threads() == 2  # the run's thread count is undone for in-process callers
     out = capsys.readouterr().out
     rows = _rows(out)
     assert set(rows) == {FULL, NAIVE, FREEZERT}
     assert "alternated step by step" in out and "IQR ms" in out and "time/naive" in out
     assert "1.00x" in rows[NAIVE] and "1.00x" in rows[FULL]
+    assert "threads=1" in out and "CPU (1 thread)" in out  # the CPU default: two threads stall on a shared machine
     # three paired steps: reported, but no call is made on them
     last = out.rstrip().splitlines()[-1]
     assert last.startswith("verdict: freezert vs naive freezing: too noisy to call, ") and "only 3 paired steps" in last
@@ -210,6 +214,13 @@ def test_inspect_memory_needs_an_input_shape_for_a_user_model(capsys, tmp_path):
     assert "not a shape" in capsys.readouterr().err
     assert main(["inspect", "--model", str(path), "--freeze", "1", "--input", "3,4", "--memory"]) == 0
     assert "saved activations with" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_inspect_memory_plot_writes_the_png(capsys, tmp_path):
+    png = tmp_path / "m.png"
+    assert main(["inspect", "--model", "cnn", "--freeze", "3", "--memory", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and "saved activations with" in capsys.readouterr().out
 
 
 def test_inspect_plot_without_matplotlib_fails_before_the_step(monkeypatch, capsys, tmp_path):

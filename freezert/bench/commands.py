@@ -52,7 +52,8 @@ def _check_yolo(args) -> None:
 
 
 def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({n} thread{'s' if n > 1 else ''})"
 
 
 def _header(title: str, args, device: torch.device, chosen: list[str]) -> str:
@@ -102,7 +103,12 @@ def _config(args, device: torch.device) -> dict:
 
 @contextlib.contextmanager
 def _threads(n: int | None):
-    """``--threads``: torch's CPU threads for the run; the caller's setting comes back after (tests run in-process)."""
+    """``--threads``: torch's CPU threads for the run; the caller's setting comes back after (tests run in-process).
+
+    The CPU default of every comparison is one thread: two OpenMP threads on a shared machine stall whenever another
+    process takes a core, each stall lands on one variant's step, and the demo's step-time IQR grew to 5-8x its
+    median (yolov5n, two threads, load ~5); with one thread it stays within 0.4x and the run takes a third as long.
+    """
     before = torch.get_num_threads()
     if n is not None:
         if n < 1:
@@ -118,13 +124,15 @@ def _compare(args, title: str, cpu: dict, gpu: dict, *, stepwise: bool, monitor_
     """demo and bench: the three variants alternated, the table, the monitors, the verdict, JSON and plot."""
     if args.plot:
         bench.require_plot()  # before the run, not after it
-    with _threads(args.threads):
-        return _run_compare(args, title, cpu, gpu, stepwise=stepwise, monitor_steps=monitor_steps, budget_s=budget_s)
-
-
-def _run_compare(args, title: str, cpu: dict, gpu: dict, *, stepwise: bool, monitor_steps, budget_s) -> int:
     device = _resolve_device(args.device)
-    chosen = _pick(args, cpu, gpu, device)
+    chosen = _pick(args, {**cpu, "threads": 1}, gpu, device)
+    with _threads(args.threads):
+        return _run_compare(
+            args, title, device, chosen, stepwise=stepwise, monitor_steps=monitor_steps, budget_s=budget_s
+        )
+
+
+def _run_compare(args, title: str, device, chosen, *, stepwise: bool, monitor_steps, budget_s) -> int:
     _check_yolo(args)
     plot_title = _header(title, args, device, chosen)
     # demo alternates step by step; bench in --repeats round-robin blocks of --steps steps
@@ -207,6 +215,8 @@ def cmd_bench_cache(args) -> int:
     """``freezert bench --cache``: the feature-cache benchmark (variants across epochs, floor, bandwidth)."""
     if args.plot:
         raise SystemExit("freezert: --plot draws demo/bench's step times; bench --cache has no plot, drop --plot")
+    if args.threads is None and _resolve_device(args.device).type == "cpu":
+        args.threads = 1  # as every CPU comparison (_threads)
     with _threads(args.threads):
         data = _run_cache(args)
     if args.json:
@@ -215,9 +225,8 @@ def cmd_bench_cache(args) -> int:
     return 0
 
 
-# bench --model MODEL --input SHAPE: defaults by device. On a CPU one thread: two OpenMP threads on a shared machine
-# stall whenever another process takes a core, and each stall lands on one option's step. The budget keeps ResNet-50
-# at 8x3x160x160 freeze 3 under three minutes on two cores, setup included (about 20 rounds).
+# bench --model MODEL --input SHAPE: defaults by device. The budget keeps ResNet-50 at 8x3x160x160 freeze 3 under
+# three minutes on two cores, setup included (about 20 rounds on a quiet machine).
 _OPTIONS_DEFAULTS = {
     "cpu": {"steps": 30, "warmup": 1, "budget": 140.0, "threads": 1},
     "cuda": {"steps": 100, "warmup": 3},
