@@ -106,7 +106,7 @@ def _threads(n: int | None):
     """``--threads``: torch's CPU threads for the run; the caller's setting comes back after (tests run in-process).
 
     The CPU default of every comparison is one thread: two OpenMP threads on a shared machine stall whenever another
-    process takes a core, each stall lands on one variant's step, and the demo's step-time IQR grew to 5-8x its
+    process takes a core, each stall lands on one variant's step, and the demo's step-time IQR grew to 5-7x its
     median (yolov5n, two threads, load ~5); with one thread it stays within 0.4x and the run takes a third as long.
     """
     before = torch.get_num_threads()
