@@ -32,6 +32,13 @@ TMP = tempfile.mkdtemp()
 n_dir = [0]
 
 
+def slab_of(path: str, codec: str) -> str:
+    """The slab file of ``codec`` in a one-layout store: ``slab_<layout id>_<codec>.bin`` (``slab_<codec>.bin``
+    in stores before format 3)."""
+    names = [n for n in os.listdir(path) if n.startswith("slab_") and n.endswith(f"{codec}.bin")]
+    return names[0] if names else f"slab_{codec}.bin"
+
+
 def d():
     n_dir[0] += 1
     return os.path.join(TMP, f"d{n_dir[0]}")
@@ -123,7 +130,7 @@ def foreign_copy():
     cb = cache("fp32", "disk", path=b, fp=FP2)
     cb.put(torch.arange(6), rows(6, 2))
     cb.close()
-    for n in ("slab_fp32.bin", "index.pt"):
+    for n in (slab_of(a, "fp32"), "index.pt"):
         shutil.copy(os.path.join(a, n), os.path.join(b, n))
     cb = cache("fp32", "disk", path=b, fp=FP2)
     hit, got = read(cb, torch.arange(6))
@@ -148,12 +155,20 @@ for dmg in ("garbage", "layout_str", "layout_int", "layout_dtype", "fingerprint_
         elif dmg == "empty":
             open(hf, "w").write("")
         else:
+            key, put = (
+                ("layouts", lambda v: [{**head["layouts"][0], "tensors": v}])
+                if "layouts" in head
+                else (
+                    "layout",
+                    lambda v: v,
+                )
+            )
             if dmg == "layout_str":
-                head["layout"] = "abc"
+                head[key] = "abc"
             elif dmg == "layout_int":
-                head["layout"] = [[[3, "x"], "float32"]]
+                head[key] = put([[[3, "x"], "float32"]])
             elif dmg == "layout_dtype":
-                head["layout"] = [[[3, 5], "nope"], [[7], "float32"]]
+                head[key] = put([[[3, 5], "nope"], [[7], "float32"]])
             elif dmg == "fingerprint_edit":
                 head["fingerprint"] = FP2
             open(hf, "w").write(json.dumps(head))
@@ -263,7 +278,8 @@ SIGBUS = """
     c.bind("0123456789abcdef", lay, "cpu")
     x = [torch.randn(8, 3, 5), torch.randn(8, 7)]
     c.put(torch.arange(8), x)
-    os.truncate(os.path.join(sys.argv[1], "slab_fp32.bin"), int(sys.argv[3]))
+    (slab,) = [n for n in os.listdir(sys.argv[1]) if n.startswith("slab_")]
+    os.truncate(os.path.join(sys.argv[1], slab), int(sys.argv[3]))
     for step in range(1, 4):
         c.put(torch.arange(8) + 100 * step, x)
     k = torch.arange(8) + 300
@@ -434,7 +450,7 @@ def file_path():
 
 
 bad("path= a regular file", file_path)
-for what in ("slab_fp16.bin", "index.pt"):
+for what in ("slab", "index.pt"):
     for kind in ("dir", "devnull"):
 
         def f(what=what, kind=kind):
@@ -442,6 +458,7 @@ for what in ("slab_fp16.bin", "index.pt"):
             c = cache("fp16", "disk", path=p)
             c.put(torch.arange(3), rows(3))
             c.close()
+            what = slab_of(p, "fp16") if what == "slab" else what
             os.remove(os.path.join(p, what))
             os.mkdir(os.path.join(p, what)) if kind == "dir" else os.symlink("/dev/null", os.path.join(p, what))
             c = cache("fp16", "disk", path=p)

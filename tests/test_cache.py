@@ -61,6 +61,11 @@ def _slab_file(store, codec: str):
     return file
 
 
+def _slab(cache: FeatureCache, tier: int, codec: str):
+    """The memory slab of the default layout's rows in ``codec`` in the cache's ``tier``-th tier."""
+    return cache._index.tiers[tier].slabs[(cache._default, codec)]
+
+
 def _lru(cache: FeatureCache) -> list[int]:
     return [k for _, k in cache._index.lru()]
 
@@ -557,8 +562,8 @@ def test_cuda_tiers_gather_into_the_batch(codec, tmp_path):
     c.put(keys, x)
     st = c.stats()
     assert (st["rows_device"], st["rows_host"], st["rows_disk"]) == (3, 3, 2)
-    host = c._tiers[1].slabs[codec]
-    assert host.stores[0].is_pinned() and c._tiers[0].slabs[codec].stores[0].is_cuda
+    host = _slab(c, 1, codec)
+    assert host.stores[0].is_pinned() and _slab(c, 0, codec).stores[0].is_cuda
     ref = _cache(codec)  # the same rows through the CPU path
     ref.put(keys.cpu(), [t.cpu() for t in x])
     order = torch.tensor([7, 3, 0, 5, 1, 6, 2, 4])
@@ -577,7 +582,7 @@ def test_cuda_where_cuda_and_rebind_device(tmp_path):
     x = _rows(4)
     c.put(torch.arange(4), x)
     c.bind(FP, LAYOUT, "cuda")  # the model moved: host rows get pinned, served to the GPU
-    assert c._tiers[0].slabs["fp16"].stores[0].is_pinned()
+    assert _slab(c, 0, "fp16").stores[0].is_pinned()
     assert torch.equal(_got(c, torch.arange(4), "cuda")[0].cpu(), x[0].half().float())
     g = FeatureCache("fp32", "cuda", "1MiB")
     g.bind(FP, LAYOUT, "cuda")
@@ -591,7 +596,7 @@ def test_cuda_pinned_store_is_not_freed_or_rewritten_under_a_pending_gather():
     c.bind(FP, LAYOUT, "cuda")
     x = [t.cuda() for t in _rows(4, seed=2)]
     c.put(torch.arange(4), x)
-    slab = c._tiers[0].slabs["fp16"]
+    slab = _slab(c, 0, "fp16")
     assert _hit(c, torch.arange(4)).all()
     got = _got(c, torch.arange(4), "cuda")
     assert slab._reading is not None  # the gather may still be reading the pinned store

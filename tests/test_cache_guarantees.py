@@ -460,7 +460,8 @@ def test_cuda_tiny_rows_keep_their_precision(codec, where):
     hit, got = c.fetch(torch.arange(6), "cuda")
     assert hit.all() and all(g.is_cuda for g in got)
     if where == "host":
-        assert c._tiers[0].slabs[c.codec if not c.stats()["escaped"] else "fp32"].stores[0].is_pinned()
+        slab_codec = c.codec if not c.stats()["escaped"] else "fp32"
+        assert c._index.tiers[0].slabs[(c._default, slab_codec)].stores[0].is_pinned()
     rel = {"fp16": 2**-11, "bf16": 2**-8, "fp8": 2**-4}[codec]
     for g, t in zip(got, x):
         amax = t.reshape(6, -1).abs().amax(1)

@@ -160,7 +160,7 @@ class DiskSlab(Slab):
     def read(self, keys: list[int], slots: list[int]) -> tuple[torch.Tensor, list[bool]]:
         """(records (n, rec), ok per record): ok = read whole, key matches, checksum with this store's seed matches."""
         n = len(slots)
-        rec = torch.zeros(n, self.rec, dtype=torch.uint8)
+        rec = torch.empty(n, self.rec, dtype=torch.uint8)  # a record not read whole is never ok: no need to zero
         whole = [False] * n
         if n:
             buf = _buffer(rec)

@@ -9,6 +9,7 @@ from .._codecs import ESCAPE, IO_DTYPES, escape_kind
 from .._errors import CacheError
 from .binding import Layout
 from .index import Index
+from .prefetch import Prefetch
 from .records import NO_CONTENT, DiskSlab
 from .tiers import MemSlab
 
@@ -140,6 +141,10 @@ def _decode(index: Index, layout: Layout, ks: list[int], device: torch.device, r
     """Rows of ``ks`` (all stored; disk ones verified in ``recs``) decoded on ``device``."""
     want = [dt for _, dt in layout.tensors]
     dec = [w if w in IO_DTYPES else torch.float32 for w in want]
+    whole = _whole_prefetch(ks, recs, device)
+    if whole is not None:  # the whole batch, prefetched in this order: its rows as they are, no copy
+        res = [o.view(len(ks), *shape) for o, (shape, _) in zip(whole.outs, layout.tensors)]
+        return [r if r.dtype == w else r.to(w) for r, w in zip(res, want)]
     outs = [torch.empty(len(ks), d, dtype=dt, device=device) for d, dt in zip(layout.dims, dec)]
     groups: dict[object, list[int]] = {}
     for pos, k in enumerate(ks):
@@ -160,6 +165,14 @@ def _decode(index: Index, layout: Layout, ks: list[int], device: torch.device, r
                 o[idx] = d
     res = [o.view(len(ks), *shape) for o, (shape, _) in zip(outs, layout.tensors)]
     return [r if r.dtype == w else r.to(w) for r, w in zip(res, want)]
+
+
+def _whole_prefetch(ks: list[int], recs: dict, device: torch.device) -> Prefetch | None:
+    """The prefetch that decoded exactly ``ks``, in this order, on the CPU; else None."""
+    src = recs.get(ks[0], (None,))[0] if ks else None
+    if not isinstance(src, Prefetch) or device.type != "cpu" or not src.outs or len(ks) != src.outs[0].shape[0]:
+        return None
+    return src if all(recs.get(k, (None,))[0] is src and recs[k][2] == j for j, k in enumerate(ks)) else None
 
 
 def _gather_records(srcs: list[tuple]) -> torch.Tensor:
