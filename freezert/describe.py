@@ -1,35 +1,12 @@
-"""``freezert.inspect``: a model's block table and plan as text (what runs as inference, eagerly, or trains)."""
+"""A wrapped model's block table and plan as text (what runs as inference, eagerly, or trains): what
+``freezert.inspect`` and ``FrozenModel.inspect`` print."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch.nn as nn
-
 if TYPE_CHECKING:
     from .wrapper import FrozenModel
-
-
-def inspect(model: nn.Module, freeze=None, *, blocks: str | None = None, example_inputs=None) -> str:
-    """The block table of ``model``: each block, the stem and head modules around it, and for each whether it runs
-    as inference, runs eagerly or trains, and why. A ``FrozenModel`` shows its own plan; for a plain model,
-    ``example_inputs`` (a tensor, a tuple of arguments or a dict of keyword arguments) lets the record run."""
-    from .wrapper import FrozenModel, wrap
-
-    if isinstance(model, FrozenModel):
-        return describe(model)
-    fm = wrap(model, freeze, blocks=blocks, kernels=False)
-    try:
-        if example_inputs is not None:
-            if isinstance(example_inputs, dict):
-                fm.plan(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                fm.plan(*example_inputs)
-            else:
-                fm.plan(example_inputs)
-        return describe(fm)
-    finally:
-        fm.unwrap()
 
 
 def describe(fm: FrozenModel) -> str:

@@ -9,7 +9,6 @@ how they run (computing, or replaying rows the cache served) and stores what the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 import warnings
 import weakref
@@ -18,10 +17,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.utils._pytree as pytree
 
-from . import _tree
 from ._errors import CacheError, FreezeError, FreezeWarning
+from .call import Call, input_sig, keys_of, sig_text
 from .config import FreezeConfig
 from .partition import Partition
 from .planner import Plan, user_stacklevel
@@ -36,38 +34,6 @@ from .segment import (
 )
 
 __all__ = ["Boundary", "Call", "Prefix"]
-
-_PRIMITIVES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format)
-_MIX = 1099511628211  # a 64-bit FNV prime: int64 arithmetic wraps, so products and sums mix keys
-
-
-class Call:
-    """One call of the wrapped model, its inputs walked once (``_tree``): every later question reads this."""
-
-    def __init__(self, args: tuple, kwargs: dict, cache_ids: Any = None):
-        self.args, self.kwargs, self.cache_ids = args, kwargs, cache_ids
-        self.leaves, self.spec = _tree.flatten((args, kwargs))
-        self.tensors = [v for v in self.leaves if isinstance(v, torch.Tensor)]
-        # An input that needs a gradient (saliency, adversarial examples) runs the model as naive freezing would.
-        self.grad_in = torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors)
-        self.single_tensor = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
-
-    def kind(self, training: bool) -> tuple:
-        """What a recorded plan depends on: containers, keyword names, tensor ranks and dtypes, other types; the
-        model's mode, grad and inference mode (what reads a frozen output, and what needs its gradient, can
-        differ between training and validation); whether the batch has more than one sample (with one, a
-        tensor shared by the batch cannot be told from a per-sample one)."""
-        batch = next((t.shape[0] for t in self.tensors if t.dim() > 0), 0)
-        return (
-            _tree.structure(self.leaves, self.spec),
-            training,
-            torch.is_grad_enabled(),
-            torch.is_inference_mode_enabled(),
-            batch > 1,
-        )
-
-    def run(self, fn: Callable[..., Any]) -> Any:
-        return fn(*self.args, **self.kwargs)
 
 
 class Boundary:
@@ -92,7 +58,8 @@ class Prefix:
         self.segment: FrozenSegment | None = None
         self.offloads = 0
         self._weights_token = 0  # bumped whenever the segment is rebuilt from (possibly) new weights
-        self._cache_sig = None  # (weights token, input signature) the cache is bound for
+        self._bound_token: int | None = None  # the weights token the cache is bound for
+        self._layouts: dict[tuple, Any] = {}  # input signature -> the cache's layout handle (one store, many shapes)
         self._cache_part: Partition | None = None  # the cut whose boundary the cache's rows hold
         self._offloaded_from: torch.device | None = None  # where the frozen weights live when not offloaded
         self._warned: set[str] = set()
@@ -114,8 +81,9 @@ class Prefix:
     # -- one call ------------------------------------------------------------------------------------------
     def __call__(self, call: Call) -> Boundary:
         plan, cache = self.plan, self.cache
-        if call.cache_ids is not None and cache is None:
-            raise CacheError("cache_ids= was given but this model has no cache; wrap it with cache='fp16' (or True)")
+        if (call.cache_ids is not None or call.cache_aug is not None) and cache is None:
+            which = "cache_ids=" if call.cache_ids is not None else "cache_aug="
+            raise CacheError(f"{which} was given but this model has no cache; wrap it with cache='fp16' (or True)")
         if plan.part.k == 0:
             # Under a schedule the prefix may be empty for a while (Linear before freeze_start): nothing to cache
             # yet, so run plainly; a fixed freeze= without a prefix can never use the cache: say so.
@@ -191,7 +159,7 @@ class Prefix:
     # -- the feature cache: driven models ------------------------------------------------------------------
     def _cached_driven(self, seg: FrozenSegment, call: Call) -> dict[int, torch.Tensor]:
         cache, order, x = self.cache, self.plan.part.boundary, call.args[0]
-        batch, tensors, keys, content = self._keys(call)
+        batch, tensors, keys, content = keys_of(call)
 
         def probe():
             self._restore_offloaded(seg)
@@ -199,8 +167,8 @@ class Prefix:
                 y = seg.run(x[:1])  # learns the boundary layout (once per segment build)
             return [y[j] for j in order]
 
-        self._bind(seg, tensors, content is not None, probe, driven=True)
-        hit, got = cache.fetch(keys, x.device, content=content)  # decoded to the segment outputs' dtypes
+        layout = self._layout(seg, tensors, probe, driven=True)
+        hit, got = cache.fetch(keys, x.device, layout=layout, content=content)  # in the segment outputs' dtypes
         n_hit = int(hit.sum())
         if n_hit == len(keys):
             self._maybe_offload(seg)
@@ -210,7 +178,8 @@ class Prefix:
         t0 = time.perf_counter()
         fresh = seg.run(x if n_hit == 0 else x[miss.to(x.device)])
         cache.note_segment_time(time.perf_counter() - t0, len(miss))
-        cache.put(keys[miss], [fresh[j] for j in order], content=None if content is None else content[miss])
+        rows = [fresh[j] for j in order]
+        cache.put(keys[miss], rows, layout=layout, content=None if content is None else content[miss])
         if n_hit == 0:
             return fresh
         hits = hit.nonzero().squeeze(1)
@@ -227,11 +196,12 @@ class Prefix:
     def _cached_swap(self, seg: FrozenSegment, call: Call) -> Boundary:
         """On a full hit the runners of the cached part replay the stored boundary (every output of theirs that
         anything else reads) and run nothing; otherwise the prefix runs in full and the misses are stored."""
-        batch, tensors, keys, content = self._keys(call)
+        batch, tensors, keys, content = keys_of(call)
         order = self.plan.part.replay
         hooked = self._hooked(seg.cached_runners, inside_only=True)
-        if self._cache_sig == (self._weights_token, _input_sig(tensors)) and seg.can_replay and not hooked:
-            hit, rows = self.cache.fetch(keys, seg.cached_runners[-1].device, content=content)
+        layout = self._layouts.get(input_sig(tensors)) if self._bound_token == self._weights_token else None
+        if layout is not None and seg.can_replay and not hooked:
+            hit, rows = self.cache.fetch(keys, seg.cached_runners[-1].device, layout=layout, content=content)
             if bool(hit.all()):
                 self._maybe_offload(seg)
                 replay = dict(zip(order, rows))
@@ -299,61 +269,35 @@ class Prefix:
                 f"dimension ({batch}) first, so they cannot be cached per sample; cache a different cut (freeze=) or "
                 "drop cache="
             )
-        if hit is None:  # first call since the binding changed: which samples does the store already hold?
-            self._bind(seg, tensors, content is not None, lambda: produced)
-            hit, _ = cache.fetch(keys, produced[0].device, content=content)
+        layout = self._layout(seg, tensors, lambda: produced)
+        if hit is None:  # first call of this layout since the binding changed: what does the store already hold?
+            hit, _ = cache.fetch(keys, produced[0].device, layout=layout, content=content)
         if not bool(hit.all()):
             miss = (~hit).nonzero().squeeze(1)
             cache.put(
                 keys[miss],
                 [t.detach()[miss.to(t.device)] for t in produced],
+                layout=layout,
                 content=None if content is None else content[miss],
             )
         return out
 
     # -- keys and binding ----------------------------------------------------------------------------------
-    def _keys(self, call: Call):
-        """(batch size, the batch-first input tensors, one int64 key per sample, content hashes or None).
+    def prefetch(self, call: Call) -> bool:
+        """Starts reading the stored rows of ``call``'s samples (the next batch) in the background; True when the
+        cache knows this input shape and there was something to start."""
+        if self.cache is None or self.plan is None or not self.plan.part.k or self._bound_token != self._weights_token:
+            return False
+        _, tensors, keys, _ = keys_of(call)
+        layout = self._layouts.get(input_sig(tensors))
+        if layout is None:
+            return False
+        self.cache.prefetch(keys, tensors[0].device, layout=layout)
+        return True
 
-        A key covers every input of the call: batch-first tensors row by row, everything else (tensors of another
-        size, scalars, strings, the call's structure) by value, mixed into every row's key. An input that cannot be
-        keyed by value is refused: a cache must never serve rows computed from other inputs. With ``cache_ids``
-        the ids are the keys and the content hash goes beside each row, so a changed input (augmentation) is seen.
-        """
-        from ._native import hash_rows
-
-        tensors = [t for t in call.tensors if t.dim() > 0]
-        if not tensors:
-            raise CacheError("the cache keys samples by their input tensors, but this call passed none")
-        batch = tensors[0].shape[0]
-        rows = [t for t in tensors if t.shape[0] == batch]
-        others = [t for t in call.tensors if t.dim() == 0 or t.shape[0] != batch]
-        amp = _autocast(rows[0].device.type)  # rows computed under autocast are other rows
-        plain = not others and not call.kwargs and all(isinstance(a, torch.Tensor) for a in call.args) and not amp
-        content = None
-        for t in rows:
-            r = hash_rows(t).cpu()
-            content = r if content is None else content * _MIX + r
-        glob = None if plain else _digest(call, others, hash_rows, amp)
-        if glob is not None:  # other inputs reach the model: they are part of every sample's key
-            content = content * _MIX + glob
-        if call.cache_ids is None:
-            return batch, rows, content, None
-        from .cache import ids_to_keys
-
-        ids = ids_to_keys(call.cache_ids, "cache_ids")
-        if ids.numel() != batch:
-            raise CacheError(
-                f"cache_ids hold {ids.numel()} id(s) for a batch of {batch}; pass one integer id per sample "
-                "(the dataset indices of the batch)"
-            )
-        key = ids.to(torch.int64).cpu()
-        if glob is not None:
-            key = key * _MIX + glob
-        return batch, rows, key, content
-
-    def _fingerprint(self, k: int, sig) -> str:
-        """The cache fingerprint of the prefix ``0..k-1`` (stem included) as its weights are now."""
+    def _fingerprint(self, k: int) -> str:
+        """The cache fingerprint of the prefix ``0..k-1`` (stem included) as its weights and modules are now; the
+        input shape is not part of it: rows of each shape are a layout of their own in the one store."""
         from .cache import fingerprint_of
 
         t, cfg = self.plan.table, self.config
@@ -364,52 +308,43 @@ class Prefix:
             bn=cfg.bn,
             dtype=str(cfg.weights or cfg.dtype),
             codec=self.cache.codec,
-            inputs=_sig_text(sig),
             structure=structure_of(modules),
         )
 
-    def _bind(self, seg: FrozenSegment, tensors, ids_mode: bool, boundary_like, driven: bool = False) -> None:
-        """Binds the cache to this segment's fingerprint; ``boundary_like()`` gives example boundary rows.
+    def _layout(self, seg: FrozenSegment, tensors, boundary_like, driven: bool = False):
+        """The cache's layout handle for inputs shaped like ``tensors``, binding the cache first when the segment
+        was built anew; ``boundary_like()`` gives example boundary rows of such inputs.
 
-        When freezing moved deeper since the rows were stored (same input signature, same weights of the old
-        prefix) and freezert drives the block graph, the stored rows are carried to the new cut by running only
-        the blocks between the two cuts on them (``FeatureCache.extend``); otherwise a new fingerprint drops them.
+        When freezing moved deeper since the rows were stored (same weights of the old prefix) and freezert drives
+        the block graph, the stored rows are carried to the new cut by running only the blocks between the two
+        cuts on them (``FeatureCache.extend``); otherwise a new fingerprint drops them.
         """
         cache, part = self.cache, self.plan.part
-        sig = _input_sig(tensors)
-        bound = self._cache_sig
-        if bound is not None and bound == (self._weights_token, sig):
-            return
-        if bound is not None and ids_mode and bound[1] != sig and len(cache):
-            raise CacheError(
-                f"cache_ids refer to samples stored for inputs {_sig_text(bound[1])}, but this batch has "
-                f"{_sig_text(sig)}; use new ids for new inputs or call fm.cache.clear()"
-            )
-        fp = self._fingerprint(part.k, sig)
+        sig = input_sig(tensors)
+        if self._bound_token == self._weights_token and sig in self._layouts:
+            return self._layouts[sig]
         example = boundary_like()
-        layout = [(tuple(t.shape[1:]), t.dtype) for t in example]
-        old = self._cache_part
-        if (
-            driven
-            and old is not None
-            and bound is not None
-            and bound[1] == sig
-            and 0 < old.k < part.k
-            and len(cache)
-            and cache.fingerprint == self._fingerprint(old.k, sig)
-        ):
-            new_order = part.boundary
+        device = example[0].device
+        if self._bound_token != self._weights_token:
+            fp, old, depth = self._fingerprint(part.k), self._cache_part, part.k / len(self.plan.table)
+            if driven and old is not None and 0 < old.k < part.k and len(cache):
+                carry = cache.fingerprint == self._fingerprint(old.k)
+            else:
+                carry = False
+            if carry:
 
-            def convert(rows: list[torch.Tensor]) -> list[torch.Tensor]:
-                with torch.no_grad():
-                    y = seg.run_from(dict(zip(old.boundary, rows)), old.k)
-                return [y[j] for j in new_order]
+                def convert(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+                    with torch.no_grad():
+                        y = seg.run_from(dict(zip(old.boundary, rows)), old.k)
+                    return [y[j] for j in part.boundary]
 
-            cache.extend(fp, layout, example[0].device, convert)
-        else:
-            cache.bind(fp, layout, example[0].device)
-        self._cache_sig = (self._weights_token, sig)
-        self._cache_part = part
+                cache.extend(fp, None, device, convert, depth=depth)
+            else:
+                cache.bind(fp, None, device, depth=depth)
+            self._bound_token, self._cache_part, self._layouts = self._weights_token, part, {}
+        boundary = [(tuple(t.shape[1:]), t.dtype) for t in example]
+        self._layouts[sig] = cache.layout_for(boundary, sig_text(sig))
+        return self._layouts[sig]
 
     # -- offloading frozen weights once the cache serves whole batches -----------------------------------------
     def _maybe_offload(self, seg: FrozenSegment) -> None:
@@ -455,45 +390,3 @@ def _within(fn: Callable[[], Any], *contexts) -> Any:
         for c in contexts:
             stack.enter_context(c)
         return fn()
-
-
-def _autocast(device_type: str) -> str | None:
-    """The autocast dtype in force for ``device_type`` (None when autocast is off)."""
-    try:
-        on = torch.is_autocast_enabled(device_type)
-        return str(torch.get_autocast_dtype(device_type)) if on else None
-    except (TypeError, AttributeError):  # torch < 2.4
-        on = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-        return "autocast" if on else None
-
-
-def _digest(call: Call, others: list[torch.Tensor], hash_rows, amp: str | None) -> int:
-    """One int64 for everything in the call that is not a batch row: the structure, every plain value, each
-    tensor of another size (hashed whole) and the autocast dtype; a value that cannot be keyed is refused."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(repr(call.spec).encode())
-    h.update(f"autocast:{amp};".encode())
-    for i, v in enumerate(call.leaves):
-        if isinstance(v, torch.Tensor):
-            h.update(b"T")
-        elif isinstance(v, _PRIMITIVES):
-            h.update(f"{type(v).__name__}:{v!r};".encode())
-        else:
-            path = pytree.keystr(pytree.tree_flatten_with_path((call.args, call.kwargs))[0][i][0])
-            raise CacheError(
-                f"the cache cannot key input{path} of type {type(v).__name__}: every input reaching the model is "
-                "part of a sample's key; pass it as a tensor or a plain value (number, string), or drop cache="
-            )
-    for t in others:
-        h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(int(hash_rows(t.reshape(1, -1)).cpu()[0]).to_bytes(8, "little", signed=True))
-    return int.from_bytes(h.digest(), "little", signed=True)
-
-
-def _input_sig(tensors: list[torch.Tensor]) -> tuple:
-    """Per-sample shape and dtype of each batch input: what the cache's layout and fingerprint depend on."""
-    return tuple((tuple(t.shape[1:]), t.dtype) for t in tensors)
-
-
-def _sig_text(sig) -> str:
-    return ", ".join(f"{list(shape)} {str(dt).replace('torch.', '')}" for shape, dt in sig)

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .call import Call
 from .config import FreezeConfig
 from .planner import Plan
-from .prefix import Boundary, Call
+from .prefix import Boundary
 from .segment import run_blocks
 
 __all__ = ["Tail"]

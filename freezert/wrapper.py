@@ -18,11 +18,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import spec as _spec
 from ._errors import FreezeError
 from .blocks import block_table
+from .call import Call
 from .config import FreezeConfig
 from .describe import describe
-from .describe import inspect as inspect
 from .planner import Plan, Planner
-from .prefix import Call, Prefix
+from .prefix import Prefix
 from .segment import FrozenSegment
 from .tail import Tail
 
@@ -156,15 +156,21 @@ class FrozenModel(nn.Module):
         return self
 
     # -- the call ------------------------------------------------------------------------------------------
-    def forward(self, *args, cache_ids=None, **kwargs):
+    def forward(self, *args, cache_ids=None, cache_aug=None, **kwargs):
         self._check_live()
-        call = Call(args, kwargs, cache_ids)
+        call = Call(args, kwargs, cache_ids, cache_aug)
         plan = self._plan
         if plan.part.frozen and not call.grad_in and not (plan.driven and call.single_tensor):
             kind = call.kind(self.model.training)
             if plan.sig != kind:  # the first call of a new kind (structure, mode, grad mode, batch), or a new freeze
                 self._replan(call, kind)
         return self._tail(call, self._prefix(call), self.model.training)
+
+    def prefetch(self, *args, cache_ids=None, cache_aug=None, **kwargs) -> bool:
+        """Starts reading the cached rows of the next batch (the same arguments as that call) on a background
+        thread, so that call finds them decoded; True when there was something to start."""
+        self._check_live()
+        return self._prefix.prefetch(Call(args, kwargs, cache_ids, cache_aug))
 
     def memory_report(self, *args, loss=None, optimizer=None, plot: str | None = None, **kwargs):
         """Where one training step's memory goes, on these inputs: frozen and trainable parameters, gradients,
@@ -357,9 +363,10 @@ def _signed_class(model_cls: type) -> type:
     except (TypeError, ValueError):
         return FrozenModel
     params = list(sig.parameters.values())
-    if "cache_ids" not in sig.parameters:
-        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
-        params.insert(at, _inspect.Parameter("cache_ids", _inspect.Parameter.KEYWORD_ONLY, default=None))
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    for extra in ("cache_aug", "cache_ids"):
+        if extra not in sig.parameters:
+            params.insert(at, _inspect.Parameter(extra, _inspect.Parameter.KEYWORD_ONLY, default=None))
     try:
         signature = sig.replace(parameters=params)
     except ValueError:  # a signature the extra parameter cannot join: keep the plain one
@@ -407,3 +414,23 @@ def wrap(model: nn.Module, freeze: Any = 10, **options: Any) -> FrozenModel:
     ``cache=`` keeps the frozen prefix's outputs across epochs, ``memory_budget=`` bounds what the trainable part
     saves for backward, ``also_freeze=`` names parameters outside the blocks to freeze too, and so on."""
     return FrozenModel(model, freeze, **options)
+
+
+def inspect(model: nn.Module, freeze=None, *, blocks: str | None = None, example_inputs=None) -> str:
+    """The block table of ``model``: each block, the stem and head modules around it, and for each whether it runs
+    as inference, runs eagerly or trains, and why. A ``FrozenModel`` shows its own plan; for a plain model,
+    ``example_inputs`` (a tensor, a tuple of arguments or a dict of keyword arguments) lets the record run."""
+    if isinstance(model, FrozenModel):
+        return describe(model)
+    fm = wrap(model, freeze, blocks=blocks, kernels=False)
+    try:
+        if example_inputs is not None:
+            if isinstance(example_inputs, dict):
+                fm.plan(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                fm.plan(*example_inputs)
+            else:
+                fm.plan(example_inputs)
+        return describe(fm)
+    finally:
+        fm.unwrap()

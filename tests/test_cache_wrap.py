@@ -74,7 +74,7 @@ def test_mixed_batch_comes_back_in_order(yolo):
         assert_outputs_close(out, ref(mixed), 1e-4)
 
 
-def test_explicit_ids_and_their_shape_check(yolo):
+def test_explicit_ids_and_their_shape(yolo):
     ref = copy.deepcopy(yolo).eval()
     fm = freezert.wrap(yolo, freeze=10, cache="fp32").eval()
     x = torch.randn(4, 3, 64, 64)
@@ -83,10 +83,74 @@ def test_explicit_ids_and_their_shape_check(yolo):
         out = fm(x[[3, 1]], cache_ids=[3, 1])
         assert fm.cache.stats()["hits"] == 2
         assert_outputs_close(out, ref(x[[3, 1]]), 1e-4)
-        with pytest.raises(CacheError, match="cache_ids refer to samples stored for inputs"):
-            fm(torch.randn(2, 3, 96, 96), cache_ids=[0, 1])
+        big = torch.randn(2, 3, 96, 96)  # the same ids at another size: other rows, never the 64 px ones
+        assert_outputs_close(fm(big, cache_ids=[0, 1]), ref(big), 1e-4)
+        assert fm.cache.stats()["hits"] == 2
+        assert_outputs_close(fm(x[:2], cache_ids=[0, 1]), ref(x[:2]), 1e-4)
+        assert fm.cache.stats()["hits"] == 4
         with pytest.raises(CacheError, match="one integer id per sample"):
             fm(x, cache_ids=[0, 1])
+
+
+@pytest.mark.parametrize("mode", ["driven", "swap"])
+def test_alternating_input_sizes_all_hit_from_the_second_epoch_in_one_store(yolo, mode):
+    if mode == "driven":  # multi-scale YOLO: two image sizes
+        model, sizes = yolo, [(2, 3, 64, 64), (2, 3, 96, 96)]
+        data = [torch.randn(*s) for s in sizes * 2]
+    else:  # bucketed sequence lengths through the model's own forward
+        model = transformer_encoder(vocab_size=50, d_model=32, nhead=2, num_layers=4, dim_ff=64, num_classes=3)
+        data = [torch.randint(0, 50, (2, n)) for n in (7, 11, 7, 11)]
+    ref = copy.deepcopy(model).eval()
+    fm = freezert.wrap(model, freeze=3, cache="fp32").eval()
+    with torch.no_grad():
+        for x in data:
+            fm(x)
+        st = fm.cache.stats()
+        assert st["hits"] == 0 and st["misses"] == 8 and st["invalidations"] == 0
+        for x in data:  # epoch 2: every batch of either size is served (1e-3: folded BatchNorm rounding at 96 px)
+            assert_outputs_close(fm(x), ref(x), 1e-3)
+        st = fm.cache.stats()
+        assert st["hits"] == 8 and st["misses"] == 8 and st["invalidations"] == 0 and len(fm.cache) == 8
+
+
+def test_augmentation_parameters_key_each_variant(yolo):
+    ref = copy.deepcopy(yolo).eval()
+    fm = freezert.wrap(yolo, freeze=10, cache="fp32").eval()
+    x = torch.randn(4, 3, 64, 64)
+    ids = torch.arange(4)
+    flip = torch.tensor([0, 1, 0, 1])
+    variant = torch.where(flip.bool().view(-1, 1, 1, 1), x.flip(-1), x)  # a flip drawn per sample
+    with torch.no_grad():
+        for _ in range(2):  # two epochs
+            for aug in (flip, 1 - flip):
+                xs = torch.where(aug.bool().view(-1, 1, 1, 1), x.flip(-1), x)
+                assert_outputs_close(fm(xs, cache_ids=ids, cache_aug=aug), ref(xs), 1e-4)
+        st = fm.cache.stats()
+        assert st["misses"] == 8 and st["hits"] == 8 and st["stale"] == 0  # each (sample, flip) computed once
+        fm(variant, cache_ids=ids, cache_aug=[(int(f), "h") for f in flip])  # plain values key as well
+        with pytest.raises(CacheError, match="cache_aug holds a object"):
+            fm(x, cache_ids=ids, cache_aug=[object()] * 4)
+        with pytest.raises(CacheError, match="one row per sample"):
+            fm(x, cache_ids=ids, cache_aug=torch.zeros(3))
+
+
+def test_prefetch_reads_the_next_batch_ahead_and_serves_the_same_rows(tmp_path):
+    model = transformer_encoder(vocab_size=50, d_model=32, nhead=2, num_layers=4, dim_ff=64, num_classes=3).eval()
+    ref = copy.deepcopy(model)
+    cache = freezert.FeatureCache("fp32", where="disk", path=tmp_path / "store")
+    fm = freezert.wrap(model, freeze=3, cache=cache)
+    data = [torch.randint(0, 50, (3, 9)) for _ in range(3)]
+    with torch.no_grad():
+        assert not fm.prefetch(data[0])  # nothing stored yet for this shape: nothing to start
+        for x in data:
+            fm(x)
+        for i, x in enumerate(data):
+            out = fm(x)
+            if i + 1 < len(data):
+                assert fm.prefetch(data[i + 1])  # the next batch's rows, read on a background thread
+            assert_outputs_close(out, ref(x), 1e-5)
+    st = fm.cache.stats()
+    assert st["hits"] == 9 and st["prefetched"] == 6
 
 
 def test_weights_change_invalidates(yolo):
@@ -236,12 +300,12 @@ def test_records_that_fail_verification_in_fetch_are_recomputed(yolo, monkeypatc
         real_fetch = fm.cache.fetch
         calls = []
 
-        def flaky_fetch(keys, device, *, content=None):
+        def flaky_fetch(keys, device, *, layout=None, content=None):
             calls.append(len(keys))
             if len(calls) == 1:  # as if the stored records went bad: fetch drops them and reports misses
                 for k in keys.tolist():
-                    fm.cache._drop(k, corrupt=True)
-            return real_fetch(keys, device, content=content)
+                    fm.cache._index.drop((layout, k), corrupt=True)
+            return real_fetch(keys, device, layout=layout, content=content)
 
         monkeypatch.setattr(fm.cache, "fetch", flaky_fetch)
         out = fm(x)
