@@ -29,7 +29,9 @@ class FreezeConfig:
     ``"fp8"``: the segment's Linear/Conv weights stored in one byte. ``channels_last``, ``graphs``: layout and
     CUDA-graph capture of the segment. ``cache``: True, a codec name or a ``FeatureCache``. ``offload_frozen``:
     frozen weights to host while the cache serves whole batches. ``kernels``: ``"auto"``, ``"lean"``, True, False.
-    ``memory_budget``: bytes (int or ``"4GiB"``) the trainable part may save for backward.
+    ``memory_budget``: bytes (int or ``"4GiB"``) the trainable part may save for backward. ``feature_aug``: a
+    callable ``{block: boundary tensor} -> {block: tensor}`` applied to a driven model's boundary on training
+    calls (augmentation in feature space, e.g. ``freezert.cache.FeatureFlip``: approximate, opt-in).
     """
 
     freeze: Any = 10
@@ -44,6 +46,7 @@ class FreezeConfig:
     offload_frozen: bool = False
     kernels: Any = "auto"
     memory_budget: int | None = None
+    feature_aug: Any = None
 
     def __post_init__(self) -> None:
         if self.bn not in BN_MODES:
@@ -78,6 +81,11 @@ class FreezeConfig:
             raise FreezeError(
                 f"blocks={self.blocks!r} is a {type(self.blocks).__name__}; pass the dotted path of the block "
                 "container as a string, e.g. blocks='encoder.layer' (or '' for the root's children)"
+            )
+        if self.feature_aug is not None and not callable(self.feature_aug):
+            raise FreezeError(
+                f"feature_aug={self.feature_aug!r} is not callable; pass a function of the boundary tensors, e.g. "
+                "freezert.cache.FeatureFlip(p=0.5)"
             )
         if self.memory_budget is not None:
             object.__setattr__(self, "memory_budget", parse_bytes("memory_budget", self.memory_budget))

@@ -94,16 +94,17 @@ class Prefix:
             return Boundary()
         seg = self.segment_now()
         driven = plan.driven and call.single_tensor
+        if driven:
+            if cache is None or self._hooked(seg.block_runners, inside_only=False):
+                y = seg.run(call.args[0])
+            else:
+                y = self._cached_driven(seg, call)
+            aug = self.config.feature_aug
+            return Boundary(tensors=y if aug is None or not self.model.training else aug(y))
         if cache is not None:
-            if driven:
-                if self._hooked(seg.block_runners, inside_only=False):
-                    return Boundary(tensors=seg.run(call.args[0]))
-                return Boundary(tensors=self._cached_driven(seg, call))
             if plan.part.cached_units and not (plan.rec and plan.rec.stochastic):
                 return self._cached_swap(seg, call)
             self._warn_cache_unused()
-        if driven:
-            return Boundary(tensors=seg.run(call.args[0]))
         return Boundary(run=lambda fn: _within(fn, seg.preparing(), seg.installed()))
 
     def segment_now(self) -> FrozenSegment:
