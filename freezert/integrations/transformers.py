@@ -5,12 +5,13 @@ its schedule and checkpoints it.
     trainer = Trainer(model=fm, args=TrainingArguments(...), train_dataset=ds, eval_dataset=ev,
                       compute_metrics=metrics, callbacks=[FreezertCallback()])
     trainer.train(); trainer.evaluate()                      # eval_loss and metrics, as for the plain model
-    fm.module.save_pretrained(out)                           # config.json + weights, plain keys
+    trainer.save_model(out)                                  # config.json + weights, plain keys: from_pretrained
 
-The wrapped model's class carries the model's ``forward`` signature, so the Trainer finds the label names, keeps
-the batch columns the model takes and drops the rest itself (default ``TrainingArguments``). The callback writes
-the model's ``config.json`` into each ``checkpoint-N`` folder, so checkpoints load with ``from_pretrained``. See
-docs/INTEGRATIONS.md for ``save_model``, gradient checkpointing and PEFT.
+The wrapped model's class carries the model's ``forward`` signature and, for a ``PreTrainedModel``, is a subclass
+of the model's class: the Trainer finds the label names, keeps the batch columns the model takes and drops the
+rest itself (default ``TrainingArguments``), and ``trainer.save_model`` and its checkpoints write ``config.json``
+through ``save_pretrained``, so they load with ``from_pretrained``. See docs/INTEGRATIONS.md for gradient
+checkpointing and PEFT.
 """
 
 from __future__ import annotations
@@ -70,15 +71,12 @@ class FreezertCallback(TrainerCallback):
             sched.step(min(state.global_step / state.max_steps, 1.0))
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        model = model or self.model
-        if not args.should_save or model is None:
+        sched = self._schedule(model or self.model)
+        if sched is None or not args.should_save:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        _save_config(model, folder)
-        sched = self._schedule(model)
-        if sched is not None:
-            torch.save(sched.state_dict(), os.path.join(folder, STATE_FILE))
+        torch.save(sched.state_dict(), os.path.join(folder, STATE_FILE))
 
     def load(self, model: Any, checkpoint_dir: str) -> None:
         """Re-applies the frozen set saved in ``checkpoint_dir`` to ``model`` (a FrozenModel with a schedule)."""
@@ -93,19 +91,3 @@ class FreezertCallback(TrainerCallback):
             raise FreezeError(f"{path} does not exist; pass a checkpoint-N folder saved with FreezertCallback")
         sched._optimizers = []  # the layout waits for the resumed fit's optimizer (on_train_begin)
         sched.load_state_dict(torch.load(path, weights_only=False))
-
-
-def _save_config(model: Any, folder: str) -> None:
-    """Writes the wrapped model's ``config.json`` (and generation config) into ``folder`` where the Trainer wrote
-    only weights: it calls ``save_pretrained`` only on a ``PreTrainedModel``, which a FrozenModel is not, so its
-    checkpoints would not load with ``from_pretrained``."""
-    if os.path.exists(os.path.join(folder, "config.json")):
-        return
-    inner = getattr(model, "module", None)
-    config = getattr(inner, "config", None)
-    if inner is model or not hasattr(config, "save_pretrained"):
-        return  # not a wrapped Hugging Face model: nothing to add
-    config.save_pretrained(folder)
-    generation = getattr(inner, "generation_config", None)
-    if generation is not None and hasattr(generation, "save_pretrained") and getattr(inner, "can_generate", bool)():
-        generation.save_pretrained(folder)
