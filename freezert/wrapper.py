@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -296,6 +297,35 @@ class FrozenModel(nn.Module):
             if name.startswith("__") or "model" not in self.__dict__.get("_modules", {}):
                 raise
             return getattr(self._modules["model"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # An attribute the user's model has is set on it (``fm.has_been_used = True`` reaches the model, as the
+        # plain model would have it); the wrapper's own attributes, modules and tensors stay the wrapper's.
+        model = self.__dict__.get("_modules", {}).get("model")
+        if (
+            model is not None
+            and not name.startswith("_")
+            and name not in self.__dict__
+            and not hasattr(type(self), name)
+            and not isinstance(value, (nn.Module, torch.Tensor))
+            and hasattr(model, name)
+        ):
+            setattr(model, name, value)
+            return
+        super().__setattr__(name, value)
+
+    # containers index, measure and iterate as the model does (a Lightning backbone that is an nn.Sequential)
+    def __getitem__(self, idx):
+        return self.model[idx]
+
+    def __len__(self) -> int:
+        return len(self.model)
+
+    def __iter__(self):
+        return iter(self.model)
+
+    def __bool__(self) -> bool:
+        return True
 
     # -- state and copies --------------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):

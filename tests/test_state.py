@@ -137,3 +137,17 @@ def test_a_nested_frozen_model_loads_the_plain_keys_its_parent_saved():
     other.load_state_dict(state)  # strict: every plain key lands where it belongs
     for k, v in other.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_the_wrapper_indexes_iterates_and_sets_attributes_as_the_model_does():
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])
+    model.has_been_used = False
+    fm = freezert.wrap(model, freeze=2)
+    assert len(fm) == 4 and fm[1] is model[1] and list(fm) == list(model) and bool(fm)
+    fm.has_been_used = True  # an attribute the model has: set on the model (Lightning's tests read it there)
+    assert model.has_been_used is True
+    fm.note = "wrapper's own"  # one it has not: the wrapper's
+    assert not hasattr(model, "note") and fm.note == "wrapper's own"
+    fm.eval()
+    assert not fm.training and not model.training
+    fm.unwrap()
