@@ -59,6 +59,8 @@ def test_two_writers_share_one_store_through_their_shards(tmp_path, monkeypatch)
     r0.refresh()
     hit, got = r0.fetch([99], "cpu")
     assert hit.all() and torch.equal(got[0], w.rows([99])[0])
+    r0.clear()  # its own rows go, its shard is truncated; the other rank's rows are read again at the next refresh
+    assert len(r0) == 0 and r0.refresh() == 8 and r0.fetch([99], "cpu")[0].all() and len(r1) == 8
     r0.close()
     r1.close()
 

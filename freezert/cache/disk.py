@@ -519,14 +519,14 @@ class DiskTier(Tier):
             self.own.write_index(rows)
 
     def clear(self) -> None:
-        """Drops every row: this cache's shard is truncated (its index emptied); other shards are left alone."""
+        """Drops every row: this cache's shard is truncated (its index emptied); other shards are left alone (their
+        rows leave the index, and the next refresh reads them again)."""
         self.used = self.rows = self.shared = self.shared_rows = 0
         if self.own is not None:
             for slab in self.own.slabs.values():
                 slab.free_memory()
         for shard in self.others.values():
-            for slab in shard.slabs.values():
-                slab.reset()
+            shard.stamp = ()
 
     def discard(self) -> bool:
         """The setup changed: this cache's shard is emptied (its files removed; re-created at the next bind) and
