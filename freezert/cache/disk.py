@@ -386,7 +386,7 @@ class DiskTier(Tier):
     def path(self) -> str | None:
         return None if self.own is None else self.own.path
 
-    def row_bytes(self, layout: Any, codec: str) -> int:
+    def _row_bytes(self, layout: Any, codec: str) -> int:
         return RecordLayout(codec, layout.dims).size
 
     def bind(self, fingerprint: str, codec: str, layouts: Layouts, *, first: bool) -> list[Entry]:

@@ -102,12 +102,12 @@ class Index:
 
     def _place(self, layout: Any, codec: str, batch: set[Key]) -> Tier | None:
         """The tier for a new row (evicting LRU rows if allowed), or None: not stored."""
-        sizes = {t: t.row_bytes(layout, codec) for t in self.tiers}
         for t in self.tiers:
-            if t.fits(sizes[t]):
+            if t.fits(t.row_bytes(layout, codec)):
                 return t
         if self.evict == "none":
             return None
+        sizes = {t: t.row_bytes(layout, codec) for t in self.tiers}
         # evict least-recently-used rows (never of the current batch or the last fetch's hits, nor read-only ones);
         # the LRU end holds evictable rows (hits and new rows move to the other end), so the search is short
         while True:

@@ -42,6 +42,7 @@ class Tier:
         self.rows = 0
         self.shared = self.shared_rows = 0
         self.slabs: dict[tuple[Any, str], Slab] = {}
+        self._sizes: dict[tuple[Any, str], int] = {}  # row_bytes per (layout, codec), on the put path per row
         self.readonly = False  # a disk tier whose directory cannot be written: serves rows, stores none
 
     def fits(self, nbytes: int) -> bool:
@@ -49,6 +50,12 @@ class Tier:
 
     def row_bytes(self, layout: Any, codec: str) -> int:
         """Bytes one row of ``layout`` in ``codec`` takes here (what the budget counts)."""
+        n = self._sizes.get((layout, codec))
+        if n is None:
+            n = self._sizes[(layout, codec)] = self._row_bytes(layout, codec)
+        return n
+
+    def _row_bytes(self, layout: Any, codec: str) -> int:
         return CODECS[codec].row_bytes(layout.dims)
 
     def slab(self, layout: Any, codec: str) -> Slab:
