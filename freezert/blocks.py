@@ -111,28 +111,72 @@ def _yolo_sources(modules: list[nn.Module]) -> list[list[int]]:
     return out
 
 
-def _main_container(model: nn.Module) -> str | None:
-    """The ModuleList/Sequential holding the largest share (at least a quarter) of the parameters."""
+# Children that hold a model's head, never its blocks: torchvision's ``classifier`` (VGG's and DeepLabV3's hold
+# more parameters than their features), detection heads (``rpn``, ``roi_heads``, RetinaNet's ``head``), Hugging
+# Face's ``lm_head``, ``decode_head``, ``pooler``. The blocks are searched for outside them.
+_HEADS = frozenset(
+    {"classifier", "aux_classifier", "head", "heads", "head_dist", "fc", "lm_head", "decode_head", "rpn", "roi_heads"}
+    | {"pooler", "proj_out", "qa_outputs", "score"}
+)
+# What torchvision calls a backbone's stages: preferred over a larger container beside them (SSD's ``extra``
+# layers hold more parameters than its VGG ``features``).
+_BACKBONE = ("features", "body")
+
+Blocks = list[tuple[str, list[tuple[str, nn.Module]]]]  # (block name, its members as (dotted name, module))
+
+
+def _never_called(m: nn.Module) -> bool:
+    """A ModuleList or a plain ModuleDict: its forward is never called (its children are)."""
+    return type(m).forward is nn.Module.forward
+
+
+def _is_container(m: nn.Module) -> bool:
+    """A module whose children run in sequence as blocks: a ModuleList, a Sequential, or a ModuleDict with its own
+    forward (torchvision's ``IntermediateLayerGetter``, the ``body`` of every detection and segmentation model)."""
+    if isinstance(m, (nn.ModuleList, nn.Sequential)):
+        return True
+    return isinstance(m, nn.ModuleDict) and not _never_called(m)
+
+
+def _in_head(module_name: str) -> bool:
+    return any(part in _HEADS for part in module_name.split(".")) if module_name else False
+
+
+def _holds_blocks(m: nn.Module) -> bool:
+    kids = list(m.children()) if _is_container(m) else []
+    return len(kids) >= 2 and sum(1 for k in kids if _n_params(k)) >= 2
+
+
+def _main_container(model: nn.Module) -> tuple[str, Blocks | None] | None:
+    """Where the blocks are, outside the head: a backbone's stages (a ``features``/``body`` container or
+    torchvision's ``IntermediateLayerGetter`` holding at least a quarter of the parameters outside the head),
+    else the container (or a module with its own grouping: a ResNet nested as ``backbone``) with the most
+    parameters, at least a quarter of all. Returns its dotted path and its groups (None: its children)."""
     total = _n_params(model)
-    best, best_n = None, 0
+    body = sum(p.numel() for n, p in model.named_parameters() if not _in_head(n.rpartition(".")[0]))
+    best: tuple[int, str, Blocks | None] | None = None
+    preferred: tuple[int, str, Blocks | None] | None = None
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.ModuleList, nn.Sequential)):
+        if not name or _in_head(name):
             continue
-        kids = list(m.children())
-        if len(kids) < 2 or sum(1 for k in kids if _n_params(k)) < 2:
+        grouped = _groups(m, name)
+        if grouped is None and not _holds_blocks(m):
             continue
         n = _n_params(m)
-        if n > best_n:
-            best, best_n = name, n
-    if best is not None and total and best_n * 4 >= total:
-        return best
-    return None
+        if n * 4 >= total and (best is None or n > best[0]):
+            best = (n, name, grouped)
+        stages = name.rpartition(".")[2] in _BACKBONE or isinstance(m, nn.ModuleDict)
+        if stages and n * 4 >= body and (preferred is None or name.count(".") < preferred[0]):
+            preferred = (name.count("."), name, grouped)
+    pick = preferred or best
+    return None if pick is None else (pick[1], pick[2])
 
 
-def _groups(model: nn.Module) -> tuple[list[str], list[list[tuple[str, nn.Module]]]] | None:
-    """Blocks declared by the model's own grouping among its top-level children: timm's ``group_matcher()``
-    (ResNet: ``^layer(\\d+)``) or a torchvision-style ResNet (``layer1``..``layer4``). The children registered
-    before the first block form block 0, ``stem``; those after are the head."""
+def _groups(model: nn.Module, path: str = "") -> Blocks | None:
+    """Blocks declared by a module's own grouping among its children: timm's ``group_matcher()`` (ResNet:
+    ``^layer(\\d+)``) or a torchvision-style ResNet (``conv1``, ``layer1``..``layer4``; a detection model's
+    ``backbone.body`` too). The children registered before the first block form block 0, ``stem``; those after
+    are the head. Names are dotted under ``path``."""
     kids = list(model.named_children())
     hits: dict[str, tuple] = {}
     matcher = getattr(model, "group_matcher", None)
@@ -152,11 +196,11 @@ def _groups(model: nn.Module) -> tuple[list[str], list[list[tuple[str, nn.Module
     if len(hits) < 2:
         return None
     first = min(i for i, (n, _) in enumerate(kids) if n in hits)
-    stem = [(n, m) for n, m in kids[:first]]
+    stem = [(_join(path, n), m) for n, m in kids[:first]]
     if not stem or not any(_n_params(m) for _, m in stem):
         return None
     ordered = sorted(hits, key=lambda n: hits[n])
-    return ["stem", *ordered], [stem, *[[(n, model.get_submodule(n))] for n in ordered]]
+    return [(_join(path, "stem"), stem)] + [(_join(path, n), [(_join(path, n), getattr(model, n))]) for n in ordered]
 
 
 def _group_module(members: list[tuple[str, nn.Module]]) -> nn.Module:
@@ -168,21 +212,78 @@ def _group_module(members: list[tuple[str, nn.Module]]) -> nn.Module:
     return group
 
 
-def _candidates(model: nn.Module, path: str) -> tuple[list[str], list[tuple[str, nn.Module]]]:
-    """The ancestors of ``path`` and every child of an ancestor that is not on the path."""
-    ancestors, cands = [], []
-    node, prefix = model, ""
-    parts = path.split(".") if path else []
-    for depth in range(len(parts) + 1):
-        ancestors.append(prefix)
-        nxt = parts[depth] if depth < len(parts) else None
-        if nxt is None:
-            break
-        for name, child in node.named_children():
-            if name != nxt:
-                cands.append((_join(prefix, name), child))
-        node, prefix = getattr(node, nxt), _join(prefix, nxt)
+def _children_blocks(container: nn.Module, path: str) -> Blocks:
+    """The children of ``container`` as blocks; a child that is never called itself (a ModuleList of layers) has
+    its own children as the members that run."""
+    out = []
+    for k, m in container.named_children():
+        name = _join(path, k)
+        kids = [(_join(name, j), c) for j, c in m.named_children()] if _never_called(m) else []
+        out.append((name, kids or [(name, m)]))
+    return out
+
+
+def _flattened(container: nn.Module, path: str) -> Blocks:
+    """Two plain Sequentials holding the stages (SSDlite's ``backbone.features``: MobileNetV3 cut at its C4
+    layer) are one sequence of their children."""
+    kids = list(container.named_children())
+    if len(kids) == 2 and all(type(m) is nn.Sequential and len(m) > 1 for _, m in kids):
+        return [b for k, m in kids for b in _children_blocks(m, _join(path, k))]
+    return _children_blocks(container, path)
+
+
+def _encoder_decoder(model: nn.Module) -> tuple[str, Blocks] | None:
+    """An encoder-decoder (T5, BART, Whisper, Marian, ``nn.Transformer``): the encoder's layers, then the decoder's,
+    from the shallowest module with both an ``encoder`` and a ``decoder`` child; its path and the blocks."""
+    for name, m in model.named_modules():
+        sides = [(side, m._modules.get(side)) for side in ("encoder", "decoder")]
+        if any(sub is None for _, sub in sides):
+            continue
+        blocks: Blocks = []
+        for side, sub in sides:
+            found = [(n, c) for n, c in sub.named_modules() if n and not _in_head(n) and _holds_blocks(c)]
+            if not found:
+                return None
+            rel, layers = max(found, key=lambda nc: _n_params(nc[1]))  # the first of the largest
+            blocks += _children_blocks(layers, _join(_join(name, side), rel))
+        return name, blocks
+    return None
+
+
+def _outside(model: nn.Module, blocks: Blocks) -> tuple[list[str], list[tuple[str, nn.Module]]]:
+    """The blocks' ancestors (every module above a member) and the candidates: each child of an ancestor that is
+    neither an ancestor nor a member, in registration order, each module once."""
+    names = {n for _, ms in blocks for n, _ in ms}
+    inside = {id(m) for _, ms in blocks for _, m in ms}
+    above = {""}
+    for n in names:
+        parts = n.split(".")
+        above.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    ancestors, cands, seen = [], [], set(inside)
+    for name, m in model.named_modules():
+        if name not in above:
+            continue
+        ancestors.append(name)
+        for k, child in m.named_children():
+            full = _join(name, k)
+            if full not in above and id(child) not in seen:
+                seen.add(id(child))
+                cands.append((full, child))
     return ancestors, cands
+
+
+def _table(model: nn.Module, kind: str, path: str, blocks: Blocks) -> BlockTable:
+    members = [ms for _, ms in blocks]
+    ancestors, cands = _outside(model, blocks)
+    return BlockTable(
+        kind,
+        path,
+        [n for n, _ in blocks],
+        [_group_module(ms) for ms in members],
+        members=members,
+        candidates=cands,
+        ancestors=ancestors,
+    )
 
 
 def block_table(model: nn.Module, blocks: str | None = None) -> BlockTable:
@@ -194,6 +295,9 @@ def block_table(model: nn.Module, blocks: str | None = None) -> BlockTable:
 
 
 def _find_blocks(model: nn.Module, blocks: str | None) -> BlockTable:
+    """The search, in order: ``blocks=``; YOLO's ``model.model``; a root Sequential; the root's own grouping; an
+    encoder-decoder's two layer stacks; the main container outside the head (grouped where it declares groups);
+    else the root's children."""
     if not isinstance(model, nn.Module):
         raise FreezeError(f"freezert needs a torch.nn.Module, got {type(model).__name__}; pass the model itself")
     if blocks is not None and not isinstance(blocks, str):
@@ -201,21 +305,6 @@ def _find_blocks(model: nn.Module, blocks: str | None) -> BlockTable:
             f"blocks={blocks!r} is a {type(blocks).__name__}; pass the dotted path of the block container as a "
             "string, e.g. blocks='encoder.layer' (or '' for the root's children)"
         )
-    if blocks is None:
-        grouped = _groups(model)
-        if grouped is not None:
-            names, members = grouped
-            inside = {id(m) for ms in members for _, m in ms}
-            cands = [(n, m) for n, m in model.named_children() if id(m) not in inside]
-            return BlockTable(
-                "groups",
-                "",
-                names,
-                [_group_module(ms) for ms in members],
-                members=members,
-                candidates=cands,
-                ancestors=[""],
-            )
     if blocks is not None:
         path = strip_wrapper_prefix(blocks).rstrip(".")
         try:
@@ -232,10 +321,16 @@ def _find_blocks(model: nn.Module, blocks: str | None) -> BlockTable:
             path, container = "model", inner
         elif isinstance(model, nn.Sequential):
             path, container = "", model
+        elif (grouped := _groups(model)) is not None:
+            return _table(model, "groups", "", grouped)
+        elif (encdec := _encoder_decoder(model)) is not None:
+            return _table(model, "groups", *encdec)
         else:
-            path = _main_container(model)
+            found = _main_container(model)
+            if found is not None and found[1] is not None:
+                return _table(model, "groups", *found)
+            path = found[0] if found is not None else ""
             container = model.get_submodule(path) if path else model
-            path = path or ""
     named = list(container.named_children())
     if len(named) < 2:
         raise FreezeError(
@@ -249,8 +344,8 @@ def _find_blocks(model: nn.Module, blocks: str | None) -> BlockTable:
     if container is model:
         kind = "sequential" if isinstance(model, nn.Sequential) else "children"
         return BlockTable(kind, path, names, modules, ancestors=[""])
-    ancestors, cands = _candidates(model, path)
-    return BlockTable("container", path, names, modules, candidates=cands, ancestors=ancestors)
+    found_blocks = _flattened(container, path) if blocks is None else _children_blocks(container, path)
+    return _table(model, "container", path, found_blocks)
 
 
 def as_named_blocks(blocks, empty: str) -> list[tuple[str, nn.Module]]:

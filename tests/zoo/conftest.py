@@ -18,6 +18,7 @@ import torch
 from ._conformance import TABLE, Bases
 
 BEGIN, END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
+FIRST = {"eval": "eval call (no_grad) first, then ", "inference": "eval call (inference_mode) first, then "}
 
 
 def _versions() -> str:
@@ -60,7 +61,9 @@ def pytest_runtest_makereport(item, call):
         return
     row["outcome"] = rep.outcome
     crash = getattr(getattr(rep, "longrepr", None), "reprcrash", None)
-    if rep.failed and crash is not None:
+    if hasattr(rep, "wasxfail"):  # marked xfail(strict=True) with the cause found
+        row["outcome"], row["why"] = "xfailed", rep.wasxfail.removeprefix("reason: ")
+    elif rep.failed and crash is not None:
         row["why"] = crash.message.splitlines()[0]
 
 
@@ -82,7 +85,9 @@ def _table() -> str:
         eager = "; ".join(f"`{b}`: {why}" for b, why in (r.get("eager") or {}).items()) or "none"
         if "frozen" not in r:
             eager = "(not reached)"
-        result = {"passed": "exact"}.get(r.get("outcome"), f"FAIL: {r.get('why', r.get('outcome', '?'))}")
+        outcome = r.get("outcome")
+        kind = "xfail" if outcome == "xfailed" else "FAIL"
+        result = "exact" if outcome == "passed" else f"{kind}: {r.get('why', outcome or '?')}"
         frozen = f"{100 * r['frozen']:.1f}%" if "frozen" in r else ""
         lines.append(
             "| "
@@ -93,7 +98,7 @@ def _table() -> str:
                     f"`{test}`",
                     r.get("model", ""),
                     freeze,
-                    "train" if r.get("train") else "eval",
+                    FIRST.get(r.get("first"), "") + ("train" if r.get("train") else "eval"),
                     r.get("cache") or "",
                     frozen,
                     eager,
