@@ -88,7 +88,8 @@ class SavedMeter:
             )
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        self._count(t)
+        if torch._C._current_graph_task_id() == -1:  # saves made during backward are transient, not kept ones
+            self._count(t)
         return t
 
     def __enter__(self) -> SavedMeter:
@@ -280,23 +281,27 @@ class _Checkpointed(nn.Module):
 
         if not torch.is_grad_enabled():
             return inner(*args, **kwargs)
-        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        from .ops.substitute import replay
+
+        # the recompute runs in backward, after the forward's kernel substitutions and lean regions have closed:
+        # it must run the same modules and ops, or checkpoint finds other tensors saved ("different metadata")
+        again = replay()
+        return checkpoint(
+            run, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), again), **kwargs
+        )
 
 
 @contextlib.contextmanager
 def _running_stats_kept(module: nn.Module) -> Iterator[None]:
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    saved = [
-        [None if t is None else t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns
-    ]
+    # every buffer, not only _BatchNorm's: a lean substitution (ops.lean_modules.LeanBatchNorm) shares the buffers
+    # of the BatchNorm it replaces without being one; buffers a forward does not write come back unchanged
+    saved = [(b, b.clone()) for b in module.buffers()]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, vals in zip(bns, saved):
-                for t, v in zip((m.running_mean, m.running_var, m.num_batches_tracked), vals):
-                    if t is not None:
-                        t.copy_(v)
+            for b, v in saved:
+                b.copy_(v)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ IMPLS = ("triton", "lean", "auto")
 
 OPS = ("batch_norm_act", "layer_norm", "linear_cross_entropy")
 # ops with only a plain-torch path: reported by backend() once they have run
-_LEAN_ONLY = ("activation", "rms_norm")
+_LEAN_ONLY = ("activation", "rms_norm", "batch_norm", "dropout")
 _LAST: dict[str, str] = {}
 # Test hook: when set, every output buffer the Triton path allocates is filled with NaN first,
 # so an element the kernel forgets to write fails the comparison with the reference.

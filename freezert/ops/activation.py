@@ -1,8 +1,11 @@
 """Activations as plain-torch autograd Functions that save only their input; the helpers fused ops share.
 
-``act_forward`` / ``act_backward`` are the formulas the lean Conv-BN-act and any other fused op recompute
-in backward; ``activation`` is the standalone op (eager SiLU/GELU already save only their input, so its use
-is as the recompute building block and the ``torch.compile``-friendly form), ``activation_reference`` eager.
+``act_forward`` / ``act_backward`` are eager's formulas, which the lean BN + act and any other fused op use in
+backward; ``activation`` is the standalone op: it saves its input (eager ReLU saves its output instead) and marks
+its output recomputable; ``activation_`` is the in-place form: on a tensor that is a recipe it keeps no copy of
+the value it overwrites (eager's in-place SiLU / Hardswish clone it, ReLU keeps its output) and rebuilds it in
+backward; ``elementwise`` runs any pure one-tensor function (a Python GELU formula) keeping only its input and
+recomputing the function under autograd in backward. ``activation_reference`` is eager.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 
 from .._errors import FreezeError
 from . import _registry as reg
-from .recompute import mark_recomputable
+from .recompute import Snapshot, fresh_recipe, local_saves, mark_recomputable, pack_now
 
 ACTIVATIONS = ("silu", "relu", "relu6", "hardswish", "gelu", "gelu_tanh", "identity")
 
@@ -93,3 +96,79 @@ def activation(input: torch.Tensor, name: str | None = "silu") -> torch.Tensor:
 
 def _value(x: torch.Tensor, *, name: str) -> torch.Tensor:
     return act_forward(x, name)
+
+
+# in-place forms eager has (GELU has none)
+_INPLACE = {
+    "silu": lambda z: F.silu(z, inplace=True),
+    "relu": torch.relu_,
+    "relu6": lambda z: F.relu6(z, inplace=True),
+    "hardswish": lambda z: F.hardswish(z, inplace=True),
+}
+
+
+class _ActivationInplace(torch.autograd.Function):
+    """``act_(x)`` keeping no copy of the overwritten value: backward rebuilds it from its recipe (``pre``)."""
+
+    @staticmethod
+    def forward(ctx, x, name, pre):
+        ctx.name, ctx.pre = name, pre
+        _INPLACE[name](x)
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, dy):
+        pre, ctx.pre = ctx.pre, None  # drop the handle (and the rebuilt value) once used
+        # eager's backward of the in-place op: relu_ / hardtanh_ read the output (the same mask as the input),
+        # silu_ / hardswish_ a clone of the input
+        return act_backward(pre.value(), dy, ctx.name), None, None
+
+
+def activation_(input: torch.Tensor, name: str = "relu") -> torch.Tensor:
+    """``act(input)`` in place (eager's ``relu_`` / ``F.silu(inplace=True)`` / ...): when ``input`` is a fresh recipe
+    (the output of a lean op, unedited), the overwritten value is rebuilt in backward instead of kept, and the
+    result is a recipe too; otherwise eager's in-place op runs unchanged."""
+    name = check_activation(name)
+    if name not in _INPLACE:
+        raise FreezeError(f"activation={name!r} has no in-place form; use one of {sorted(_INPLACE)}")
+    r, view = fresh_recipe(input)
+    pre = pack_now(input) if r is not None and view is None and torch.is_grad_enabled() else None
+    if pre is None:
+        return _INPLACE[name](input)
+    before = Snapshot(input)
+    reg.record("activation", reg.LEAN)
+    out = _ActivationInplace.apply(input, name, pre)
+    return mark_recomputable(out, functools.partial(_value, name=name), before)
+
+
+class _Elementwise(torch.autograd.Function):
+    """``fn(x)`` for a pure elementwise ``fn``: saves ``x``; backward reruns ``fn`` under autograd (eager's own
+    derivative formulas, in eager's order) and asks it for the input's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        ctx.fn = fn
+        ctx.save_for_backward(x)
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        # the rerun's saves live only inside this call: keep them from enclosing hooks (save_on_cpu, a meter)
+        with torch.enable_grad(), local_saves():
+            xd = x.detach().requires_grad_()
+            (dx,) = torch.autograd.grad(ctx.fn(xd), xd, dy)
+        return dx, None
+
+
+def _no_grad_call(x: torch.Tensor, *, fn) -> torch.Tensor:
+    with torch.no_grad():
+        return fn(x)
+
+
+def elementwise(input: torch.Tensor, fn) -> torch.Tensor:
+    """``fn(input)`` keeping only ``input`` for backward; the output is a recipe (``fn`` must be a pure function
+    of its one tensor argument, e.g. transformers' ``NewGELUActivation``)."""
+    reg.record("activation", reg.LEAN)
+    return mark_recomputable(_Elementwise.apply(input, fn), functools.partial(_no_grad_call, fn=fn), input)

@@ -2,7 +2,7 @@
 
 Backward recomputes the normalised value from the saved input and the per-channel (mean, invstd),
 so only the input and per-channel vectors are saved; eager BN + SiLU also saves the BN output.
-``batch_norm_act_lean`` does the same in plain torch with eager's own kernels (any device).
+``batch_norm_act_lean`` (``batch_norm_lean.py``) does the same in plain torch with eager's own kernels.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from .._errors import FreezeError
 from . import _registry as reg
-from .activation import act_backward, act_forward, check_activation
+from .activation import act_forward, check_activation
+from .batch_norm_lean import _check_args, batch_norm_act_lean
 from .recompute import mark_recomputable
 
 _ACTS = {"silu": 0, "relu": 1, "identity": 2}
@@ -464,129 +465,6 @@ class _BatchNormAct(torch.autograd.Function):
         dw = sdzx.to(w.dtype) if ctx.has_w and need_w else None
         db = sdz.to(b.dtype) if ctx.has_b and need_b else None
         return dx, None, None, dw, db, None, None, None, None
-
-
-def _bn_act_value(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    mean: torch.Tensor | None,
-    var: torch.Tensor | None,
-    *,
-    eps: float,
-    act: str,
-) -> torch.Tensor:
-    """``act(bn(x))`` through eager's own BatchNorm kernel: the lean forward's value, bit for bit.
-
-    ``mean``/``var`` None: batch statistics (recomputed from ``x``; running statistics untouched), else eval
-    mode with those statistics. The recompute recipe and backward call this, so they rebuild exactly what
-    the forward produced (and what eager would have).
-    """
-    z = torch.ops.aten.native_batch_norm(x, weight, bias, mean, var, mean is None, 0.0, eps)[0]
-    return act_forward(z, act)
-
-
-class _LeanBatchNormAct(torch.autograd.Function):
-    """BN + act through eager's kernels, saving only the input and per-channel statistics; any device."""
-
-    @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, act):
-        aten = torch.ops.aten
-        if training:
-            # eager's kernel: same output, same (mean, invstd), same running-statistics update
-            z, mean, invstd = aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-            stats = (mean, invstd)
-        else:
-            # copies: the running buffers may change in place before backward runs
-            stats = (running_mean.detach().clone(), running_var.detach().clone())
-            z = aten.native_batch_norm(x, weight, bias, stats[0], stats[1], False, momentum, eps)[0]
-        y = act_forward(z, act)
-        del z  # the BN output is not kept: backward recomputes it
-        ctx.save_for_backward(x, weight, bias, *stats)
-        ctx.training, ctx.act, ctx.eps = training, act, eps
-        # the statistics go out too: with them a later save of y can be a recipe (ops.recompute)
-        ctx.mark_non_differentiable(*stats)
-        return (y, *stats)
-
-    @staticmethod
-    def backward(ctx, dy, _d1=None, _d2=None):
-        x, weight, bias, s1, s2 = ctx.saved_tensors
-        aten = torch.ops.aten
-        # recomputed here instead of saved: the BN output (the activation's input), bit for bit as forward
-        z = aten.native_batch_norm(
-            x, weight, bias, None if ctx.training else s1, None if ctx.training else s2, ctx.training, 0.0, ctx.eps
-        )[0]
-        dz = act_backward(z, dy, ctx.act)
-        del z
-        need = [
-            ctx.needs_input_grad[0],
-            weight is not None and ctx.needs_input_grad[3],
-            bias is not None and ctx.needs_input_grad[4],
-        ]
-        if ctx.training:
-            dx, dw, db = aten.native_batch_norm_backward(dz, x, weight, None, None, s1, s2, True, ctx.eps, need)
-        else:
-            dx, dw, db = aten.native_batch_norm_backward(dz, x, weight, s1, s2, None, None, False, ctx.eps, need)
-        return (
-            (dx if need[0] else None),
-            None,
-            None,
-            (dw if need[1] else None),
-            (db if need[2] else None),
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-def batch_norm_act_lean(
-    input: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-    activation: str | None = "silu",
-) -> torch.Tensor:
-    """``act(F.batch_norm(...))`` as a plain-torch autograd Function saving the input and (mean, invstd).
-
-    Any device and dtype; activations as in ``freezert.ops.activation`` (silu, relu, gelu, gelu_tanh, identity).
-    """
-    act = check_activation(activation)
-    _check_args(input, running_mean, running_var, training, momentum)
-    reg.record("batch_norm_act", reg.LEAN)
-    y, s1, s2 = _LeanBatchNormAct.apply(
-        input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps), act
-    )
-    # inside ops.recompute_saved(), a later op saving y stores (input, weight, bias[, eval statistics]) instead
-    recipe = functools.partial(_bn_act_value, eps=float(eps), act=act)
-    if training:
-        return mark_recomputable(y, recipe, input, weight, bias, None, None)
-    return mark_recomputable(y, recipe, input, weight, bias, s1, s2)
-
-
-def _check_args(input, running_mean, running_var, training, momentum) -> None:
-    if momentum is None:
-        raise FreezeError(
-            "momentum=None is not a batch_norm_act argument; pass 1/num_batches_tracked "
-            "as nn.BatchNorm does (FusedConvBNAct does this for you)"
-        )
-    if input.dim() < 2:
-        raise FreezeError(f"batch_norm_act expects (N, C, ...) input, got shape {tuple(input.shape)}")
-    if not training and (running_mean is None or running_var is None):
-        raise FreezeError(
-            "batch_norm_act in eval mode needs running_mean and running_var "
-            "(pass training=True to normalise with batch statistics)"
-        )
-    if training:
-        per_channel = input.numel() // max(1, input.shape[1])
-        if per_channel <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {list(input.shape)}"
-            )
 
 
 def batch_norm_act(

@@ -1,7 +1,15 @@
-"""Finds Conv->BN->act blocks and LayerNorms, and swaps in modules that call the fused ops.
+"""Plans which parts of a model run through ``freezert.ops``, and applies the plan for the duration of a block.
 
-A replacement holds the very same child modules / Parameter / buffer objects as the original, so
-parameter identity, buffers and ``state_dict`` keys are unchanged while it is swapped in.
+* ``impl="lean"`` (exact: values, gradients and BatchNorm statistics are eager's bit for bit): every maximal
+  trainable subtree becomes a lean region (``ops.lean``: BN, LayerNorm, activations, dropout, residual sums and
+  concatenations kept as recipes), plus module swaps for what the region cannot see as one call: transformers'
+  Llama RMSNorm (``LeanRMSNorm``) and Python-formula activations such as GPT-2's ``NewGELUActivation``
+  (``LeanElementwise``).
+* ``impl="triton"``: Conv->BN->act blocks and LayerNorms swapped for modules that call the Triton kernels.
+* ``impl="auto"``: the Triton modules (deciding per call: Triton on CUDA, lean elsewhere) inside lean regions.
+
+A replacement holds the very same child modules / Parameter / buffer objects as the original, so parameter
+identity, buffers and ``state_dict`` keys are unchanged while it is swapped in; a region only adds forward hooks.
 The input module is never edited by ``plan_substitutions``; ``swapped`` edits it only inside the block.
 """
 
@@ -17,11 +25,21 @@ from torch import nn
 from .._swap import Handle, apply_substitutions, restore  # noqa: F401 (re-exported)
 from .._swap import swapped as _swapped
 from . import _registry as reg
-from .activation import activation
 from .batch_norm_act import batch_norm_act
 from .layer_norm import layer_norm
+from .lean import composes, in_region, lean_region, saving_region
+from .lean_modules import (
+    LeanActivation,
+    LeanBatchNorm,
+    LeanDropout,
+    LeanElementwise,
+    LeanLayerNorm,
+    LeanRMSNorm,
+    _Shell,
+    plain_batch_norm,
+)
 from .recompute import recompute_saved
-from .rms_norm import is_llama_rms_norm, rms_norm_lean
+from .rms_norm import is_llama_rms_norm
 
 _ACT_NAMES: dict[type, str] = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "identity"}
 _TRITON_ACTS = ("silu", "relu", "identity")
@@ -37,14 +55,33 @@ def _act_name(m: nn.Module) -> str | None:
     return _ACT_NAMES.get(type(m)) or _LEAN_ACT_NAMES.get(type(m))
 
 
-# transformers' activation modules (transformers.activations), matched by class name: no import needed
+# transformers' activation modules (transformers.activations), matched by class name: no import needed.
+# These call one torch function (F.silu, F.gelu): a lean region sees that call.
 _HF_ACTS = {
     "SiLUActivation": "silu",
-    "NewGELUActivation": "gelu_tanh",
     "GELUTanh": "gelu_tanh",
     "PytorchGELUTanh": "gelu_tanh",
     "GELUActivation": "gelu",
 }
+# These are Python formulas of several elementwise ops (GPT-2's gelu_new is a tanh formula, not F.gelu's kernel):
+# eager keeps several intermediates; LeanElementwise keeps the input and reruns the formula in backward.
+_HF_FORMULAS = {
+    "NewGELUActivation",
+    "FastGELUActivation",
+    "QuickGELUActivation",
+    "AccurateGELUActivation",
+    "ReLUSquaredActivation",
+    "LaplaceActivation",
+}
+
+
+def _formula_act(m: nn.Module) -> bool:
+    if not type(m).__module__.startswith("transformers.") or m._parameters or m._buffers or m._modules:
+        return False
+    if type(m).__name__ in _HF_FORMULAS:
+        return True
+    # GELUActivation(use_gelu_python=True) computes erf's formula in Python
+    return type(m).__name__ == "GELUActivation" and getattr(m, "act", None) is not F.gelu
 
 
 def _standalone_act(m: nn.Module) -> str | None:
@@ -142,7 +179,7 @@ class FusedLayerNorm(nn.Module):
 
 def _replacement(m: nn.Module, impl: str) -> nn.Module | None:
     rep = _fused(m, impl)
-    if rep is not None:
+    if rep is not None and not isinstance(rep, _Shell):  # a shell reads every attribute from the original
         # plain attributes a parent may read, e.g. YOLO's per-layer .f / .i / .type / .np
         for key, value in vars(m).items():
             if not key.startswith("_") and key != "training" and key not in vars(rep):
@@ -150,55 +187,34 @@ def _replacement(m: nn.Module, impl: str) -> nn.Module | None:
     return rep
 
 
-class LeanActivation(nn.Module):
-    """A standalone activation module through ``ops.activation``: its output, when a later layer saves it,
-    becomes a recipe over the input the activation saves anyway (lean path only)."""
-
-    def __init__(self, act: nn.Module):
-        super().__init__()
-        self._activation = _standalone_act(act)
-        self._impl = "lean"
-        self.training = act.training
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return activation(x, self._activation)
-
-    def extra_repr(self) -> str:
-        return self._activation
-
-
-class LeanRMSNorm(nn.Module):
-    """transformers' Llama-style RMSNorm through ``rms_norm_lean``; registers the original weight Parameter."""
-
-    def __init__(self, norm: nn.Module):
-        super().__init__()
-        self.register_parameter("weight", norm.weight)
-        self.variance_epsilon = norm.variance_epsilon
-        self._impl = "lean"
-        self.training = norm.training
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_lean(x, self.weight, self.variance_epsilon)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
-
-
 def _fusable_act(act: nn.Module, impl: str) -> str | None:
     name = _act_name(act)
     return name if name is not None and (impl != "triton" or name in _TRITON_ACTS) else None
 
 
+def _lean_swap(m: nn.Module) -> nn.Module | None:
+    """The lean module swap for ``m`` (lean and auto plans), or None."""
+    if is_llama_rms_norm(m) and not m._modules and not m._buffers:
+        return LeanRMSNorm(m)
+    if _formula_act(m):
+        return LeanElementwise(m)
+    if plain_batch_norm(m):
+        return LeanBatchNorm(m)
+    if type(m) is nn.LayerNorm:
+        return LeanLayerNorm(m)
+    if type(m) is nn.Dropout:
+        return LeanDropout(m)
+    name = _standalone_act(m)
+    return None if name in (None, "identity") else LeanActivation(m, name)
+
+
 def _fused(m: nn.Module, impl: str) -> nn.Module | None:
     if _hooked(m):
         return None
+    if impl == "lean":
+        return _lean_swap(m)
     if type(m) is nn.LayerNorm:
         return FusedLayerNorm(m, impl)
-    if impl != "triton" and is_llama_rms_norm(m) and not m._modules and not m._buffers:
-        return LeanRMSNorm(m)
-    if impl != "triton" and _standalone_act(m) not in (None, "identity") and not getattr(m, "inplace", False):
-        # in-place activations already share one storage between what they and the next layer save
-        return LeanActivation(m)
     if _sequential(m) and len(m) == 3:
         conv, bn, act = m[0], m[1], m[2]
         if (
@@ -210,64 +226,150 @@ def _fused(m: nn.Module, impl: str) -> nn.Module | None:
             and not _hooked(act)
         ):
             return FusedConvBNAct(conv, bn, act, names=tuple(m._modules), impl=impl)
-        return None
-    children = m._modules
-    if set(children) == {"conv", "bn", "act"}:  # YOLOv5 / Ultralytics Conv: forward is act(bn(conv(x)))
-        conv, bn, act = children["conv"], children["bn"], children["act"]
-        if (
-            isinstance(conv, nn.Conv2d)
-            and _plain_bn(bn)
-            and _fusable_act(act, impl) is not None
-            and not _hooked(bn)
-            and not _hooked(act)
-        ):
-            return FusedConvBNAct(conv, bn, act, impl=impl)
-    return None
+    else:
+        children = m._modules
+        if set(children) == {"conv", "bn", "act"}:  # YOLOv5 / Ultralytics Conv: forward is act(bn(conv(x)))
+            conv, bn, act = children["conv"], children["bn"], children["act"]
+            if (
+                isinstance(conv, nn.Conv2d)
+                and _plain_bn(bn)
+                and _fusable_act(act, impl) is not None
+                and not _hooked(bn)
+                and not _hooked(act)
+            ):
+                return FusedConvBNAct(conv, bn, act, impl=impl)
+    return _lean_swap(m) if impl == "auto" else None
+
+
+class LeanRegion:
+    """Plan entry: the named module's forward runs inside ``ops.recompute_saved()`` (``saves``: the root of a
+    trainable subtree) and/or ``ops.lean.lean_region()``'s op routing (``ops``: a module whose own forward code
+    adds, multiplies, concatenates or calls activations: ``lean.composes``). Forward hooks added by ``swapped``;
+    the module itself is not replaced."""
+
+    def __init__(self, saves: bool = True, ops: bool = True):
+        self.saves, self.ops = saves, ops
+
+    def install(self, module: nn.Module) -> list:
+        """Add the hooks that enter and leave the region around ``module``'s forward; returns their handles."""
+        opened: list = []
+
+        def enter(mod, args):
+            ctx = lean_region() if self.ops else saving_region()
+            ctx.__enter__()
+            opened.append(ctx)
+
+        def leave(mod, args, output):
+            if opened:
+                opened.pop().__exit__(None, None, None)
+
+        return [
+            module.register_forward_pre_hook(enter, prepend=True),
+            module.register_forward_hook(leave, always_call=True),
+        ]
+
+    def __repr__(self) -> str:
+        return f"LeanRegion(saves={self.saves}, ops={self.ops})"
 
 
 def plan_substitutions(
     module: nn.Module, *, skip: Callable[[str], bool] = lambda name: False, impl: str = "triton"
-) -> list[tuple[str, nn.Module]]:
-    """(dotted name, replacement) for each Conv-BN-act block and LayerNorm below ``module``.
+) -> list[tuple[str, nn.Module | LeanRegion]]:
+    """(dotted name, replacement) for what runs through ``freezert.ops`` below ``module``.
 
-    ``skip(name)`` excludes a candidate (e.g. frozen blocks); the root itself is never replaced.
-    ``impl``: "triton" (Triton kernels where they run, else eager), "lean" (the plain-torch lean
-    Functions on every device), "auto" (Triton on CUDA inputs, lean elsewhere; decided per call).
+    ``skip(name)`` excludes a module (e.g. frozen blocks: the wrapper skips them, their descendants and their
+    ancestors); the root itself is never replaced. ``impl``: "lean" (exact lean regions over every maximal
+    trainable subtree, plus the module swaps they need; any device), "triton" (Triton kernels where they run,
+    else eager), "auto" (the Triton modules inside lean regions; Triton on CUDA inputs, lean elsewhere).
     """
     reg.check_impl(impl)
-    plan: list[tuple[str, nn.Module]] = []
+    plan: list[tuple[str, nn.Module | LeanRegion]] = []
 
-    def visit(prefix: str, m: nn.Module) -> None:
+    def visit(prefix: str, m: nn.Module, region: bool) -> None:
         for name, child in m._modules.items():
             if child is None:
                 continue
             full = f"{prefix}.{name}" if prefix else name
-            rep = None if skip(full) else _replacement(child, impl)
+            if skip(full):
+                visit(full, child, False)
+                continue
+            rep = _replacement(child, impl)
+            if impl != "triton":
+                ops = rep is None and composes(child)
+                if ops or not region:
+                    plan.append((full, LeanRegion(saves=not region, ops=ops)))
             if rep is not None:
                 plan.append((full, rep))
             else:
-                visit(full, child)
+                visit(full, child, region or impl != "triton")
 
-    visit("", module)
+    visit("", module, False)
     return plan
 
 
-def _recipes(plan: list[tuple[str, nn.Module]]) -> bool:
+def lean_plan(module: nn.Module, *, skip: Callable[[str], bool] = lambda name: False) -> list:
+    """The exact lean substitutions of ``module`` (``plan_substitutions(..., impl="lean")``): run its trainable
+    part inside ``swapped(module, plan)`` for eager's values, gradients and BatchNorm statistics, bit for bit,
+    with fewer bytes saved for backward."""
+    return plan_substitutions(module, skip=skip, impl="lean")
+
+
+def _recipes(plan: list) -> bool:
     """True when some replacement marks its output recomputable (every fused Conv-BN-act path does, and
     the lean LayerNorm, RMSNorm and activations)."""
     return any(
-        isinstance(rep, (FusedConvBNAct, LeanActivation, LeanRMSNorm))
+        isinstance(rep, (FusedConvBNAct, LeanActivation, LeanRMSNorm, LeanElementwise, LeanBatchNorm, LeanLayerNorm))
         or (isinstance(rep, FusedLayerNorm) and rep._impl != "triton")
         for _, rep in plan
     )
 
 
+# (module, plan) of every swapped() block open now, outermost first: checkpoint's recompute replays them
+_ACTIVE: list[tuple[nn.Module, list]] = []
+
+
 @contextlib.contextmanager
-def swapped(module: nn.Module, plan: list[tuple[str, nn.Module]], *, recompute: bool = True) -> Iterator[nn.Module]:
-    """``module`` runs with the replacements inside the block; the fused blocks' activations that later
-    layers save are stored as recipes over the BN input (``ops.recompute``), unless ``recompute=False``."""
+def swapped(module: nn.Module, plan: list, *, recompute: bool = True) -> Iterator[nn.Module]:
+    """``module`` runs with the plan inside the block: replacements swapped in, lean regions hooked; activations
+    that later layers save are stored as recipes (``ops.recompute``), unless ``recompute=False``."""
+    mods = [(n, r) for n, r in plan if not isinstance(r, LeanRegion)]
+    regions = [(n, r) for n, r in plan if isinstance(r, LeanRegion)] if recompute else []
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_swapped(module, plan))
-        if recompute and _recipes(plan):
+        stack.enter_context(_swapped(module, mods))
+        for name, region in regions:  # after the swaps: a region's root may itself be a replacement
+            for h in region.install(module.get_submodule(name)):
+                stack.callback(h.remove)
+        if recompute and not regions and _recipes(plan):
             stack.enter_context(recompute_saved())
+        _ACTIVE.append((module, plan))
+        stack.callback(_ACTIVE.pop)
         yield module
+
+
+class _Replay:
+    """Re-enterable: checkpoint enters its recompute context once per recompute (retain_graph may recompute twice)."""
+
+    def __init__(self, plans: list, region: bool):
+        self.plans, self.region, self.open = plans, region, []
+
+    def __enter__(self) -> None:
+        stack = contextlib.ExitStack()
+        try:
+            for module, plan in self.plans:
+                stack.enter_context(swapped(module, plan))
+            if self.region:
+                stack.enter_context(lean_region())
+        except BaseException:
+            stack.close()
+            raise
+        self.open.append(stack)
+
+    def __exit__(self, *exc) -> None:
+        self.open.pop().__exit__(*exc)
+
+
+def replay() -> contextlib.AbstractContextManager:
+    """A context manager that re-enters, later, the ``swapped`` plans open now (and the lean region if one runs
+    now): ``torch.utils.checkpoint``'s recompute runs in backward, after the forward's ``swapped`` has closed,
+    and must run the same modules and ops to save the same tensors."""
+    return _Replay(list(_ACTIVE), in_region())

@@ -1,0 +1,258 @@
+"""Lean regions: while a trainable block runs, the ops whose outputs later ops save go through lean versions.
+
+``lean_region()`` (entered around each trainable block by ``ops.substitute``'s lean plan) activates, for the
+block's forward only, ``recompute_saved()`` and a ``TorchFunctionMode`` that routes
+
+* ``F.batch_norm`` -> ``batch_norm_lean``, ``F.layer_norm`` -> ``layer_norm_lean``, ``F.dropout`` (training) ->
+  ``dropout_lean``, ``F.relu`` / ``silu`` / ``gelu`` / ``hardswish`` / ``relu6`` (``torch.relu``, ``Tensor.relu``)
+  -> ``activation``, their in-place forms -> ``activation_``: eager's kernels, outputs marked recomputable;
+* ``add`` / ``sub`` / ``mul`` / ``div`` (in place too: a residual ``out += identity``) and ``cat`` with an operand
+  that is a recipe -> the same op, its output a recipe over the operands (a residual sum, a gated feature, YOLO's
+  concatenated chunks: rebuilt in backward instead of kept, when the operands are kept anyway).
+
+Every other call passes through untouched, and so does everything under ``no_grad`` or inside a
+``torch.utils.checkpoint`` region (checkpoint recomputes it anyway). Values, gradients and running statistics are
+eager's bit for bit: each lean op calls eager's kernels, and a recipe is the forward's own expression.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dis
+import functools
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from . import recompute
+from .activation import activation, activation_
+from .batch_norm_lean import batch_norm_lean
+from .dropout import dropout_lean
+from .layer_norm import layer_norm_lean
+from .recompute import Snapshot, fresh_recipe, mark_recomputable
+
+_T = torch._C.TensorBase
+_DEPTH = [0]  # lean regions entered and not left (nested calls count)
+
+
+def _bind(spec: tuple, args: tuple, kwargs: dict) -> list | None:
+    """Positional values of ``spec``'s (name, default) parameters from a call; None for an unknown keyword."""
+    vals = list(args) + [d for _, d in spec[len(args) :]]
+    names = [n for n, _ in spec]
+    for k, v in kwargs.items():
+        if k not in names:
+            return None
+        vals[names.index(k)] = v
+    return vals
+
+
+def _plain(t) -> bool:
+    return isinstance(t, torch.Tensor) and (type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter))
+
+
+def _grad(*ts) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
+_BN = (
+    ("input", None),
+    ("running_mean", None),
+    ("running_var", None),
+    ("weight", None),
+    ("bias", None),
+    ("training", False),
+    ("momentum", 0.1),
+    ("eps", 1e-5),
+)
+
+
+def _batch_norm(func, args, kwargs):
+    a = _bind(_BN, args, kwargs)
+    if (
+        a is None
+        or not _plain(a[0])
+        or not _grad(a[0], a[3], a[4])
+        or a[0].numel() == 0
+        or a[0].dim() < 2
+        or a[6] is None
+        or (not a[5] and (a[1] is None or a[2] is None))
+    ):
+        return func(*args, **kwargs)
+    if a[5]:
+        F._verify_batch_size(a[0].size())
+    return batch_norm_lean(*a)
+
+
+_LN = (("input", None), ("normalized_shape", None), ("weight", None), ("bias", None), ("eps", 1e-5))
+
+
+def _layer_norm(func, args, kwargs):
+    a = _bind(_LN, args, kwargs)
+    if a is None or not _plain(a[0]) or not _grad(a[0], a[2], a[3]) or a[0].numel() == 0:
+        return func(*args, **kwargs)
+    x = a[0]
+    if torch.is_autocast_enabled(x.device.type):
+        if x.device.type != "cuda":  # CPU autocast leaves layer_norm alone (it runs in the input's dtype)
+            if x.device.type != "cpu":
+                return func(*args, **kwargs)
+        else:  # CUDA autocast runs layer_norm in float32: cast as its policy does
+            a[0], a[2], a[3] = (
+                None if t is None else t.float() if t.is_floating_point() else t for t in a[0:1] + a[2:4]
+            )
+    shape = (a[1],) if isinstance(a[1], int) else tuple(a[1])
+    return layer_norm_lean(a[0], shape, a[2], a[3], a[4])
+
+
+def _act(name: str, spec: tuple, inplace_default: bool = False):
+    def handler(func, args, kwargs):
+        a = _bind(spec, args, kwargs)
+        if a is None or not _plain(a[0]) or not a[0].requires_grad:
+            return func(*args, **kwargs)
+        if len(a) > 1 and name == "gelu":
+            return (
+                activation(a[0], "gelu" if a[1] == "none" else "gelu_tanh")
+                if a[1] in ("none", "tanh")
+                else func(*args, **kwargs)
+            )
+        inplace = inplace_default or (len(a) > 1 and bool(a[1]))
+        return activation_(a[0], name) if inplace else activation(a[0], name)
+
+    return handler
+
+
+def _dropout(func, args, kwargs):
+    a = _bind((("input", None), ("p", 0.5), ("training", True), ("inplace", False)), args, kwargs)
+    if a is None or not _plain(a[0]) or not a[0].requires_grad or not a[2] or a[3] or not 0.0 < a[1] < 1.0:
+        return func(*args, **kwargs)
+    return dropout_lean(a[0], float(a[1]))
+
+
+def _recall(*leaves, func, spec, dtype=None):
+    args, kwargs = pytree.tree_unflatten(list(leaves), spec)
+    out = func(*args, **kwargs)
+    return out if dtype is None or out.dtype == dtype else out.to(dtype)
+
+
+def _marked_operand(args) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if fresh_recipe(a)[0] is not None:
+                return True
+        elif isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and fresh_recipe(t)[0] for t in a):
+            return True
+    return False
+
+
+def _compose(func, args, kwargs):
+    """An elementwise op or cat with a recipe operand: its output is a recipe over the operands."""
+    out = func(*args, **kwargs)
+    if isinstance(out, torch.Tensor) and out.requires_grad and _marked_operand(args):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        mark_recomputable(out, functools.partial(_recall, func=func, spec=spec), *leaves)
+    return out
+
+
+def _compose_inplace(outofplace):
+    def handler(func, args, kwargs):
+        x = args[0] if args else None
+        if not _plain(x):
+            return func(*args, **kwargs)
+        r, view = fresh_recipe(x)
+        if r is None or view is not None:  # the overwritten value must be a recipe (and not a view's base)
+            return func(*args, **kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        before = [Snapshot(t) if isinstance(t, torch.Tensor) else t for t in leaves]
+        dtype = x.dtype
+        out = func(*args, **kwargs)
+        if out is x and out.requires_grad:
+            # computed out of place in the common dtype, then cast to self's: what the in-place op does
+            mark_recomputable(out, functools.partial(_recall, func=outofplace, spec=spec, dtype=dtype), *before)
+        return out
+
+    return handler
+
+
+_X = (("input", None), ("inplace", False))
+_HANDLERS = {
+    F.batch_norm: _batch_norm,
+    F.layer_norm: _layer_norm,
+    F.dropout: _dropout,
+    F.relu: _act("relu", _X),
+    torch.relu: _act("relu", (("input", None),)),
+    _T.relu: _act("relu", (("input", None),)),
+    torch.relu_: _act("relu", (("input", None),), True),
+    _T.relu_: _act("relu", (("input", None),), True),
+    F.silu: _act("silu", _X),
+    F.hardswish: _act("hardswish", _X),
+    F.relu6: _act("relu6", _X),
+    F.gelu: _act("gelu", (("input", None), ("approximate", "none"))),
+    torch.cat: _compose,
+    torch.concat: _compose,
+    torch.concatenate: _compose,
+}
+for _name in ("add", "sub", "mul", "div"):
+    _HANDLERS[getattr(_T, _name)] = _compose
+    _HANDLERS[getattr(torch, _name)] = _compose
+    _HANDLERS[getattr(_T, _name + "_")] = _compose_inplace(getattr(_T, _name))
+_HANDLERS[torch.Tensor.__rsub__] = _compose
+_HANDLERS[torch.Tensor.__rdiv__] = _compose
+
+
+class _LeanMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is None or not torch.is_grad_enabled() or not recompute.active():
+            return func(*args, **kwargs)
+        return handler(func, args, kwargs)
+
+
+@contextlib.contextmanager
+def saving_region() -> Iterator[None]:
+    """Saves inside the block go through ``recompute_saved()`` (recipes, in-place checks); no op routing."""
+    with recompute.recompute_saved():
+        yield
+
+
+# what a forward's own code must mention for the routing to matter there: arithmetic on tensors, cat, and the
+# functional forms of the ops above (module calls are swapped instead; the routing costs a Python call per op)
+_OPS = {"+", "-", "*", "/", "+=", "-=", "*=", "/="}
+_OLD_OPS = {"BINARY_ADD", "BINARY_SUBTRACT", "BINARY_MULTIPLY", "BINARY_TRUE_DIVIDE"}
+_OLD_OPS |= {"INPLACE_ADD", "INPLACE_SUBTRACT", "INPLACE_MULTIPLY", "INPLACE_TRUE_DIVIDE"}
+_NAMES = {"cat", "concat", "concatenate", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+_NAMES |= {"relu", "relu_", "silu", "gelu", "hardswish", "relu6", "dropout", "batch_norm", "layer_norm"}
+
+
+@functools.cache
+def _code_composes(code) -> bool:
+    for ins in dis.get_instructions(code):
+        if ins.opname == "BINARY_OP" and ins.argrepr in _OPS or ins.opname in _OLD_OPS:
+            return True
+        if ins.opname in ("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL") and ins.argval in _NAMES:
+            return True
+    return False
+
+
+def composes(m: torch.nn.Module) -> bool:
+    """True when ``m``'s own forward code (not its children's) does something a lean region routes."""
+    code = getattr(type(m).forward, "__code__", None)
+    return code is not None and type(m).forward is not torch.nn.Module.forward and _code_composes(code)
+
+
+@contextlib.contextmanager
+def lean_region() -> Iterator[None]:
+    """Within the block, the ops above run lean and their outputs are kept as recipes (see the module docstring)."""
+    _DEPTH[0] += 1
+    try:
+        with recompute.recompute_saved(), _LeanMode():
+            yield
+    finally:
+        _DEPTH[0] -= 1
+
+
+def in_region() -> bool:
+    """True while a lean region runs."""
+    return _DEPTH[0] > 0

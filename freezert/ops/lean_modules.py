@@ -1,0 +1,162 @@
+"""Module swaps of the lean path: BatchNorm, LayerNorm, activations (in place too), dropout, Python-formula
+activations and Llama's RMSNorm, each computing exactly what the module it replaces computes.
+
+Each replacement is a shell around the original module: it shares the original's parameter, buffer and child
+dicts (``parameters()``, ``state_dict()`` keys and ``.to()`` moves are the original's), reads and writes
+``training`` through to it, and falls back to it for any other attribute (``bn.eps``, ``act.inplace``). It
+calls the original unchanged when there is nothing to save (``no_grad``, or no input or parameter needing grad).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activation import activation, activation_, elementwise
+from .batch_norm_lean import batch_norm_lean
+from .dropout import dropout_lean
+from .layer_norm import layer_norm_lean
+from .rms_norm import rms_norm_lean
+
+_BN_FORWARD = nn.modules.batchnorm._BatchNorm.forward
+
+
+class _Shell(nn.Module):
+    """Shares the wrapped module's parameters, buffers and children; ``training`` and attributes pass through."""
+
+    def __init__(self, inner: nn.Module):
+        object.__setattr__(self, "_inner", inner)
+        mode = inner.training
+        super().__init__()  # sets training = True, which passes through: put the original's mode back
+        inner.training = mode
+        self._parameters = inner._parameters
+        self._buffers = inner._buffers
+        self._modules = inner._modules
+
+    @property
+    def training(self) -> bool:  # nn.Module.train() sets it on every module it walks: keep the original in step
+        return self._inner.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self._inner.training = mode
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_inner"), name)
+
+    def extra_repr(self) -> str:
+        return repr(self._inner)
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+class LeanBatchNorm(_Shell):
+    """``nn.BatchNorm1d/2d/3d`` (not subclasses with their own forward) through ``batch_norm_lean``: the same
+    bookkeeping (``num_batches_tracked``, cumulative ``momentum=None``), eager's kernel; the output a recipe."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bn = self._inner
+        if not _needs_grad(input, bn.weight, bn.bias) or type(input) is not torch.Tensor:
+            return bn(input)
+        with torch._C.DisableTorchFunction():  # a lean region's mode around us has nothing to do in here
+            bn._check_input_dim(input)
+            factor = 0.0 if bn.momentum is None else bn.momentum
+            if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+            track = not bn.training or bn.track_running_stats
+            if use_batch:
+                F._verify_batch_size(input.size())
+            return batch_norm_lean(
+                input,
+                bn.running_mean if track else None,
+                bn.running_var if track else None,
+                bn.weight,
+                bn.bias,
+                use_batch,
+                factor,
+                bn.eps,
+            )
+
+
+class LeanLayerNorm(_Shell):
+    """``nn.LayerNorm`` through ``layer_norm_lean`` (eager's kernels; the output a recipe)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        ln = self._inner
+        if (
+            not _needs_grad(input, ln.weight, ln.bias)
+            or type(input) is not torch.Tensor
+            or (torch.is_autocast_enabled(input.device.type) and input.device.type != "cpu")
+        ):  # CUDA autocast runs layer_norm in float32: leave that to eager
+            return ln(input)
+        with torch._C.DisableTorchFunction():
+            return layer_norm_lean(input, tuple(ln.normalized_shape), ln.weight, ln.bias, ln.eps)
+
+
+class LeanActivation(_Shell):
+    """An activation module (``nn.ReLU``/``SiLU``/``GELU``/``Hardswish``/``ReLU6``, transformers' one-call ones)
+    through ``activation`` (saves its input; the output a recipe) or, in place, ``activation_``."""
+
+    def __init__(self, inner: nn.Module, name: str):
+        super().__init__(inner)
+        object.__setattr__(self, "_name", name)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _needs_grad(input) or type(input) is not torch.Tensor:
+            return self._inner(input)
+        with torch._C.DisableTorchFunction():
+            if getattr(self._inner, "inplace", False):
+                return activation_(input, self._name)
+            return activation(input, self._name)
+
+    def extra_repr(self) -> str:
+        return self._name
+
+
+class LeanDropout(_Shell):
+    """``nn.Dropout`` in training through ``dropout_lean`` (eager's draws; a bool mask kept; the output a recipe)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        d = self._inner
+        if (
+            not (d.training and 0.0 < d.p < 1.0 and not d.inplace and _needs_grad(input))
+            or type(input) is not torch.Tensor
+        ):
+            return d(input)
+        with torch._C.DisableTorchFunction():
+            return dropout_lean(input, float(d.p))
+
+
+class LeanElementwise(_Shell):
+    """A parameter-free elementwise activation module (a Python formula) through ``ops.elementwise``: keeps the
+    input only, reruns the module's formula under autograd in backward (eager's formulas, eager's order)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _needs_grad(x) or type(x) is not torch.Tensor:
+            return self._inner(x)
+        with torch._C.DisableTorchFunction():
+            return elementwise(x, self._inner.forward)
+
+
+class LeanRMSNorm(_Shell):
+    """transformers' Llama-style RMSNorm through ``rms_norm_lean`` (Llama's formula; exact)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self._inner
+        if not _needs_grad(x, norm.weight) or type(x) is not torch.Tensor:
+            return norm(x)
+        with torch._C.DisableTorchFunction():
+            return rms_norm_lean(x, norm.weight, norm.variance_epsilon)
+
+
+def plain_batch_norm(m: nn.Module) -> bool:
+    """An ``nn.BatchNorm1d/2d/3d`` whose forward is torch's own (not SyncBatchNorm, not timm's BatchNormAct)."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward is _BN_FORWARD
