@@ -7,8 +7,8 @@ variants served from the cache (FiniteAugment), and feature space on cached rows
 Transfer on real data: a small CNN (a root ``nn.Sequential``, so freezert drives it) is trained on digits 0-4
 (the "pretrained" backbone), then its first 9 blocks (stem to a 64x8x8 map, stride 4) are frozen and the rest
 re-initialised and trained on digits 5-9 (15% of them, ``--train-frac``; the rest are the test set). Images are
-upsampled to 32x32. Each variant trains from the same pretrained weights and tail initialisation per seed; the table gives
-the test accuracy (mean and standard deviation over seeds) and the median epoch time (epochs 2 on; CPU, one
+upsampled to 32x32. Each variant trains from the same pretrained weights and tail initialisation per seed; the table
+gives the test accuracy (mean and standard deviation over seeds) and the median epoch time (epochs 2 on; CPU, one
 thread; the variants' epochs alternate, and each epoch's ratio to the naive no-augmentation epoch of its round is
 taken, median and quartiles). Variants:
 
