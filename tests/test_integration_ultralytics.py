@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,8 +11,13 @@ pytest.importorskip("ultralytics")
 np = pytest.importorskip("numpy")
 Image = pytest.importorskip("PIL.Image")
 
-from freezert._errors import FreezeError  # noqa: E402
-from freezert.integrations.ultralytics import FreezertCallback, augmentation_in_use  # noqa: E402
+from freezert._errors import CacheError, FreezeError  # noqa: E402
+from freezert.integrations.ultralytics import (  # noqa: E402
+    AUGMENTATION_ARGS,
+    STORE_DIR,
+    FreezertCallback,
+    augmentation_in_use,
+)
 
 
 def make_dataset(root):
@@ -171,23 +178,117 @@ def test_a_schedule_steps_at_epoch_starts_and_leaves_the_optimizer(tmp_path, mon
     assert seen == [(0, [], False), (1, list(range(int(0.5 * (n - 1)))), False)]
 
 
-def test_cache_is_refused_under_augmentation():
+def _trainer(**kw):
+    """A stand-in for an Ultralytics trainer at on_pretrain_routine_end: the args the callback reads, a model."""
+    base = dict.fromkeys(AUGMENTATION_ARGS, 0.0)
+    base.update(close_mosaic=0, freeze=1, compile=False, epochs=5)
+    base.update(kw)
+    args = SimpleNamespace(**base)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    return SimpleNamespace(args=args, model=model, epochs=args.epochs, start_epoch=0, epoch=0)
+
+
+def test_a_feature_cache_is_refused_under_augmentation_that_never_repeats():
     class Args:
         mosaic, fliplr, hsv_h, scale, freeze, compile = 1.0, 0.5, 0.0, (1.0, 1.0), 10, False
 
     assert augmentation_in_use(Args) == ["mosaic", "fliplr"]
+    with pytest.raises(FreezeError, match=r"augmentation on \(hsv_h=0.015, translate=0.1\)"):
+        FreezertCallback(feature_cache="fp16").on_pretrain_routine_end(_trainer(hsv_h=0.015, translate=0.1))
+    with pytest.raises(FreezeError, match=r"augmentation on \(mosaic=1.0\).*close_mosaic=N"):
+        FreezertCallback(feature_cache="fp16").on_pretrain_routine_end(_trainer(mosaic=1.0))  # close_mosaic=0
+    with pytest.raises(FreezeError, match="augmentations="):
+        FreezertCallback(feature_cache="fp16").on_pretrain_routine_end(_trainer(augmentations=["Blur"]))
+    tr = _trainer(hsv_h=0.015)
+    FreezertCallback(feature_cache="fp16", allow_augmented_cache=True).on_pretrain_routine_end(tr)
+    assert type(tr.model).__name__ == "_TrainerModel"
 
-    class Trainer:
-        args = Args
-        model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
 
-    with pytest.raises(FreezeError, match="mosaic=1.0, fliplr=0.5"):
-        FreezertCallback(cache="fp16").on_pretrain_routine_end(Trainer)
-    Args.mosaic = Args.fliplr = 0.0
-    FreezertCallback(cache="fp16", freeze=1).on_pretrain_routine_end(Trainer)
-    assert type(Trainer.model).__name__ == "_TrainerModel"
+def test_flips_are_served_and_mosaic_defers_the_cache_to_close_mosaic():
+    tr = _trainer(fliplr=0.5, flipud=0.5, bgr=0.1)  # finite variants: each is a row of its own
+    cb = FreezertCallback(feature_cache="fp16")
+    cb.on_pretrain_routine_end(tr)
+    assert type(tr.model).__name__ == "_TrainerModel" and cb.frozen.cache is cb.store
+    assert cb.store.where == "disk" and cb.store.path is None  # no save_dir here: a temporary store
+    tr = _trainer(mosaic=1.0, mixup=0.2, close_mosaic=2, fliplr=0.5, epochs=5)
+    cb = FreezertCallback(feature_cache="fp16")
+    cb.on_pretrain_routine_end(tr)
+    plain = cb.frozen.module
+    for epoch, cached in ((0, False), (2, False), (3, True), (4, True)):  # Ultralytics closes mosaic at epoch 5 - 2
+        tr.epoch = epoch
+        cb.on_train_epoch_start(tr)
+        assert (cb.frozen.cache is not None) == cached, epoch
+        assert tr.model.frozen is cb.frozen and cb.frozen.module is plain
+    cb.on_train_end(tr)
+    assert tr.model is plain and cb.store is None  # the store the callback made is closed
+
+
+def test_cache_is_the_old_name_of_feature_cache():
+    with pytest.warns(DeprecationWarning, match="feature_cache="):
+        cb = FreezertCallback(cache="fp16", freeze=1)
+    assert cb.feature_cache == cb.cache == "fp16"
+    tr = _trainer()
+    cb.on_pretrain_routine_end(tr)
+    assert cb.frozen.cache is not None
+    with pytest.raises(FreezeError, match="feature_cache= only"):
+        FreezertCallback(cache="fp16", feature_cache="fp16")
+    with pytest.raises(FreezeError, match="feature_cache=3"):
+        FreezertCallback(feature_cache=3)
 
 
 def test_register_needs_an_ultralytics_object():
     with pytest.raises(FreezeError, match="YOLO model or trainer"):
         FreezertCallback().register(object())
+
+
+NO_AUGMENTATION = dict(mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0, scale=0.0, fliplr=0.0)
+
+
+@pytest.mark.slow
+def test_the_feature_store_lives_beside_the_checkpoints_and_a_resume_reopens_it(tmp_path, monkeypatch):
+    """An interrupted run's rows are served to train(resume=True) from <save_dir>/freezert_cache; a run of another
+    frozen setup into that folder is refused, as any store of another setup is."""
+    from ultralytics import YOLO
+
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    data = make_dataset(tmp_path / "ds")
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(trainer):
+        raise Interrupt
+
+    def watch(cb, seen):
+        def on_train_epoch_end(trainer):
+            st = cb.frozen.cache.stats()
+            seen.append((trainer.epoch, st["hits"], st["misses"]))
+
+        return on_train_epoch_end
+
+    run = dict(imgsz=64, batch=4, workers=0, device="cpu", plots=False, amp=False, val=False, verbose=False)
+    run.update(NO_AUGMENTATION, project=str(tmp_path / "runs"), name="r", exist_ok=True)
+    model = YOLO("yolov8n.yaml")
+    cb = FreezertCallback(feature_cache="fp16").register(model)
+    seen: list = []
+    model.add_callback("on_train_epoch_end", watch(cb, seen))
+    model.add_callback("on_fit_epoch_end", interrupt)
+    with pytest.raises(Interrupt):
+        model.train(data=str(data), epochs=2, freeze=10, **run)
+    store = tmp_path / "runs" / "r" / STORE_DIR
+    assert (store / "header.json").exists() and (store / "index.pt").exists()  # written with last.pt
+    assert seen == [(0, 0, 8)]  # 8 training images stored once
+    cb.store.close()  # the interrupted process ends here (releasing its lock on the store)
+
+    resumed = YOLO(tmp_path / "runs" / "r" / "weights" / "last.pt")
+    cb2 = FreezertCallback(feature_cache="fp16").register(resumed)
+    seen2: list = []
+    resumed.add_callback("on_train_epoch_end", watch(cb2, seen2))
+    resumed.train(resume=True, data=str(data))
+    assert seen2 == [(1, 8, 0)]  # every image of the resumed epoch served from the store, nothing recomputed
+    assert cb2.store is None and cb2.frozen._unwrapped  # closed and unwrapped at on_train_end
+
+    other = YOLO("yolov8n.yaml")
+    FreezertCallback(feature_cache="fp16").register(other)
+    with pytest.raises(CacheError, match="holds features of fingerprint"):
+        other.train(data=str(data), epochs=1, freeze=8, **run)

@@ -11,20 +11,37 @@ At ``on_pretrain_routine_end`` (after Ultralytics froze its layers and built the
 callback replaces ``trainer.model`` with a ``FrozenModel``; ``unwrap_model`` still finds the plain
 ``DetectionModel`` (EMA, ``save_model``, the criterion), validation runs on the EMA as always, and
 ``last.pt``/``best.pt`` hold the plain model. At ``on_train_end`` the plain model is put back.
+
+``FreezertCallback(feature_cache="fp16")`` keeps the frozen prefix's outputs in a disk store beside the run's
+checkpoints (``<save_dir>/freezert_cache``), reopened by ``train(resume=True)``; it needs augmentation a cache can
+serve (flips: each variant is a row of its own) and starts when mosaic closes (``close_mosaic``).
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._errors import FreezeError
+from ..cache import FeatureCache
 from ..schedule import Schedule
 from ..wrapper import FrozenModel, wrap
 
-__all__ = ["AUGMENTATION_ARGS", "FreezertCallback", "augmentation_in_use"]
+__all__ = ["AUGMENTATION_ARGS", "FINITE_AUGMENTATION_ARGS", "STORE_DIR", "FreezertCallback", "augmentation_in_use"]
+
+#: The feature store's folder inside the run's ``save_dir`` (beside ``weights/``), reopened on resume.
+STORE_DIR = "freezert_cache"
+
+#: Augmentations that draw from a finite set of variants of an image (flipped or not, channels swapped or not): with
+#: keys by content each variant is a row of its own, computed once and served from then on.
+FINITE_AUGMENTATION_ARGS = ("fliplr", "flipud", "bgr")
+
+#: Augmentations that mix images; Ultralytics turns them off for the last ``close_mosaic`` epochs.
+_MIXING_ARGS = ("mosaic", "mixup", "cutmix", "copy_paste")
 
 #: Training arguments that make the same image give a different input from epoch to epoch.
 AUGMENTATION_ARGS = (
@@ -48,7 +65,7 @@ AUGMENTATION_ARGS = (
 
 
 def augmentation_in_use(args: Any) -> list[str]:
-    """Names of the trainer's augmentation arguments that are on (a feature cache would never hit under them)."""
+    """Names of the trainer's augmentation arguments that are on (``augmentations``: a custom Albumentations list)."""
     on = []
     for name in AUGMENTATION_ARGS:
         v = getattr(args, name, 0) or 0
@@ -56,7 +73,37 @@ def augmentation_in_use(args: Any) -> list[str]:
             v = 0 if tuple(v) in ((1, 1), (1.0, 1.0)) else 1
         if float(v) > 0:
             on.append(name)
+    if getattr(args, "augmentations", None):
+        on.append("augmentations")
     return on
+
+
+def _cache_start(args: Any, epochs: int) -> int:
+    """The first epoch whose inputs a feature cache can serve: 0, or the first ``close_mosaic`` epoch when only
+    mixing augmentations (mosaic, mixup, cutmix, copy_paste) stand in the way; refuses the rest, naming them."""
+    on = [a for a in augmentation_in_use(args) if a not in FINITE_AUGMENTATION_ARGS]
+    mixing = [a for a in on if a in _MIXING_ARGS]
+    close = int(getattr(args, "close_mosaic", 0) or 0)
+    other = [a for a in on if a not in _MIXING_ARGS or not close]
+    if other:
+        vals = ", ".join(f"{a}={getattr(args, a)}" for a in other)
+        raise FreezeError(
+            f"feature_cache= with augmentation on ({vals}): those inputs never repeat, so the cache would never hit; "
+            "set them to 0 (flips may stay: fliplr, flipud, bgr), let mosaic/mixup stop for the last epochs with "
+            "close_mosaic=N, pass allow_augmented_cache=True for a data set augmented once offline, or drop "
+            "feature_cache="
+        )
+    return max(0, epochs - close) if mixing else 0
+
+
+def _round_to_half(modules: list[nn.Module]) -> None:
+    """Rounds the floating parameters and buffers of ``modules`` to float16 values, in place (kept float32): what an
+    Ultralytics checkpoint stores, so a resumed run holds the same frozen weights and its store's rows still match."""
+    with torch.no_grad():
+        for m in modules:
+            for t in [*m.parameters(), *m.buffers()]:
+                if t.is_floating_point() and t.dtype != torch.float16:
+                    t.copy_(t.half())
 
 
 class _TrainerModel(nn.Module):
@@ -100,17 +147,52 @@ class FreezertCallback:
 
     ``freeze``: anything ``freezert.wrap`` accepts; ``None`` takes the trainer's own ``freeze=`` argument. A
     schedule (``freezert.Linear(0.5, 1.0)``, ``FreezeOut``, ``Unfreeze``) steps at every epoch start.
-    ``cache``: a feature cache (see ``freezert.wrap``); refused while augmentation is on (say ``mosaic=0``,
-    ``fliplr=0``, ... or ``allow_augmented_cache=True`` for a dataset that is augmented once, offline).
-    Other keyword arguments (``bn``, ``dtype``, ``channels_last``, ``graphs``, ``kernels``) go to ``wrap``.
+    ``feature_cache``: True or a codec name (a disk store at ``<save_dir>/freezert_cache``, reopened by
+    ``train(resume=True)``), or a ``FeatureCache`` used as given. It needs augmentation the cache can serve: flips
+    (``fliplr``, ``flipud``, ``bgr``) may stay; mosaic/mixup/cutmix/copy_paste defer it to the last
+    ``close_mosaic`` epochs; the rest must be 0 (or ``allow_augmented_cache=True`` for a data set augmented once,
+    offline). ``cache=`` is its old name (Ultralytics' own ``train(cache=...)`` caches images). Other keyword
+    arguments (``bn``, ``dtype``, ``channels_last``, ``graphs``, ``kernels``) go to ``wrap``.
     """
 
-    def __init__(self, freeze: Any = None, *, cache: Any = None, allow_augmented_cache: bool = False, **wrap_kwargs):
+    def __init__(
+        self,
+        freeze: Any = None,
+        *,
+        feature_cache: Any = None,
+        allow_augmented_cache: bool = False,
+        cache: Any = None,
+        **wrap_kwargs,
+    ):
+        if cache is not None:
+            if feature_cache is not None:
+                raise FreezeError("pass feature_cache= only (cache= is its old name)")
+            warnings.warn(
+                "FreezertCallback(cache=...) is now feature_cache=... (train(cache=...) is Ultralytics' image cache); "
+                "cache= will be removed",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            feature_cache = cache
+        if not (feature_cache is None or isinstance(feature_cache, (bool, str, FeatureCache))):
+            raise FreezeError(
+                f"feature_cache={feature_cache!r} is not understood; pass True, a codec name ('fp16', 'progressive', "
+                "...) or a freezert.FeatureCache"
+            )
         self.freeze = freeze
-        self.cache = cache
+        self.feature_cache = None if feature_cache is False else feature_cache
         self.allow_augmented_cache = allow_augmented_cache
         self.wrap_kwargs = wrap_kwargs
         self.frozen: FrozenModel | None = None
+        self.store: FeatureCache | None = None  # the cache in use (made here for True or a codec name)
+        self._made_store = False
+        self._cache_from: int | None = None  # the epoch from which the cache runs (None: no cache)
+        self._freeze: Any = None
+
+    @property
+    def cache(self) -> Any:
+        """The old name of ``feature_cache``."""
+        return self.feature_cache
 
     def register(self, target: Any) -> FreezertCallback:
         """Adds the callback to a ``YOLO`` model or a trainer (anything with ``add_callback``); returns self."""
@@ -118,6 +200,7 @@ class FreezertCallback:
             raise FreezeError(f"register() got a {type(target).__name__}; pass an ultralytics YOLO model or trainer")
         target.add_callback("on_pretrain_routine_end", self.on_pretrain_routine_end)
         target.add_callback("on_train_epoch_start", self.on_train_epoch_start)
+        target.add_callback("on_model_save", self.on_model_save)
         target.add_callback("on_train_end", self.on_train_end)
         return self
 
@@ -139,32 +222,84 @@ class FreezertCallback:
                 "nothing to freeze: pass train(freeze=N) or FreezertCallback(freeze=N), "
                 "e.g. freeze=10 for a YOLO backbone"
             )
-        if self.cache is not None and not self.allow_augmented_cache:
-            aug = augmentation_in_use(trainer.args)
-            if aug:
-                on = ", ".join(f"{a}={getattr(trainer.args, a)}" for a in aug)
-                raise FreezeError(
-                    f"cache={self.cache!r} with augmentation on ({on}): every epoch sees new inputs, so the cache "
-                    "would never hit; set those to 0 (mosaic=0, fliplr=0, ...) or drop cache="
-                )
         if isinstance(freeze, Schedule) and getattr(trainer, "resume", False):
             raise FreezeError(
                 "resuming a run whose frozen set follows a schedule is not supported by the Ultralytics callback "
                 "(Ultralytics loads the optimizer state before any callback runs); start a new run, or use freeze=N"
             )
-        self.frozen = wrap(model, freeze=freeze, cache=self.cache, **self.wrap_kwargs)
-        trainer.model = _TrainerModel(self.frozen)
+        self._freeze, self._cache_from = freeze, None
+        if self.feature_cache is not None:
+            epochs = int(getattr(trainer, "epochs", 0) or getattr(trainer.args, "epochs", 0) or 0)
+            self._cache_from = 0 if self.allow_augmented_cache else _cache_start(trainer.args, epochs)
+            if isinstance(freeze, Schedule) and self._cache_from > int(getattr(trainer, "start_epoch", 0) or 0):
+                raise FreezeError(
+                    "feature_cache= with a schedule needs the cache from the first epoch, but mosaic runs until "
+                    f"epoch {self._cache_from}; pass mosaic=0 (and mixup=0, cutmix=0, copy_paste=0) or freeze=N"
+                )
+        start = int(getattr(trainer, "start_epoch", 0) or 0)
+        self._wrap(trainer, model, cached=self._cache_from is not None and start >= self._cache_from)
         if self.frozen.schedule is not None:
             # Ultralytics' LambdaLR learns about groups added by unfreezing; its warmup reads their initial_lr.
             self.frozen.schedule.attach(optimizer=trainer.optimizer, lr_schedulers=trainer.scheduler)
 
+    def _wrap(self, trainer: Any, model: nn.Module, cached: bool) -> None:
+        first = self.frozen is None or self.frozen.module is not model
+        self.frozen = wrap(
+            model, freeze=self._freeze, cache=self._store_for(trainer) if cached else None, **self.wrap_kwargs
+        )
+        if first and self._persistent(trainer) and not isinstance(self._freeze, Schedule):
+            # A resumed run's model comes from last.pt, stored in float16: round the frozen weights (and the EMA's
+            # copy) now, before any row is stored, so that both runs hash the same weights and the store is
+            # reopened, not refused. A no-op for pretrained .pt weights, which are float16 already.
+            names = [self.frozen.blocks[i][0] for i in self.frozen.frozen_indices]
+            ema = getattr(getattr(trainer, "ema", None), "ema", None)
+            mods = [model.get_submodule(n) for n in names]
+            mods += [ema.get_submodule(n) for n in names] if isinstance(ema, nn.Module) else []
+            _round_to_half(mods)
+        trainer.model = _TrainerModel(self.frozen)
+
+    def _persistent(self, trainer: Any) -> bool:
+        """Whether the cache's rows outlive the run (a store at a path): then a resume must find the same weights."""
+        fc = self.feature_cache
+        if isinstance(fc, FeatureCache):
+            return fc.path is not None
+        return fc is not None and getattr(trainer, "save_dir", None) is not None
+
+    def _store_for(self, trainer: Any) -> FeatureCache:
+        """The feature cache: the one given, or a disk store beside the run's checkpoints (made once)."""
+        if isinstance(self.feature_cache, FeatureCache):
+            self.store = self.feature_cache
+        elif self.store is None:
+            codec = "fp16" if self.feature_cache is True else self.feature_cache
+            save_dir = getattr(trainer, "save_dir", None)
+            path = None if save_dir is None else os.path.join(os.fspath(save_dir), STORE_DIR)
+            self.store = FeatureCache(codec, "disk", budget="1TiB", path=path)  # bounded by the drive, not LRU
+            self._made_store = True
+        return self.store
+
     def on_train_epoch_start(self, trainer: Any) -> None:
-        """Steps a schedule given as ``freeze=`` with progress ``epoch / epochs``."""
+        """Starts the cache at its first epoch (mosaic closed) and steps a schedule with progress ``epoch / epochs``."""
         fm = self.frozen
-        if fm is not None and fm.schedule is not None and not fm._unwrapped:
+        if fm is None or fm._unwrapped:
+            return
+        if self._cache_from is not None and fm.cache is None and trainer.epoch >= self._cache_from:
+            # mosaic closes this epoch: wrap again with the cache (same modules and parameters: the optimizer and the
+            # EMA keep theirs)
+            self._wrap(trainer, fm.unwrap(), cached=True)
+            fm = self.frozen
+        if fm.schedule is not None:
             fm.schedule.step(min(trainer.epoch / max(trainer.epochs, 1), 1.0))
 
+    def on_model_save(self, trainer: Any) -> None:
+        """Writes the store's index with each checkpoint, so a resumed run finds every row stored until then."""
+        if self.store is not None and self.frozen is not None and self.frozen.cache is self.store:
+            self.store.flush()
+
     def on_train_end(self, trainer: Any) -> None:
-        """Puts the plain model back on the trainer with its own ``requires_grad`` flags and BatchNorm modes."""
+        """Puts the plain model back on the trainer with its own ``requires_grad`` flags and BatchNorm modes; closes
+        the store the callback made (its index written)."""
         if isinstance(trainer.model, _TrainerModel) and self.frozen is not None:
             trainer.model = self.frozen.unwrap()
+        if self._made_store and self.store is not None:
+            self.store.close()
+            self.store = None
