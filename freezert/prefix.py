@@ -237,18 +237,20 @@ class Prefix:
         driven model, on the module itself). Such calls run the prefix; said once, naming the module."""
         for r in runners:
             o = r.__dict__["original"]
-            m = hooked_inside(o) or (None if inside_only or not has_hooks(o) else o)
-            if m is not None:
-                if "hooked" not in self._warned:
-                    self._warned.add("hooked")
-                    name = next((n for n, x in self.model.named_modules() if x is m), type(m).__name__)
-                    warnings.warn(
-                        f"freezert runs the frozen prefix instead of serving it from the cache while {name!r} has a "
-                        "forward hook: a cache hit would not run that module, so the hook would not fire",
-                        FreezeWarning,
-                        stacklevel=user_stacklevel(),
-                    )
-                return True
+            inside = r.hooked_inside()
+            if not inside and (inside_only or not has_hooks(o)):
+                continue
+            if "hooked" not in self._warned:
+                self._warned.add("hooked")
+                m = hooked_inside(o) if inside else o
+                name = next((n for n, x in self.model.named_modules() if x is m), type(m).__name__)
+                warnings.warn(
+                    f"freezert runs the frozen prefix instead of serving it from the cache while {name!r} has a "
+                    "forward hook: a cache hit would not run that module, so the hook would not fire",
+                    FreezeWarning,
+                    stacklevel=user_stacklevel(),
+                )
+            return True
         return False
 
     def _compute_and_store(self, fn, seg: FrozenSegment, batch: int, tensors, keys, content, hit):

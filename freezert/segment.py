@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import types
 from collections.abc import Iterator
 
@@ -158,6 +159,9 @@ class _Runner(nn.Module):
         self.__dict__["original"] = original
         self.__dict__["segment"] = segment
         self.__dict__["plain"] = types.MethodType(type(original).forward, original)  # set again at install
+        # the hook dicts of its submodules, read at each call (a hook added later must fire)
+        subs = [m for m in original.modules() if m is not original]
+        self.__dict__["sub_hooks"] = [d for m in subs for d in (m._forward_hooks, m._forward_pre_hooks)]
         self.key = key  # (unit, member): where the record saw this module
         self.out_dtype = _out_dtype(original)
         self.template = None  # (structure, slots) of the last output: what a cache hit hands back in its place
@@ -169,6 +173,10 @@ class _Runner(nn.Module):
         """Where this runner's last output lives (from its recorded template)."""
         slots = [s for s in self.template[1] if isinstance(s, _Slot)] if self.template else []
         return slots[0].device if slots else None
+
+    def hooked_inside(self) -> bool:
+        """True when one of the user's submodules of this module has a forward or pre-forward hook now."""
+        return any(self.__dict__["sub_hooks"])
 
     def _cast_in(self, t: torch.Tensor) -> torch.Tensor:
         seg = self.__dict__["segment"]
@@ -196,7 +204,7 @@ class _Runner(nn.Module):
         with torch.no_grad():
             if target is original:  # bn="train": the user's own module, batch statistics and all
                 out = plain(*args, **kwargs)
-            elif hooked_inside(original) is not None:
+            elif self.hooked_inside():
                 # a hook on one of its submodules must see that submodule's own output: the user's modules run,
                 # unfolded, in the segment's eval mode
                 with _all_eval(original):
@@ -236,7 +244,6 @@ class _Slot:
 
 
 _PLAIN = (bool, int, float, str, type(None))
-_MISSING = object()
 
 
 def _settings(m: nn.Module) -> list[tuple[str, object]]:
@@ -347,9 +354,15 @@ class FrozenSegment:
         self._records = [(o, kind, key, t, t._version, t.data_ptr()) for o, kind, key, t in _tensor_records(originals)]
         # DDP rewrites buffers in place every step with identical values: compare those by value.
         self._buffer_values = {id(t): t.detach().clone() for _, kind, _, t, _, _ in self._records if kind == "b"}
-        # Module edits after the build (another activation put in, a BatchNorm's eps changed) make it stale too.
-        self._children = [(m, tuple(m._modules.values())) for o in originals for m in o.modules()]
-        self._settings = [(m, _settings(m)) for o in originals for m in o.modules()]
+        # Module edits after the build (another activation put in, a BatchNorm's eps changed) make it stale too:
+        # per module, its children dict and its plain settings, read back each call by one C-level getter.
+        self._shape = []
+        for o in originals:
+            for m in o.modules():
+                keys = [k for k, _ in _settings(m)]
+                getter = operator.itemgetter(*keys) if keys else (lambda d: ())
+                now = getter(m.__dict__)
+                self._shape.append((m, tuple(m._modules.values()), getter, now if len(keys) != 1 else (now,)))
 
     @property
     def device(self) -> torch.device | None:
@@ -422,11 +435,14 @@ class FrozenSegment:
     def is_stale(self) -> bool:
         """True when the user's frozen modules changed since the build: their tensors (load_state_dict, .to(),
         in-place edits), their submodules (one replaced) or their settings (an eps, an activation's inplace)."""
-        for m, kids in self._children:
-            if len(m._modules) != len(kids) or any(a is not b for a, b in zip(m._modules.values(), kids)):
+        for m, kids, getter, settings in self._shape:
+            if tuple(m._modules.values()) != kids:  # modules compare by identity
                 return True
-        for m, settings in self._settings:
-            if any(m.__dict__.get(k, _MISSING) != v for k, v in settings):
+            try:
+                now = getter(m.__dict__)
+            except KeyError:  # a setting deleted
+                return True
+            if (now if isinstance(now, tuple) and len(settings) != 1 else (now,)) != settings:
                 return True
         for i, (owner, kind, key, t, version, ptr) in enumerate(self._records):
             store = owner._parameters if kind == "p" else owner._buffers

@@ -32,7 +32,7 @@ def test_the_error_type_follows_the_caller():
     lin = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)])
     fm = freezert.wrap(lin, freeze=1, memory_budget="4G")
     try:
-        assert fm._budget == 4 * 10**9
+        assert fm.freeze_config.memory_budget == 4 * 10**9
     finally:
         fm.unwrap()
     with pytest.raises(FreezeError, match="memory_budget='lots' is not a size"):
