@@ -232,6 +232,17 @@ def _flattened(container: nn.Module, path: str) -> Blocks:
     return _children_blocks(container, path)
 
 
+def _body_children(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The root's children that are blocks when no container holds them (GoogLeNet, Inception v3, ShuffleNet):
+    not a head (``fc``), not an auxiliary classifier (``aux1``, ``AuxLogits``: they run in train mode only, so a
+    record in train mode would count them among the blocks and one in eval mode would not), and not the
+    parameter-free modules after the last block with parameters (``avgpool``, ``dropout``): those are the head."""
+    body = [(n, m) for n, m in named if n not in _HEADS and not n.lower().startswith("aux")]
+    while body and not _n_params(body[-1][1]):
+        body.pop()
+    return body
+
+
 def _encoder_decoder(model: nn.Module) -> tuple[str, Blocks] | None:
     """An encoder-decoder (T5, BART, Whisper, Marian, ``nn.Transformer``): the encoder's layers, then the decoder's,
     from the shallowest module with both an ``encoder`` and a ``decoder`` child; its path and the blocks."""
@@ -341,9 +352,13 @@ def _find_blocks(model: nn.Module, blocks: str | None) -> BlockTable:
     modules = [m for _, m in named]
     if _is_yolo(container):
         return BlockTable("yolo", path, names, modules, [], _yolo_sources(modules), ancestors=[""])
+    if container is model and isinstance(model, nn.Sequential):
+        return BlockTable("sequential", path, names, modules, ancestors=[""])
     if container is model:
-        kind = "sequential" if isinstance(model, nn.Sequential) else "children"
-        return BlockTable(kind, path, names, modules, ancestors=[""])
+        body = _body_children(named) if blocks is None else []
+        if len(body) < 2:
+            return BlockTable("children", path, names, modules, ancestors=[""])
+        return _table(model, "children", "", [(n, [(n, m)]) for n, m in body])
     found_blocks = _flattened(container, path) if blocks is None else _children_blocks(container, path)
     return _table(model, "container", path, found_blocks)
 

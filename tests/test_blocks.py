@@ -74,8 +74,26 @@ def test_other_torchvision_classifiers_keep_their_tables():
     assert names(meta(lambda: tv.models.vit_b_16(image_size=32)))[0] == "encoder.layers.encoder_layer_0"
     assert names(meta(tv.models.convnext_tiny))[:2] == ["features.0", "features.1"]
     assert names(meta(tv.models.mnasnet0_5))[0] == "layers.0"
-    shufflenet = names(meta(tv.models.shufflenet_v2_x0_5))  # no container holds a quarter: the root's children
-    assert shufflenet == ["conv1", "maxpool", "stage2", "stage3", "stage4", "conv5", "fc"]
+    shufflenet = meta(tv.models.shufflenet_v2_x0_5)  # no container holds a quarter: the root's children
+    assert names(shufflenet) == ["conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"]
+    assert candidates(shufflenet) == ["fc"]
+
+
+@pytest.mark.parametrize(
+    "builder,last,heads",
+    [
+        ("googlenet", "inception5b", ["aux1", "aux2", "avgpool", "dropout", "fc"]),
+        ("inception_v3", "Mixed_7c", ["AuxLogits", "avgpool", "dropout", "fc"]),
+    ],
+)
+def test_root_children_leave_auxiliary_classifiers_and_the_head_out(builder, last, heads):
+    """GoogLeNet's aux1/aux2 were blocks: they run in train mode only, right after inception4a/4d, so a record in
+    train mode moved them among the blocks and freeze=12 froze aux1 instead of inception4d."""
+    tv = pytest.importorskip("torchvision")
+    model = meta(lambda: getattr(tv.models, builder)(aux_logits=True, init_weights=False))
+    got = names(model)
+    assert got[-1] == last and not any(n in got for n in heads)
+    assert candidates(model) == heads
 
 
 # -- detection: the backbone's stages (`backbone.body`), not the root's children --------------------------------

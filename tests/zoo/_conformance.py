@@ -324,26 +324,30 @@ class Twin:
         self.ref_trainable = [p for p in self.ref.parameters() if p.requires_grad]
         assert len(self.trainable) == len(self.ref_trainable)
 
-    def _both(self, args, kwargs, ctx: Callable = contextlib.nullcontext) -> tuple[Any, Any]:
+    def _both(self, args, kwargs, ctx: Callable | None = None) -> tuple[Any, Any]:
         """The same call on the wrapped model and on the reference, each from the same RNG state, inside ``ctx()``
         (the reference is built outside it: a copy made under ``inference_mode`` could never train)."""
         seed = 1000 + self.calls
         torch.manual_seed(seed)
-        with ctx():
+        with ctx() if ctx else contextlib.nullcontext():
             out = self.fm(*args, **kwargs, **self.extra)
         if self.ref is None:
             self._plan_reference()
-            if not self.model.training:  # the first call is an eval-mode one
+            if ctx is not None:  # a first call in eval mode
                 self.ref.eval()
         torch.manual_seed(seed)
-        with ctx():
+        with ctx() if ctx else contextlib.nullcontext():
             return out, self.ref(*args, **kwargs)
 
     def first_call(self, how: str, *args, **kwargs) -> None:
         """A call before training, as validation before the first epoch does: both models in eval mode, under
         ``torch.no_grad()`` (``how="eval"``) or ``torch.inference_mode()`` (``how="inference"``); the outputs
-        compared; then both back in the modes they trained in (naive freezing: frozen modules in eval mode)."""
+        compared; then both back in the modes they trained in (naive freezing: frozen modules in eval mode).
+        ``how="plan-one"``: ``fm.plan(...)`` on the first sample of the inputs instead."""
         note(first=how)
+        if how == "plan-one":  # fm.plan(...) on one sample: the plan must hold for the batches that follow
+            self.fm.plan(*one_sample(args), **one_sample(kwargs))
+            return
         ctx = {"eval": torch.no_grad, "inference": torch.inference_mode}[how]
         self.fm.eval()
         if self.ref is not None:
@@ -450,14 +454,43 @@ def conform(
 # the scenarios: how a fine-tuning run starts, with and without the cache
 
 # Issue 16: training from the first call; training a model kept in eval mode; a validation pass (eval mode,
-# torch.no_grad()) before the first epoch; the same under torch.inference_mode(). The planner records the first
-# call it sees, so a first call of another kind is where plans went wrong.
+# torch.no_grad()) before the first epoch; the same under torch.inference_mode(); fm.plan(...) on one sample. The
+# planner records the first call it sees, so a first call of another kind is where plans went wrong.
 SCENARIOS: dict[str, dict] = {
     "train": dict(train=True),
     "eval": dict(train=False),
     "eval-first": dict(train=True, first="eval"),
     "inference-first": dict(train=True, first="inference"),
+    "plan-one": dict(train=True, first="plan-one"),
 }
+
+
+def one_sample(tree):
+    """The first sample of a call's inputs: every tensor (and every list, a detector's images and targets) of the
+    batch's length (the first tensor's rows, or the first list's length) cut to one."""
+
+    def size(x):
+        if isinstance(x, torch.Tensor):
+            return x.shape[0] if x.dim() else None
+        if isinstance(x, list) and x and all(isinstance(y, torch.Tensor) for y in x):
+            return len(x)
+        items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+        return next((n for n in map(size, items) if n is not None), None)
+
+    batch = size(tree)
+
+    def cut(x):
+        if isinstance(x, torch.Tensor):
+            return x[:1] if x.dim() and x.shape[0] == batch else x
+        if isinstance(x, list) and len(x) == batch:
+            return x[:1]
+        if isinstance(x, (list, tuple)):
+            return type(x)(cut(y) for y in x)
+        if isinstance(x, dict):
+            return {k: cut(v) for k, v in x.items()}
+        return x
+
+    return cut(tree)
 
 
 @dataclass

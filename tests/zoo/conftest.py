@@ -18,7 +18,11 @@ import torch
 from ._conformance import TABLE, Bases
 
 BEGIN, END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
-FIRST = {"eval": "eval call (no_grad) first, then ", "inference": "eval call (inference_mode) first, then "}
+FIRST = {
+    "eval": "eval call (no_grad) first, then ",
+    "inference": "eval call (inference_mode) first, then ",
+    "plan-one": "fm.plan on one sample, then ",
+}
 
 
 def _versions() -> str:

@@ -100,6 +100,7 @@ CASES = {
         (X32,),
         freeze=6,  # conv0, norm0, relu0, pool0, denseblock1, transition1
         expect=under(*(f"features.{n}" for n in ("conv0", "norm0", "denseblock1", "transition1"))),
+        skip={"plan-one": "its last train-mode BatchNorm sees one value per channel on one 32 px image"},
     ),
     "fasterrcnn": Case(faster_rcnn, DETECT, freeze=4, expect=blocks("backbone.body", 4), cached=dict(cache_ids=IDS)),
     "retinanet": Case(
@@ -137,4 +138,13 @@ def test_deeplabv3_validation_first_then_cached_training():
     most): the blocks are the backbone's stages, a validation pass fills the cache, training is served from it."""
     model = prepare(tv.models.segmentation.deeplabv3_mobilenet_v3_large(**NO_WEIGHTS, aux_loss=False), (X64,))
     res = Case(lambda: model, (X64,), freeze=4, expect=blocks("backbone", 4)).check(model, "eval-first", "fp32")
+    assert res.hits == 2
+
+
+def test_googlenet_aux_heads_read_cached_rows_after_a_validation_pass():
+    """GoogLeNet's auxiliary heads run in train mode only: a validation pass first (eval mode) never sees them read
+    inception4a/4d's outputs, and cache hits must still hand them real rows (issue 16: zero placeholders)."""
+    model = tv.models.googlenet(aux_logits=True, init_weights=True, dropout=0.0, dropout_aux=0.0)
+    model = prepare(model, (X64,))
+    res = Case(lambda: model, (X64,), freeze=12).check(model, "eval-first", "fp32")  # through inception4d
     assert res.hits == 2
