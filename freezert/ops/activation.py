@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .._errors import FreezeError
 from . import _registry as reg
-from .recompute import Snapshot, fresh_recipe, local_saves, mark_recomputable, pack_now
+from .recompute import Snapshot, fresh_recipe, local_saves, mark_recomputable, note_edit, pack_now
 
 ACTIVATIONS = ("silu", "relu", "relu6", "hardswish", "gelu", "gelu_tanh", "identity")
 
@@ -65,6 +65,31 @@ def act_backward(z: torch.Tensor, dy: torch.Tensor, name: str) -> torch.Tensor:
     return dy
 
 
+# eager's ReLU keeps its output for backward, so editing that output in place is an error in eager: the lean
+# ReLU (which keeps its input instead) raises the same error, from a look at the output's version in backward
+_KEEPS_OUTPUT = ("relu",)
+
+
+def _check_output(ctx) -> None:
+    r = getattr(ctx, "out_recipe", None)
+    if r is not None:
+        t = r.ref()
+        if r.edited or (t is not None and t._version != r.version):
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"[{list(r.meta[0])} {r.meta[2]}], which is output 0 of ReluBackward0, was written in place after "
+                "the ReLU made it (checked by freezert's lean ReLU, which keeps its input but fails as eager does)"
+            )
+
+
+def _watch_output(out: torch.Tensor, name: str) -> torch.Tensor:
+    if name in _KEEPS_OUTPUT and out.grad_fn is not None:
+        r, _ = fresh_recipe(out)
+        if r is not None:
+            out.grad_fn.out_recipe = r
+    return out
+
+
 class _Activation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, name):
@@ -75,6 +100,7 @@ class _Activation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
+        _check_output(ctx)
         return act_backward(x, dy, ctx.name), None
 
 
@@ -91,7 +117,8 @@ def activation(input: torch.Tensor, name: str | None = "silu") -> torch.Tensor:
     """
     name = check_activation(name)
     reg.record("activation", reg.LEAN)
-    return mark_recomputable(_Activation.apply(input, name), functools.partial(_value, name=name), input)
+    out = mark_recomputable(_Activation.apply(input, name), functools.partial(_value, name=name), input)
+    return _watch_output(out, name)
 
 
 def _value(x: torch.Tensor, *, name: str) -> torch.Tensor:
@@ -119,6 +146,7 @@ class _ActivationInplace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        _check_output(ctx)
         pre, ctx.pre = ctx.pre, None  # drop the handle (and the rebuilt value) once used
         # eager's backward of the in-place op: relu_ / hardtanh_ read the output (the same mask as the input),
         # silu_ / hardswish_ a clone of the input
@@ -134,12 +162,13 @@ def activation_(input: torch.Tensor, name: str = "relu") -> torch.Tensor:
         raise FreezeError(f"activation={name!r} has no in-place form; use one of {sorted(_INPLACE)}")
     r, view = fresh_recipe(input)
     pre = pack_now(input) if r is not None and view is None and torch.is_grad_enabled() else None
+    note_edit(input)  # a save of the value about to be overwritten is stale from now on
     if pre is None:
         return _INPLACE[name](input)
     before = Snapshot(input)
     reg.record("activation", reg.LEAN)
     out = _ActivationInplace.apply(input, name, pre)
-    return mark_recomputable(out, functools.partial(_value, name=name), before)
+    return _watch_output(mark_recomputable(out, functools.partial(_value, name=name), before), name)
 
 
 class _Elementwise(torch.autograd.Function):

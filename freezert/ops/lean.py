@@ -201,9 +201,27 @@ _HANDLERS[torch.Tensor.__rsub__] = _compose
 _HANDLERS[torch.Tensor.__rdiv__] = _compose
 
 
+def _writes(func, args, kwargs) -> bool:
+    """True for an in-place op on its first argument (``add_``, ``x[i] = v``, ``F.relu(x, inplace=True)``)."""
+    name = getattr(func, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    return (
+        name in _INPLACE_DUNDERS or bool(kwargs.get("inplace")) or (func in _INPLACE_AT and len(args) > 1 and args[1])
+    )
+
+
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ior__", "__iand__"}
+# functional forms with a positional inplace argument, and its position
+_INPLACE_AT = {f: 1 for f in (F.relu, F.silu, F.hardswish, F.relu6, F.hardsigmoid, F.mish, F.selu)}
+_INPLACE_AT.update({F.elu: 2, F.celu: 2, F.leaky_relu: 2, F.dropout: 3, F.hardtanh: 3, F.threshold: 3})
+
+
 class _LeanMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if args and isinstance(args[0], torch.Tensor) and _writes(func, args, kwargs):
+            recompute.note_edit(args[0])
         handler = _HANDLERS.get(func)
         if handler is None or not torch.is_grad_enabled() or not recompute.active():
             return func(*args, **kwargs)
@@ -222,24 +240,43 @@ def saving_region() -> Iterator[None]:
 _OPS = {"+", "-", "*", "/", "+=", "-=", "*=", "/="}
 _OLD_OPS = {"BINARY_ADD", "BINARY_SUBTRACT", "BINARY_MULTIPLY", "BINARY_TRUE_DIVIDE"}
 _OLD_OPS |= {"INPLACE_ADD", "INPLACE_SUBTRACT", "INPLACE_MULTIPLY", "INPLACE_TRUE_DIVIDE"}
-_NAMES = {"cat", "concat", "concatenate", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
-_NAMES |= {"relu", "relu_", "silu", "gelu", "hardswish", "relu6", "dropout", "batch_norm", "layer_norm"}
+_NAMES = {"cat", "concat", "concatenate", "add", "sub", "mul", "div"}
+_NAMES |= {"relu", "silu", "gelu", "hardswish", "relu6", "dropout", "batch_norm", "layer_norm"}
 
 
-@functools.cache
-def _code_composes(code) -> bool:
+def _code_composes(code, owner: type | None, globs: dict, depth: int = 2) -> bool:
+    """The code, or a method of ``owner`` / a module-level function it calls (``depth`` levels), does arithmetic,
+    a cat, an in-place write or a functional activation."""
     for ins in dis.get_instructions(code):
         if ins.opname == "BINARY_OP" and ins.argrepr in _OPS or ins.opname in _OLD_OPS:
             return True
-        if ins.opname in ("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL") and ins.argval in _NAMES:
+        if ins.opname == "STORE_SUBSCR":  # x[i] = v writes x in place: the region notes it
             return True
+        if ins.opname in ("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL") and isinstance(ins.argval, str):
+            name = ins.argval
+            if name in _NAMES or (name.endswith("_") and not name.endswith("__")):  # any in-place method
+                return True
+            if depth > 0:  # self.helper(x) or helper(x): its code writes too, while the tensors are alive
+                fn = getattr(owner, name, None) if ins.opname != "LOAD_GLOBAL" and owner is not None else None
+                fn = fn if fn is not None else (globs.get(name) if ins.opname == "LOAD_GLOBAL" else None)
+                sub = getattr(fn, "__code__", None)
+                if sub is not None and not isinstance(fn, type) and fn is not getattr(torch.nn.Module, name, None):
+                    if _code_composes(sub, owner, getattr(fn, "__globals__", {}), depth - 1):
+                        return True
     return False
 
 
+@functools.cache
+def _class_composes(cls: type) -> bool:
+    fwd = cls.forward
+    code = getattr(fwd, "__code__", None)
+    return code is not None and fwd is not torch.nn.Module.forward and _code_composes(code, cls, fwd.__globals__)
+
+
 def composes(m: torch.nn.Module) -> bool:
-    """True when ``m``'s own forward code (not its children's) does something a lean region routes."""
-    code = getattr(type(m).forward, "__code__", None)
-    return code is not None and type(m).forward is not torch.nn.Module.forward and _code_composes(code)
+    """True when ``m``'s own forward code (not its children's; its own helpers included) does something a lean
+    region routes or must see: arithmetic, cat, functional activations, in-place writes."""
+    return _class_composes(type(m))
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ class Recipe:
 
     Holds no tensor strongly: arguments are weak references (with their versions) or other recipes."""
 
-    __slots__ = ("__weakref__", "args", "depth", "fn", "meta", "packed", "ref", "version")
+    __slots__ = ("__weakref__", "args", "depth", "edited", "fn", "meta", "packed", "ref", "version")
 
     def __init__(self, out: torch.Tensor, fn: Callable[..., torch.Tensor], args: tuple[Any, ...]):
         self.fn = fn
@@ -64,6 +64,7 @@ class Recipe:
         self.meta = (tuple(out.shape), tuple(out.stride()), out.dtype)
         self.ref = weakref.ref(out)
         self.packed: weakref.ref | None = None  # the _Packed of the first save, shared by later saves
+        self.edited = False  # an in-place op wrote the tensor after it was marked (note_edit): saves of it are stale
 
 
 class Snapshot:
@@ -118,6 +119,16 @@ def mark_recomputable(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args:
         if r.depth <= MAX_DEPTH:
             out.__dict__[_ATTR] = r
     return out
+
+
+def note_edit(t: torch.Tensor) -> None:
+    """An in-place op is about to write ``t`` (or the tensor it views): a save of the value it had is now stale,
+    and backward must raise as eager does even if ``t`` is gone by then (its version can no longer be read)."""
+    for obj in (t, t._base):
+        d = getattr(obj, "__dict__", None) if obj is not None else None
+        r = d.get(_ATTR) if d else None
+        if r is not None:
+            r.edited = True
 
 
 def unmark(t: torch.Tensor) -> None:
@@ -218,12 +229,15 @@ def _conform(out: torch.Tensor, meta: tuple) -> torch.Tensor:
 
 
 class Handle:
-    """What a saved recipe is packed as: one per save, so the rebuilt value lives while some save needs it."""
+    """What a saved recipe is packed as: one per save, so the rebuilt value lives while some save needs it.
 
-    __slots__ = ("packed", "view")
+    ``strict`` (a save): unpacking raises eager's in-place error if the tensor was written after it was saved.
+    A handle taken by an in-place op on the value it is about to overwrite (``pack_now``) is not strict."""
 
-    def __init__(self, packed: _Packed, view: tuple | None):
-        self.packed, self.view = packed, view
+    __slots__ = ("packed", "strict", "view")
+
+    def __init__(self, packed: _Packed, view: tuple | None, strict: bool = True):
+        self.packed, self.view, self.strict = packed, view, strict
         packed.live += 1
 
     def __del__(self):
@@ -233,6 +247,17 @@ class Handle:
             p.cache = None
 
     def value(self) -> torch.Tensor:
+        if self.strict:
+            r = self.packed.recipe
+            t = r.ref()
+            if t is not None and t._version != r.version:
+                raise _inplace_error(t, r.version)
+            if r.edited:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: a saved {list(r.meta[0])} {r.meta[2]} tensor was written in place after it was "
+                    "saved (checked by freezert's saved-tensor hooks, under which PyTorch does not check)"
+                )
         v = self.packed.value()
         return v if self.view is None else v.as_strided(*self.view)
 
@@ -302,7 +327,7 @@ def pack_now(t: torch.Tensor) -> Handle | None:
     if r is None or not active():
         return None
     p = _packed(r, _STATE.frames[-1], t.untyped_storage().nbytes())
-    return None if p is None else Handle(p, view)
+    return None if p is None else Handle(p, view, strict=False)
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
