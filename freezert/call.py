@@ -164,9 +164,13 @@ def _short(v: Any) -> str:
 
 
 def input_sig(tensors: list[torch.Tensor]) -> tuple:
-    """Per-sample shape and dtype of each batch input: what the cache's layout and fingerprint depend on."""
-    return tuple((tuple(t.shape[1:]), t.dtype) for t in tensors)
+    """Per-sample shape and dtype of each batch input, and the autocast dtype in force: what the boundary's
+    shapes and dtypes, and so the cache's layout, depend on."""
+    amp = _autocast(tensors[0].device.type) if tensors else None
+    return (*((tuple(t.shape[1:]), t.dtype) for t in tensors), ("autocast", amp))
 
 
 def sig_text(sig) -> str:
-    return ", ".join(f"{list(shape)} {str(dt).replace('torch.', '')}" for shape, dt in sig)
+    parts = [f"{list(shape)} {str(dt).replace('torch.', '')}" for shape, dt in sig if shape != "autocast"]
+    amp = dict((k, v) for k, v in sig if k == "autocast").get("autocast")
+    return ", ".join(parts) + (f" (autocast {str(amp).replace('torch.', '')})" if amp else "")
