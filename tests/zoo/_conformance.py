@@ -510,6 +510,7 @@ class Case:
 
     def check(self, model: nn.Module, scenario: str, cache) -> Result:
         """``conform`` in ``scenario`` (a key of ``SCENARIOS``), with ``cache`` or without."""
+        note(scenario=scenario)
         opts = dict(self.cached) if cache else {}
         expect, also = self.expect, opts.get("also_freeze", ())
         if expect is not None and also:

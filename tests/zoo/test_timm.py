@@ -118,19 +118,9 @@ LEVIT = {
         },
     )
 }
-LEVIT_XFAIL = {
-    ("levit_128s", "eval-first", "*"): (
-        "a first call in eval mode records the stem's BatchNorms as eval-mode 'own modes': unwrap() leaves them in "
-        "eval mode though they were in train mode before wrap (ZOO_FINDINGS.md)"
-    ),
-    ("levit_128s", "inference-first", "*"): (
-        "a first call in eval mode records the stem's BatchNorms as eval-mode 'own modes': unwrap() leaves them in "
-        "eval mode though they were in train mode before wrap (ZOO_FINDINGS.md)"
-    ),
-}
 levit = Bases(lambda name: (LEVIT[name].build(), LEVIT[name].args, {}))
 
 
-@pytest.mark.parametrize("name,scenario,cache", scenarios(LEVIT, LEVIT_XFAIL))
+@pytest.mark.parametrize("name,scenario,cache", scenarios(LEVIT))
 def test_levit_from_every_start(name, scenario, cache):
     LEVIT[name].check(levit(name), scenario, cache)

@@ -119,7 +119,7 @@ CASES = {
 }
 DETECTORS_UNCACHED = (
     "the cache is not used for a list of images, even with cache_ids: the batch size is read from the first input "
-    "tensor (an image: 3 channels), so every (2, C, H, W) block output counts as 'not batch-first' (ZOO_FINDINGS.md)"
+    "tensor (an image: 3 channels), so every (2, C, H, W) block output counts as 'not batch-first'"
 )
 XFAIL = {
     ("fasterrcnn", "*", "fp32"): DETECTORS_UNCACHED,

@@ -196,7 +196,7 @@ CASES = {
 XFAIL = {
     ("t5", "*", "fp32"): (
         "T5's relative position bias (1, heads, T, T), computed in encoder block 0 and handed to block 1, crosses the "
-        "cut without the batch dimension: the cache is not used (ZOO_FINDINGS.md)"
+        "cut without the batch dimension: the cache is not used"
     ),
 }
 base = Bases(lambda name: (CASES[name].build(), CASES[name].args, CASES[name].kwargs))
