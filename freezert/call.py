@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 from . import _tree
 from ._errors import CacheError
 
-__all__ = ["Call", "input_sig", "keys_of", "sig_text"]
+__all__ = ["Call", "Keys", "batch_size", "input_sig", "keys_of", "sig_text"]
 
 _PRIMITIVES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format)
 _MIX = 1099511628211  # a 64-bit FNV prime: int64 arithmetic wraps, so products and sums mix keys
@@ -35,7 +35,7 @@ class Call:
         model's mode, grad and inference mode (what reads a frozen output, and what needs its gradient, can
         differ between training and validation); whether the batch has more than one sample (with one, a
         tensor shared by the batch cannot be told from a per-sample one)."""
-        batch = next((t.shape[0] for t in self.tensors if t.dim() > 0), 0)
+        batch = batch_size(self.args, self.kwargs) or 0
         return (
             _tree.structure(self.leaves, self.spec),
             training,
@@ -48,36 +48,70 @@ class Call:
         return fn(*self.args, **self.kwargs)
 
 
-def keys_of(call: Call):
-    """(batch size, the batch-first input tensors, one int64 key per sample, content hashes or None).
+class Keys(NamedTuple):
+    """The cache's view of one call: its batch size, the shape signature its rows are stored under (a layout of
+    their own), one int64 key per sample and, with ``cache_ids``, each sample's content hash."""
 
-    A key covers every input of the call: batch-first tensors row by row, everything else (tensors of another
-    size, scalars, strings, the call's structure) by value, mixed into every row's key. An input that cannot be
-    keyed by value is refused: a cache must never serve rows computed from other inputs. With ``cache_ids``
-    the ids are the keys and the content hash goes beside each row, so a changed input (augmentation) is seen.
-    ``cache_aug`` (one value per sample: the augmentation drawn for it) is mixed into its key: each variant of a
-    sample is a row of its own.
+    batch: int
+    sig: tuple
+    keys: torch.Tensor
+    content: torch.Tensor | None
+    device: torch.device
+
+
+def batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The number of samples in a call: the length of a list of tensors passed first (torchvision detection's
+    images), else the rows of the first tensor."""
+    if args and isinstance(args[0], (list, tuple)) and args[0] and all(isinstance(t, torch.Tensor) for t in args[0]):
+        return len(args[0])
+    return next((t.shape[0] for t in _tree.tensors((args, kwargs)) if t.dim() > 0), None)
+
+
+def keys_of(call: Call) -> Keys:
+    """The cache keys of ``call``'s samples.
+
+    A key covers every input of the call: batch-first tensors row by row (or, for a list of samples, the i-th
+    element of every list of that length), everything else (tensors of another size, scalars, strings, the call's
+    structure, the autocast dtype) by value, mixed into every row's key. An input that cannot be keyed by value is
+    refused: a cache must never serve rows computed from other inputs. With ``cache_ids`` the ids are the keys and
+    the content hash goes beside each row, so a changed input (augmentation) is seen. ``cache_aug`` (one value per
+    sample: the augmentation drawn for it) is mixed into its key: each variant of a sample is a row of its own.
     """
     from ._native import hash_rows
 
     tensors = [t for t in call.tensors if t.dim() > 0]
     if not tensors:
         raise CacheError("the cache keys samples by their input tensors, but this call passed none")
-    batch = tensors[0].shape[0]
-    rows = [t for t in tensors if t.shape[0] == batch]
-    others = [t for t in call.tensors if t.dim() == 0 or t.shape[0] != batch]
-    amp = _autocast(rows[0].device.type)  # rows computed under autocast are other rows
-    plain = not others and not call.kwargs and all(isinstance(a, torch.Tensor) for a in call.args) and not amp
-    content = None
-    for t in rows:
-        r = hash_rows(t).cpu()
-        content = r if content is None else content * _MIX + r
+    batch = batch_size(call.args, call.kwargs)
+    samples = _sample_lists(call.args, batch)
+    if samples:  # a list of samples: sample i is the i-th element of each such list
+        inside = {id(t) for lst in samples for t in _tree.tensors(lst)}
+        others = [t for t in call.tensors if id(t) not in inside]
+        content = torch.tensor([_hash_sample([lst[i] for lst in samples], hash_rows) for i in range(batch)])
+        sig = input_sig(list(samples[0]), per_sample=False)
+    else:
+        rows = [t for t in tensors if t.shape[0] == batch]
+        others = [t for t in call.tensors if t.dim() == 0 or t.shape[0] != batch]
+        content = None
+        for t in rows:
+            r = hash_rows(t).cpu()
+            content = r if content is None else content * _MIX + r
+        sig = input_sig(rows)
+    amp = _autocast(tensors[0].device.type)  # rows computed under autocast are other rows
+    plain = (
+        not samples
+        and not others
+        and not call.kwargs
+        and not amp
+        and all(isinstance(a, torch.Tensor) for a in call.args)
+    )
     glob = None if plain else _digest(call, others, hash_rows, amp)
     if glob is not None:  # other inputs reach the model: they are part of every sample's key
         content = content * _MIX + glob
     aug = None if call.cache_aug is None else _aug_keys(call.cache_aug, batch, hash_rows)
+    device = tensors[0].device
     if call.cache_ids is None:
-        return batch, rows, content if aug is None else content * _MIX + aug, None
+        return Keys(batch, sig, content if aug is None else content * _MIX + aug, None, device)
     from .cache import ids_to_keys
 
     ids = ids_to_keys(call.cache_ids, "cache_ids")
@@ -91,7 +125,22 @@ def keys_of(call: Call):
         key = key * _MIX + glob
     if aug is not None:
         key = key * _MIX + aug
-    return batch, rows, key, content
+    return Keys(batch, sig, key, content, device)
+
+
+def _sample_lists(args: tuple, batch: int | None) -> list:
+    """The positional lists of one element per sample (images, targets), when the first argument is one."""
+    if not (args and isinstance(args[0], (list, tuple)) and len(args[0]) == batch):
+        return []
+    return [a for a in args if isinstance(a, (list, tuple)) and len(a) == batch]
+
+
+def _hash_sample(parts: list, hash_rows) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for t in _tree.tensors(parts):
+        h.update(str((tuple(t.shape), t.dtype)).encode())
+        h.update(int(hash_rows(t.reshape(1, -1).contiguous()).cpu()[0]).to_bytes(8, "little", signed=True))
+    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 def _autocast(device_type: str) -> str | None:
@@ -163,11 +212,12 @@ def _short(v: Any) -> str:
     return r if len(r) <= 40 else r[:37] + "..."
 
 
-def input_sig(tensors: list[torch.Tensor]) -> tuple:
-    """Per-sample shape and dtype of each batch input, and the autocast dtype in force: what the boundary's
-    shapes and dtypes, and so the cache's layout, depend on."""
+def input_sig(tensors: list[torch.Tensor], per_sample: bool = True) -> tuple:
+    """Per-sample shape and dtype of each batch input (each whole tensor's for a list of samples), and the autocast
+    dtype in force: what the boundary's shapes and dtypes, and so the cache's layout, depend on."""
     amp = _autocast(tensors[0].device.type) if tensors else None
-    return (*((tuple(t.shape[1:]), t.dtype) for t in tensors), ("autocast", amp))
+    shapes = ((tuple(t.shape[1:] if per_sample else t.shape), t.dtype) for t in tensors)
+    return (*shapes, ("autocast", amp))
 
 
 def sig_text(sig) -> str:

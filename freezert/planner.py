@@ -68,14 +68,17 @@ class Planner:
 
     def __init__(self, model: nn.Module, table: BlockTable, freeze: Any, bn: str, also: list[nn.Parameter]):
         self.model, self.registered, self.freeze, self.bn, self.also = model, table, freeze, bn, also
-        self._warned: set[tuple[int, ...]] = set()
+        self._warned: set = set()
         self._records: dict[Any, tuple[BlockTable, Record]] = {}
+        # the block order of the first record: every later kind of call keeps it (a train-only block must not move
+        # the cut, and with it the frozen set, between validation and training)
+        self._ordered: BlockTable | None = None
 
     def unrecorded(self, table: BlockTable | None = None) -> Plan:
         """The plan from the structure alone (driven models; others until their first call). A new freeze: the
-        records of the old one no longer hold."""
+        records of the old one no longer hold (the block order they found does)."""
         self._records.clear()
-        table = table or self.registered
+        table = table or self._ordered or self.registered
         frozen = _spec.resolve(self.freeze, table)
         return Plan(table, partition(table, frozen, _spec.prefix_length(frozen)))
 
@@ -102,12 +105,12 @@ class Planner:
     def _record_in_order(self, args, kwargs, requires_grad: dict[int, bool]) -> tuple[BlockTable, Record]:
         """The record, taken on the blocks in forward order (a second record when the order or the parameters that
         must be live differ from the first's)."""
-        table = self.registered
+        table = self._ordered or self.registered
         glue: set[int] = set()
         for _ in range(3):
             frozen = _spec.resolve(self.freeze, table)
             rec = self._record(table, frozen, args, kwargs, requires_grad, glue)
-            order = _forward_order(table, rec)
+            order = _forward_order(table, rec) if self._ordered is None else list(range(len(table)))
             # parameters read by the model's glue that will train: not the stem's (frozen with block 0)
             stem_params = {id(p) for n, m in table.candidates if n in rec.before_first_block for p in m.parameters()}
             live_glue = {i for i in rec.glue_params if requires_grad.get(i)} - {id(p) for p in self.also} - stem_params
@@ -128,7 +131,31 @@ class Planner:
         # The stem is frozen parameters: a parameter-free module that runs first (torchvision detection's
         # GeneralizedRCNNTransform, a dropout) keeps the model's mode and runs as the model runs it.
         table.stem = [table.candidates[u - n] for u in stem_units]
+        self._ordered = self._ordered or table
+        self._warn_tied(table, rec)
         return table, rec
+
+    def _warn_tied(self, table: BlockTable, rec: Record) -> None:
+        """A stem parameter that a module after the blocks reads too (T5's and BART's tied embedding and LM head)
+        is frozen with the stem: say so once, with the fix."""
+        stem = {id(p) for _, m in table.stem for p in m.parameters()}
+        later = [
+            pn
+            for name, m in table.candidates
+            if name not in rec.before_first_block
+            for pn, p in m.named_parameters(prefix=name)
+            if id(p) in stem
+        ]
+        if later and "tied" not in self._warned:
+            self._warned.add("tied")
+            shown = ", ".join(later[:3])
+            warnings.warn(
+                f"freezing the stem also freezes {shown}: the same parameter is read after the blocks (a tied "
+                "embedding and output layer); to train it, keep the stem trainable by freezing a later block only, "
+                "or accept it frozen",
+                FreezeWarning,
+                stacklevel=user_stacklevel(),
+            )
 
     def _plan(self, table: BlockTable, rec: Record, sig: Any) -> Plan:
         frozen = _spec.resolve(self.freeze, table)

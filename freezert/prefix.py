@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ._errors import CacheError, FreezeError, FreezeWarning
-from .call import Call, input_sig, keys_of, sig_text
+from .call import Call, keys_of, sig_text
 from .config import FreezeConfig
 from .partition import Partition
 from .planner import Plan, user_stacklevel
@@ -160,7 +160,7 @@ class Prefix:
     # -- the feature cache: driven models ------------------------------------------------------------------
     def _cached_driven(self, seg: FrozenSegment, call: Call) -> dict[int, torch.Tensor]:
         cache, order, x = self.cache, self.plan.part.boundary, call.args[0]
-        batch, tensors, keys, content = keys_of(call)
+        batch, sig, keys, content, _ = keys_of(call)
 
         def probe():
             self._restore_offloaded(seg)
@@ -168,7 +168,7 @@ class Prefix:
                 y = seg.run(x[:1])  # learns the boundary layout (once per segment build)
             return [y[j] for j in order]
 
-        layout = self._layout(seg, tensors, probe, driven=True)
+        layout = self._layout(seg, sig, probe, driven=True)
         hit, got = cache.fetch(keys, x.device, layout=layout, content=content)  # in the segment outputs' dtypes
         n_hit = int(hit.sum())
         if n_hit == len(keys):
@@ -197,10 +197,10 @@ class Prefix:
     def _cached_swap(self, seg: FrozenSegment, call: Call) -> Boundary:
         """On a full hit the runners of the cached part replay the stored boundary (every output of theirs that
         anything else reads) and run nothing; otherwise the prefix runs in full and the misses are stored."""
-        batch, tensors, keys, content = keys_of(call)
+        batch, sig, keys, content, _ = keys_of(call)
         order = self.plan.part.replay
         hooked = self._hooked(seg.cached_runners, inside_only=True)
-        layout = self._layouts.get(input_sig(tensors)) if self._bound_token == self._weights_token else None
+        layout = self._layouts.get(sig) if self._bound_token == self._weights_token else None
         if layout is not None and seg.can_replay and not hooked:
             hit, rows = self.cache.fetch(keys, seg.cached_runners[-1].device, layout=layout, content=content)
             if bool(hit.all()):
@@ -210,7 +210,7 @@ class Prefix:
         else:
             hit = None
         self._restore_offloaded(seg)
-        return Boundary(run=lambda fn: self._compute_and_store(fn, seg, batch, tensors, keys, content, hit))
+        return Boundary(run=lambda fn: self._compute_and_store(fn, seg, batch, sig, keys, content, hit))
 
     def _replay(self, fn, call: Call, seg: FrozenSegment, batch: int, rows: dict) -> Any:
         """The model's forward with the cached part replayed. A read of an output the cache does not store (a
@@ -253,7 +253,7 @@ class Prefix:
             return True
         return False
 
-    def _compute_and_store(self, fn, seg: FrozenSegment, batch: int, tensors, keys, content, hit):
+    def _compute_and_store(self, fn, seg: FrozenSegment, batch: int, sig: tuple, keys, content, hit):
         cache, order = self.cache, self.plan.part.replay
         started: list[float] = []
         handle = seg.cached_runners[0].register_forward_pre_hook(lambda m, a: started.append(time.perf_counter()))
@@ -272,7 +272,7 @@ class Prefix:
                 f"dimension ({batch}) first, so they cannot be cached per sample; cache a different cut (freeze=) or "
                 "drop cache="
             )
-        layout = self._layout(seg, tensors, lambda: produced)
+        layout = self._layout(seg, sig, lambda: produced)
         if hit is None:  # first call of this layout since the binding changed: what does the store already hold?
             hit, _ = cache.fetch(keys, produced[0].device, layout=layout, content=content)
         if not bool(hit.all()):
@@ -291,11 +291,11 @@ class Prefix:
         cache knows this input shape and there was something to start."""
         if self.cache is None or self.plan is None or not self.plan.part.k or self._bound_token != self._weights_token:
             return False
-        _, tensors, keys, _ = keys_of(call)
-        layout = self._layouts.get(input_sig(tensors))
+        k = keys_of(call)
+        layout = self._layouts.get(k.sig)
         if layout is None:
             return False
-        self.cache.prefetch(keys, tensors[0].device, layout=layout)
+        self.cache.prefetch(k.keys, k.device, layout=layout)
         return True
 
     def _fingerprint(self, k: int) -> str:
@@ -314,8 +314,8 @@ class Prefix:
             structure=structure_of(modules),
         )
 
-    def _layout(self, seg: FrozenSegment, tensors, boundary_like, driven: bool = False):
-        """The cache's layout handle for inputs shaped like ``tensors``, binding the cache first when the segment
+    def _layout(self, seg: FrozenSegment, sig: tuple, boundary_like, driven: bool = False):
+        """The cache's layout handle for inputs of signature ``sig``, binding the cache first when the segment
         was built anew; ``boundary_like()`` gives example boundary rows of such inputs.
 
         When freezing moved deeper since the rows were stored (same weights of the old prefix) and freezert drives
@@ -323,7 +323,6 @@ class Prefix:
         cuts on them (``FeatureCache.extend``); otherwise a new fingerprint drops them.
         """
         cache, part = self.cache, self.plan.part
-        sig = input_sig(tensors)
         if self._bound_token == self._weights_token and sig in self._layouts:
             return self._layouts[sig]
         example = boundary_like()

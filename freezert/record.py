@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from . import _tree
+from .call import batch_size
 
 # Reads of a tensor's metadata only (methods, and properties by their own name): model code may ask a placeholder
 # for its shape. Properties that hand out the values (.data, .T, .mT, .real) are reads like any op.
@@ -175,7 +176,7 @@ def record(model: nn.Module, table, frozen: set[int], args, kwargs, keep_trainab
     keep: list[torch.Tensor] = []  # holds tracked outputs alive, so their ids stay unique during the run
     stack: list[int] = []
     started = [False]
-    rec.batch = next((t.shape[0] for t in _tree.tensors((args, kwargs)) if t.dim() > 0), None)
+    rec.batch = batch_size(args, kwargs)
     member_of = {id(m): (i, j) for i, ms in enumerate(table.members) for j, (_, m) in enumerate(ms)}
     n_blocks = len(table.members)
     # Candidates (stem or head) are units too, numbered after the blocks: a stem's outputs may reach the head.

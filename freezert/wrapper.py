@@ -68,6 +68,9 @@ class FrozenModel(nn.Module):
         self._params = list(model.parameters())
         self._requires_grad = [p.requires_grad for p in self._params]
         self._root_training = model.training
+        # every module's mode at wrap(): what a BatchNorm gets back even if it is frozen later (the stem, known at
+        # the first call, which may come after fm.eval())
+        self._modes = {id(m): m.training for m in model.modules()}
         self._forced_bn: dict[int, tuple[nn.Module, bool]] = {}  # BatchNorms set to eval by freezert: their own mode
         self._unwrapped = False
         also = _spec.resolve_params(config.also_freeze, model, table)
@@ -147,7 +150,7 @@ class FrozenModel(nn.Module):
             m.train(self._own_mode(before))
         for key, m in frozen.items():
             if key not in self._forced_bn:
-                self._forced_bn[key] = (m, m.training)
+                self._forced_bn[key] = (m, self._modes.get(key, m.training))
             m.train(False)
 
     def train(self, mode: bool = True):

@@ -4,6 +4,7 @@ against naive freezing with the zoo's harness (outputs, gradients, state, cache 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 
@@ -411,4 +412,108 @@ def test_the_record_leaves_unchanged_buffers_untouched():
     fm = freezert.wrap(model, freeze=1)
     fm(torch.randn(2, 4)).sum().backward()
     assert model.scale._version == v
+    fm.unwrap()
+
+
+class StemBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)) for _ in range(3)])
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_stem_found_after_an_eval_first_call_gets_its_own_mode_back():
+    m = StemBN().train()
+    fm = freezert.wrap(m, 1)
+    fm.eval()
+    with torch.no_grad():
+        fm(torch.randn(2, 3, 16, 16))
+    fm.train()
+    fm(torch.randn(2, 3, 16, 16))
+    fm.unwrap()
+    assert all(mod.training for mod in m.modules())  # all in train mode before the wrap: all again after
+
+
+class TrainOnlyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)] + [nn.Linear(4, 2)])  # layers.3: aux
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.layers[0](x)
+        aux = self.layers[3](x) if self.training else None  # train mode only, right after layers.0
+        x = self.layers[2](self.layers[1](x))
+        return self.head(x) if aux is None else (self.head(x), aux)
+
+
+def test_the_frozen_set_does_not_move_between_validation_and_training():
+    m = TrainOnlyBlock()
+    fm = freezert.wrap(m, 2)
+    fm.eval()
+    with torch.no_grad():
+        fm(torch.randn(2, 4))
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    fm.train()
+    fm(torch.randn(2, 4))
+    assert (
+        {n for n, p in m.named_parameters() if not p.requires_grad}
+        == frozen
+        == {
+            "layers.0.weight",
+            "layers.0.bias",
+            "layers.1.weight",
+            "layers.1.bias",
+        }
+    )
+    fm.unwrap()
+
+
+class ListOfImages(nn.Module):
+    """torchvision detection's shape: a list of images (and a list of targets) in, batched inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, images, targets=None):
+        x = torch.stack(images)
+        for b in self.blocks:
+            x = b(x)
+        out = self.head(x.mean((2, 3)))
+        return out if targets is None else (out - torch.stack(targets)).square().mean()
+
+
+def test_a_list_of_images_is_a_batch_the_cache_keys_per_sample():
+    torch.manual_seed(0)
+    model = ListOfImages().double()
+    ref = copy.deepcopy(model)
+    fm = freezert.wrap(model, 2, cache="fp32")
+    images = [vec(3, 12, 12, seed=i) for i in range(3)]
+    targets = [vec(2, seed=10 + i) for i in range(3)]
+    for _ in range(2):
+        loss = fm(images, targets)
+    assert fm.cache.stats()["hits"] == 3 and fm.cache.stats()["misses"] == 3
+    for p in [*ref.blocks[0].parameters(), *ref.blocks[1].parameters()]:
+        p.requires_grad_(False)
+    torch.testing.assert_close(loss, ref(images, targets), rtol=1e-6, atol=1e-9)
+    fm(images[:2], targets[:2], cache_ids=[0, 1])
+    fm.unwrap()
+
+
+def test_a_tied_stem_parameter_is_named_when_freezing_the_stem_freezes_it():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=3, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg)
+    fm = freezert.wrap(model, 1)
+    with pytest.warns(FreezeWarning, match="lm_head.weight"):
+        fm(input_ids=torch.randint(0, 50, (2, 5)))
     fm.unwrap()
