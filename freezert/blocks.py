@@ -95,7 +95,7 @@ def _n_params(m: nn.Module) -> int:
 
 
 def _join(a: str, b: str) -> str:
-    return f"{a}.{b}" if a else b
+    return f"{a}.{b}" if a and b else a or b
 
 
 def _is_yolo(container: nn.Module) -> bool:
@@ -147,17 +147,18 @@ def _holds_blocks(m: nn.Module) -> bool:
     return len(kids) >= 2 and sum(1 for k in kids if _n_params(k)) >= 2
 
 
-def _main_container(model: nn.Module) -> tuple[str, Blocks | None] | None:
-    """Where the blocks are, outside the head: a backbone's stages (a ``features``/``body`` container or
-    torchvision's ``IntermediateLayerGetter`` holding at least a quarter of the parameters outside the head),
-    else the container (or a module with its own grouping: a ResNet nested as ``backbone``) with the most
-    parameters, at least a quarter of all. Returns its dotted path and its groups (None: its children)."""
+def _main_container(model: nn.Module, heads: bool = False) -> tuple[str, Blocks | None] | None:
+    """Where the blocks are, outside the head (inside it too with ``heads``, for a model that is all head: an MLP
+    in ``fc``): a backbone's stages (a ``features``/``body`` container or torchvision's ``IntermediateLayerGetter``
+    holding at least a quarter of the parameters outside the head), else the container (or a module with its own
+    grouping: a ResNet nested as ``backbone``) with the most parameters, at least a quarter of all. Returns its
+    dotted path and its groups (None: its children)."""
     total = _n_params(model)
-    body = sum(p.numel() for n, p in model.named_parameters() if not _in_head(n.rpartition(".")[0]))
+    body = sum(p.numel() for n, p in model.named_parameters() if heads or not _in_head(n.rpartition(".")[0]))
     best: tuple[int, str, Blocks | None] | None = None
     preferred: tuple[int, str, Blocks | None] | None = None
     for name, m in model.named_modules():
-        if not name or _in_head(name):
+        if not name or (_in_head(name) and not heads):
             continue
         grouped = _groups(m, name)
         if grouped is None and not _holds_blocks(m):
@@ -169,7 +170,20 @@ def _main_container(model: nn.Module) -> tuple[str, Blocks | None] | None:
         if stages and n * 4 >= body and (preferred is None or name.count(".") < preferred[0]):
             preferred = (name.count("."), name, grouped)
     pick = preferred or best
-    return None if pick is None else (pick[1], pick[2])
+    if pick is None:
+        return None if heads else _main_container(model, heads=True)
+    return pick[1], pick[2]
+
+
+def _largest(module: nn.Module, path: str) -> Blocks | None:
+    """The blocks of one side of an encoder-decoder: its own grouping (a ResNet encoder) or its largest container,
+    whatever share it holds (an mT5 encoder's vocabulary outweighs its layers)."""
+    found = [(n, m, _groups(m, _join(path, n))) for n, m in module.named_modules() if not _in_head(n)]
+    found = [(n, m, g) for n, m, g in found if g is not None or _holds_blocks(m)]
+    if not found:
+        return None
+    name, m, grouped = max(found, key=lambda f: _n_params(f[1]))  # the first of the largest: the outermost
+    return grouped if grouped is not None else _children_blocks(m, _join(path, name))
 
 
 def _groups(model: nn.Module, path: str = "") -> Blocks | None:
@@ -252,11 +266,10 @@ def _encoder_decoder(model: nn.Module) -> tuple[str, Blocks] | None:
             continue
         blocks: Blocks = []
         for side, sub in sides:
-            found = [(n, c) for n, c in sub.named_modules() if n and not _in_head(n) and _holds_blocks(c)]
-            if not found:
+            found = _largest(sub, _join(name, side))
+            if found is None:
                 return None
-            rel, layers = max(found, key=lambda nc: _n_params(nc[1]))  # the first of the largest
-            blocks += _children_blocks(layers, _join(_join(name, side), rel))
+            blocks += found
         return name, blocks
     return None
 

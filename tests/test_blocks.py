@@ -296,3 +296,32 @@ def test_a_module_list_block_contributes_its_layers_as_members():
     assert not any(p.requires_grad for p in model.stages[0].parameters())
     assert model.stages[1][0].weight.grad is not None
     fm.unwrap()
+
+
+def test_an_encoder_decoder_with_a_resnet_encoder_gets_its_stages_then_the_decoder_layers():
+    """A U-Net-style model (segmentation_models_pytorch's shape): the encoder's stem and stages, then the decoder's
+    blocks; the encoder's largest container alone would be its layer4."""
+    tv = pytest.importorskip("torchvision")
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = tv.models.resnet18()
+            self.decoder = nn.ModuleDict({"blocks": nn.ModuleList([nn.Conv2d(512, 64, 3), nn.Conv2d(64, 16, 3)])})
+            self.segmentation_head = nn.Conv2d(16, 2, 1)
+
+    model = meta(UNet)
+    stages = ["encoder.stem", *(f"encoder.layer{i}" for i in range(1, 5))]
+    assert names(model) == [*stages, "decoder.blocks.0", "decoder.blocks.1"]
+    assert freezes(model, 1) == [f"encoder.{m}" for m in ("conv1", "bn1", "relu", "maxpool")]
+
+
+def test_a_model_that_is_all_head_still_has_blocks():
+    """Head names are searched last, not never: an MLP kept in ``fc`` has its layers as blocks."""
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    assert names(MLP()) == [f"fc.{i}" for i in range(5)]
