@@ -83,11 +83,28 @@ def _pixels(px: int):
     return lambda b, g: ((), {"pixel_values": torch.randn(b, 3, px, px, generator=g)})
 
 
+def _seq2seq(vocab: int, seq: int):
+    """Source tokens, their mask and decoder tokens of half the length (teacher forcing)."""
+    return lambda b, g: (
+        (),
+        {
+            "input_ids": torch.randint(0, vocab, (b, seq), generator=g),
+            "attention_mask": torch.ones(b, seq, dtype=torch.long),
+            "decoder_input_ids": torch.randint(0, vocab, (b, seq // 2), generator=g),
+        },
+    )
+
+
 def _tv(name: str, **kw):
+    """A torchvision builder by its name under ``torchvision.models`` (``segmentation.lraspp_mobilenet_v3_large``)."""
+
     def build():
         import torchvision
 
-        return getattr(torchvision.models, name)(**kw)
+        fn = torchvision.models
+        for part in name.split("."):
+            fn = getattr(fn, part)
+        return fn(**kw)
 
     return build
 
@@ -158,6 +175,19 @@ def _hf(kind: str):
                     attn_pdrop=0.0,
                 )
             )
+        if kind == "t5":
+            return transformers.T5ForConditionalGeneration(
+                transformers.T5Config(
+                    vocab_size=V,
+                    d_model=H,
+                    d_kv=H // 4,
+                    d_ff=4 * H,
+                    num_layers=L,
+                    num_heads=4,
+                    dropout_rate=0.0,
+                    decoder_start_token_id=0,
+                )
+            )
         if kind == "llama":
             return transformers.LlamaForCausalLM(
                 transformers.LlamaConfig(
@@ -198,6 +228,16 @@ ZOO: dict[str, Spec] = {
     "hf_vit": Spec(_hf("vit"), _pixels(64), (4,), 4, "64 px (64 patches)"),
     "hf_gpt2": Spec(_hf("gpt2"), _tokens(V, SEQ), (4,), 4, f"seq {SEQ}"),
     "hf_llama": Spec(_hf("llama"), _tokens(V, SEQ), (4,), 4, f"seq {SEQ}"),
+    # the blocks of a segmentation model are its backbone's stages; an encoder-decoder's, the encoder's layers first
+    # (freeze=6: the whole encoder, the decoder trains)
+    "tv_lraspp": Spec(
+        _tv("segmentation.lraspp_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=3),
+        _images(128),
+        (6, 13),
+        4,
+        "128 px",
+    ),
+    "hf_t5": Spec(_hf("t5"), _seq2seq(V, SEQ), (L,), 4, f"seq {SEQ}, decoder {SEQ // 2}"),
 }
 DEFAULT = tuple(ZOO)
 # Not in the default run: a tiny model for the test of this script.
