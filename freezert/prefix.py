@@ -23,15 +23,8 @@ from .call import Call, keys_of, sig_text
 from .config import FreezeConfig
 from .partition import Partition
 from .planner import Plan, user_stacklevel
-from .segment import (
-    FrozenSegment,
-    PlaceholderRead,
-    contains_placeholder,
-    frozen_tensors,
-    has_hooks,
-    hooked_inside,
-    structure_of,
-)
+from .runner import PlaceholderRead, contains_placeholder, has_hooks, hooked_inside
+from .segment import FrozenSegment, frozen_tensors, structure_of
 
 __all__ = ["Boundary", "Call", "Prefix"]
 

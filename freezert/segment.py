@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import operator
 import types
 from collections.abc import Iterator
@@ -17,13 +16,7 @@ from .blocks import BlockTable
 from .config import FreezeConfig
 from .fold import FoldScan, after_fold, fold_
 from .partition import Partition
-from .record import METADATA, op_name
-
-
-def _shared_copy(module: nn.Module) -> nn.Module:
-    """A structural copy of ``module`` whose parameters and buffers are the original tensor objects."""
-    memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    return copy.deepcopy(module, memo)
+from .runner import _Runner, _Slot
 
 
 def _quantized(target: nn.Module, fmt: str) -> nn.Module:
@@ -57,190 +50,6 @@ def _recast(mod: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> N
                     new = new.contiguous(memory_format=torch.channels_last)
                 if new is not t:
                     store[key] = new
-
-
-def _out_dtype(module: nn.Module) -> torch.dtype | None:
-    for t in module.parameters():
-        if t.is_floating_point():
-            return t.dtype
-    return None
-
-
-_HOOKS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
-
-def _unhooked(copy_of: nn.Module) -> nn.Module:
-    """A private copy without the hooks it inherited: hooks fire on the user's modules, never on copies."""
-    for m in copy_of.modules():
-        for name in _HOOKS:
-            d = m.__dict__.get(name)
-            if d:
-                d.clear()
-    return copy_of
-
-
-def has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
-
-
-def hooked_inside(module: nn.Module) -> nn.Module | None:
-    """A submodule (not ``module`` itself) with a forward or pre-forward hook, if any."""
-    return next((m for m in module.modules() if m is not module and has_hooks(m)), None)
-
-
-@contextlib.contextmanager
-def _all_eval(module: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, t in modes:
-            m.training = t
-
-
-class PlaceholderRead(RuntimeError):
-    """Code read a frozen output that the cache does not store (a branch or hook no recorded call took)."""
-
-    def __init__(self, key):
-        super().__init__(
-            f"freezert: frozen output {key} was read outside the cached part after the call returned; the cache "
-            "does not store it. Call the model once more (freezert then stores it), or drop cache="
-        )
-        self.key = key
-
-
-class _Placeholder(torch.Tensor):
-    """Stands for a frozen output a cache hit does not store, which only the skipped part itself reads: its
-    shape can be asked, any read of its values raises ``PlaceholderRead``, so nothing is ever computed from it."""
-
-    key: tuple
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if op_name(func) in METADATA:
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        raise PlaceholderRead(next(t.key for t in _tree.tensors((args, kwargs)) if isinstance(t, _Placeholder)))
-
-
-def contains_placeholder(obj) -> tuple | None:
-    """The key of a placeholder inside ``obj`` (nested), if any."""
-    return next((t.key for t in _tree.tensors(obj) if isinstance(t, _Placeholder)), None)
-
-
-def _needs_autograd(args, kwargs) -> bool:
-    """An input with a graph behind it, or a trainable parameter: autograd must run through the module. A leaf
-    tensor that requires grad but is no parameter (marked by the model's own code) has nothing behind it."""
-    return torch.is_grad_enabled() and any(
-        t.requires_grad and (t.grad_fn is not None or isinstance(t, nn.Parameter))
-        for t in _tree.tensors((args, kwargs))
-    )
-
-
-class _Runner(nn.Module):
-    """Runs one frozen module as inference: its private copy under no_grad (folded and pre-cast once the segment
-    is ready). The user's module stays in the model; while the segment is installed, its ``forward`` is this
-    runner's, so its hooks fire with the module they were registered on."""
-
-    def __init__(self, original: nn.Module, segment: FrozenSegment, key: tuple[int, int], *, copy_module: bool):
-        super().__init__()
-        # Not registered as a submodule: the copy must not appear in state_dict, parameters or .to().
-        self.__dict__["target"] = _unhooked(_shared_copy(original)) if copy_module else original
-        self.__dict__["original"] = original
-        self.__dict__["segment"] = segment
-        self.__dict__["plain"] = types.MethodType(type(original).forward, original)  # set again at install
-        # the hook dicts of its submodules, read at each call (a hook added later must fire)
-        subs = [m for m in original.modules() if m is not original]
-        self.__dict__["sub_hooks"] = [d for m in subs for d in (m._forward_hooks, m._forward_pre_hooks)]
-        self.key = key  # (unit, member): where the record saw this module
-        self.out_dtype = _out_dtype(original)
-        self.template = None  # (structure, slots) of the last output: what a cache hit hands back in its place
-        self.replay = None  # set by FrozenSegment.replaying(): what to return instead of running
-        self.captured = None  # set by FrozenSegment.capturing(): where the outputs of this call go
-
-    @property
-    def device(self) -> torch.device | None:
-        """Where this runner's last output lives (from its recorded template)."""
-        slots = [s for s in self.template[1] if isinstance(s, _Slot)] if self.template else []
-        return slots[0].device if slots else None
-
-    def hooked_inside(self) -> bool:
-        """True when one of the user's submodules of this module has a forward or pre-forward hook now."""
-        return any(self.__dict__["sub_hooks"])
-
-    def _cast_in(self, t: torch.Tensor) -> torch.Tensor:
-        seg = self.__dict__["segment"]
-        if t.is_floating_point():
-            if seg.dtype is not None:
-                t = t.to(seg.dtype)
-            if seg.channels_last and t.dim() == 4:
-                t = t.contiguous(memory_format=torch.channels_last)
-        return t
-
-    def _cast_out(self, t: torch.Tensor) -> torch.Tensor:
-        if self.out_dtype is not None and t.is_floating_point() and t.dtype != self.out_dtype:
-            return t.to(self.out_dtype)
-        return t
-
-    def forward(self, *args, **kwargs):
-        if self.replay is not None:
-            return self.replay()
-        plain = self.__dict__["plain"]
-        if _needs_autograd(args, kwargs):
-            # A call the record did not plan for (an input that needs a gradient): autograd through the user's
-            # own module, exactly as naive freezing runs it.
-            return plain(*args, **kwargs)
-        seg, target, original = self.__dict__["segment"], self.__dict__["target"], self.__dict__["original"]
-        with torch.no_grad():
-            if target is original:  # bn="train": the user's own module, batch statistics and all
-                out = plain(*args, **kwargs)
-            elif self.hooked_inside():
-                # a hook on one of its submodules must see that submodule's own output: the user's modules run,
-                # unfolded, in the segment's eval mode
-                with _all_eval(original):
-                    out = plain(*args, **kwargs)
-            else:
-                cast = seg.prepared and (seg.dtype is not None or seg.channels_last)
-                if cast:
-                    args, kwargs = _tree.map_tensors((args, kwargs), self._cast_in)
-                out = target(*args, **kwargs)
-                if cast:
-                    out = _tree.map_tensors(out, self._cast_out)
-        leaves, spec = _tree.flatten(out)
-        self.template = (spec, [_Slot.of(v) if isinstance(v, torch.Tensor) else v for v in leaves])
-        if self.captured is not None:
-            self.captured[self.key] = [v for v in leaves if isinstance(v, torch.Tensor)]
-        return out
-
-
-class _Slot:
-    """Shape, dtype and device of one tensor in a runner's output (batch dimension first)."""
-
-    __slots__ = ("shape", "dtype", "device")
-
-    def __init__(self, shape, dtype, device):
-        self.shape, self.dtype, self.device = tuple(shape), dtype, device
-
-    @classmethod
-    def of(cls, t: torch.Tensor) -> _Slot:
-        return cls(t.shape, t.dtype, t.device)
-
-    def placeholder(self, batch: int, key: tuple) -> torch.Tensor:
-        # A zero-stride expand: the right shape for the model's glue code, no memory, no values to read.
-        base = torch.zeros((), dtype=self.dtype, device=self.device).expand(batch, *self.shape[1:])
-        p = torch.Tensor._make_subclass(_Placeholder, base)
-        p.key = key
-        return p
 
 
 _PLAIN = (bool, int, float, str, type(None))
