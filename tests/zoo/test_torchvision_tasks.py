@@ -37,7 +37,7 @@ def boxes(n: int = 2, size: int = 64, classes: int = 3, seed: int = 5) -> list[d
 # A detector takes a list of images (and, in train mode, their targets): the loss dict in train mode and the
 # detections in eval mode (every box kept, score threshold 0) are the outputs compared.
 DETECT = ([X64[0], X64[1]], boxes())
-IDS = torch.arange(2)  # the cache keys a list of images by these (not batch-first tensors)
+IDS = torch.arange(2)  # RetinaNet's cache keys its list of images by these; Faster R-CNN's by the images' content
 SMALL_RCNN = dict(
     min_size=64,
     max_size=64,
@@ -102,7 +102,7 @@ CASES = {
         expect=under(*(f"features.{n}" for n in ("conv0", "norm0", "denseblock1", "transition1"))),
         skip={"plan-one": "its last train-mode BatchNorm sees one value per channel on one 32 px image"},
     ),
-    "fasterrcnn": Case(faster_rcnn, DETECT, freeze=4, expect=blocks("backbone.body", 4), cached=dict(cache_ids=IDS)),
+    "fasterrcnn": Case(faster_rcnn, DETECT, freeze=4, expect=blocks("backbone.body", 4)),
     "retinanet": Case(
         retinanet,
         DETECT,
@@ -117,18 +117,10 @@ CASES = {
         expect=blocks("backbone", 6),
     ),
 }
-DETECTORS_UNCACHED = (
-    "the cache is not used for a list of images, even with cache_ids: the batch size is read from the first input "
-    "tensor (an image: 3 channels), so every (2, C, H, W) block output counts as 'not batch-first'"
-)
-XFAIL = {
-    ("fasterrcnn", "*", "fp32"): DETECTORS_UNCACHED,
-    ("retinanet", "*", "fp32"): DETECTORS_UNCACHED,
-}
 base = Bases(lambda name: (CASES[name].build(), CASES[name].args, CASES[name].kwargs))
 
 
-@pytest.mark.parametrize("name,scenario,cache", scenarios(CASES, XFAIL))
+@pytest.mark.parametrize("name,scenario,cache", scenarios(CASES))
 def test_same_function_as_naive_freezing_from_every_start(name, scenario, cache):
     CASES[name].check(base(name), scenario, cache)
 
