@@ -2,12 +2,14 @@
 
 ``quantize_frozen_(module, "int8")`` replaces, inside ``module``, every ``nn.Linear`` / ``nn.Conv1d`` /
 ``nn.Conv2d`` (and transformers' GPT-2 ``Conv1D``) by an inference module holding the quantized weight and
-one fp32 scale per output channel (symmetric: ``w ~= q * scale``). Call it on a private structural copy
+fp32 scales (symmetric: ``w ~= q * scale``): one per output channel, or with ``group_size=g`` one per ``g``
+consecutive weights of an output channel's flattened (in, kh, kw) row (int8 error per weight shrinks with the
+group's largest value; fp8 keeps its 3 mantissa bits whatever the scale). Call it on a private structural copy
 (the frozen segment's), never on the user's model: the layers are swapped in their parents.
 
-Forward: dequantize then ``F.linear`` / ``F.conv*`` (any device), or on CUDA for Linear, when the shapes
-allow, ``torch._int_mm`` (int8 x int8 -> int32, activations quantized per row on the fly) and
-``torch._scaled_mm`` (fp8 e4m3 with row-wise scales), with the dequantize path as the fallback.
+Forward: dequantize then ``F.linear`` / ``F.conv*`` (any device), or on CUDA for Linear with per-channel
+scales, when the shapes allow, ``torch._int_mm`` (int8 x int8 -> int32, activations quantized per row on the
+fly) and ``torch._scaled_mm`` (fp8 e4m3 with row-wise scales), with the dequantize path as the fallback.
 """
 
 from __future__ import annotations
@@ -43,32 +45,66 @@ def _check_format(fmt: str) -> str:
     return fmt
 
 
-def quantize_weight(w: torch.Tensor, fmt: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, scale)`` with ``w ~= q * scale`` per output channel (dim 0); q is int8 or float8_e4m3fn."""
+def _check_group(group_size: int | None) -> int | None:
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        raise FreezeError(f"group_size={group_size!r} is not a positive int; pass e.g. 32, or None for per-channel")
+    return group_size
+
+
+def _groups(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``w`` as (out, groups, g): each output channel's flattened row cut in ``g`` (one group: per-channel)."""
+    rows = w.reshape(w.shape[0], -1)
+    g = rows.shape[1] if group_size is None else min(group_size, rows.shape[1])
+    pad = -rows.shape[1] % g
+    if pad:  # the last group is short: zeros change no amax
+        rows = torch.nn.functional.pad(rows, (0, pad))
+    return rows.reshape(w.shape[0], -1, g)
+
+
+def quantize_weight(
+    w: torch.Tensor, fmt: str = "int8", group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``w ~= q * scale``; q is int8 or float8_e4m3fn, w's shape. ``scale``: one per output
+    channel (dim 0), shape (out,), or with ``group_size`` one per group of that many weights, shape (out, groups)."""
     _check_format(fmt)
+    _check_group(group_size)
     w32 = w.detach().float()
-    amax = w32.abs().reshape(w32.shape[0], -1).amax(1)
+    grouped = _groups(w32, group_size)
+    amax = grouped.abs().amax(2)
     top = _INT8_MAX if fmt == "int8" else _FP8_MAX
-    # an all-zero channel gets scale 1 (q = 0 anyway) instead of a division by zero
+    # an all-zero group gets scale 1 (q = 0 anyway) instead of a division by zero
     scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
-    scaled = w32 / scale.view((-1,) + (1,) * (w32.dim() - 1))
+    scaled = grouped / scale.unsqueeze(2)
     if fmt == "int8":
         q = scaled.round().clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
     else:
         q = scaled.clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
-    return q.contiguous(), scale.contiguous()
+    q = q.reshape(w.shape[0], -1)[:, : w32[0].numel()].reshape(w.shape)
+    return q.contiguous(), (scale.squeeze(1) if group_size is None else scale).contiguous()
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``q * scale`` per output channel, in ``dtype``."""
-    w = q.to(torch.float32) * scale.view((-1,) + (1,) * (q.dim() - 1))
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, group_size: int | None = None
+) -> torch.Tensor:
+    """``q * scale`` per output channel (``scale`` of shape (out,)) or per group (shape (out, groups), made with
+    ``group_size``), in ``dtype``."""
+    if scale.dim() == 1:
+        w = q.to(torch.float32) * scale.view((-1,) + (1,) * (q.dim() - 1))
+        return w.to(dtype)
+    n = q[0].numel()
+    if group_size is None:
+        if n % scale.shape[1]:
+            raise FreezeError(f"group_size=None with {scale.shape[1]} groups of a {n}-weight row; pass the group_size")
+        group_size = n // scale.shape[1]
+    grouped = _groups(q.to(torch.float32), group_size)
+    w = (grouped * scale.unsqueeze(2)).reshape(q.shape[0], -1)[:, :n].reshape(q.shape)
     return w.to(dtype)
 
 
 class _Quant(nn.Module):
-    def _set(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> None:
-        q, scale = quantize_weight(weight, fmt)
-        self.fmt = fmt
+    def _set(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, group_size: int | None = None) -> None:
+        q, scale = quantize_weight(weight, fmt, group_size)
+        self.fmt, self.group_size = fmt, group_size
         self.register_buffer("qweight", q.to(weight.device))
         self.register_buffer("scale", scale.to(weight.device))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -86,7 +122,13 @@ class _Quant(nn.Module):
 
     def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight in ``dtype`` (a temporary; the module keeps only ``qweight`` and ``scale``)."""
-        return dequantize(self.qweight, self.scale, dtype)
+        return dequantize(self.qweight, self.scale, dtype, self.group_size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (in the bias's dtype, which follows the model's casts): for code that reads
+        ``layer.weight`` (transformers' ViT reads the patch projection's dtype), not for the forward."""
+        return self.weight_as(self.bias.dtype if self.bias is not None else torch.float32)
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(dtype)
@@ -95,7 +137,14 @@ class _Quant(nn.Module):
 class QuantLinear(_Quant):
     """``F.linear`` with a weight stored as int8 / fp8 plus per-output-channel scales (inference only)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str = "int8", compute: str = "auto"):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        fmt: str = "int8",
+        compute: str = "auto",
+        group_size: int | None = None,
+    ):
         super().__init__()
         if compute not in ("auto", "dequantize"):
             raise FreezeError(
@@ -105,18 +154,21 @@ class QuantLinear(_Quant):
         self.out_features, self.in_features = weight.shape
         self.compute = compute
         self._hw_failed = False
-        self._set(weight, bias, fmt)
+        self._set(weight, bias, fmt, group_size)
 
     @classmethod
-    def from_module(cls, m: nn.Module, fmt: str = "int8", compute: str = "auto") -> QuantLinear:
+    def from_module(
+        cls, m: nn.Module, fmt: str = "int8", compute: str = "auto", group_size: int | None = None
+    ) -> QuantLinear:
         if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):  # transformers GPT-2: y = x @ W + b, W (in, out)
-            return cls(m.weight.t(), m.bias, fmt, compute)
-        return cls(m.weight, m.bias, fmt, compute)
+            return cls(m.weight.t(), m.bias, fmt, compute, group_size)
+        return cls(m.weight, m.bias, fmt, compute, group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.compute == "auto"
             and x.is_cuda
+            and self.scale.dim() == 1  # the hardware matmuls take per-channel scales only
             and not self._hw_failed
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         ):
@@ -170,11 +222,11 @@ class QuantLinear(_Quant):
 class QuantConv(_Quant):
     """``F.conv1d`` / ``F.conv2d`` with a weight stored as int8 / fp8 plus per-output-channel scales."""
 
-    def __init__(self, conv: nn.Conv1d | nn.Conv2d, fmt: str = "int8"):
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, fmt: str = "int8", group_size: int | None = None):
         super().__init__()
         self.dim = 1 if isinstance(conv, nn.Conv1d) else 2
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self._set(conv.weight, conv.bias, fmt)
+        self._set(conv.weight, conv.bias, fmt, group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = F.conv1d if self.dim == 1 else F.conv2d
@@ -201,13 +253,19 @@ def quantize_frozen_(
     *,
     filter: Callable[[str, nn.Module], bool] | None = None,
     compute: str = "auto",
+    group_size: int | None = None,
+    min_weights: int = 0,
 ) -> list[str]:
     """Replace the Linear / Conv1d / Conv2d layers below ``module`` by int8 / fp8 inference modules, in place.
 
-    ``filter(name, layer)`` keeps a layer out when False. Returns the replaced dotted names. Use it only on a
-    private structural copy: the parents' child slots are rewritten (the replaced layers are not edited).
+    ``filter(name, layer)`` keeps a layer out when False; ``group_size``: one scale per that many weights of a
+    row (None: per output channel); ``min_weights``: layers with fewer weights stay as they are (a CNN's first
+    convolution and its narrow layers: few bytes, and the ones its output is most sensitive to). Returns the
+    replaced dotted names. Use it only on a private structural copy: the parents' child slots are rewritten (the
+    replaced layers are not edited).
     """
     _check_format(fmt)
+    _check_group(group_size)
     done: list[str] = []
 
     def visit(prefix: str, m: nn.Module) -> None:
@@ -215,11 +273,11 @@ def quantize_frozen_(
             if child is None:
                 continue
             full = f"{prefix}.{name}" if prefix else name
-            if _quantizable(child) and (filter is None or filter(full, child)):
+            if _quantizable(child) and child.weight.numel() >= min_weights and (filter is None or filter(full, child)):
                 rep = (
-                    QuantConv(child, fmt)
+                    QuantConv(child, fmt, group_size)
                     if isinstance(child, (nn.Conv1d, nn.Conv2d))
-                    else QuantLinear.from_module(child, fmt, compute)
+                    else QuantLinear.from_module(child, fmt, compute, group_size)
                 )
                 for key, value in vars(child).items():  # plain attributes a parent may read (YOLO's .f / .i)
                     if not key.startswith("_") and key != "training" and key not in vars(rep):

@@ -147,3 +147,71 @@ def test_memory_report_table_and_plot(tmp_path):
 def _run_ckpt(model, x, names):
     with checkpointed(model, names) as m:
         _step(m, x)()
+
+
+# --- lean ops x checkpoint x autocast (issue 15 item 3) -----------------------------------------------------------
+
+
+def _bert_tiny():
+    t = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = t.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+    model = t.BertForSequenceClassification(cfg)
+    ids, labels = torch.randint(0, 64, (2, 9)), torch.tensor([0, 1])
+    frozen = ["bert.embeddings", "bert.encoder.layer.0"]
+    blocks = ["bert.encoder.layer.1", "bert.encoder.layer.2", "bert.pooler", "classifier"]
+    return model, frozen, blocks, lambda m: m(input_ids=ids, labels=labels).loss
+
+
+def _yolo_tiny():
+    torch.manual_seed(0)
+    model = yolov5("n")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        targets = detection_targets_like(model(x), torch.Generator().manual_seed(1))
+    return (
+        model,
+        [f"model.{i}" for i in range(10)],
+        [f"model.{i}" for i in range(10, 24)],
+        lambda m: detection_loss(m(x.to(next(m.parameters()).dtype)), targets),
+    )
+
+
+@pytest.mark.parametrize("build", [_yolo_tiny, _bert_tiny], ids=["yolov5n", "bert"])
+@pytest.mark.parametrize("precision", ["float64", "bf16-autocast"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["lean", "lean+checkpoint"])
+def test_lean_composes_with_checkpoint_and_autocast(build, precision, ckpt):
+    """Two training steps of the lean plan (under non-reentrant checkpoint of every trainable block, and CPU bf16
+    autocast) against naive freezing: gradients and BatchNorm statistics bit for bit, no CheckpointError."""
+    import contextlib
+
+    from freezert.ops import _exact, lean_plan, swapped
+
+    model, frozen, blocks, loss = build()
+    if precision == "float64":
+        model = model.double()
+    model.train()
+    for name in frozen:
+        model.get_submodule(name).requires_grad_(False)
+    lean = copy.deepcopy(model)
+    plan = lean_plan(lean, skip=lambda n: any(n == f or n.startswith(f + ".") or f.startswith(n + ".") for f in frozen))
+
+    def amp():
+        return torch.autocast("cpu", torch.bfloat16) if precision != "float64" else contextlib.nullcontext()
+
+    for step in range(2):
+        torch.manual_seed(step)
+        with amp():
+            value = loss(model)
+        value.backward()
+        torch.manual_seed(step)
+        with amp(), swapped(lean, plan), checkpointed(lean, blocks if ckpt else []):
+            got = loss(lean)
+        got.backward()
+        assert _exact.same_bits(got.detach(), value.detach()), step
+    for (name, a), b in zip(lean.named_parameters(), model.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if b.grad is not None:
+            assert _exact.same_bits(a.grad, b.grad), name
+    for (name, a), b in zip(lean.named_buffers(), model.buffers()):
+        assert _exact.same_bits(a, b), name

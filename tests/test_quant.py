@@ -96,6 +96,53 @@ def test_user_layers_are_not_edited_and_half_inputs_work():
     assert holder[0].qweight.dtype == torch.float8_e4m3fn and holder[0].bias.dtype == torch.bfloat16
 
 
+def _group_bound(w: torch.Tensor, fmt: str, g: int) -> torch.Tensor:
+    """Per element, the format's bound with each group's own amax (a group: g consecutive weights of a row)."""
+    rows = w.reshape(w.shape[0], -1)
+    n = rows.shape[1]
+    pad = -n % g
+    amax = torch.nn.functional.pad(rows.abs(), (0, pad)).reshape(w.shape[0], -1, g).amax(2)
+    amax = amax.repeat_interleave(g, 1)[:, :n].reshape(w.shape)
+    if fmt == "int8":
+        return amax / 127 / 2
+    return w.abs() * 2.0**-4 + amax / 448 * 2.0**-10
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("shape,g", [((37, 53), 16), ((16, 3, 3, 5), 32), ((5, 7), 64), ((6, 100), 8)], ids=str)
+def test_group_scales_round_trip_within_each_groups_bound(fmt, shape, g):
+    w = torch.randn(shape, dtype=torch.float64) * 3
+    w.reshape(shape[0], -1)[:, :g] *= 20  # one loud group per row: the others keep their fine steps
+    q, scale = quantize_weight(w, fmt, group_size=g)
+    n = w[0].numel()
+    assert q.shape == w.shape and scale.shape == (shape[0], -(-n // min(g, n)))
+    err = (dequantize(q, scale, torch.float64, group_size=g) - w).abs()
+    assert (err <= _group_bound(w, fmt, min(g, n)) * (1 + 1e-6) + 1e-12).all()
+    if fmt == "int8" and n > g:  # per channel the loud group sets every step: grouping is strictly finer
+        per_channel = (dequantize(*quantize_weight(w, fmt), torch.float64) - w).norm()
+        assert err.norm() < per_channel
+
+
+def test_group_layers_min_weights_and_weight_attribute():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 64, 3), nn.Flatten(), nn.LazyLinear(5))
+    model(torch.rand(1, 3, 9, 9))
+    ref = copy.deepcopy(model)
+    names = quantize_frozen_(model, "int8", group_size=32, min_weights=200)
+    assert names == ["2", "4"]  # the 108-weight first conv stays in float
+    assert model[2].scale.shape == (64, 2) and model[4].scale.shape == (5, 50)
+    x = torch.rand(2, 3, 9, 9)
+    assert ((model(x) - ref(x)).norm() / ref(x).norm()).item() < 0.02
+    # code that reads layer.weight (transformers' ViT checks the patch projection's dtype) gets the dequantized one
+    assert model[2].weight.shape == ref[2].weight.shape and model[2].weight.dtype == torch.float32
+    model.half()
+    assert model[2].weight.dtype == torch.float16 and model[2].scale.dtype == torch.float32
+    with pytest.raises(FreezeError, match="group_size=0"):
+        quantize_frozen_(nn.Sequential(nn.Linear(2, 2)), "int8", group_size=0)
+    q, scale = quantize_weight(torch.randn(3, 10), "int8", group_size=4)
+    with pytest.raises(FreezeError, match="pass the group_size"):
+        dequantize(q, scale)
+
+
 def test_refusals_name_the_value():
     with pytest.raises(FreezeError, match="'int4'"):
         quantize_frozen_(nn.Sequential(nn.Linear(2, 2)), "int4")
