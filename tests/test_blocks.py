@@ -325,3 +325,15 @@ def test_a_model_that_is_all_head_still_has_blocks():
             self.fc = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
 
     assert names(MLP()) == [f"fc.{i}" for i in range(5)]
+
+
+def test_freezing_by_name_covers_a_whole_side_or_backbone():
+    """Names match whole dotted components of block names: ``freeze="encoder"`` is T5's whole encoder,
+    ``freeze="backbone.body"`` a detector's whole ResNet."""
+    model, _, _ = meta(lambda: _seq2seq("t5"))
+    assert spec.resolve("encoder", block_table(model)) == [0, 1]
+    tv = pytest.importorskip("torchvision")
+    det = meta(lambda: tv.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None))
+    table = block_table(det)
+    assert spec.resolve("backbone.body", table) == [0, 1, 2, 3, 4]
+    assert spec.resolve("backbone.body.layer1", table) == [1]
