@@ -30,11 +30,9 @@ from .._errors import FreezeError
 from ..cache import FeatureCache
 from ..schedule import Schedule
 from ..wrapper import FrozenModel, wrap
+from ._stores import STORE_DIR, disk_store
 
 __all__ = ["AUGMENTATION_ARGS", "FINITE_AUGMENTATION_ARGS", "STORE_DIR", "FreezertCallback", "augmentation_in_use"]
-
-#: The feature store's folder inside the run's ``save_dir`` (beside ``weights/``), reopened on resume.
-STORE_DIR = "freezert_cache"
 
 #: Augmentations that draw from a finite set of variants of an image (flipped or not, channels swapped or not): with
 #: keys by content each variant is a row of its own, computed once and served from then on.
@@ -270,10 +268,8 @@ class FreezertCallback:
         if isinstance(self.feature_cache, FeatureCache):
             self.store = self.feature_cache
         elif self.store is None:
-            codec = "fp16" if self.feature_cache is True else self.feature_cache
-            save_dir = getattr(trainer, "save_dir", None)
-            path = None if save_dir is None else os.path.join(os.fspath(save_dir), STORE_DIR)
-            self.store = FeatureCache(codec, "disk", budget="1TiB", path=path)  # bounded by the drive, not LRU
+            save_dir = getattr(trainer, "save_dir", None)  # beside weights/; train(resume=True) reuses the folder
+            self.store = disk_store(self.feature_cache, None if save_dir is None else os.path.join(save_dir, STORE_DIR))
             self._made_store = True
         return self.store
 
