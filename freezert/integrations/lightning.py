@@ -9,12 +9,15 @@ the checkpoint format are Lightning's. What they add: while a module the callbac
 ``pl_module.backbone`` for ``BackboneFinetuning``) stays frozen, ``pl_module.<name>`` is that module wrapped by
 ``freezert.wrap`` (its frozen blocks from block 0 on run under no_grad as one segment; ``bn="frozen"`` also folds
 BatchNorm, and ``cache=`` skips the frozen part for inputs it has seen); a resumed fit gets the saved
-``requires_grad`` flags back. docs/INTEGRATIONS.md lists every difference from Lightning and why.
+``requires_grad`` flags back. ``cache=True`` or a codec name keeps a disk store beside the run's checkpoints
+(``<log_dir>/freezert_cache/<module>``), which a resumed fit reopens. docs/INTEGRATIONS.md lists every difference from
+Lightning and why.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,6 +47,7 @@ from ..cache import FeatureCache
 from ..config import FreezeConfig
 from ..schedule import Schedule
 from ..wrapper import FrozenModel, wrap
+from ._stores import STORE_DIR, adopt, disk_store
 
 __all__ = ["BackboneFinetuning", "BaseFinetuning", "FreezertFinetuning", "multiplicative"]
 
@@ -163,6 +167,8 @@ class BaseFinetuning(_LightningBase):
         self._skip: dict[str, tuple[tuple, str]] = {}  # path -> (flags, why it is not wrapped)
         self._held: dict[str, list[_BatchNorm]] = {}  # bn="frozen": BatchNorms put in eval before the wrap
         self._caches: dict[str, FeatureCache] = {}
+        self._made: set[str] = set()  # modules whose store this callback made (closed at teardown)
+        self._store_root: str | None = None  # <log_dir>/freezert_cache of the current fit
         self._pl_module: Any = None
         self._restored_flags: dict | None = None
 
@@ -282,6 +288,9 @@ class BaseFinetuning(_LightningBase):
                         "too); pass cache=True or a codec name so that each gets its own"
                     )
                 self._caches[path] = self.cache
+            elif self._store_root is not None:  # a disk store beside the checkpoints, reopened on resume
+                self._caches[path] = disk_store(self.cache, os.path.join(self._store_root, path))
+                self._made.add(path)
             else:
                 self._caches[path] = FeatureCache() if self.cache is True else FeatureCache(codec=self.cache)
         return self._caches[path]
@@ -294,6 +303,8 @@ class BaseFinetuning(_LightningBase):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._noted = []
         self._pl_module = pl_module
+        if self.cache not in (None, False) and not isinstance(self.cache, FeatureCache):
+            self._store_root = _store_root(trainer)
         super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -307,6 +318,10 @@ class BaseFinetuning(_LightningBase):
             for name, m in pl_module.named_modules():
                 if isinstance(m, _BatchNorm):
                     m.track_running_stats = name not in no_stats
+            if restored.get("stores") and self._store_root is not None:  # before any forward opens a store
+                _adopt_all(
+                    trainer, {p: os.path.join(self._store_root, p) for p in restored["stores"]}, restored["stores"]
+                )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._plan(trainer, pl_module)  # also when a fit resumes mid-epoch (no epoch start then)
@@ -332,6 +347,9 @@ class BaseFinetuning(_LightningBase):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._unwrap_all(pl_module)
+        for path in self._made:  # the index written, the lock released; the next fit reopens the store
+            self._caches.pop(path).close()
+        self._made = set()
         super().teardown(trainer, pl_module, stage)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
@@ -354,7 +372,10 @@ class BaseFinetuning(_LightningBase):
                     for n, m in pl.named_modules()
                     if isinstance(m, _BatchNorm) and not m.track_running_stats
                 ],
+                "stores": {p: c.path for p, c in self._caches.items() if p in self._made and c.path},
             }
+            for c in self._caches.values():
+                c.flush()  # the store's index as of this checkpoint
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -427,6 +448,10 @@ class FreezertFinetuning(Callback):
         self.attr = attr
         self.options = options
         self._restored: dict | None = None  # a checkpoint's schedule state, applied once the fit's optimizers exist
+        self._store: FeatureCache | None = None  # the disk store made for cache=True or a codec name
+        self._restored_store: dict | None = None  # {"path", "frozen"} of the checkpoint's store
+        self._adopted: list | None = None  # the frozen blocks the moved store's rows were computed for
+        self._fm: FrozenModel | None = None  # what setup put at pl_module.<attr>
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if type(trainer.strategy).__name__.startswith("DeepSpeed"):
@@ -436,7 +461,16 @@ class FreezertFinetuning(Callback):
             return
         if not isinstance(inner, nn.Module):
             raise FreezeError(f"the LightningModule has no nn.Module attribute {self.attr!r}; pass attr= naming it")
-        setattr(pl_module, self.attr, wrap(inner, self.schedule, **self.options))  # loads plain keys (a pre-hook)
+        options = dict(self.options)
+        cache = options.get("cache")
+        if cache not in (None, False) and not isinstance(cache, FeatureCache):
+            # a disk store beside the run's checkpoints, reopened (moved here) when a fit resumes; the previous fit's
+            # store (another model given to this callback) is closed: one writer per store
+            if self._store is not None:
+                self._store.close()
+            self._store = options["cache"] = disk_store(cache, os.path.join(_store_root(trainer), self.attr))
+        self._fm = wrap(inner, self.schedule, **options)
+        setattr(pl_module, self.attr, self._fm)  # loads plain keys (a pre-hook)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Binds this fit's optimizers (frozen parameters leave them), then a checkpoint's state if resuming."""
@@ -444,20 +478,51 @@ class FreezertFinetuning(Callback):
         restored, self._restored = self._restored, None
         if restored is not None:
             self.schedule.load_state_dict(restored)
+        saved, self._restored_store = self._restored_store, None
+        if saved and self._store is not None:
+            _adopt_all(trainer, {self.attr: self._store.path}, {self.attr: saved["path"]})
+            self._adopted = saved["frozen"]
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         if total is None:
             raise FreezeError("FreezertFinetuning needs Trainer(max_epochs=N) to turn epochs into training progress")
         self.schedule.step(min(trainer.current_epoch / total, 1.0))
+        adopted, self._adopted = self._adopted, None
+        if adopted is not None and self._store.fingerprint is None and self._fm.frozen_indices != adopted:
+            # The schedule froze another set at this first epoch of the resumed fit, before any forward bound the
+            # store: its rows are of another setup, which the first bind would refuse. Start it anew.
+            if trainer.is_global_zero:
+                self._store.clear()
+            trainer.strategy.barrier("freezert_cache")
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         if self.schedule.needs_grad_norms:
             self.schedule.after_backward()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"schedule": self.schedule.state_dict()}
+        state = {"schedule": self.schedule.state_dict()}
+        fm = self._fm
+        if self._store is not None and fm is not None:
+            self._store.flush()  # the store's index as of this checkpoint
+            state["store"] = {"path": self._store.path, "frozen": list(fm.frozen_indices)}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied at on_fit_start: the optimizers the schedule holds now are the previous fit's (or none).
         self._restored = state_dict["schedule"]
+        self._restored_store = state_dict.get("store")
+
+
+def _store_root(trainer: Any) -> str:
+    """``<log_dir>/freezert_cache``: beside the fit's ``checkpoints/`` (``default_root_dir`` without a logger)."""
+    return os.path.join(trainer.log_dir or trainer.default_root_dir, STORE_DIR)
+
+
+def _adopt_all(trainer: Any, here: dict[str, str], saved: dict[str, str]) -> None:
+    """Moves the stores a resumed checkpoint names into this fit's folder (global rank 0), then waits for every
+    rank, before any forward opens them."""
+    if trainer.is_global_zero:
+        for key, path in here.items():
+            adopt(saved.get(key), path)
+    trainer.strategy.barrier("freezert_cache")
