@@ -11,7 +11,9 @@ The wrapped model's class carries the model's ``forward`` signature and, for a `
 of the model's class: the Trainer finds the label names, keeps the batch columns the model takes and drops the
 rest itself (default ``TrainingArguments``), and ``trainer.save_model`` and its checkpoints write ``config.json``
 through ``save_pretrained``, so they load with ``from_pretrained``. See docs/INTEGRATIONS.md for gradient
-checkpointing and PEFT.
+checkpointing and PEFT. ``cache=feature_store(args)`` keeps the frozen part's outputs in
+``<output_dir>/freezert_cache``, its index written with each checkpoint: a run resumed in that output_dir is served
+its rows.
 """
 
 from __future__ import annotations
@@ -28,11 +30,21 @@ require("transformers", "hf", "transformers")
 from transformers import TrainerCallback  # noqa: E402
 
 from .._errors import FreezeError  # noqa: E402
+from ..cache import FeatureCache  # noqa: E402
 
-__all__ = ["STATE_FILE", "FreezertCallback"]
+__all__ = ["STATE_FILE", "FreezertCallback", "feature_store"]
 
 #: The schedule's state, written into each ``checkpoint-N`` folder the Trainer saves.
 STATE_FILE = "freezert_schedule.pt"
+
+
+def feature_store(args: Any, codec: str = "fp16"):
+    """A disk ``FeatureCache`` at ``<args.output_dir>/freezert_cache`` for ``freezert.wrap(model, cache=...)``: with
+    ``FreezertCallback`` its index is written with each checkpoint, and a run resumed in that output_dir reopens it
+    (a store of another frozen setup is refused)."""
+    from ._stores import STORE_DIR, disk_store
+
+    return disk_store(codec, os.path.join(args.output_dir, STORE_DIR))
 
 
 class FreezertCallback(TrainerCallback):
@@ -71,6 +83,9 @@ class FreezertCallback(TrainerCallback):
             sched.step(min(state.global_step / state.max_steps, 1.0))
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        cache = getattr(model or self.model, "cache", None)
+        if isinstance(cache, FeatureCache):
+            cache.flush()  # a disk store's index as of this checkpoint (feature_store)
         sched = self._schedule(model or self.model)
         if sched is None or not args.should_save:
             return
