@@ -130,3 +130,50 @@ def test_freezert_finetuning_store_is_reopened_and_started_anew_when_the_schedul
     _fit(tmp_path / "b", [cb, counts], deeper, 5, ckpt_path=ckpt.last_model_path)
     assert deeper.backbone.frozen_indices == [0, 1]
     assert counts.seen == [(4, 32, 0, 32)]
+
+
+def test_hugging_face_store_under_output_dir_is_reopened_on_resume(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from freezert.integrations.transformers import FreezertCallback, feature_store
+
+    from .test_integration_transformers import Data, tiny_bert
+
+    def args(**kw):
+        base = dict(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=8,
+            max_steps=8,
+            learning_rate=1e-3,
+            use_cpu=True,
+            report_to=[],
+            seed=0,
+            save_strategy="steps",
+            save_steps=4,
+            disable_tqdm=True,
+        )
+        return transformers.TrainingArguments(**{**base, **kw})
+
+    class Stop(transformers.TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            control.should_training_stop = state.global_step == 4
+
+    a = args()
+    fm = freezert.wrap(tiny_bert(), freeze=2, cache=feature_store(a, "fp32"))
+    transformers.Trainer(model=fm, args=a, train_dataset=Data(), callbacks=[FreezertCallback(), Stop()]).train()
+    store = tmp_path / "out" / "freezert_cache"
+    assert (store / "header.json").exists() and (tmp_path / "out" / "checkpoint-4").exists()
+    assert fm.cache.stats()["misses"] == 32  # the first epoch (4 steps of 8) stored every sample
+    fm.cache.close()  # the interrupted process ends here
+
+    a = args()
+    fm2 = freezert.wrap(tiny_bert(), freeze=2, cache=feature_store(a, "fp32"))
+    trainer = transformers.Trainer(model=fm2, args=a, train_dataset=Data(), callbacks=[FreezertCallback()])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    st = fm2.cache.stats()
+    assert trainer.state.global_step == 8 and st["hits"] == 32 and st["misses"] == 0  # epoch 2 from the store
+    fm2.cache.close()
+
+    other = freezert.wrap(tiny_bert(), freeze=3, cache=feature_store(a, "fp32"))  # another frozen setup
+    with pytest.raises(CacheError, match="holds features of fingerprint"):
+        transformers.Trainer(model=other, args=args(max_steps=1), train_dataset=Data()).train()
