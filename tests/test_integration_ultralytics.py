@@ -14,6 +14,7 @@ Image = pytest.importorskip("PIL.Image")
 from freezert._errors import CacheError, FreezeError  # noqa: E402
 from freezert.integrations.ultralytics import (  # noqa: E402
     AUGMENTATION_ARGS,
+    FROZEN_FILE,
     STORE_DIR,
     FreezertCallback,
     augmentation_in_use,
@@ -259,10 +260,11 @@ def test_the_feature_store_lives_beside_the_checkpoints_and_a_resume_reopens_it(
     def interrupt(trainer):
         raise Interrupt
 
-    def watch(cb, seen):
+    def watch(cb, seen, weights):
         def on_train_epoch_end(trainer):
             st = cb.frozen.cache.stats()
             seen.append((trainer.epoch, st["hits"], st["misses"]))
+            weights.append({k: v.clone() for k, v in cb.frozen.module.model[:10].state_dict().items()})
 
         return on_train_epoch_end
 
@@ -271,21 +273,27 @@ def test_the_feature_store_lives_beside_the_checkpoints_and_a_resume_reopens_it(
     model = YOLO("yolov8n.yaml")
     cb = FreezertCallback(feature_cache="fp16").register(model)
     seen: list = []
-    model.add_callback("on_train_epoch_end", watch(cb, seen))
+    frozen: list = []
+    model.add_callback("on_train_epoch_end", watch(cb, seen, frozen))
     model.add_callback("on_fit_epoch_end", interrupt)
     with pytest.raises(Interrupt):
         model.train(data=str(data), epochs=2, freeze=10, **run)
     store = tmp_path / "runs" / "r" / STORE_DIR
     assert (store / "header.json").exists() and (store / "index.pt").exists()  # written with last.pt
+    assert (tmp_path / "runs" / "r" / FROZEN_FILE).exists()
     assert seen == [(0, 0, 8)]  # 8 training images stored once
     cb.store.close()  # the interrupted process ends here (releasing its lock on the store)
 
     resumed = YOLO(tmp_path / "runs" / "r" / "weights" / "last.pt")
     cb2 = FreezertCallback(feature_cache="fp16").register(resumed)
     seen2: list = []
-    resumed.add_callback("on_train_epoch_end", watch(cb2, seen2))
+    resumed.add_callback("on_train_epoch_end", watch(cb2, seen2, frozen))
     resumed.train(resume=True, data=str(data))
     assert seen2 == [(1, 8, 0)]  # every image of the resumed epoch served from the store, nothing recomputed
+    # last.pt holds the weights in float16; the callback gave the resumed run the exact frozen weights back
+    assert frozen[0].keys() == frozen[1].keys()
+    assert all(torch.equal(frozen[0][k], frozen[1][k]) for k in frozen[0])
+    assert any(not torch.equal(v, v.half().float()) for v in frozen[0].values() if v.is_floating_point())
     assert cb2.store is None and cb2.frozen._unwrapped  # closed and unwrapped at on_train_end
 
     other = YOLO("yolov8n.yaml")

@@ -32,7 +32,17 @@ from ..schedule import Schedule
 from ..wrapper import FrozenModel, wrap
 from ._stores import STORE_DIR, disk_store
 
-__all__ = ["AUGMENTATION_ARGS", "FINITE_AUGMENTATION_ARGS", "STORE_DIR", "FreezertCallback", "augmentation_in_use"]
+#: The frozen blocks' exact weights, beside the store in the run's ``save_dir`` (last.pt holds them in float16).
+FROZEN_FILE = "freezert_frozen.pt"
+
+__all__ = [
+    "AUGMENTATION_ARGS",
+    "FINITE_AUGMENTATION_ARGS",
+    "FROZEN_FILE",
+    "STORE_DIR",
+    "FreezertCallback",
+    "augmentation_in_use",
+]
 
 #: Augmentations that draw from a finite set of variants of an image (flipped or not, channels swapped or not): with
 #: keys by content each variant is a row of its own, computed once and served from then on.
@@ -94,14 +104,29 @@ def _cache_start(args: Any, epochs: int) -> int:
     return max(0, epochs - close) if mixing else 0
 
 
-def _round_to_half(modules: list[nn.Module]) -> None:
-    """Rounds the floating parameters and buffers of ``modules`` to float16 values, in place (kept float32): what an
-    Ultralytics checkpoint stores, so a resumed run holds the same frozen weights and its store's rows still match."""
-    with torch.no_grad():
-        for m in modules:
-            for t in [*m.parameters(), *m.buffers()]:
-                if t.is_floating_point() and t.dtype != torch.float16:
-                    t.copy_(t.half())
+def _keep_frozen_weights(trainer: Any, names: list[str], model: nn.Module) -> None:
+    """Writes the frozen blocks' exact (float32) state beside the store; on ``train(resume=True)`` copies it back into
+    the model and its EMA, whose weights came from last.pt in float16: the resumed run then holds the frozen weights
+    the rows were computed with, and the store is reopened, not refused (a no-op for float16 pretrained weights)."""
+    save_dir = getattr(trainer, "save_dir", None)
+    if save_dir is None:
+        return
+    path = os.path.join(save_dir, FROZEN_FILE)
+    ema = getattr(getattr(trainer, "ema", None), "ema", None)
+    targets = [model] + ([ema] if isinstance(ema, nn.Module) else [])
+    if getattr(trainer, "resume", False):
+        if os.path.exists(path):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.no_grad():
+                for name, state in saved.items():
+                    for m in targets:
+                        for key, t in m.get_submodule(name).state_dict(keep_vars=True).items():
+                            t.copy_(state[key])
+        return
+    state = {n: {k: v.detach().cpu().clone() for k, v in model.get_submodule(n).state_dict().items()} for n in names}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 class _TrainerModel(nn.Module):
@@ -246,14 +271,8 @@ class FreezertCallback:
             model, freeze=self._freeze, cache=self._store_for(trainer) if cached else None, **self.wrap_kwargs
         )
         if first and self._persistent(trainer) and not isinstance(self._freeze, Schedule):
-            # A resumed run's model comes from last.pt, stored in float16: round the frozen weights (and the EMA's
-            # copy) now, before any row is stored, so that both runs hash the same weights and the store is
-            # reopened, not refused. A no-op for pretrained .pt weights, which are float16 already.
-            names = [self.frozen.blocks[i][0] for i in self.frozen.frozen_indices]
-            ema = getattr(getattr(trainer, "ema", None), "ema", None)
-            mods = [model.get_submodule(n) for n in names]
-            mods += [ema.get_submodule(n) for n in names] if isinstance(ema, nn.Module) else []
-            _round_to_half(mods)
+            # before any row is computed: a resumed run must hold the frozen weights its store's rows came from
+            _keep_frozen_weights(trainer, [self.frozen.blocks[i][0] for i in self.frozen.frozen_indices], model)
         trainer.model = _TrainerModel(self.frozen)
 
     def _persistent(self, trainer: Any) -> bool:
