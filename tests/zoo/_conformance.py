@@ -498,7 +498,8 @@ class Case:
     """One zoo model: its builder (random weights, float32; the ``Bases`` make it float64), its inputs, the depth
     to freeze and, where the test knows it, the parameters that depth must freeze. ``cached``: extra ``wrap``
     options with the cache (``also_freeze`` for what would make the frozen blocks run eagerly), and ``cache_ids``
-    for inputs that are not batch-first tensors. ``skip``: scenario -> why naive freezing itself cannot run it."""
+    for inputs that are not batch-first tensors. ``skip``: scenario -> why it is left out (naive freezing itself
+    cannot run it, or CI time)."""
 
     build: Callable[[], nn.Module]
     args: tuple = ()
