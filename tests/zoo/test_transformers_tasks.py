@@ -1,8 +1,8 @@
 """Hugging Face transformers beyond one encoder stack: encoder-decoders (T5, BART, Whisper: the encoder's layers are
 blocks 0.., then the decoder's), outputs transformers collects with forward hooks it installs at the call
-(``output_hidden_states=True``, a DINOv2 backbone's feature maps, SegFormer's decode head), a parameter the glue
-reads between the layers (DeBERTa-v2's ``rel_embeddings``) and audio (wav2vec2), from every start of a run
-(``SCENARIOS``), with and without the cache. Tiny configs, random weights, nothing downloaded.
+(``output_hidden_states=True``, the feature maps of DINOv2, Swin and ConvNeXt backbones, SegFormer's decode head),
+a parameter the glue reads between the layers (DeBERTa-v2's ``rel_embeddings``) and audio (wav2vec2), from every
+start of a run (``SCENARIOS``), with and without the cache. Tiny configs, random weights, nothing downloaded.
 """
 
 from __future__ import annotations
@@ -99,6 +99,33 @@ def dinov2():
     return transformers.Dinov2Backbone(cfg)
 
 
+def swin_backbone():
+    cfg = transformers.SwinConfig(
+        image_size=32,
+        patch_size=2,
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=2,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        drop_path_rate=0.0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return transformers.SwinBackbone(cfg)
+
+
+def convnext_backbone():
+    cfg = transformers.ConvNextConfig(
+        hidden_sizes=[8, 16, 24, 32],
+        depths=[1, 1, 1, 1],
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        drop_path_rate=0.0,
+        layer_scale_init_value=0.5,
+    )
+    return transformers.ConvNextBackbone(cfg)
+
+
 def segformer():
     cfg = transformers.SegformerConfig(
         hidden_sizes=[8, 16, 24, 32],
@@ -180,6 +207,16 @@ CASES = {
     "vit-hidden-states": Case(vit, kwargs={"pixel_values": PIXELS, **HIDDEN}, freeze=2),
     "dinov2-backbone": Case(
         dinov2, kwargs={"pixel_values": PIXELS}, freeze=2, expect=layers("encoder.layer", 2, "embeddings")
+    ),
+    # backbones whose feature maps are hidden states reshaped to (B, C, H, W) by the backbone's own code
+    "swin-backbone": Case(
+        swin_backbone,
+        kwargs={"pixel_values": PIXELS},
+        freeze=2,
+        expect=layers("swin.encoder.layers", 2, "swin.embeddings"),
+    ),
+    "convnext-backbone": Case(
+        convnext_backbone, kwargs={"pixel_values": PIXELS}, freeze=2, expect=layers("encoder.stages", 2, "embeddings")
     ),
     "segformer": Case(segformer, kwargs={"pixel_values": PIXELS}, freeze=2, expect=layers("segformer.stages", 2)),
     "wav2vec2": Case(wav2vec2, kwargs={"input_values": WAVE}, freeze=1),
