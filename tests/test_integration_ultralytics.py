@@ -300,3 +300,36 @@ def test_the_feature_store_lives_beside_the_checkpoints_and_a_resume_reopens_it(
     FreezertCallback(feature_cache="fp16").register(other)
     with pytest.raises(CacheError, match="holds features of fingerprint"):
         other.train(data=str(data), epochs=1, freeze=8, **run)
+
+
+@pytest.mark.slow
+def test_mosaic_runs_uncached_until_close_mosaic_then_the_cache_serves_flips(tmp_path, monkeypatch):
+    """A real run with mosaic on and close_mosaic=1: epoch 0 runs the prefix uncached, the callback wraps the model
+    again with the cache at epoch 1's start (the optimizer and the EMA keep their parameters), and training goes on."""
+    from ultralytics import YOLO
+
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    data = make_dataset(tmp_path / "ds")
+    model = YOLO("yolov8n.yaml")
+    cb = FreezertCallback(feature_cache="fp16").register(model)
+    seen = []
+
+    def look(trainer):
+        fm = cb.frozen
+        in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        trains = {id(p) for p in fm.module.parameters() if p.requires_grad}
+        st = None if fm.cache is None else (fm.cache.stats()["lookups"], fm.cache.stats()["misses"])
+        seen.append((trainer.epoch, st, trains <= in_opt, unwrap(trainer.model) is fm.module))
+
+    model.add_callback("on_train_epoch_end", look)
+    run = dict(imgsz=64, batch=4, workers=0, device="cpu", plots=False, amp=False, val=False, verbose=False)
+    run.update(NO_AUGMENTATION, mosaic=1.0, close_mosaic=1, fliplr=0.5)
+    model.train(data=str(data), epochs=2, freeze=10, project=str(tmp_path / "runs"), name="m", **run)
+    assert seen == [(0, None, True, True), (1, (8, 8), True, True)]
+    assert cb.store is None  # closed at the end
+
+
+def unwrap(m):
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    return unwrap_model(m)
