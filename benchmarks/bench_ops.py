@@ -23,7 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 from freezert import ops  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
-IMPLS = ["eager", "compile", "freezert"]
+IMPLS = ["eager", "compile", "freezert", "lean"]  # lean: the exact plain-torch ops (impl="lean")
 _RESULTS: dict[str, dict[str, tuple[float, int | None, str]]] = {}
 
 # (name, shape, dtype) per op; GPU shapes are the YOLO head / LM head sizes the kernels target.
@@ -103,7 +103,7 @@ def _measure(benchmark, case: str, impl: str, step, reset, op: str) -> None:
         run()
         peak = torch.cuda.max_memory_allocated() - base
         benchmark.extra_info["peak_bytes"] = peak
-    path = ops.backend()[op] if impl == "freezert" else impl
+    path = ops.backend()[op] if impl in ("freezert", "lean") else impl
     benchmark.extra_info["path"] = path
     _RESULTS.setdefault(case, {})[impl] = (benchmark.stats.stats.mean, peak, path)
 
@@ -137,8 +137,9 @@ def test_bench_batch_norm_act(benchmark, impl, shape, dtype):
     def eager(x, w, b):
         return F.silu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
 
-    fn = ops.batch_norm_act if impl == "freezert" else _maybe_compile(eager, impl)
-    args = (x, rm, rv, w, b, True, 0.1, 1e-5, "silu") if impl == "freezert" else (x, w, b)
+    fused = {"freezert": ops.batch_norm_act, "lean": ops.batch_norm_act_lean}
+    fn = fused.get(impl) or _maybe_compile(eager, impl)
+    args = (x, rm, rv, w, b, True, 0.1, 1e-5, "silu") if impl in fused else (x, w, b)
     _measure(
         benchmark,
         f"bn+silu {_case_id(shape, dtype)}",
@@ -157,7 +158,8 @@ def test_bench_layer_norm(benchmark, impl, shape, dtype):
     w, b = torch.randn(n, device=DEVICE).to(dtype), torch.randn(n, device=DEVICE).to(dtype)
     x, w, b = _leaves(x, w, b)
     g = torch.randn_like(x)
-    fn = ops.layer_norm if impl == "freezert" else _maybe_compile(F.layer_norm, impl)
+    ours = {"freezert": ops.layer_norm, "lean": ops.layer_norm_lean}
+    fn = ours.get(impl) or _maybe_compile(F.layer_norm, impl)
     _measure(
         benchmark,
         f"layer_norm {_case_id(shape, dtype)}",
@@ -178,6 +180,8 @@ def test_bench_linear_cross_entropy(benchmark, impl, shape, dtype):
     x, w, b = _leaves(x, w, b)
     t = torch.randint(0, v, (n,), device=DEVICE)
     t[::7] = -100
+    if impl == "lean":
+        pytest.skip("linear_cross_entropy has no separate lean path")
 
     def eager(x, w, t, b):
         return F.cross_entropy(F.linear(x, w, b), t)

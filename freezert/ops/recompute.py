@@ -19,7 +19,6 @@ hooks, so these hooks check the versions themselves and raise eager's error. Ins
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ _ATTR = "_freezert_recipe"
 # rebuild never walks far and never brings many earlier values back into memory at once.
 MAX_DEPTH = 8
 # storages held by a saved-tensor holder right now (a recipe argument found here costs nothing to keep)
-_SAVED: collections.Counter = collections.Counter()
+_SAVED: dict[int, int] = {}
 
 
 def _compiling() -> bool:
@@ -43,10 +42,10 @@ def _compiling() -> bool:
         return False
 
 
-def _key(t: torch.Tensor) -> tuple[int, int]:
-    """(device index, start of the storage): one key per storage (views of it included), without building the
-    storage object."""
-    return (t.get_device(), t.data_ptr() - t.storage_offset() * t.element_size())
+def _key(t: torch.Tensor) -> int:
+    """The storage's address: one key per storage, views included (host and device memory share one 64-bit
+    address space under CUDA's unified addressing, so addresses do not collide across devices)."""
+    return t.untyped_storage().data_ptr()
 
 
 class Recipe:
@@ -159,15 +158,20 @@ class _Real:
             self.packed, self.ref = t, None
         else:  # e.g. save_on_cpu or a measurement: they decide what is kept
             self.packed, self.ref = outer[0](t), weakref.ref(t)
-        self.key = _key(t)
-        _SAVED[self.key] += 1
+        if t.grad_fn is None and t.requires_grad:  # a parameter: free anyway, no need to count its storage
+            self.key = None
+        else:
+            self.key = key = t.untyped_storage().data_ptr()
+            _SAVED[key] = _SAVED.get(key, 0) + 1
 
     def __del__(self):
-        n = _SAVED.get(self.key, 0) - 1
-        if n > 0:
-            _SAVED[self.key] = n
-        else:
-            _SAVED.pop(self.key, None)
+        key = self.key
+        if key is not None:
+            n = _SAVED.get(key, 0) - 1
+            if n > 0:
+                _SAVED[key] = n
+            else:
+                _SAVED.pop(key, None)
 
     def get(self) -> torch.Tensor:
         if self.outer is None:
