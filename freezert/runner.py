@@ -105,13 +105,28 @@ def contains_placeholder(obj) -> tuple | None:
     return next((t.key for t in _tree.tensors(obj) if isinstance(t, _Placeholder)), None)
 
 
-def _needs_autograd(args, kwargs) -> bool:
-    """An input with a graph behind it, or a trainable parameter: autograd must run through the module. A leaf
-    tensor that requires grad but is no parameter (marked by the model's own code) has nothing behind it."""
-    return torch.is_grad_enabled() and any(
-        t.requires_grad and (t.grad_fn is not None or isinstance(t, nn.Parameter))
-        for t in _tree.tensors((args, kwargs))
-    )
+def _grad_inputs(args, kwargs) -> tuple[bool, bool]:
+    """(needs autograd, marked): an input that depends on a trainable parameter needs autograd through the module;
+    one that requires grad with no trainable parameter behind it was marked by the model's own code (HF's
+    ``enable_input_require_grads``, wav2vec2's feature encoder): inference gives the same gradients, and the
+    outputs are marked in turn so what follows sees them as the model would."""
+    wanted = [t for t in _tree.tensors((args, kwargs)) if t.requires_grad] if torch.is_grad_enabled() else []
+    if not wanted:
+        return False, False
+    seen: set[int] = set()
+    stack = [t.grad_fn for t in wanted]
+    if any(isinstance(t, nn.Parameter) for t in wanted):
+        return True, False
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf that collects a gradient
+        if isinstance(var, nn.Parameter) and var.requires_grad:
+            return True, False
+        stack.extend(f for f, _ in fn.next_functions)
+    return False, True
 
 
 class _Runner(nn.Module):
@@ -163,9 +178,10 @@ class _Runner(nn.Module):
         if self.replay is not None:
             return self.replay()
         plain = self.__dict__["plain"]
-        if _needs_autograd(args, kwargs):
-            # A call the record did not plan for (an input that needs a gradient): autograd through the user's
-            # own module, exactly as naive freezing runs it.
+        needs, marked = _grad_inputs(args, kwargs)
+        if needs:
+            # A call the record did not plan for (an input that depends on a trainable parameter): autograd
+            # through the user's own module, exactly as naive freezing runs it.
             return plain(*args, **kwargs)
         seg, target, original = self.__dict__["segment"], self.__dict__["target"], self.__dict__["original"]
         with torch.no_grad():
@@ -184,6 +200,10 @@ class _Runner(nn.Module):
                 if cast:
                     out = _tree.map_tensors(out, self._cast_out)
         leaves, spec = _tree.flatten(out)
+        if marked:
+            for v in leaves:
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    v.requires_grad_(True)
         self.template = (spec, [_Slot.of(v) if isinstance(v, torch.Tensor) else v for v in leaves])
         if self.captured is not None:
             self.captured[self.key] = [v for v in leaves if isinstance(v, torch.Tensor)]
@@ -193,14 +213,16 @@ class _Runner(nn.Module):
 class _Slot:
     """Shape, dtype and device of one tensor in a runner's output (batch dimension first)."""
 
-    __slots__ = ("shape", "dtype", "device")
+    __slots__ = ("shape", "dtype", "device", "requires_grad")
 
-    def __init__(self, shape, dtype, device):
-        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+    def __init__(self, shape, dtype, device, requires_grad: bool = False):
+        self.shape, self.dtype, self.device, self.requires_grad = tuple(shape), dtype, device, requires_grad
 
     @classmethod
     def of(cls, t: torch.Tensor) -> _Slot:
-        return cls(t.shape, t.dtype, t.device)
+        # an output the model's own code marked requires_grad (or a runner marked after a marked input) is replayed
+        # marked too: a checkpointed layer after it needs that to pass gradients to its parameters
+        return cls(t.shape, t.dtype, t.device, t.requires_grad and t.grad_fn is None)
 
     def placeholder(self, batch: int, key: tuple) -> torch.Tensor:
         # A zero-stride expand: the right shape for the model's glue code, no memory, no values to read.

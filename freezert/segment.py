@@ -302,6 +302,8 @@ class FrozenSegment:
             for v in leaves:
                 if isinstance(v, _Slot):
                     got = rows.get((*r.key, n))
+                    if got is not None and v.requires_grad and got.is_floating_point():
+                        got = got.detach().requires_grad_(True)
                     v, n = (got if got is not None else v.placeholder(batch, (*r.key, n))), n + 1
                 out.append(v)
             return _tree.unflatten(out, spec)
