@@ -125,11 +125,15 @@ def _matrix() -> str:
         scenario = r.get("scenario")
         if scenario is None or "[" not in node:
             continue
-        path = node.split("::", 1)[0]
+        path, test = node.split("::", 1)
         suite = os.path.basename(path).removeprefix("test_").removesuffix(".py")
-        param = node[node.index("[") + 1 : -1]
+        func, param = test[: test.index("[")], test[test.index("[") + 1 : -1]
         cache = r.get("cache") or ""
-        name = param.removesuffix(f"-{cache}" if cache else "").removesuffix(f"-{scenario}")
+        name = param
+        for suffix in (f"-{cache}" if cache else "-no-cache", f"-{scenario}"):
+            name = name.removesuffix(suffix)
+        if not func.endswith("_from_every_start"):  # another test on the same cases: its own row
+            name += f" ({func.removeprefix('test_').replace('_', ' ')})"
         outcome = r.get("outcome")
         if outcome == "passed":
             cell = "exact"
