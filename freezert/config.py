@@ -73,9 +73,8 @@ class FreezeConfig:
                 raise FreezeError(f"{name}={getattr(self, name)!r} must be True or False")
         if not (isinstance(self.kernels, bool) or self.kernels in ("auto", "lean")):
             raise FreezeError(
-                f"kernels={self.kernels!r} is not understood; pass 'auto' (lean ops everywhere, Triton on CUDA), "
-                "'lean' (the plain-torch lean ops on every device), True (Triton everywhere, the interpreter off "
-                "CUDA) or False"
+                f"kernels={self.kernels!r} is not understood; pass 'auto' or 'lean' (the exact lean ops on every "
+                "device), True (the Triton kernels, the interpreter off CUDA) or False (eager)"
             )
         if self.blocks is not None and not isinstance(self.blocks, str):
             raise FreezeError(

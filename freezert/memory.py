@@ -1,11 +1,9 @@
-"""Where a training step's memory goes, and budgeted recomputation of trainable blocks.
+"""Bytes saved for backward, and budgeted recomputation of trainable blocks (the report is ``freezert.report``).
 
 * ``saved_bytes(fn)`` / ``SavedMeter``: bytes autograd saves for backward while ``fn`` runs (unique storages,
   through ``torch.autograd.graph.saved_tensors_hooks``), in total and per block (forward hooks say whose).
 * ``plan_recompute(saved, budget)``: which blocks to checkpoint so the saved bytes fit ``budget`` at the least
   recomputation; ``checkpointed(model, names)`` runs them under ``torch.utils.checkpoint`` for a while.
-* ``memory_report(...)``: parameters, gradients, optimizer state, saved activations per block, cache by
-  tier, as a table (and a matplotlib plot on request).
 """
 
 from __future__ import annotations
@@ -13,8 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,11 +22,9 @@ from ._swap import swapped
 from ._units import fmt_bytes, parse_bytes
 
 __all__ = [
-    "MemoryReport",
     "SavedMeter",
     "checkpointed",
     "forward_flops",
-    "memory_report",
     "plan_recompute",
     "saved_bytes",
 ]
@@ -328,140 +323,3 @@ def checkpointed(model: nn.Module, names: Iterable[str]) -> Iterator[nn.Module]:
         finally:
             for m in inner:
                 _CHECKPOINTING.discard(m)
-
-
-# --- the report -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MemoryReport:
-    """One training step's memory by kind (``rows``) and saved activations by block (``saved``)."""
-
-    rows: list[tuple[str, int]] = field(default_factory=list)
-    saved: dict[str, int] = field(default_factory=dict)
-    options: dict[str, int] = field(default_factory=dict)
-    weights: dict[str, int] = field(default_factory=dict)  # frozen-weight bytes under other storage options
-    measured: str = "counted"
-
-    @property
-    def total(self) -> int:
-        return sum(n for _, n in self.rows)
-
-    def table(self) -> str:
-        """The report as fixed-width text (what ``str(report)`` prints)."""
-        width = max(
-            [len(k) for k, _ in self.rows]
-            + [len(f"  {k}") for k in self.saved]
-            + [len(k) for k in [*self.options, *self.weights]]
-            + [24]
-        )
-        lines = [f"{'memory (' + self.measured + ')':<{width}}  {'bytes':>14}  {'':>10}"]
-        for k, n in self.rows:
-            lines.append(f"{k:<{width}}  {n:>14,}  {fmt_bytes(n):>10}")
-            if k == "saved activations":
-                for b, m in self.saved.items():
-                    lines.append(f"{'  ' + str(b):<{width}}  {m:>14,}  {fmt_bytes(m):>10}")
-        lines.append(f"{'total':<{width}}  {self.total:>14,}  {fmt_bytes(self.total):>10}")
-        for title, entries in (("saved activations with", self.options), ("frozen weights held as", self.weights)):
-            if entries:  # each against the first entry
-                lines += ["", f"{title:<{width}}  {'bytes':>14}  {'vs first':>10}"]
-                first = next(iter(entries.values())) or 1
-                lines += [f"{k:<{width}}  {n:>14,}  {n / first:>9.2f}x" for k, n in entries.items()]
-        return "\n".join(lines)
-
-    __str__ = table
-
-    def plot(self, path: str | None = None):
-        """A stacked bar of the rows and a bar per block (matplotlib); saved to ``path`` when given."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise FreezeError("memory_report(plot=...) needs matplotlib; pip install matplotlib") from None
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-        bottom = 0.0
-        for k, n in self.rows:
-            a.bar(["step"], [n / 2**20], bottom=bottom, label=k)
-            bottom += n / 2**20
-        a.set_ylabel("MiB")
-        a.legend(fontsize=7)
-        b.bar([str(k) for k in self.saved], [n / 2**20 for n in self.saved.values()])
-        b.set_ylabel("saved for backward (MiB)")
-        b.tick_params(axis="x", rotation=90, labelsize=6)
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=120)
-        return fig
-
-
-def _bytes(ts: Iterable[torch.Tensor]) -> int:
-    seen: dict[tuple[str, int], int] = {}
-    for t in ts:
-        if t is not None and isinstance(t, torch.Tensor):
-            seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
-    return sum(seen.values())
-
-
-def memory_report(
-    model: nn.Module,
-    step: Callable[[], Any],
-    *,
-    blocks: Mapping[str, nn.Module] | Sequence[str] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    frozen: Iterable[nn.Parameter] | None = None,
-    cache_bytes: Mapping[str, int] | None = None,
-    options: Mapping[str, Callable[[], Any]] | None = None,
-    plot: str | None = None,
-) -> MemoryReport:
-    """Runs ``step()`` (a forward + backward, optionally the optimizer step) once and reports its memory.
-
-    ``frozen``: the frozen parameters (default: those with ``requires_grad=False``); ``blocks``: names or
-    name -> module (default: the model's children); ``cache_bytes``: tier -> bytes of a feature cache;
-    ``options``: name -> another step callable whose saved bytes are listed for comparison; ``plot``: a path.
-    """
-    if blocks is None:
-        blocks = dict(model.named_children())
-    elif not isinstance(blocks, Mapping):
-        blocks = {name: model.get_submodule(name) for name in blocks}
-    params = list(model.parameters())
-    frozen_ids = {id(p) for p in frozen} if frozen is not None else {id(p) for p in params if not p.requires_grad}
-    exclude = [*params, *model.buffers()]
-    cuda = any(p.is_cuda for p in params)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-    with SavedMeter(blocks, exclude) as meter:
-        step()
-    report = MemoryReport(measured="CUDA allocator + counted" if cuda else "counted")
-    report.rows.append(("frozen parameters", _bytes(p for p in params if id(p) in frozen_ids)))
-    report.rows.append(("trainable parameters", _bytes(p for p in params if id(p) not in frozen_ids)))
-    report.rows.append(("buffers", _bytes(model.buffers())))
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:  # a step that zeroed them (set_to_none): what backward would allocate
-        grads = [p for p in params if p.requires_grad and id(p) not in frozen_ids]
-    report.rows.append(("gradients", _bytes(grads)))
-    state = [
-        t
-        for s in (optimizer.state.values() if optimizer is not None else ())
-        for t in s.values()
-        if isinstance(t, torch.Tensor)
-    ]
-    report.rows.append(("optimizer state", _bytes(state)))
-    per = meter.per_block
-    report.saved = {str(k): v for k, v in per.items() if k is not None}
-    if per.get(None):
-        report.saved["(outside blocks)"] = per[None]
-    report.rows.append(("saved activations", meter.total))
-    for tier, n in (cache_bytes or {}).items():
-        report.rows.append((f"cache ({tier})", int(n)))
-    if cuda:
-        torch.cuda.synchronize()
-        report.rows.append(("CUDA peak during step, above start", torch.cuda.max_memory_allocated() - start))
-    for name, fn in (options or {}).items():
-        report.options[name] = saved_bytes(fn, exclude=exclude)
-    if plot is not None:
-        report.plot(plot)
-    return report

@@ -18,13 +18,18 @@ from .fold import FoldScan, after_fold, fold_
 from .partition import Partition
 from .runner import _Runner, _Slot
 
+# How the segment stores one-byte weights: a scale per 32 weights of a row, and layers under 16K weights left in
+# float (a CNN's first and narrow layers: few bytes, the ones its output is most sensitive to). Measured output
+# error (docs/MEMORY.md): int8 1.3% on ViT and GPT-2, 2.4% on YOLOv8n, 0.6% on MobileNetV3, per channel 2-8%.
+ONE_BYTE = {"group_size": 32, "min_weights": 16384}
+
 
 def _quantized(target: nn.Module, fmt: str) -> nn.Module:
     """``target`` (a private copy) with its Linear/Conv weights stored in ``fmt``; a bare layer is replaced too."""
     from .quant import quantize_frozen_
 
     holder = nn.Sequential(target)  # quantize_frozen_ swaps layers in their parent: give a bare layer one
-    quantize_frozen_(holder, fmt)
+    quantize_frozen_(holder, fmt, **ONE_BYTE)
     return holder[0]
 
 
@@ -80,6 +85,10 @@ def structure_of(modules: list[nn.Module]) -> list:
 def frozen_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
     """Every parameter and buffer of ``modules``, in the segment's record order (what fingerprints hash)."""
     return [t for _, _, _, t in _tensor_records(modules)]
+
+
+def _storage(t: torch.Tensor) -> tuple:
+    return str(t.device), t.untyped_storage().data_ptr()
 
 
 def _tensor_records(modules: list[nn.Module]):
@@ -240,6 +249,21 @@ class FrozenSegment:
         self._records = [(o, kind, key, t, t._version, t.data_ptr()) for o, kind, key, t, _, _ in self._records]
         self._buffer_values = {k: v.to(device) for k, v in self._buffer_values.items()}
         self._graphs.clear()  # captured graphs point at the old memory
+
+    def own_bytes(self) -> int:
+        """Bytes of the tensors this segment holds of its own: folded, pre-cast and one-byte weights of its private
+        copies (tensors shared with the user's model not counted), and the buffer values it compares against."""
+        user = {_storage(t) for _, _, _, t, _, _ in self._records}
+        seen: dict[tuple, int] = {}
+        for r in self.runners:
+            target = r.__dict__["target"]
+            for t in [*target.parameters(), *target.buffers()]:
+                key = _storage(t)
+                if key not in user:
+                    seen.setdefault(key, t.untyped_storage().nbytes())
+        for v in self._buffer_values.values():
+            seen.setdefault(_storage(v), v.untyped_storage().nbytes())
+        return sum(seen.values())
 
     def is_stale(self) -> bool:
         """True when the user's frozen modules changed since the build: their tensors (load_state_dict, .to(),

@@ -63,12 +63,28 @@ class Tail:
 
     # -- kernels -------------------------------------------------------------------------------------------
     def kernels_for(self, inputs: list[torch.Tensor]) -> list:
-        """The trainable part's Conv-BN-act blocks and LayerNorms to run through freezert.ops (CUDA, or forced)."""
+        """The trainable part's substitutions by freezert.ops. ``"auto"`` and ``"lean"``: the lean path on every
+        device, bit-identical to eager (values, gradients, BatchNorm statistics, random draws) with fewer bytes
+        saved for backward; the Triton kernels (close to eager, not bit-identical, not yet measured faster on a
+        GPU) only when asked for with ``kernels=True``."""
         kernels = self.config.kernels
-        if kernels is False or (kernels == "auto" and not (inputs and inputs[0].is_cuda)):
+        if kernels is False:
             return []
         if self._kernel_plan is None:
-            self._kernel_plan = self.substitutions("lean" if kernels == "lean" else "triton")
+            self._kernel_plan = self.substitutions("triton" if kernels is True else "lean")
+            # modules that checkpoint themselves (transformers' gradient_checkpointing, torch's CheckpointWrapper)
+            self._self_checkpointing = [
+                m
+                for m in self.model.modules()
+                if hasattr(m, "gradient_checkpointing") or type(m).__name__ == "CheckpointWrapper"
+            ]
+        if any(
+            type(m).__name__ == "CheckpointWrapper" or m.gradient_checkpointing is True
+            for m in self._self_checkpointing
+        ):
+            # the model recomputes those layers in backward by itself, after this call's substitutions are gone:
+            # the recompute would save other tensors than the forward did (torch.utils.checkpoint refuses that)
+            return []
         return self._kernel_plan
 
     def substitutions(self, impl: str) -> list:

@@ -182,9 +182,9 @@ class FrozenModel(nn.Module):
         measured with the CUDA allocator on a GPU), and what each option would save: naive freezing for
         reference, recomputation, one-byte frozen weights. ``loss(output)`` defaults to the sum of the floating
         outputs; ``plot`` writes a PNG. The model's gradients, buffers and RNG are as before the report."""
-        from ._report import report
+        from .report import report_for
 
-        return report(self, args, kwargs, loss=loss, optimizer=optimizer, plot=plot)
+        return report_for(self, args, kwargs, loss=loss, optimizer=optimizer, plot=plot)
 
     # -- introspection -------------------------------------------------------------------------------------
     @property

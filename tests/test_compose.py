@@ -130,7 +130,9 @@ def test_options_compose(name, row):
                     assert _rel(a, b) < 1e-4
                 big = max(h.abs().max().item() for _, h in grads)
                 for g, h in grads:
-                    assert _rel(g, h, 1e-2 * big) < 1e-3  # float32: rounding is ~1e-6 of the largest gradient
+                    # float32, BatchNorm folded: rounding reaches ~3e-5 of the largest gradient on YOLO's head; a
+                    # wrong gradient is off by its own size
+                    assert (g.float() - h.float()).abs().max() <= 1e-4 * big
             for p in (*model.parameters(), *ref.parameters()):
                 p.grad = None
         if budget:

@@ -13,11 +13,11 @@ from freezert.memory import (
     SavedMeter,
     checkpointed,
     forward_flops,
-    memory_report,
     plan_recompute,
     saved_bytes,
 )
 from freezert.models import detection_loss, detection_targets_like, yolov5
+from freezert.report import memory_report
 
 
 def _naive_yolo(dtype=torch.float64):

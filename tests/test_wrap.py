@@ -389,14 +389,15 @@ def test_memory_budget_checkpoints_the_cheapest_blocks_and_keeps_gradients():
     torch.manual_seed(0)
     base = pretrained_like(cnn_classifier(num_classes=5, width=16))
     x = torch.randn(4, 3, 32, 32)
-    free = freezert.wrap(copy.deepcopy(base), freeze=1).train()
+    # eager kernels: the lean default already keeps so little that 90% of it is below recomputation's minimum
+    free = freezert.wrap(copy.deepcopy(base), freeze=1, kernels=False).train()
     free(x)  # planned (record) so both measure the same thing
     params = list(free.parameters())
     unbudgeted = _saved(lambda: free(x), free)
     for p in params:
         p.grad = None
     budget = unbudgeted * 9 // 10
-    fm = freezert.wrap(copy.deepcopy(base), freeze=1, memory_budget=budget).train()
+    fm = freezert.wrap(copy.deepcopy(base), freeze=1, memory_budget=budget, kernels=False).train()
     assert fm.recompute is None
     first = fm(x)  # measures and plans
     assert fm.recompute and fm.recompute_plan["budget"] == budget
