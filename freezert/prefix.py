@@ -125,7 +125,16 @@ class Prefix:
                 readers = {(u, j): ctx for (u, j, idx), ctx in plan.rec.consumers.items() if idx == 0}
             seg = self.segment = FrozenSegment(t, part, entries, self.config, cached=cached, readers=readers)
             self._places = [_place(self.model, name, m) for _, name, m in entries]
+        elif seg.prepared and self.config.weights and self.config.offload_frozen and seg.device is not None:
+            if seg.device.type == "cuda":  # one-byte copies serve the segment: the float originals go to host
+                seg.release_originals(torch.device("cpu"))
         return seg
+
+    def restore(self) -> None:
+        """The user's frozen weights back where they were (before the user's modules run whole: a record, unwrap,
+        a move)."""
+        if self.segment is not None:
+            self.segment.restore_originals()
 
     def _warn_cache_unused(self) -> None:
         if "cache" in self._warned:

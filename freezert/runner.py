@@ -179,11 +179,13 @@ class _Runner(nn.Module):
             return self.replay()
         plain = self.__dict__["plain"]
         needs, marked = _grad_inputs(args, kwargs)
+        seg, target, original = self.__dict__["segment"], self.__dict__["target"], self.__dict__["original"]
+        if needs or target is original or self.hooked_inside():
+            seg.restore_originals()  # the user's own module runs: its weights where it expects them
         if needs:
             # A call the record did not plan for (an input that depends on a trainable parameter): autograd
             # through the user's own module, exactly as naive freezing runs it.
             return plain(*args, **kwargs)
-        seg, target, original = self.__dict__["segment"], self.__dict__["target"], self.__dict__["original"]
         with torch.no_grad():
             if target is original:  # bn="train": the user's own module, batch statistics and all
                 out = plain(*args, **kwargs)

@@ -170,6 +170,7 @@ class FrozenSegment:
         self._graphs: dict[tuple, tuple] = {}
         originals = [m for _, _, m in entries]
         self._records = [(o, kind, key, t, t._version, t.data_ptr()) for o, kind, key, t in _tensor_records(originals)]
+        self._released: list[tuple[torch.Tensor, torch.device]] = []  # release_originals(): tensor, its device
         # DDP rewrites buffers in place every step with identical values: compare those by value.
         self._buffer_values = {id(t): t.detach().clone() for _, kind, _, t, _, _ in self._records if kind == "b"}
         # Module edits after the build (another activation put in, a BatchNorm's eps changed) make it stale too:
@@ -243,12 +244,46 @@ class FrozenSegment:
                     for t in store.values():
                         if t is not None and t.device != device:
                             t.data = t.data.to(device, non_blocking=non_blocking)
+        released = {id(t) for t, _ in self._released}  # released originals stay where release_originals put them
         for _, _, _, t, _, _ in self._records:
-            if t.device != device:
+            if t.device != device and id(t) not in released:
                 t.data = t.data.to(device, non_blocking=non_blocking)
-        self._records = [(o, kind, key, t, t._version, t.data_ptr()) for o, kind, key, t, _, _ in self._records]
+        self._refresh_records()
         self._buffer_values = {k: v.to(device) for k, v in self._buffer_values.items()}
         self._graphs.clear()  # captured graphs point at the old memory
+
+    def release_originals(self, device: torch.device) -> int:
+        """Moves the user's frozen tensors that no private copy reads (a one-byte segment's float weights, folded
+        BatchNorms) to ``device``, keeping their identity; returns the bytes moved. ``restore_originals`` brings
+        them back before anything runs the user's modules."""
+        if self._released:
+            return 0
+        moved = 0
+        for t in self.unused_originals():
+            if t.device != device:
+                self._released.append((t, t.device))
+                moved += t.untyped_storage().nbytes()
+                t.data = t.data.to(device)
+        self._refresh_records()
+        return moved
+
+    def unused_originals(self) -> list[torch.Tensor]:
+        """The user's frozen tensors that no private copy reads (once prepared: the float weights a one-byte
+        segment quantized, folded BatchNorms' parameters and statistics)."""
+        targets = [r.__dict__["target"] for r in self.runners]
+        used = {_storage(t) for m in targets for t in [*m.parameters(), *m.buffers()]}
+        return [t for _, _, _, t, _, _ in self._records if _storage(t) not in used]
+
+    def restore_originals(self) -> None:
+        """The released tensors back where they were."""
+        if self._released:
+            for t, device in self._released:
+                t.data = t.data.to(device, non_blocking=device.type == "cuda")
+            self._released = []
+            self._refresh_records()
+
+    def _refresh_records(self) -> None:
+        self._records = [(o, kind, key, t, t._version, t.data_ptr()) for o, kind, key, t, _, _ in self._records]
 
     def own_bytes(self) -> int:
         """Bytes of the tensors this segment holds of its own: folded, pre-cast and one-byte weights of its private
@@ -282,7 +317,7 @@ class FrozenSegment:
             if store.get(key) is not t or t.data_ptr() != ptr:
                 return True
             if t._version != version:
-                if kind == "p" or not torch.equal(t, self._buffer_values[id(t)]):
+                if kind == "p" or not torch.equal(t, self._buffer_values[id(t)].to(t.device)):
                     return True
                 self._records[i] = (owner, kind, key, t, t._version, ptr)
         return False

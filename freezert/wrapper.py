@@ -114,6 +114,7 @@ class FrozenModel(nn.Module):
         return self
 
     def _replan(self, call: Call, kind: tuple) -> None:
+        self._prefix.restore()  # the record runs the user's modules
         flags = {id(p): rg for p, rg in zip(self._params, self._requires_grad)}
         self._apply_plan(self._planner.recorded(call.args, call.kwargs, kind, flags))
 
@@ -274,6 +275,7 @@ class FrozenModel(nn.Module):
         for m, before in self._forced_bn.values():
             m.train(self._own_mode(before))
         self._forced_bn.clear()
+        self._prefix.restore()
         self._prefix.segment = None
         self._unwrapped = True
         if _LIVE.get(self.model) is not None and _LIVE[self.model]() is self:
@@ -337,11 +339,14 @@ class FrozenModel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads into the wrapped model; the segment notices the new weights and rebuilds."""
+        self._prefix.restore()
         out = self.model.load_state_dict(state_dict, strict=strict, assign=assign)
         self._prefix.segment = None
         return out
 
     def _apply(self, fn, *args, **kwargs):
+        if "_prefix" in self.__dict__:
+            self._prefix.restore()
         out = super()._apply(fn, *args, **kwargs)
         self._prefix.segment = None  # built again, on the new device/dtype, at the next forward
         return out

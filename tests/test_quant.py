@@ -227,3 +227,47 @@ def test_cuda_hardware_matmul_close_to_dequantized(fmt):
     tol = 0.03 if fmt == "int8" else 0.12
     assert ((hw - ref).norm() / ref.norm()).item() < tol
     assert ((deq - ref).norm() / ref.norm()).item() < tol / 2
+
+
+def test_a_one_byte_segment_reads_none_of_the_float_weights_it_quantized():
+    """What offload_frozen=True moves to host with weights= on CUDA: the user's float tensors no private copy reads.
+    Here they are replaced by NaNs, as a release replaces their storage: the segment's outputs do not change."""
+    import freezert
+    from freezert.models import transformer_encoder
+
+    torch.manual_seed(0)
+    model = transformer_encoder(vocab_size=50, d_model=128, nhead=2, num_layers=4, dim_ff=256, num_classes=3).eval()
+    fm = freezert.wrap(model, freeze=3, weights="int8")
+    ids = torch.randint(0, 50, (4, 9))
+    with torch.no_grad():
+        fm(ids)  # prepares the segment: quantized copies
+        before = fm(ids)
+        seg = fm.segment
+        unused = seg.unused_originals()
+        quantized = [m for r in seg.runners for m in r.target.modules() if hasattr(m, "qweight")]
+        assert quantized and sum(t.numel() for t in unused) >= sum(q.qweight.numel() for q in quantized)
+        for t in unused:
+            t.data = torch.full_like(t, float("nan"))
+        seg._refresh_records()  # as release_originals does after moving them
+        torch.testing.assert_close(fm(ids), before)  # nothing the segment runs read a released tensor
+        assert fm.segment is seg
+
+
+@pytest.mark.cuda
+def test_one_byte_weights_with_offload_frozen_leave_the_float_originals_on_the_host():
+    import freezert
+    from freezert.models import transformer_encoder
+
+    torch.manual_seed(0)
+    model = transformer_encoder(vocab_size=50, d_model=128, nhead=2, num_layers=4, dim_ff=256, num_classes=3)
+    model = model.cuda().eval()
+    fm = freezert.wrap(model, freeze=3, weights="int8", offload_frozen=True)
+    ids = torch.randint(0, 50, (4, 9), device="cuda")
+    with torch.no_grad():
+        first = fm(ids)
+        again = fm(ids)
+    unused = fm.segment.unused_originals()
+    assert unused and all(t.device.type == "cpu" for t in unused)  # the float weights the segment never reads
+    torch.testing.assert_close(again, first)
+    fm.unwrap()
+    assert all(p.device.type == "cuda" for p in model.parameters())  # unwrap() gives them back where they were

@@ -362,7 +362,8 @@ def test_inputs_that_need_a_gradient_get_it_through_the_frozen_blocks():
 def test_one_byte_frozen_weights_stay_close_and_leave_the_users_model_alone(fmt):
     from freezert.quant import QuantLinear
 
-    model = transformer_encoder(vocab_size=50, d_model=32, nhead=2, num_layers=4, dim_ff=64, num_classes=3)
+    # layers of at least 16K weights are stored in one byte (smaller ones stay float: segment.ONE_BYTE)
+    model = transformer_encoder(vocab_size=50, d_model=128, nhead=2, num_layers=4, dim_ff=256, num_classes=3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ref = copy.deepcopy(model).eval()
     fm = freezert.wrap(model, freeze=3, weights=fmt).eval()
