@@ -193,6 +193,20 @@ def _value_fn(x, weight, bias, training: bool, eps: float):
     return None if how is None else functools.partial(_train_value, eps=eps, how=how)
 
 
+def module_step(bn) -> tuple:
+    """``nn.BatchNorm*.forward``'s bookkeeping for one call of ``bn``, verbatim in effect (``num_batches_tracked``
+    counted, a cumulative average for ``momentum=None``): the arguments of the functional call after ``input``,
+    ``(running_mean, running_var, weight, bias, use_batch_statistics, momentum_factor, eps)``."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    mean, var = (bn.running_mean, bn.running_var) if track else (None, None)
+    return mean, var, bn.weight, bn.bias, use_batch, factor, bn.eps
+
+
 def batch_norm_lean(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activation import activation, activation_, elementwise
-from .batch_norm_lean import batch_norm_lean
+from .batch_norm_lean import batch_norm_lean, module_step
 from .dropout import dropout_lean
 from .layer_norm import layer_norm_lean
 from .rms_norm import rms_norm_lean
@@ -66,24 +66,10 @@ class LeanBatchNorm(_Shell):
             return bn(input)
         with torch._C.DisableTorchFunction():  # a lean region's mode around us has nothing to do in here
             bn._check_input_dim(input)
-            factor = 0.0 if bn.momentum is None else bn.momentum
-            if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-                factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-            track = not bn.training or bn.track_running_stats
-            if use_batch:
+            args = module_step(bn)
+            if args[4]:  # batch statistics
                 F._verify_batch_size(input.size())
-            return batch_norm_lean(
-                input,
-                bn.running_mean if track else None,
-                bn.running_var if track else None,
-                bn.weight,
-                bn.bias,
-                use_batch,
-                factor,
-                bn.eps,
-            )
+            return batch_norm_lean(input, *args)
 
 
 class LeanLayerNorm(_Shell):

@@ -26,6 +26,7 @@ from .._swap import Handle, apply_substitutions, restore  # noqa: F401 (re-expor
 from .._swap import swapped as _swapped
 from . import _registry as reg
 from .batch_norm_act import batch_norm_act
+from .batch_norm_lean import module_step
 from .layer_norm import layer_norm
 from .lean import composes, in_region, lean_region, saving_region
 from .lean_modules import (
@@ -135,26 +136,7 @@ class FusedConvBNAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self._modules[self._names[0]], self._modules[self._names[1]]
-        y = conv(x)
-        # nn.BatchNorm2d.forward's bookkeeping, verbatim in effect
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-        track = not bn.training or bn.track_running_stats
-        return batch_norm_act(
-            y,
-            bn.running_mean if track else None,
-            bn.running_var if track else None,
-            bn.weight,
-            bn.bias,
-            use_batch,
-            factor,
-            bn.eps,
-            self._activation,
-            impl=self._impl,
-        )
+        return batch_norm_act(conv(x), *module_step(bn), self._activation, impl=self._impl)
 
 
 class FusedLayerNorm(nn.Module):
