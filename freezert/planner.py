@@ -119,20 +119,21 @@ class Planner:
             if order != list(range(len(table))):  # forward order differs from registration order
                 table = table.reordered(order)
             glue |= live_glue  # parameters read by the model's glue: live in the record, so their readers show
-        n = len(table)
-        stem_units = sorted(
-            (
-                n + c
-                for c, (name, m) in enumerate(table.candidates)
-                if name in rec.before_first_block and any(True for _ in m.parameters())
-            ),
-            key=lambda u: rec.first_call.get(table.candidates[u - n][0], 0),
-        )
-        # The stem is frozen parameters: a parameter-free module that runs first (torchvision detection's
-        # GeneralizedRCNNTransform, a dropout) keeps the model's mode and runs as the model runs it.
-        table.stem = [table.candidates[u - n] for u in stem_units]
-        self._ordered = self._ordered or table
-        self._warn_tied(table, rec)
+        if self._ordered is None:  # the first record fixes the order and the stem: what is frozen never moves
+            n = len(table)
+            stem_units = sorted(
+                (
+                    n + c
+                    for c, (name, m) in enumerate(table.candidates)
+                    if name in rec.before_first_block and any(True for _ in m.parameters())
+                ),
+                key=lambda u: rec.first_call.get(table.candidates[u - n][0], 0),
+            )
+            # The stem is frozen parameters: a parameter-free module that runs first (torchvision detection's
+            # GeneralizedRCNNTransform, a dropout) keeps the model's mode and runs as the model runs it.
+            table.stem = [table.candidates[u - n] for u in stem_units]
+            self._ordered = table
+            self._warn_tied(table, rec)
         return table, rec
 
     def _warn_tied(self, table: BlockTable, rec: Record) -> None:
