@@ -274,11 +274,11 @@ def test_bench_options_on_a_user_model(capsys, tmp_path):
     naive, defaults = opts[NAIVE], opts["freezert"]
     assert list(opts)[:2] == [NAIVE, "freezert"] and data["rounds"] == 6
     assert all(len(o["step_ms"]) == 6 for o in opts.values() if not o["skipped"])
-    # freezert computes naive freezing's function (BN folded: rounding only) and saves the same bytes for backward
-    assert defaults["rel_error"] <= 1e-5 and defaults["saved_bytes"] == naive["saved_bytes"] > 0
+    # freezert computes naive freezing's function (BN folded: rounding only); its lean ops save less for backward
+    assert defaults["rel_error"] <= 1e-5 and 0 < defaults["saved_bytes"] < naive["saved_bytes"]
     assert defaults["trainable_params"] == naive["trainable_params"] < data["total_params"] - data["frozen_params"] + 1
-    lean = opts["kernels='lean'"]
-    assert lean["saved_bytes"] < naive["saved_bytes"] and lean["rel_error"] <= 1e-5
+    eager = opts["kernels=False"]  # eager PyTorch inside the trainable part: naive freezing's bytes exactly
+    assert eager["saved_bytes"] == naive["saved_bytes"] and eager["rel_error"] <= 1e-5
     budget = next(o for k, o in opts.items() if k.startswith("memory_budget="))
     assert budget["saved_bytes"] < naive["saved_bytes"] and any(n.startswith("recomputes ") for n in budget["notes"])
     one_byte = next(o for k, o in opts.items() if k.endswith("='int8'"))
@@ -287,7 +287,7 @@ def test_bench_options_on_a_user_model(capsys, tmp_path):
     assert "every timed step was served from the cache" in opts["cache='fp16'"]["notes"]
     # the table, its notes, and a verdict that names the leanest option and the lossy one
     rows = {line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")}
-    assert {NAIVE.split()[0], "freezert", "cache='fp16'", "kernels='lean'"} <= rows
+    assert {NAIVE.split()[0], "freezert", "cache='fp16'", "kernels=False"} <= rows
     assert "saved MiB" in out and "interval" in out and "naive freeze: requires_grad=False" in out
     verdict = out.rstrip().splitlines()[-2]
     assert verdict.startswith("verdict: ") and "leanest for backward: " in verdict
