@@ -1,8 +1,9 @@
 """What each freezert option saves on the user's model (``freezert bench --model ... --input SHAPE``).
 
 Naive freezing, freezert's defaults (the lean ops), the eager kernels (``kernels=False``), the feature cache and
-each memory option (``memory_budget``, one-byte frozen weights; ``dtype=float16`` on CUDA), each on its own copy of the model, trained
-on the same synthetic inputs and stepped in turn, one step each per round with the order rotated every round.
+each memory option (``memory_budget``, one-byte frozen weights; ``dtype=float16`` on CUDA), each on its own copy
+of the model, trained on the same synthetic inputs and stepped in turn, one step each per round with the order
+rotated every round.
 Measured per option: every step's time, the bytes autograd saves for backward in one step
 (``freezert.memory.SavedMeter``), the CUDA peak of its steps, and the largest difference of its outputs from naive
 freezing's on the same inputs and weights.
