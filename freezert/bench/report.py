@@ -24,8 +24,9 @@ def _div(a, b) -> float | None:
     return None if a is None or b is None or not b or a != a or b != b else a / b
 
 
-def _mib(b) -> str:
-    return f"{b / 2**20:.0f}" if b is not None else "-"
+def _mib(b, digits: int = 0) -> str:
+    """A table cell in MiB (the column's header says the unit; ``fmt_bytes`` picks its own)."""
+    return f"{b / 2**20:.{digits}f}" if b is not None else "-"
 
 
 def memory_label(device: torch.device) -> str:
@@ -246,7 +247,7 @@ def format_options_table(run: OptionsRun, device: torch.device) -> str:
         lines.append(
             f"{r.label:<{width}} {r.median_ms:>10.1f} {r.iqr_ms:>8.1f} {ratio:>9}"
             f" {(c.interval() if c else '-'):>12} {(c.short if c else '-'):>10}"
-            f" {_mib2(r.saved_bytes):>10} {_ratio(r.saved_bytes, naive and naive.saved_bytes):>9}"
+            f" {_mib(r.saved_bytes, 1):>10} {_ratio(r.saved_bytes, naive and naive.saved_bytes):>9}"
             f" {_mib(r.peak_bytes):>9} {_err(r.max_error):>10} {_err(r.rel_error):>8}"
         )
     for r in run.results:
@@ -268,10 +269,6 @@ def format_options_table(run: OptionsRun, device: torch.device) -> str:
         "rel err: over naive's largest output"
     )
     return "\n".join(lines)
-
-
-def _mib2(b) -> str:
-    return f"{b / 2**20:.1f}" if b is not None else "-"
 
 
 def options_verdict(run: OptionsRun) -> str:
