@@ -134,7 +134,7 @@ def test_block_detection_and_stem():
     t = freezert.blocks.block_table(enc)
     assert t.path == "layers" and t.stem == []  # the stem is what the record sees run before block 0
     fm = freezert.wrap(enc, freeze=1).plan(torch.randint(0, 30, (2, 5)))
-    assert [n for n, _ in fm._table.stem] == ["embed"]
+    assert [n for n, _ in fm._plan.table.stem] == ["embed"]
     assert all(not p.requires_grad for p in enc.embed.parameters()) and enc.head.weight.requires_grad
     fm.unwrap()
     assert freezert.blocks.block_table(cnn_classifier()).path == "features"
