@@ -28,10 +28,12 @@ class Tail:
         self._kernel_plan: list | None = None
         self.recompute: list[str] | None = None  # trainable blocks run under checkpoint (None: not planned yet)
         self.recompute_plan: dict | None = None  # what the budget's plan measured and chose
+        self._verify = 0
 
     def reset(self, plan: Plan) -> None:
         """A new plan: kernels and recomputation are planned again."""
         self.plan, self._kernel_plan, self.recompute = plan, None, None
+        self._verify = 0  # training steps left that measure whether the plan fits the budget
 
     def __call__(self, call: Call, boundary: Boundary, training: bool) -> Any:
         with contextlib.ExitStack() as stack:
@@ -47,6 +49,8 @@ class Tail:
                     from .memory import checkpointed
 
                     stack.enter_context(checkpointed(self.model, self.recompute))
+                if self._verify:
+                    return self._measure_and_check(call, boundary)
             return self._run(call, boundary)
 
     def _run(self, call: Call, boundary: Boundary) -> Any:
@@ -111,7 +115,7 @@ class Tail:
     def _measure_and_plan(self, call: Call, boundary: Boundary) -> Any:
         """Runs this step while measuring each trainable block's saved bytes; picks the blocks to checkpoint so
         later steps fit ``memory_budget`` at the least recomputation."""
-        from .memory import SavedMeter, plan_recompute
+        from .memory import SavedMeter
 
         blocks = self.trainable_blocks()
         with SavedMeter(blocks, exclude=[*self.model.parameters(), *self.model.buffers()]) as meter:
@@ -120,12 +124,41 @@ class Tail:
         saved = {name: per.get(name, 0) for name in blocks}
         fixed = sum(n for name, n in per.items() if name not in blocks)
         budget = self.config.memory_budget
-        chosen = plan_recompute(saved, budget, inputs=meter.inputs, outputs=meter.outputs, fixed=fixed)
-        self.recompute = [name for name in blocks if name in chosen]  # forward order
+        self._measured = (saved, meter.inputs, meter.outputs, fixed)
+        self._choose(budget)
         self.recompute_plan = {
             "budget": budget,
             "saved": saved,
             "outside_blocks": fixed,
             "checkpointed": list(self.recompute),
+            "covers": "the wrapped call's forward (a loss computed outside it is not counted)",
         }
+        self._verify = 3 if self.recompute else 0
+        return out
+
+    def _choose(self, budget: int) -> None:
+        from .memory import plan_recompute
+
+        saved, inputs, outputs, fixed = self._measured
+        chosen = plan_recompute(saved, budget, inputs=inputs, outputs=outputs, fixed=fixed)
+        self.recompute = [name for name in saved if name in chosen]  # forward order
+
+    def _measure_and_check(self, call: Call, boundary: Boundary) -> Any:
+        """A step under the plan, measured: the plan's arithmetic is an estimate (a checkpointed block's outputs
+        may be saved by what follows in another form), so a plan that overshoots the budget is tightened by its
+        overshoot and planned again (at most three times; each step measured is exact, never a guess)."""
+        from .memory import SavedMeter
+
+        # the blocks, as the model holds them now (checkpointed wrappers): their kept inputs count too
+        with SavedMeter(self.trainable_blocks(), exclude=[*self.model.parameters(), *self.model.buffers()]) as meter:
+            out = self._run(call, boundary)
+        budget, self._verify = self.config.memory_budget, self._verify - 1
+        over = meter.total - budget
+        if over > 0:
+            target = self.recompute_plan.get("planned_for", budget) - over
+            self._choose(max(target, 0))
+            self.recompute_plan.update(checkpointed=list(self.recompute), planned_for=target)
+        else:
+            self._verify = 0
+        self.recompute_plan["measured"] = meter.total
         return out
