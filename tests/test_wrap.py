@@ -485,5 +485,5 @@ def test_memory_budget_on_the_lean_defaults_is_measured_until_it_fits():
         fm = freezert.wrap(copy.deepcopy(model), freeze=10, memory_budget=budget).train()
         for _ in range(4):
             loss_of(fm(x)).backward()
-        assert fm.recompute and _saved(lambda: fm(x), fm) <= budget
+        assert fm.recompute and _saved(lambda fm=fm: fm(x), fm) <= budget
         assert fm.recompute_plan["measured"] <= budget
