@@ -19,6 +19,19 @@ from .segment import run_blocks
 __all__ = ["Tail"]
 
 
+def _module_state(model: nn.Module) -> list:
+    """Every module of ``model`` (by identity, in tree order) with its number of hooks: changes when a module is
+    replaced, added or removed, or a hook registered or removed."""
+    out: list = []
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        hooks = len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        out += (m, hooks + len(m._backward_pre_hooks))
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return out
+
+
 class Tail:
     """Runs what trains; holds the kernel plan and the recomputation plan of the current freeze."""
 
@@ -26,6 +39,7 @@ class Tail:
         self.model, self.config = model, config
         self.plan: Plan | None = None
         self._kernel_plan: list | None = None
+        self._kernel_state: list = []  # the module tree and its hooks when the kernel plan was made
         self.recompute: list[str] | None = None  # trainable blocks run under checkpoint (None: not planned yet)
         self.recompute_plan: dict | None = None  # what the budget's plan measured and chose
         self._verify = 0
@@ -74,8 +88,12 @@ class Tail:
         kernels = self.config.kernels
         if kernels is False:
             return []
-        if self._kernel_plan is None:
+        state = _module_state(self.model)
+        if self._kernel_plan is None or state != self._kernel_state:
+            # first call, or a module replaced or a hook added since the plan: a swap would run a stale module
+            # or skip the hook, so plan again (a hooked module is not swapped)
             self._kernel_plan = self.substitutions("triton" if kernels is True else "lean")
+            self._kernel_state = state
             # modules that checkpoint themselves (transformers' gradient_checkpointing, torch's CheckpointWrapper)
             self._self_checkpointing = [
                 m

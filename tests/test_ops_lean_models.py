@@ -215,3 +215,37 @@ def test_checkpoint_replay_keeps_the_plan():
         _same(a.grad, b.grad, "grad")
     for a, b in zip(model.buffers(), ref.buffers()):
         _same(a, b, "buffer")
+
+
+class _ConvFirstAct(nn.Module):
+    """Children named conv / bn / act, but another forward: not ``act(bn(conv(x)))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.SiLU()
+
+    def forward(self, x):
+        return self.bn(self.act(self.conv(x)))
+
+
+def test_conv_bn_act_runs_as_one_lean_op_only_where_the_forward_is_exactly_that():
+    """``nn.Sequential(conv, bn, act)`` and Ultralytics' ``Conv`` (forward ``act(bn(conv(x)))``) become one lean
+    op; a module with the same children and another forward keeps its own forward (its parts swapped)."""
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Hardswish())
+    odd = _ConvFirstAct()
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), seq, odd)
+    kinds = dict((n, type(r).__name__) for n, r in lean_plan(model))
+    assert kinds["1"] == "LeanConvBNAct" and "1.1" not in kinds
+    assert kinds["2.bn"] == "LeanBatchNorm" and kinds["2.act"] == "LeanActivation" and kinds.get("2") != "LeanConvBNAct"
+    seq[1].register_forward_hook(lambda *a: None)  # a hook on the BatchNorm: it must run as the module
+    kinds = dict((n, type(r).__name__) for n, r in lean_plan(model))
+    assert kinds["1"] != "LeanConvBNAct" and kinds["1.1"] == "LeanRegion"  # itself, its F.batch_norm routed
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 12, 12, dtype=torch.float64), torch.tensor([1, 0])
+    fresh = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU()))
+    check(fresh, ["0"], lambda m: F.cross_entropy(m(x).mean((2, 3))[:, :2], y), 0.7)
+    pytest.importorskip("ultralytics")
+    from ultralytics.nn.modules.conv import Conv
+
+    kinds = dict((n, type(r).__name__) for n, r in lean_plan(nn.Sequential(nn.Identity(), Conv(3, 4, 3))))
+    assert kinds["1"] == "LeanConvBNAct"

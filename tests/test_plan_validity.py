@@ -517,3 +517,61 @@ def test_a_tied_stem_parameter_is_named_when_freezing_the_stem_freezes_it():
     with pytest.warns(FreezeWarning, match="lm_head.weight"):
         fm(input_ids=torch.randint(0, 50, (2, 5)))
     fm.unwrap()
+
+
+class ConvNet(nn.Module):
+    """Conv-BN-act blocks whose trainable part the lean path swaps (one op per Conv-BN-act)."""
+
+    def __init__(self):
+        super().__init__()
+
+        def cba(i, o, act):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), act)
+
+        self.blocks = nn.ModuleList([cba(3, 6, nn.ReLU()), cba(6, 6, nn.ReLU()), cba(6, 6, nn.SiLU())])
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_hooks_and_edits_in_the_trainable_part_after_the_first_call_are_honoured():
+    """The lean kernels swap trainable modules during a call: a hook registered on one later must fire, and a
+    module replaced later must be the one that runs (the swap must not bring back a stale module)."""
+    model = ConvNet().double().train()
+    ref = copy.deepcopy(model)
+    fm = freezert.wrap(model, freeze=1)
+    ref.blocks[0].requires_grad_(False)
+    ref.blocks[0].eval()
+    x = vec(2, 3, 8, 8)
+
+    def step_both():
+        for m in (model, ref):
+            m.zero_grad(set_to_none=True)
+        out, want = fm(x), ref(x)
+        out.square().sum().backward()
+        want.square().sum().backward()
+        torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-12)
+        for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+            assert (a.grad is None) == (b.grad is None), n
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12, msg=n)
+
+    step_both()
+    seen, want = [], []
+    for m, into in ((model, seen), (ref, want)):
+        m.blocks[2][1].register_forward_hook(lambda mod, a, o, into=into: into.append(o.detach().clone()))
+        m.blocks[1].register_forward_pre_hook(lambda mod, a, into=into: into.append(a[0].detach().clone()))
+    step_both()
+    assert len(seen) == len(want) == 2
+    for a, b in zip(seen, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for m in (model, ref):
+        m.blocks[2][2] = nn.Tanh()  # another activation in a trainable block
+    step_both()
+    fresh = ConvNet().double().blocks[1]
+    model.blocks[1], ref.blocks[1] = fresh, copy.deepcopy(fresh)  # a trainable block replaced whole
+    step_both()
+    fm.unwrap()

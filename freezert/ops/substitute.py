@@ -32,6 +32,7 @@ from .lean import composes, in_region, lean_region, saving_region
 from .lean_modules import (
     LeanActivation,
     LeanBatchNorm,
+    LeanConvBNAct,
     LeanDropout,
     LeanElementwise,
     LeanLayerNorm,
@@ -174,8 +175,37 @@ def _fusable_act(act: nn.Module, impl: str) -> str | None:
     return name if name is not None and (impl != "triton" or name in _TRITON_ACTS) else None
 
 
+def _conv_bn_act_forward(self, x):
+    return self.act(self.bn(self.conv(x)))
+
+
+def _lean_conv_bn_act(m: nn.Module) -> LeanConvBNAct | None:
+    """``LeanConvBNAct`` for a module whose forward is exactly ``act(bn(conv(x)))``: an ``nn.Sequential`` of a
+    convolution, a plain BatchNorm and an activation, or a class whose forward's code is that expression
+    (Ultralytics' and YOLOv5's ``Conv``), with no hooks on the BatchNorm or the activation."""
+    if _sequential(m) and len(m) == 3:
+        names = tuple(m._modules)
+    else:
+        fwd = getattr(type(m).forward, "__code__", None)
+        ref = _conv_bn_act_forward.__code__
+        if fwd is None or set(m._modules) != {"conv", "bn", "act"}:
+            return None
+        # the same instructions on the same names (the reference loads no constant: a docstring may differ)
+        if (fwd.co_code, fwd.co_names, fwd.co_argcount) != (ref.co_code, ref.co_names, ref.co_argcount):
+            return None
+        names = ("conv", "bn", "act")
+    conv, bn, act = (m._modules[n] for n in names)
+    if not isinstance(conv, nn.modules.conv._ConvNd) or not plain_batch_norm(bn) or _hooked(bn) or _hooked(act):
+        return None
+    name = _act_name(act)
+    return None if name is None else LeanConvBNAct(m, names, name)
+
+
 def _lean_swap(m: nn.Module) -> nn.Module | None:
     """The lean module swap for ``m`` (lean and auto plans), or None."""
+    fused = _lean_conv_bn_act(m)
+    if fused is not None:
+        return fused
     if is_llama_rms_norm(m) and not m._modules and not m._buffers:
         return LeanRMSNorm(m)
     if _formula_act(m):
@@ -300,7 +330,10 @@ def _recipes(plan: list) -> bool:
     """True when some replacement marks its output recomputable (every fused Conv-BN-act path does, and
     the lean LayerNorm, RMSNorm and activations)."""
     return any(
-        isinstance(rep, (FusedConvBNAct, LeanActivation, LeanRMSNorm, LeanElementwise, LeanBatchNorm, LeanLayerNorm))
+        isinstance(
+            rep,
+            (FusedConvBNAct, LeanConvBNAct, LeanActivation, LeanRMSNorm, LeanElementwise, LeanBatchNorm, LeanLayerNorm),
+        )
         or (isinstance(rep, FusedLayerNorm) and rep._impl != "triton")
         for _, rep in plan
     )
