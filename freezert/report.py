@@ -5,7 +5,6 @@ each alternative by running it: naive freezing, every trainable block recomputed
 from __future__ import annotations
 
 import gc
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -128,9 +127,9 @@ def tensor_bytes(ts: Iterable[torch.Tensor | None]) -> int:
 def optimizers_of(params: list[nn.Parameter]) -> list[torch.optim.Optimizer]:
     """The live optimizers that hold any of ``params`` (found by the garbage collector's list of objects)."""
     ids = {id(p) for p in params}
-    with warnings.catch_warnings():  # isinstance reads __class__, which some deprecated objects warn about
-        warnings.simplefilter("ignore")
-        found = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
+    # by type, not isinstance: isinstance reads __class__, which a dead weak proxy raises on (ReferenceError) and
+    # some deprecated objects warn about
+    found = [o for o in gc.get_objects() if issubclass(type(o), torch.optim.Optimizer)]
     return [o for o in found if any(id(p) in ids for g in o.param_groups for p in g["params"])]
 
 

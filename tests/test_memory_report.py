@@ -99,3 +99,23 @@ def test_the_total_is_every_byte_counted_independently():
     expected += sum(own.values())
     expected += sum(t["bytes"] for t in fm.cache.stats()["tiers"].values())
     assert abs(report.total - expected) <= 0.01 * expected, (report.total, expected, report.rows)
+
+
+def test_optimizers_are_found_beside_dead_weak_proxies():
+    """The report finds the optimizer among every live object; a weak proxy whose object is gone (isinstance on it
+    raises ReferenceError) is passed over, not raised."""
+    import weakref
+
+    from freezert.report import optimizers_of
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    proxies = [weakref.proxy(thing)]
+    del thing  # the proxy stays in gc's list, dead
+    lin = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    assert optimizers_of(list(lin.parameters())) == [opt]
+    assert optimizers_of([torch.nn.Parameter(torch.zeros(1))]) == []
+    assert proxies

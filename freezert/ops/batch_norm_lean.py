@@ -227,8 +227,13 @@ def batch_norm_lean(
     return z if fn is None else mark_recomputable(z, fn, input, weight, bias, s1, s2)
 
 
-def _bn_act_value(x, weight, bias, s1, s2, *, bn, act: str) -> torch.Tensor:
-    return act_forward(bn(x, weight, bias, s1, s2), act)
+def _bn_act_value(x, weight, bias, s1, s2, *, bn, act: str, stash: list | None = None) -> torch.Tensor:
+    z = bn(x, weight, bias, s1, s2)
+    if stash is not None and not torch.is_grad_enabled():
+        # rebuilt in backward for the op that saved the output: the node's own backward, which comes next on this
+        # path, needs the same BN output (one pass less; it takes the value and lets it go)
+        stash[0] = z
+    return act_forward(z, act)
 
 
 class _LeanBatchNormAct(torch.autograd.Function):
@@ -246,7 +251,11 @@ class _LeanBatchNormAct(torch.autograd.Function):
         saved = ctx.saved_tensors
         x, weight = saved[0], saved[1]
         stats = (saved[2], saved[3]) if ctx.training else (saved[5], saved[6])
-        if ctx.value is not None:  # the BN output, rebuilt exactly from the saved statistics
+        stash = getattr(ctx, "stash", None)
+        z = stash[0] if stash is not None else None
+        if z is not None:  # rebuilt a moment ago by the recipe of this op's output (same inputs, same bits)
+            stash[0] = None
+        elif ctx.value is not None:  # the BN output, rebuilt exactly from the saved statistics
             z = ctx.value(x, weight, ctx.bias, *stats)
         else:
             z = _stats_forward(x, weight, ctx.bias, ctx.eps)
@@ -281,4 +290,8 @@ def batch_norm_act_lean(
     if value is None:
         return y
     # inside ops.recompute_saved(), a later op saving y stores (input, weight, bias, statistics) instead
-    return mark_recomputable(y, functools.partial(_bn_act_value, bn=value, act=act), input, weight, bias, s1, s2)
+    stash = None
+    if not _compiling() and y.grad_fn is not None:  # (torch.compile keeps no recipe: nothing to stash)
+        stash = y.grad_fn.stash = [None]
+    fn = functools.partial(_bn_act_value, bn=value, act=act, stash=stash)
+    return mark_recomputable(y, fn, input, weight, bias, s1, s2)
