@@ -29,6 +29,9 @@ class Call:
         # An input that needs a gradient (saliency, adversarial examples) runs the model as naive freezing would.
         self.grad_in = torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors)
         self.single_tensor = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+        # what runs the model's forward for this call: the model (its hooks fire), or, when the wrapper called
+        # the model itself so that hooks on it fire once, its forward without them
+        self.target: Callable[..., Any] | None = None
 
     def kind(self, training: bool) -> tuple:
         """What a recorded plan depends on: containers, keyword names, tensor ranks and dtypes, other types; the

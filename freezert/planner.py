@@ -82,11 +82,12 @@ class Planner:
         frozen = _spec.resolve(self.freeze, table)
         return Plan(table, partition(table, frozen, _spec.prefix_length(frozen)))
 
-    def recorded(self, args, kwargs, sig: Any, requires_grad: dict[int, bool]) -> Plan:
+    def recorded(self, args, kwargs, sig: Any, requires_grad: dict[int, bool], run=None) -> Plan:
         """The plan for calls of kind ``sig``: recorded on ``args``/``kwargs`` the first time, then from the record.
-        ``requires_grad``: each parameter's flag before the wrap (by id)."""
+        ``requires_grad``: each parameter's flag before the wrap (by id); ``run``: what runs the model's forward
+        (default: calling the model)."""
         if sig not in self._records:
-            self._records[sig] = self._record_in_order(args, kwargs, requires_grad)
+            self._records[sig] = self._record_in_order(args, kwargs, requires_grad, run)
         table, rec = self._records[sig]
         for other_table, other in self._records.values():
             if other is not rec and other_table.names == table.names:
@@ -102,14 +103,14 @@ class Planner:
                 rec.consumers[key].add(OUTSIDE)
         return self._plan(plan.table, plan.rec, plan.sig)
 
-    def _record_in_order(self, args, kwargs, requires_grad: dict[int, bool]) -> tuple[BlockTable, Record]:
+    def _record_in_order(self, args, kwargs, requires_grad: dict[int, bool], run=None) -> tuple[BlockTable, Record]:
         """The record, taken on the blocks in forward order (a second record when the order or the parameters that
         must be live differ from the first's)."""
         table = self._ordered or self.registered
         glue: set[int] = set()
         for _ in range(3):
             frozen = _spec.resolve(self.freeze, table)
-            rec = self._record(table, frozen, args, kwargs, requires_grad, glue)
+            rec = self._record(table, frozen, args, kwargs, requires_grad, glue, run)
             order = _forward_order(table, rec) if self._ordered is None else list(range(len(table)))
             # parameters read by the model's glue that will train: not the stem's (frozen with block 0)
             stem_params = {id(p) for n, m in table.candidates if n in rec.before_first_block for p in m.parameters()}
@@ -177,6 +178,7 @@ class Planner:
         kwargs,
         requires_grad: dict[int, bool],
         glue: set[int],
+        run=None,
     ) -> Record:
         """One observed forward with only the parameters that will train requiring grad (stem and head candidates
         off: which is which is what the record tells; ``glue``: candidate parameters read by glue code, on)."""
@@ -193,7 +195,7 @@ class Planner:
                 for m in frozen_bn:
                     m.train(False)
             with torch.enable_grad():
-                rec, _ = record(self.model, table, set(frozen), args, kwargs, keep)
+                rec, _ = record(self.model, table, set(frozen), args, kwargs, keep, run=run)
         finally:
             for m, mode in modes:
                 m.train(mode)

@@ -162,8 +162,11 @@ class _Consumers(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def record(model: nn.Module, table, frozen: set[int], args, kwargs, keep_trainable: set[int]) -> tuple[Record, object]:
-    """Runs ``model(*args, **kwargs)`` once with hooks; returns the record and the output.
+def record(
+    model: nn.Module, table, frozen: set[int], args, kwargs, keep_trainable: set[int], run=None
+) -> tuple[Record, object]:
+    """Runs ``model(*args, **kwargs)`` (or ``run(*args, **kwargs)``: the model's forward without the hooks on the
+    model itself, which the wrapper runs) once with hooks; returns the record and the output.
 
     During the run only the parameters in ``keep_trainable`` (ids) require grad, so an input of a frozen block
     that requires grad shows a real dependence on something trainable (a root parameter such as ViT's
@@ -259,7 +262,7 @@ def record(model: nn.Module, table, frozen: set[int], args, kwargs, keep_trainab
         for p in params:
             p.requires_grad_(id(p) in keep_trainable)
         with torch.random.fork_rng(devices=devices), mode:
-            out = model(*args, **kwargs)
+            out = (model if run is None else run)(*args, **kwargs)
         for t in _tree.tensors(out):
             key = tracked.get(id(t))
             if key is not None and key[1] is t:

@@ -69,7 +69,7 @@ class Tail:
 
     def _run(self, call: Call, boundary: Boundary) -> Any:
         if boundary.tensors is None:
-            return boundary.run(lambda: call.run(self.model))
+            return boundary.run(lambda: call.run(call.target or self.model))
         return self.blocks_after(boundary.tensors)
 
     def blocks_after(self, y: dict[int, torch.Tensor]) -> Any:

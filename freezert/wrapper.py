@@ -8,6 +8,7 @@ trainable part runs (``tail``).
 from __future__ import annotations
 
 import inspect as _inspect
+import types
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,23 @@ def _bn_modules(modules) -> Iterator[_BatchNorm]:
         for sub in m.modules():
             if isinstance(sub, _BatchNorm):
                 yield sub
+
+
+_MISSING = object()
+
+
+def _root_hooked(m: nn.Module) -> bool:
+    """Hooks that a call of ``m`` itself runs: its own (forward, pre-forward, backward) or torch's global ones."""
+    from torch.nn.modules import module as _mod
+
+    own = m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    return bool(
+        own
+        or _mod._global_forward_hooks
+        or _mod._global_forward_pre_hooks
+        or _mod._global_backward_hooks
+        or _mod._global_backward_pre_hooks
+    )
 
 
 class FrozenModel(nn.Module):
@@ -116,7 +134,7 @@ class FrozenModel(nn.Module):
     def _replan(self, call: Call, kind: tuple) -> None:
         self._prefix.restore()  # the record runs the user's modules
         flags = {id(p): rg for p, rg in zip(self._params, self._requires_grad)}
-        self._apply_plan(self._planner.recorded(call.args, call.kwargs, kind, flags))
+        self._apply_plan(self._planner.recorded(call.args, call.kwargs, kind, flags, run=call.target))
 
     def _learn_reader(self, key: tuple) -> None:
         """A call read a frozen output the plan let the cache skip: plan again with that reader."""
@@ -163,7 +181,29 @@ class FrozenModel(nn.Module):
     # -- the call ------------------------------------------------------------------------------------------
     def forward(self, *args, cache_ids=None, cache_aug=None, **kwargs):
         self._check_live()
+        if _root_hooked(self.model):
+            return self._through_root(args, kwargs, cache_ids, cache_aug)
+        return self._step(args, kwargs, cache_ids, cache_aug)
+
+    def _through_root(self, args, kwargs, cache_ids, cache_aug):
+        """Calls the model itself, with this call standing in for its forward: hooks on the model fire once, see
+        what a call of the model sees and may change its inputs (which the cache then keys) and its output. (A
+        driven model's blocks run by freezert, not by its forward; another model's forward runs unhooked inside.)"""
+        root = self.model
+        had = root.__dict__.get("forward", _MISSING)
+        real = had if had is not _MISSING else types.MethodType(type(root).forward, root)
+        root.forward = lambda *a, **k: self._step(a, k, cache_ids, cache_aug, target=real)
+        try:
+            return root(*args, **kwargs)
+        finally:
+            if had is _MISSING:
+                root.__dict__.pop("forward", None)
+            else:
+                root.forward = had
+
+    def _step(self, args, kwargs, cache_ids, cache_aug, target=None):
         call = Call(args, kwargs, cache_ids, cache_aug)
+        call.target = target
         plan = self._plan
         if plan.part.frozen and not call.grad_in and not (plan.driven and call.single_tensor):
             kind = call.kind(self.model.training)

@@ -575,3 +575,51 @@ def test_hooks_and_edits_in_the_trainable_part_after_the_first_call_are_honoured
     model.blocks[1], ref.blocks[1] = fresh, copy.deepcopy(fresh)  # a trainable block replaced whole
     step_both()
     fm.unwrap()
+
+
+class Chain(nn.Module):
+    """Not a Sequential: the wrapper runs its own forward (recorded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*(mlp() for _ in range(3)))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+@pytest.mark.parametrize("cache", [None, "fp32"])
+@pytest.mark.parametrize("kind", ["sequential", "module"])
+def test_hooks_on_the_model_itself_fire_and_may_edit_its_input_and_output(cache, kind):
+    """A root ``nn.Sequential`` (or a YOLO graph) is driven: freezert runs its blocks, not its forward. Hooks on
+    the model itself must still see the call's input and output, and what they return must be what the call
+    returns, as without freezert."""
+    model = (nn.Sequential(*(mlp() for _ in range(3)), nn.Linear(8, 2)) if kind == "sequential" else Chain()).double()
+    ref = copy.deepcopy(model)
+    fm = freezert.wrap(model, freeze=2, cache=cache)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    x = vec(4, 8)
+    fm(x)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    for n, p in ref.named_parameters():
+        p.requires_grad_(n not in frozen)
+    seen = {id(model): [], id(ref): []}
+    for m in (model, ref):
+        m.register_forward_pre_hook(lambda mod, a: (a[0] * 2,))
+        m.register_forward_hook(lambda mod, a, o: seen[id(mod)].append(a[0].detach().clone()) or o + 1)
+    for _ in range(3):  # with a cache: the later calls are hits
+        out, want = fm(x), ref(x)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    assert len(seen[id(model)]) == 3
+    torch.testing.assert_close(seen[id(model)][-1], 2 * x)
+    out.sum().backward()
+    want.sum().backward()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert (a.grad is None) == (b.grad is None), n
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
+    if cache is not None:
+        assert fm.cache.stats()["hits"] > 0
+    fm.unwrap()
