@@ -156,3 +156,26 @@ def test_a_store_of_many_layouts_resumes_in_a_new_process(tmp_path):
     assert r.stdout.split("\n")[:2] == ["[True, True, True, True, True, False] True"] * 2
     with pytest.raises(CacheError, match=f"holds features of fingerprint {FP}"):  # another setup: refused
         FeatureCache("fp16", "disk", "1MiB", tmp_path / "s").bind(FP2, None, "cpu")
+
+
+def test_a_shard_another_rank_is_creating_is_skipped_then_read(tmp_path, monkeypatch):
+    """Ranks bind at the same moment: another rank's shard may hold its lock (or data) before its header, which
+    is written whole. Binding then skips it (no error: nothing in it can be verified yet) and reads it once it is
+    complete; the rank's own store without a header stays an error."""
+    monkeypatch.setattr(feature_cache, "_SHARE_S", 1e9)
+    store = tmp_path / "s"
+    r1 = _rank(store, 1)
+    r1.put(range(4), w.rows(list(range(4))))
+    r1.flush()
+    header = store / "rank1" / "header.json"
+    kept = header.read_bytes()
+    header.unlink()  # rank 1 as it is between taking its lock and writing its header
+    r0 = _rank(store, 0)
+    assert not r0.fetch(range(4), "cpu")[0].any()
+    header.write_bytes(kept)
+    assert r0.refresh() == 4 and r0.fetch(range(4), "cpu")[0].all()
+    r0.close()
+    r1.close()
+    (store / "header.json").unlink()
+    with pytest.raises(CacheError, match="no header.json"):
+        _rank(store, 0)

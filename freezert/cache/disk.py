@@ -451,6 +451,10 @@ class DiskTier(Tier):
         return self._rows(self.own)
 
     def _open_other(self, path: str, *, first: bool) -> list[Entry]:
+        if not os.path.exists(os.path.join(path, HEADER)):
+            # another rank's shard it is creating now (its lock comes before its header, which is written
+            # whole): nothing to read from it yet, and nothing to refuse; the next refresh looks again
+            return []
         try:
             head = read_header(path)
             if head is not None:
