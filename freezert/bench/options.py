@@ -251,7 +251,8 @@ def measure(
         else:  # resolved now that the defaults' saved bytes are known
             for fraction in (o.budget_fraction, *(f for f in _BUDGET_FALLBACKS if f > o.budget_fraction)):
                 budget = max(int(saved * fraction), 1)
-                name = f"memory_budget={fmt_bytes(budget)}, kernels=False"
+                extra = "".join(f", {k}={v}" for k, v in o.kwargs.items())  # e.g. kernels=False
+                name = f"memory_budget={fmt_bytes(budget)}{extra}"
                 options[i] = Option(name, {**o.kwargs, "memory_budget": budget})
                 run = setup(i)
                 if run is not None:
