@@ -268,9 +268,16 @@ class Prefix:
             cache.note_segment_time(time.perf_counter() - started[0], batch)
         produced = [got[(u, j)][n] for u, j, n in order]
         bad = [self.plan.unit_name(u) for (u, _, _), t in zip(order, produced) if t.dim() == 0 or t.shape[0] != batch]
-        if not produced or bad:
+        if not produced:
+            last = self.plan.table.names[max(self.plan.part.frozen)]
             raise CacheError(
-                f"{(bad or [self.plan.table.names[0]])[0]!r} hands the trainable part tensors without the batch "
+                f"the frozen part's output (from {last!r}) reaches the trainable part inside an object freezert cannot "
+                "look into (not a tensor, tuple, list, dict, dataclass or ModelOutput), so it cannot be cached; return "
+                "tensors or a dataclass from the frozen blocks, or drop cache="
+            )
+        if bad:
+            raise CacheError(
+                f"{bad[0]!r} hands the trainable part tensors without the batch "
                 f"dimension ({batch}) first, so they cannot be cached per sample; cache a different cut (freeze=) or "
                 "drop cache="
             )

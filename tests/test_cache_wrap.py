@@ -83,8 +83,10 @@ def test_explicit_ids_and_their_shape(yolo):
         out = fm(x[[3, 1]], cache_ids=[3, 1])
         assert fm.cache.stats()["hits"] == 2
         assert_outputs_close(out, ref(x[[3, 1]]), 1e-4)
-        big = torch.randn(2, 3, 96, 96)  # the same ids at another size: other rows, never the 64 px ones
-        assert_outputs_close(fm(big, cache_ids=[0, 1]), ref(big), 1e-4)
+        big = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+        # the same ids at another size: other rows, never the 64 px ones (a served row would be off by its own
+        # size; float32 BatchNorm folding alone reaches ~1e-4 of the largest output at 96 px on some inputs)
+        assert_outputs_close(fm(big, cache_ids=[0, 1]), ref(big), 1e-3)
         assert fm.cache.stats()["hits"] == 2
         assert_outputs_close(fm(x[:2], cache_ids=[0, 1]), ref(x[:2]), 1e-4)
         assert fm.cache.stats()["hits"] == 4

@@ -623,3 +623,51 @@ def test_hooks_on_the_model_itself_fire_and_may_edit_its_input_and_output(cache,
     if cache is not None:
         assert fm.cache.stats()["hits"] > 0
     fm.unwrap()
+
+
+class Opaque:
+    """A plain class holding a tensor: no pytree, no dataclass."""
+
+    def __init__(self, a):
+        self.a = a
+
+
+class OpaqueBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return Opaque(torch.tanh(self.lin(x.a if isinstance(x, Opaque) else x)))
+
+
+class OpaqueNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(OpaqueBlock() for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.a)
+
+
+def test_outputs_inside_an_object_the_code_cannot_walk_run_exactly_and_the_cache_refuses_them():
+    """A frozen block returning its tensors inside a plain object: without a cache the call is naive freezing's;
+    with one, nothing can be stored per sample, so the first call says so (no placeholder, no stale row)."""
+    model = OpaqueNet().double()
+    ref = copy.deepcopy(model)
+    ref.blocks[:2].requires_grad_(False)
+    x = vec(3, 8)
+    fm = freezert.wrap(model, freeze=2)
+    out, want = fm(x), ref(x)
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(model.head.weight.grad, ref.head.weight.grad)
+    assert model.blocks[0].lin.weight.grad is None
+    fm.unwrap()
+    cached = freezert.wrap(OpaqueNet().double(), freeze=2, cache="fp32")
+    with pytest.raises(freezert.CacheError, match=r"'blocks.1'.*inside an object freezert cannot look into"):
+        cached(x)
