@@ -14,6 +14,12 @@ from torch import nn
 Handle = list[tuple[nn.Module, str, nn.Module]]
 
 
+def hook_count(m: nn.Module) -> int:
+    """The hooks a call of ``m`` runs that are its own: forward, pre-forward, backward and pre-backward (a module
+    put in its place would not run them)."""
+    return len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+
+
 def apply_substitutions(module: nn.Module, plan: list[tuple[str, nn.Module]]) -> Handle:
     """Swap each planned replacement into ``module``; returns what ``restore`` needs to undo it."""
     done: Handle = []

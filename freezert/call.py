@@ -22,16 +22,18 @@ _MIX = 1099511628211  # a 64-bit FNV prime: int64 arithmetic wraps, so products 
 class Call:
     """One call of the wrapped model, its inputs walked once (``_tree``): every later question reads this."""
 
-    def __init__(self, args: tuple, kwargs: dict, cache_ids: Any = None, cache_aug: Any = None):
+    def __init__(
+        self, args: tuple, kwargs: dict, cache_ids: Any = None, cache_aug: Any = None, target: Callable | None = None
+    ):
         self.args, self.kwargs, self.cache_ids, self.cache_aug = args, kwargs, cache_ids, cache_aug
         self.leaves, self.spec = _tree.flatten((args, kwargs))
         self.tensors = [v for v in self.leaves if isinstance(v, torch.Tensor)]
         # An input that needs a gradient (saliency, adversarial examples) runs the model as naive freezing would.
         self.grad_in = torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors)
         self.single_tensor = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
-        # what runs the model's forward for this call: the model (its hooks fire), or, when the wrapper called
-        # the model itself so that hooks on it fire once, its forward without them
-        self.target: Callable[..., Any] | None = None
+        # what runs the model's forward for this call: the model (its hooks fire; None), or, when the wrapper
+        # called the model itself so that hooks on it fire once, its forward without them
+        self.target = target
 
     def kind(self, training: bool) -> tuple:
         """What a recorded plan depends on: containers, keyword names, tensor ranks and dtypes, other types; the

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._swap import hook_count
 from .call import Call
 from .config import FreezeConfig
 from .planner import Plan
@@ -26,8 +27,7 @@ def _module_state(model: nn.Module) -> list:
     stack = [model]
     while stack:
         m = stack.pop()
-        hooks = len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        out += (m, hooks + len(m._backward_pre_hooks))
+        out += (m, hook_count(m))
         stack.extend(c for c in m._modules.values() if c is not None)
     return out
 

@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import spec as _spec
 from ._errors import FreezeError
+from ._swap import hook_count
 from .blocks import block_table
 from .call import Call
 from .config import FreezeConfig
@@ -49,9 +50,8 @@ def _root_hooked(m: nn.Module) -> bool:
     """Hooks that a call of ``m`` itself runs: its own (forward, pre-forward, backward) or torch's global ones."""
     from torch.nn.modules import module as _mod
 
-    own = m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
     return bool(
-        own
+        hook_count(m)
         or _mod._global_forward_hooks
         or _mod._global_forward_pre_hooks
         or _mod._global_backward_hooks
@@ -202,8 +202,7 @@ class FrozenModel(nn.Module):
                 root.forward = had
 
     def _step(self, args, kwargs, cache_ids, cache_aug, target=None):
-        call = Call(args, kwargs, cache_ids, cache_aug)
-        call.target = target
+        call = Call(args, kwargs, cache_ids, cache_aug, target)
         plan = self._plan
         if plan.part.frozen and not call.grad_in and not (plan.driven and call.single_tensor):
             kind = call.kind(self.model.training)

@@ -671,3 +671,15 @@ def test_outputs_inside_an_object_the_code_cannot_walk_run_exactly_and_the_cache
     cached = freezert.wrap(OpaqueNet().double(), freeze=2, cache="fp32")
     with pytest.raises(freezert.CacheError, match=r"'blocks.1'.*inside an object freezert cannot look into"):
         cached(x)
+
+
+def test_a_backward_pre_hook_on_a_trainable_module_fires():
+    """The lean kernels swap trainable modules: one with a (full) backward pre-hook keeps running as itself."""
+    model = ConvNet().double().train()
+    fired = []
+    model.blocks[2][1].register_full_backward_pre_hook(lambda mod, grad_out: fired.append(grad_out[0].shape))
+    model.blocks[1].register_full_backward_pre_hook(lambda mod, grad_out: fired.append(grad_out[0].shape))
+    fm = freezert.wrap(model, freeze=1)
+    fm(vec(2, 3, 8, 8)).sum().backward()
+    assert len(fired) == 2
+    fm.unwrap()

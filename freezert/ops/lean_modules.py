@@ -56,6 +56,16 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def _bn_call(bn: nn.Module, input: torch.Tensor) -> tuple:
+    """``nn.BatchNorm*.forward``'s checks and bookkeeping for one call on ``input``: the functional arguments after
+    the input (``module_step``)."""
+    bn._check_input_dim(input)
+    args = module_step(bn)
+    if args[4]:  # batch statistics
+        F._verify_batch_size(input.size())
+    return args
+
+
 class LeanBatchNorm(_Shell):
     """``nn.BatchNorm1d/2d/3d`` (not subclasses with their own forward) through ``batch_norm_lean``: the same
     bookkeeping (``num_batches_tracked``, cumulative ``momentum=None``), eager's kernel; the output a recipe."""
@@ -65,11 +75,7 @@ class LeanBatchNorm(_Shell):
         if not _needs_grad(input, bn.weight, bn.bias) or type(input) is not torch.Tensor:
             return bn(input)
         with torch._C.DisableTorchFunction():  # a lean region's mode around us has nothing to do in here
-            bn._check_input_dim(input)
-            args = module_step(bn)
-            if args[4]:  # batch statistics
-                F._verify_batch_size(input.size())
-            return batch_norm_lean(input, *args)
+            return batch_norm_lean(input, *_bn_call(bn, input))
 
 
 class LeanConvBNAct(_Shell):
@@ -92,11 +98,7 @@ class LeanConvBNAct(_Shell):
         if type(z) is not torch.Tensor:
             return mods[self._names[2]](bn(z))
         with torch._C.DisableTorchFunction():
-            bn._check_input_dim(z)
-            args = module_step(bn)
-            if args[4]:
-                F._verify_batch_size(z.size())
-            return batch_norm_act_lean(z, *args, activation=self._act)
+            return batch_norm_act_lean(z, *_bn_call(bn, z), activation=self._act)
 
     def extra_repr(self) -> str:
         return f"{self._names}, {self._act}"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._swap import Handle, apply_substitutions, restore  # noqa: F401 (re-exported)
+from .._swap import Handle, apply_substitutions, hook_count, restore  # noqa: F401 (re-exported)
 from .._swap import swapped as _swapped
 from . import _registry as reg
 from .batch_norm_act import batch_norm_act
@@ -107,7 +107,7 @@ def _plain_bn(m: nn.Module) -> bool:
 
 def _hooked(m: nn.Module) -> bool:
     # a replacement would silently drop hooks registered on the block itself
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
+    return hook_count(m) > 0
 
 
 class FusedConvBNAct(nn.Module):
