@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for a lent GPU (device tool): build, CUDA tests, the rest of the suite, benchmarks.
 #   bash benchmarks/gpu_run.sh                the default: info build cuda, done within 8 minutes (one device call)
-#   bash benchmarks/gpu_run.sh STAGE ...      stages by name: info build cuda suite bench ops
+#   bash benchmarks/gpu_run.sh STAGE ...      stages by name: info build cuda suite bench defaults ops
 # Every stage runs under `timeout`, cut to what is left before the deadline: GPU_RUN_DEADLINE seconds after the
 # start (default 480, so a 10-minute device call keeps two minutes for starting and copying back); later
 # stages are skipped, and said so. Each test gets GPU_RUN_TEST_TIMEOUT seconds (default 120): pytest-timeout
@@ -74,10 +74,15 @@ for s in "${stages[@]}"; do
         step alternate 180 python3 benchmarks/alternate.py --rounds 100
         step bench_cache 300 python3 -m pytest benchmarks/bench_cache.py --benchmark-only -q -p no:cacheprovider \
             --benchmark-columns=median,iqr,rounds --benchmark-json "$OUT/bench_cache.json" ;;
+    defaults)  # wrap()'s defaults (the lean path) and each option against naive freezing, step time and CUDA peak
+        step defaults_yolo 150 python3 -m freezert bench --model yolov5s --input 16,3,640,640 --freeze 10 \
+            --device cuda --quiet --json "$OUT/defaults_yolov5s.json"
+        step defaults_resnet 150 python3 -m freezert bench --model torchvision.models:resnet50 \
+            --input 32,3,224,224 --freeze 3 --device cuda --quiet --json "$OUT/defaults_resnet50.json" ;;
     ops)
         step ops 420 env TRITON_INTERPRET=0 python3 -m pytest benchmarks/bench_ops.py --benchmark-only -q \
             -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-json "$OUT/ops.json" ;;
-    *) echo "unknown stage $s: choose from info build cuda suite bench ops" | tee -a "$summary" ;;
+    *) echo "unknown stage $s: choose from info build cuda suite bench defaults ops" | tee -a "$summary" ;;
     esac
 done
 echo "stages: ${stages[*]}; deadline ${deadline} s; ended at ${SECONDS} s" | tee -a "$summary"
