@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._swap import hook_count
 from .call import Call
 from .config import FreezeConfig
 from .planner import Plan
@@ -25,10 +24,20 @@ def _module_state(model: nn.Module) -> list:
     replaced, added or removed, or a hook registered or removed."""
     out: list = []
     stack = [model]
-    while stack:
-        m = stack.pop()
-        out += (m, hook_count(m))
-        stack.extend(c for c in m._modules.values() if c is not None)
+    pop, push, add = stack.pop, stack.extend, out.append
+    while stack:  # on every call: kept to plain dict reads (hook_count's sum, inlined)
+        m = pop()
+        if m is None:  # a child slot set to None
+            continue
+        d = m.__dict__
+        add(m)
+        add(
+            len(d["_forward_hooks"])
+            + len(d["_forward_pre_hooks"])
+            + len(d["_backward_hooks"])
+            + len(d["_backward_pre_hooks"])
+        )
+        push(d["_modules"].values())
     return out
 
 

@@ -230,7 +230,11 @@ class _LeanMode(TorchFunctionMode):
 
 @contextlib.contextmanager
 def saving_region() -> Iterator[None]:
-    """Saves inside the block go through ``recompute_saved()`` (recipes, in-place checks); no op routing."""
+    """Saves inside the block go through ``recompute_saved()`` (recipes, in-place checks); no op routing. Inside a
+    region whose hooks are innermost already, nothing more is entered (a second layer would wrap each save twice)."""
+    if recompute.active():
+        yield
+        return
     with recompute.recompute_saved():
         yield
 
@@ -284,7 +288,7 @@ def lean_region() -> Iterator[None]:
     """Within the block, the ops above run lean and their outputs are kept as recipes (see the module docstring)."""
     _DEPTH[0] += 1
     try:
-        with recompute.recompute_saved(), _LeanMode():
+        with saving_region(), _LeanMode():
             yield
     finally:
         _DEPTH[0] -= 1

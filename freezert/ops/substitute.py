@@ -351,11 +351,14 @@ def swapped(module: nn.Module, plan: list, *, recompute: bool = True) -> Iterato
     regions = [(n, r) for n, r in plan if isinstance(r, LeanRegion)] if recompute else []
     with contextlib.ExitStack() as stack:
         stack.enter_context(_swapped(module, mods))
-        for name, region in regions:  # after the swaps: a region's root may itself be a replacement
-            for h in region.install(module.get_submodule(name)):
-                stack.callback(h.remove)
-        if recompute and not regions and _recipes(plan):
+        if regions or (recompute and _recipes(plan)):
+            # one layer of saved-tensor hooks for the whole block, not one per trainable subtree: what is frozen
+            # saves nothing, and each region entered inside it then only routes ops (or does nothing)
             stack.enter_context(recompute_saved())
+        for name, region in regions:  # after the swaps: a region's root may itself be a replacement
+            if region.ops:
+                for h in region.install(module.get_submodule(name)):
+                    stack.callback(h.remove)
         _ACTIVE.append((module, plan))
         stack.callback(_ACTIVE.pop)
         yield module
