@@ -282,29 +282,6 @@ def output_errors(model: nn.Module, freeze, batch: tuple) -> dict[str, float]:
 # --- what each variant keeps, by the op that made each saved tensor (float32, the benchmark input) -------------
 
 
-class _ByOp:
-    """Saved-tensor hooks: unique storages saved for backward, by the op that made each (``grad_fn`` of the tensor
-    or of its base; "input / frozen part" for tensors without one); saves made during backward are not counted."""
-
-    def __init__(self, exclude):
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.seen: dict[int, tuple[str, int]] = {}
-
-    def pack(self, t):
-        key = t.untyped_storage().data_ptr()
-        if torch._C._current_graph_task_id() == -1 and key not in self.exclude and key not in self.seen:
-            src = t if t._base is None else t._base
-            op = type(src.grad_fn).__name__ if src.grad_fn is not None else "input / frozen part"
-            self.seen[key] = (op.removesuffix("Backward0").removesuffix("Backward1"), t.untyped_storage().nbytes())
-        return t
-
-    def by_op(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for op, n in self.seen.values():
-            out[op] = out.get(op, 0) + n
-        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
-
-
 def saved_by_op(model: nn.Module, freeze, batch: tuple) -> dict[str, dict[str, int]]:
     """Naive freezing and the defaults: bytes saved for backward in one step, by the op that made each tensor."""
     with warnings.catch_warnings():
@@ -316,12 +293,11 @@ def saved_by_op(model: nn.Module, freeze, batch: tuple) -> dict[str, dict[str, i
         naive = naive_freeze(copy.deepcopy(model).train(), frozen)
     out = {}
     for label, module in ((NAIVE, naive), ("freezert", fm)):
-        k = _ByOp([*module.parameters(), *module.buffers()])
         torch.manual_seed(0)
-        with torch.autograd.graph.saved_tensors_hooks(k.pack, lambda t: t):
+        with SavedMeter(exclude=[*module.parameters(), *module.buffers()]) as meter:
             loss = loss_of(module(*batch))
         loss.backward()
-        out[label] = k.by_op()
+        out[label] = meter.per_op
     return out
 
 

@@ -16,7 +16,6 @@ Prints markdown tables (docs/OPS.md, benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import copy
 import io
@@ -28,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from freezert.bench.zoo import naive_freeze_modules
 from freezert.memory import SavedMeter, checkpointed, forward_flops, plan_recompute, saved_bytes
 from freezert.models import calibrate_batchnorm, cnn_classifier, detection_loss, detection_targets_like, yolov5
 from freezert.ops import _exact, lean_plan, plan_substitutions, swapped
@@ -291,49 +291,11 @@ TARGETS: dict[str, tuple[str, Callable]] = {
 }
 
 
-def _naive_frozen(model: nn.Module, frozen: list[str]) -> nn.Module:
-    """requires_grad=False on the frozen blocks, their BatchNorms in eval mode (freezert's default bn="frozen")."""
-    model.train()
-    for name in frozen:
-        block = model.get_submodule(name)
-        block.requires_grad_(False)
-        for m in block.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-    return model
-
-
-class _Kept:
-    """Saved-tensor hooks counting unique storages by the op that made each (its grad_fn, or "input/frozen")."""
-
-    def __init__(self, exclude):
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.seen: dict[int, tuple[str, int]] = {}
-
-    def pack(self, t):
-        key = t.untyped_storage().data_ptr()
-        if torch._C._current_graph_task_id() == -1 and key not in self.exclude and key not in self.seen:
-            src = t if t._base is None else t._base
-            name = type(src.grad_fn).__name__ if src.grad_fn is not None else "input / frozen part"
-            self.seen[key] = (name, t.untyped_storage().nbytes())
-        return t
-
-    def by_op(self) -> collections.Counter:
-        c: collections.Counter = collections.Counter()
-        for name, n in self.seen.values():
-            c[name] += n
-        return c
-
-    @property
-    def total(self) -> int:
-        return sum(n for _, n in self.seen.values())
-
-
-def _kept(step, exclude) -> _Kept:
-    k = _Kept(exclude)
-    with torch.autograd.graph.saved_tensors_hooks(k.pack, lambda t: t):
+def _kept(step, exclude) -> SavedMeter:
+    """What one step keeps for backward (``.total``, ``.per_op``)."""
+    with SavedMeter(exclude=exclude) as meter:
         step()
-    return k
+    return meter
 
 
 def _lean_step(model, loss_fn, plan, seed=3):
@@ -391,7 +353,7 @@ def section_lean(rounds: int, names: list[str]) -> None:
         except ImportError as e:
             print(f"| {label} | skipped: {e} |")
             continue
-        naive = _naive_frozen(base.double(), frozen)
+        naive = naive_freeze_modules(base.double(), frozen)
         lean = copy.deepcopy(naive)
         plan = lean_plan(lean, skip=_skip(frozen))
         ex = _params(naive, lean)
@@ -410,7 +372,7 @@ def section_lean(rounds: int, names: list[str]) -> None:
             f"| {t['naive']['cpu_ms']:.0f} / {t['lean']['cpu_ms']:.0f} "
             f"| {t['lean']['ratio']:.3f} [{lo:.3f}, {hi:.3f}] |"
         )
-        remains[label] = (k_naive.by_op(), k_lean.by_op())
+        remains[label] = (k_naive.per_op, k_lean.per_op)
     print("\n#### What the lean plan still keeps (MiB, by the op that made the kept tensor; naive alongside)\n")
     for label, (cn, cl) in remains.items():
         top = sorted(set(cn) | set(cl), key=lambda k: -cl.get(k, 0))

@@ -36,7 +36,7 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
 
 
 class SavedMeter:
-    """Context manager counting the bytes saved for backward inside it: ``.total`` and ``.per_block``.
+    """Context manager counting the bytes saved for backward inside it: ``.total``, ``.per_block`` and ``.per_op``.
 
     ``blocks`` (name -> module) attributes each storage to the innermost block running when it was first
     saved (``None`` outside every block); ``exclude`` tensors (parameters, buffers) are not counted.
@@ -49,6 +49,7 @@ class SavedMeter:
         self.blocks = dict(blocks or {})
         self._exclude = {_storage_key(t) for t in exclude}
         self._seen: dict[tuple[str, int], tuple[str | None, int]] = {}
+        self._ops: dict[tuple[str, int], str] = {}  # storage -> the op that made the tensor first saved from it
         self._stack: list[str] = []
         self._in: dict[str, dict] = {}
         self._out: dict[str, dict] = {}
@@ -74,6 +75,15 @@ class SavedMeter:
             out[owner] = out.get(owner, 0) + n
         return out
 
+    @property
+    def per_op(self) -> dict[str, int]:
+        """Bytes by the op that made each saved storage (the ``grad_fn`` of the tensor or of its base, without its
+        ``Backward0`` suffix; "input / frozen part" for tensors without one), largest first."""
+        out: dict[str, int] = {}
+        for key, (_, n) in self._seen.items():
+            out[self._ops[key]] = out.get(self._ops[key], 0) + n
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
     def _count(self, t: torch.Tensor, owner: str | None = None) -> None:
         key = _storage_key(t)
         if key not in self._exclude and key not in self._seen:
@@ -81,6 +91,9 @@ class SavedMeter:
                 owner if owner is not None else (self._stack[-1] if self._stack else None),
                 t.untyped_storage().nbytes(),
             )
+            src = t if t._base is None else t._base
+            op = type(src.grad_fn).__name__ if src.grad_fn is not None else "input / frozen part"
+            self._ops[key] = op.removesuffix("Backward0").removesuffix("Backward1")
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if torch._C._current_graph_task_id() == -1:  # saves made during backward are transient, not kept ones

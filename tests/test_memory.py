@@ -215,3 +215,15 @@ def test_lean_composes_with_checkpoint_and_autocast(build, precision, ckpt):
             assert _exact.same_bits(a.grad, b.grad), name
     for (name, a), b in zip(lean.named_buffers(), model.buffers()):
         assert _exact.same_bits(a, b), name
+
+
+def test_saved_meter_counts_each_storage_once_by_the_op_that_made_it():
+    lin = nn.Linear(16, 16)
+    x = torch.randn(8, 16)
+    with SavedMeter(exclude=list(lin.parameters())) as meter:
+        y = torch.relu(lin(x))
+        z = (y * y).sum()  # mul saves y twice: one storage
+    per = meter.per_op
+    assert per == {"input / frozen part": x.numel() * 4, "Relu": y.numel() * 4}
+    assert sum(per.values()) == meter.total
+    z.backward()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freezert.bench.zoo import naive_freeze_modules
 from freezert.memory import saved_bytes
 from freezert.models import detection_loss, detection_targets_like, yolov5
 from freezert.ops import _exact, lean_plan, plan_substitutions, swapped
@@ -22,25 +23,13 @@ def _skip(frozen):
     return lambda n: any(n == f or n.startswith(f + ".") or f.startswith(n + ".") for f in frozen)
 
 
-def _naive(model: nn.Module, frozen: list[str]) -> nn.Module:
-    """requires_grad=False on the frozen blocks, their BatchNorms in eval mode (freezert's bn="frozen")."""
-    model.train()
-    for name in frozen:
-        block = model.get_submodule(name)
-        block.requires_grad_(False)
-        for m in block.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-    return model
-
-
 def _same(a, b, what):
     assert a.shape == b.shape and _exact.same_bits(a, b), f"{what}: max |diff| {(a - b).abs().max().item():.3e}"
 
 
 def check(model: nn.Module, frozen: list[str], loss, max_ratio: float) -> float:
     """Naive freezing vs the lean plan: returns lean/naive saved bytes after asserting eager's results exactly."""
-    model = _naive(model.double(), frozen)
+    model = naive_freeze_modules(model.double(), frozen)
     lean = copy.deepcopy(model)
     plan = lean_plan(lean, skip=_skip(frozen))
     assert plan and not any(_skip(frozen)(n) for n, _ in plan)

@@ -38,6 +38,19 @@ def naive_freeze(model: nn.Module, frozen: set[str], modes: dict[str, bool] | No
     return model
 
 
+def naive_freeze_modules(model: nn.Module, names: list[str]) -> nn.Module:
+    """``model`` in train mode, frozen the naive way by module: ``requires_grad=False`` on the named modules, their
+    BatchNorms in eval mode (freezert's default ``bn="frozen"``)."""
+    model.train()
+    for name in names:
+        block = model.get_submodule(name)
+        block.requires_grad_(False)
+        for m in block.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return model
+
+
 def output_tensors(out) -> list[torch.Tensor]:
     """The tensors of a model output (tensor, tuple/list, dict, Hugging Face ModelOutput, dataclass), in order."""
     from .._tree import tensors
