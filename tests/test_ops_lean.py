@@ -445,3 +445,90 @@ def test_region_routes_functional_calls_and_composes_residuals():
     for a, b in zip(block.buffers(), ref.buffers()):
         same(a, b, "buffer")
     assert kept < eager
+
+
+def test_nested_regions_route_each_op_through_one_mode_and_stay_exact():
+    """A composing block inside a composing block (a Bottleneck inside a C2f, Attention inside a PSABlock): the
+    inner block's ops pass through one lean mode, not one per level (which cost Ultralytics models 14x), with
+    eager's gradients and fewer bytes kept."""
+    from freezert.ops import lean_plan, swapped
+
+    depths: list[int] = []
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            depths.append(torch._C._len_torch_function_stack())
+            return x + F.silu(self.bn(self.conv(x)))
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Inner(), Inner()
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(torch.cat([self.a(x), self.b(x)], 1))
+
+    torch.manual_seed(0)
+    model, ref, counted = (nn.Sequential(Outer()).double() for _ in range(3))
+    ref.load_state_dict(model.state_dict())
+    counted.load_state_dict(model.state_dict())
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    plan = lean_plan(model)
+    assert sum(1 for _, r in plan if getattr(r, "ops", False)) == 1  # the outer block's region only
+
+    def lean():
+        with swapped(model, plan):
+            out = model(x)
+        out.square().sum().backward()
+
+    kept = saved_bytes(lean, exclude=[*model.parameters(), *model.buffers()])
+    assert depths == [1, 1]
+    eager = saved_bytes(lambda: counted(x), exclude=[*counted.parameters(), *counted.buffers()])
+    ref(x).square().sum().backward()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        same(a.grad, b.grad, "grad")
+    for a, b in zip(model.buffers(), ref.buffers()):
+        same(a, b, "buffer")
+    assert kept < eager
+
+
+def test_batch_norm_act_saves_past_the_hooks_and_still_counts_as_kept():
+    """The BN+act op's own saves (its input and statistics) go to autograd, not through the recompute hooks: no
+    Python per save, eager's own in-place check. They still count as kept, so the output's recipe costs nothing
+    and a later save of the output stores the recipe; the hold ends with the node's backward."""
+    from freezert.ops import recompute
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    bn = nn.BatchNorm2d(4).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    seen: list = []
+
+    def pack(t):
+        seen.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recompute_saved():
+        z = conv(x)
+        n = len(seen)
+        y = batch_norm_act_lean(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.1, 1e-5, "silu")
+        assert len(seen) == n + 5  # x, weight, mean, invstd, reserve: straight to the enclosing hooks
+        assert recompute._key(z) in recompute._SAVED
+        assert fresh_recipe(y)[0] is not None
+        out = (y * 2).sum()  # mul saves its tensor operand: the recipe, not y
+    out.backward()
+    assert recompute._key(z) not in recompute._SAVED  # released by the backward that read it
+
+    # eager's own check: an in-place edit of the saved input raises autograd's error
+    z = conv(x)
+    with recompute_saved():
+        y = batch_norm_act_lean(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.1, 1e-5, "silu")
+    with torch.no_grad():
+        z.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

@@ -20,7 +20,7 @@ import functools
 import torch
 
 from .._errors import FreezeError
-from . import _exact
+from . import _exact, recompute
 from . import _registry as reg
 from .activation import act_backward, act_forward, check_activation
 from .recompute import _compiling, mark_recomputable
@@ -81,8 +81,25 @@ _CANDIDATES = {
 }
 
 
+_HOW: dict = {}  # a cheap key of the common case (contiguous) -> _rebuild_how's answer
+
+
 def _rebuild_how(x, weight, bias, eps: float) -> str | None:
     """The exact train-mode rebuild for this case (probed once per device, dtypes, layout)."""
+    quick = None
+    if x.is_contiguous():
+        quick = (
+            x.dtype,
+            x.device,
+            x.dim(),
+            x.numel() == x.shape[0] * x.shape[1] and x.numel() > 0,  # spatial == 1 below
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+            _cudnn(),
+        )
+        how = _HOW.get(quick, False)
+        if how is not False:
+            return how
     spatial = x.numel() // max(1, x.shape[0] * x.shape[1])
     key = (
         "bn",
@@ -106,7 +123,10 @@ def _rebuild_how(x, weight, bias, eps: float) -> str | None:
     if key not in _exact._CHOSEN:
         want, cands = probe()
         _exact.choose(key, lambda: want, cands)
-    return _exact._CHOSEN[key]
+    how = _exact._CHOSEN[key]
+    if quick is not None:
+        _HOW[quick] = how
+    return how
 
 
 def _train_value(x, weight, bias, mean, invstd, *, eps: float, how: str) -> torch.Tensor:
@@ -159,7 +179,9 @@ class _LeanBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz, _d1=None, _d2=None):
-        dx, dw, db = _bn_backward(ctx, dz, ctx.saved_tensors)
+        saved = ctx.saved_tensors
+        recompute.release(ctx)
+        dx, dw, db = _bn_backward(ctx, dz, saved)
         return dx, None, None, dw, (db if ctx.has_bias else None), None, None, None
 
 
@@ -184,13 +206,27 @@ def _check_args(input, running_mean, running_var, training, momentum) -> None:
             )
 
 
+_PARTIALS: dict = {}  # (training, eps, how) -> the recipe function (one object per case, not one per call)
+
+
+def _partial(training: bool, eps: float, how: str | None):
+    fn = _PARTIALS.get((training, eps, how), False)
+    if fn is False:
+        if not training:
+            fn = functools.partial(_eval_value, eps=eps)
+        else:
+            fn = None if how is None else functools.partial(_train_value, eps=eps, how=how)
+        _PARTIALS[(training, eps, how)] = fn
+    return fn
+
+
 def _value_fn(x, weight, bias, training: bool, eps: float):
     """The recipe rebuilding the BN output from (x, weight, bias, s1, s2), or None where none is exact."""
     if not training:
-        return functools.partial(_eval_value, eps=eps)
+        return _partial(False, eps, None)
     # torch.compile traces no probe (and no recipe: marks are skipped there): recompute the statistics
     how = "stats" if _compiling() else _rebuild_how(x, weight, bias, eps)
-    return None if how is None else functools.partial(_train_value, eps=eps, how=how)
+    return _partial(True, eps, how)
 
 
 def module_step(bn) -> tuple:
@@ -220,9 +256,15 @@ def batch_norm_lean(
     """``F.batch_norm`` with eager's values, gradients and running statistics, its output a recipe for later saves."""
     _check_args(input, running_mean, running_var, training, momentum)
     reg.record("batch_norm", reg.LEAN)
-    z, s1, s2 = _LeanBatchNorm.apply(
-        input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps)
-    )
+    paused = recompute.pause(input)
+    try:
+        z, s1, s2 = _LeanBatchNorm.apply(
+            input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps)
+        )
+    finally:
+        recompute.resume(paused)
+    if paused is not None:
+        recompute.hold(z.grad_fn, input, s1, s2)
     fn = _value_fn(input, weight, bias, bool(training), float(eps))
     return z if fn is None else mark_recomputable(z, fn, input, weight, bias, s1, s2)
 
@@ -249,6 +291,7 @@ class _LeanBatchNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _d1=None, _d2=None):
         saved = ctx.saved_tensors
+        recompute.release(ctx)
         x, weight = saved[0], saved[1]
         stats = (saved[2], saved[3]) if ctx.training else (saved[5], saved[6])
         stash = getattr(ctx, "stash", None)
@@ -282,11 +325,32 @@ def batch_norm_act_lean(
     are eager's bit for bit; backward rebuilds the BN output without a statistics pass where that is exact."""
     act = check_activation(activation)
     _check_args(input, running_mean, running_var, training, momentum)
+    return _bn_act(input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps), act)
+
+
+def _bn_act(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    act: str,
+) -> torch.Tensor:
+    """``batch_norm_act_lean`` once its arguments are checked (``LeanConvBNAct`` calls it with a module's)."""
     reg.record("batch_norm_act", reg.LEAN)
-    value = _value_fn(input, weight, bias, bool(training), float(eps))
-    y, s1, s2 = _LeanBatchNormAct.apply(
-        input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps), act, value
-    )
+    value = _value_fn(input, weight, bias, training, eps)
+    paused = recompute.pause(input)  # its saves (the input, statistics) are no recipes: autograd keeps them
+    try:
+        y, s1, s2 = _LeanBatchNormAct.apply(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, act, value
+        )
+    finally:
+        recompute.resume(paused)
+    if paused is not None:
+        recompute.hold(y.grad_fn, input, s1, s2)
     if value is None:
         return y
     # inside ops.recompute_saved(), a later op saving y stores (input, weight, bias, statistics) instead

@@ -283,13 +283,24 @@ def composes(m: torch.nn.Module) -> bool:
     return _class_composes(type(m))
 
 
+def _routing() -> bool:
+    """A lean region's mode is the innermost torch function mode now, and enabled."""
+    n = torch._C._len_torch_function_stack()
+    return n > 0 and torch._C._is_torch_function_enabled() and type(torch._C._get_function_stack_at(n - 1)) is _LeanMode
+
+
 @contextlib.contextmanager
 def lean_region() -> Iterator[None]:
-    """Within the block, the ops above run lean and their outputs are kept as recipes (see the module docstring)."""
+    """Within the block, the ops above run lean and their outputs are kept as recipes (see the module docstring).
+    A region entered inside another one (a Bottleneck inside a C2f) adds nothing: the outer mode routes its ops
+    already, and a second mode would run every op through both."""
     _DEPTH[0] += 1
     try:
-        with saving_region(), _LeanMode():
+        if _routing() and recompute.active():
             yield
+        else:
+            with saving_region(), _LeanMode():
+                yield
     finally:
         _DEPTH[0] -= 1
 

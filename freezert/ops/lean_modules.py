@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activation import activation, activation_, elementwise
-from .batch_norm_lean import batch_norm_act_lean, batch_norm_lean, module_step
+from .batch_norm_lean import _bn_act as bn_act
+from .batch_norm_lean import batch_norm_lean, module_step
 from .dropout import dropout_lean
 from .layer_norm import layer_norm_lean
 from .rms_norm import rms_norm_lean
@@ -90,15 +91,26 @@ class LeanConvBNAct(_Shell):
         object.__setattr__(self, "_act", act)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        mods = self._inner._modules
-        conv, bn = mods[self._names[0]], mods[self._names[1]]
-        if not _needs_grad(input, conv.weight, bn.weight, bn.bias) or type(input) is not torch.Tensor:
-            return self._inner(input)
+        inner = self._inner
+        names = self._names
+        mods = inner._modules
+        conv, bn = mods[names[0]], mods[names[1]]
+        if type(input) is not torch.Tensor or not torch.is_grad_enabled():
+            return inner(input)
+        w, b = bn._parameters.get("weight"), bn._parameters.get("bias")
+        if not (
+            input.requires_grad
+            or conv._parameters["weight"].requires_grad
+            or (w is not None and w.requires_grad)
+            or (b is not None and b.requires_grad)
+        ):
+            return inner(input)
         z = conv(input)
         if type(z) is not torch.Tensor:
-            return mods[self._names[2]](bn(z))
+            return mods[names[2]](bn(z))
         with torch._C.DisableTorchFunction():
-            return batch_norm_act_lean(z, *_bn_call(bn, z), activation=self._act)
+            mean, var, weight, bias, batch, momentum, eps = _bn_call(bn, z)
+            return bn_act(z, mean, var, weight, bias, bool(batch), float(momentum), float(eps), self._act)
 
     def extra_repr(self) -> str:
         return f"{self._names}, {self._act}"

@@ -35,11 +35,12 @@ MAX_DEPTH = 8
 _SAVED: dict[int, int] = {}
 
 
-def _compiling() -> bool:
-    try:
-        return bool(torch.compiler.is_compiling())
-    except Exception:  # very old torch
-        return False
+def _never() -> bool:
+    return False
+
+
+# True while torch.compile traces (a plain function: it runs for every lean op)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _never)
 
 
 def _key(t: torch.Tensor) -> int:
@@ -57,8 +58,12 @@ class Recipe:
 
     def __init__(self, out: torch.Tensor, fn: Callable[..., torch.Tensor], args: tuple[Any, ...]):
         self.fn = fn
-        self.args = tuple(_encode(a) for a in args)
-        self.depth = 1 + max((a[1].depth for a in self.args if a[0] == "r"), default=0)
+        self.args = enc = tuple([_encode(a) for a in args])
+        depth = 0
+        for a in enc:
+            if a[0] == "r" and a[1].depth > depth:
+                depth = a[1].depth
+        self.depth = depth + 1
         self.version = out._version
         self.meta = (tuple(out.shape), tuple(out.stride()), out.dtype)
         self.ref = weakref.ref(out)
@@ -80,6 +85,8 @@ def _encode(a: Any) -> tuple:
         return a.enc
     if not isinstance(a, torch.Tensor):
         return ("c", a)
+    if a.grad_fn is None:  # a leaf, a parameter or a statistic: never marked (marks go on outputs with a grad_fn)
+        return ("t", weakref.ref(a), a._version)
     r, view = fresh_recipe(a)
     if r is not None:
         return ("r", r, view)
@@ -332,6 +339,70 @@ def pack_now(t: torch.Tensor) -> Handle | None:
         return None
     p = _packed(r, _STATE.frames[-1], t.untyped_storage().nbytes())
     return None if p is None else Handle(p, view, strict=False)
+
+
+_pop = torch._C._autograd._pop_saved_tensors_default_hooks
+_push = torch._C._autograd._push_saved_tensors_default_hooks
+_hooks_enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", lambda: True)
+
+
+def pause(*saves: torch.Tensor | None):
+    """Take this module's hooks off the top of the stack while a lean op saves ``saves``, none of which is a
+    recipe (a convolution's fresh output, a dropout mask): they go to the enclosing hooks or to autograd itself,
+    which checks in-place edits natively and costs no Python per save. Returns what ``resume`` puts back (None:
+    nothing taken off: inactive, or some tensor is a recipe the hooks must see). Pair with ``hold``."""
+    frames = _STATE.frames
+    if not frames or frames[-1] is _OFF or not _hooks_enabled():
+        return None
+    top = _outer_hooks()
+    if top is None or not getattr(top[0], "_freezert", False):
+        return None
+    for t in saves:
+        if t is not None and fresh_recipe(t)[0] is not None:
+            return None
+    _pop()
+    return top
+
+
+def resume(top) -> None:
+    """Put back what ``pause`` took off."""
+    if top is not None:
+        _push(*top)
+
+
+class _Held:
+    """Storages a lean op saved past the hooks, counted as kept (a recipe over them costs nothing) until the node's
+    backward reads them (``release``) or the node is freed."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, ts: tuple):
+        keys = []
+        for t in ts:
+            if t is not None and (t.grad_fn is not None or not t.requires_grad):
+                k = t.untyped_storage().data_ptr()
+                _SAVED[k] = _SAVED.get(k, 0) + 1
+                keys.append(k)
+        self.keys = keys
+
+    def __del__(self):
+        for k in self.keys:
+            n = _SAVED.get(k, 0) - 1
+            if n > 0:
+                _SAVED[k] = n
+            else:
+                _SAVED.pop(k, None)
+
+
+def hold(node, *saved: torch.Tensor | None) -> None:
+    """``node`` (a lean op's ``grad_fn``) saved ``saved`` past the hooks (``pause``): count them as kept."""
+    if node is not None:
+        node._freezert_held = _Held(saved)
+
+
+def release(ctx) -> None:
+    """In a lean op's backward, once its saved tensors are read: they are no longer kept for recipes."""
+    ctx._freezert_held = None
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:

@@ -297,25 +297,27 @@ def plan_substitutions(
     reg.check_impl(impl)
     plan: list[tuple[str, nn.Module | LeanRegion]] = []
 
-    def visit(prefix: str, m: nn.Module, region: bool) -> None:
+    def visit(prefix: str, m: nn.Module, region: bool, routed: bool) -> None:
+        # routed: an ancestor's forward routes ops already (its mode covers the modules it calls)
         for name, child in m._modules.items():
             if child is None:
                 continue
             full = f"{prefix}.{name}" if prefix else name
             if skip(full):
-                visit(full, child, False)
+                visit(full, child, False, False)
                 continue
             rep = _replacement(child, impl)
+            ops = False
             if impl != "triton":
-                ops = rep is None and composes(child)
+                ops = rep is None and not routed and composes(child)
                 if ops or not region:
                     plan.append((full, LeanRegion(saves=not region, ops=ops)))
             if rep is not None:
                 plan.append((full, rep))
             else:
-                visit(full, child, region or impl != "triton")
+                visit(full, child, region or impl != "triton", routed or ops)
 
-    visit("", module, False)
+    visit("", module, False, False)
     return plan
 
 
