@@ -217,15 +217,52 @@ _INPLACE_AT = {f: 1 for f in (F.relu, F.silu, F.hardswish, F.relu6, F.hardsigmoi
 _INPLACE_AT.update({F.elu: 2, F.celu: 2, F.leaky_relu: 2, F.dropout: 3, F.hardtanh: 3, F.threshold: 3})
 
 
+# functions the mode passes straight through: no handler, and no write unless an ``inplace=`` keyword says so
+_PLAIN: set = set()
+
+
+def _plain_func(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return (
+        func not in _HANDLERS
+        and func not in _INPLACE_AT
+        and name not in _INPLACE_DUNDERS
+        and not (name.endswith("_") and not name.endswith("__"))
+    )
+
+
 class _LeanMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        try:
+            plain = func in _PLAIN
+        except TypeError:  # an unhashable callable
+            plain = False
+        if plain and not (kwargs and kwargs.get("inplace")):  # conv2d, view, chunk, softmax, ...: most calls
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         if args and isinstance(args[0], torch.Tensor) and _writes(func, args, kwargs):
             recompute.note_edit(args[0])
         handler = _HANDLERS.get(func)
-        if handler is None or not torch.is_grad_enabled() or not recompute.active():
+        if handler is None:
+            if not plain and _plain_func(func):
+                _PLAIN.add(func)
+            return func(*args, **kwargs)
+        if not torch.is_grad_enabled() or not recompute.active():
             return func(*args, **kwargs)
         return handler(func, args, kwargs)
+
+
+def routing_paused():
+    """Take a lean region's mode off the torch function stack while a lean module runs its own code (its convolution
+    needs no routing: one Python call less per op); returns what ``resume_routing`` puts back (None: nothing)."""
+    if _routing():
+        return torch._C._pop_torch_function_stack()
+    return None
+
+
+def resume_routing(mode) -> None:
+    if mode is not None:
+        torch._C._push_on_torch_function_stack(mode)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from .batch_norm_lean import _bn_act as bn_act
 from .batch_norm_lean import batch_norm_lean, module_step
 from .dropout import dropout_lean
 from .layer_norm import layer_norm_lean
+from .lean import resume_routing, routing_paused
 from .rms_norm import rms_norm_lean
 
 _BN_FORWARD = nn.modules.batchnorm._BatchNorm.forward
@@ -105,12 +106,16 @@ class LeanConvBNAct(_Shell):
             or (b is not None and b.requires_grad)
         ):
             return inner(input)
-        z = conv(input)
-        if type(z) is not torch.Tensor:
-            return mods[names[2]](bn(z))
-        with torch._C.DisableTorchFunction():
-            mean, var, weight, bias, batch, momentum, eps = _bn_call(bn, z)
-            return bn_act(z, mean, var, weight, bias, bool(batch), float(momentum), float(eps), self._act)
+        mode = routing_paused()  # a lean region's mode has nothing to route in here
+        try:
+            z = conv(input)
+            if type(z) is not torch.Tensor:
+                return mods[names[2]](bn(z))
+            with torch._C.DisableTorchFunction():
+                mean, var, weight, bias, batch, momentum, eps = _bn_call(bn, z)
+                return bn_act(z, mean, var, weight, bias, bool(batch), float(momentum), float(eps), self._act)
+        finally:
+            resume_routing(mode)
 
     def extra_repr(self) -> str:
         return f"{self._names}, {self._act}"
