@@ -144,3 +144,39 @@ def test_unseen_edit_of_a_dead_tensor_recomputes_correctly():
     ref.lin(ref.act(ref.lin0(x))).square().sum().backward()  # the same forward without the (later) edit
     for a, b in zip(model.parameters(), ref.parameters()):
         assert _exact.same_bits(a.grad, b.grad)
+
+
+def test_a_hook_on_a_lean_convolution_that_edits_its_input_raises_like_eager():
+    """A forward hook on the convolution of a Conv-BN-act layer edits the layer's input (the previous layer's
+    output, a recipe) after the convolution saved it, and the tensor is gone by backward: eager raises, so the lean
+    path must too. (The layer takes the region's mode off the stack while it runs, except when its convolution has
+    hooks: their code must be watched.)"""
+
+    def layer(i: int, o: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.SiLU())
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = layer(3, 4), layer(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x)) * 2  # arithmetic: the block is a routing region
+
+    torch.manual_seed(0)
+    eager = nn.Sequential(Block()).double()
+    lean = copy.deepcopy(eager)
+
+    def edit(module, args, output) -> None:
+        args[0].mul_(1.5)
+
+    for model in (eager, lean):
+        model[0].b[0].register_forward_hook(edit)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        eager(x).sum().backward()
+    plan = lean_plan(lean)
+    with swapped(lean, plan):
+        out = lean(x)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

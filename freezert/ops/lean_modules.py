@@ -22,6 +22,9 @@ from .lean import resume_routing, routing_paused
 from .rms_norm import rms_norm_lean
 
 _BN_FORWARD = nn.modules.batchnorm._BatchNorm.forward
+# torch's global module hooks (the dicts themselves: registering adds to them)
+_GLOBAL_PRE = nn.modules.module._global_forward_pre_hooks
+_GLOBAL_POST = nn.modules.module._global_forward_hooks
 
 
 class _Shell(nn.Module):
@@ -106,7 +109,10 @@ class LeanConvBNAct(_Shell):
             or (b is not None and b.requires_grad)
         ):
             return inner(input)
-        mode = routing_paused()  # a lean region's mode has nothing to route in here
+        # a lean region's mode has nothing to route in here, unless hooks on the convolution run user code (which
+        # the mode must see: an in-place edit of a recipe)
+        hooked = conv._forward_pre_hooks or conv._forward_hooks or _GLOBAL_PRE or _GLOBAL_POST
+        mode = None if hooked else routing_paused()
         try:
             z = conv(input)
             if type(z) is not torch.Tensor:

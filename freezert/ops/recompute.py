@@ -352,7 +352,7 @@ def pause(*saves: torch.Tensor | None):
     which checks in-place edits natively and costs no Python per save. Returns what ``resume`` puts back (None:
     nothing taken off: inactive, or some tensor is a recipe the hooks must see). Pair with ``hold``."""
     frames = _STATE.frames
-    if not frames or frames[-1] is _OFF or not _hooks_enabled():
+    if not frames or frames[-1] is _OFF or not _hooks_enabled() or _compiling():
         return None
     top = _outer_hooks()
     if top is None or not getattr(top[0], "_freezert", False):
