@@ -227,3 +227,31 @@ def test_saved_meter_counts_each_storage_once_by_the_op_that_made_it():
     assert per == {"input / frozen part": x.numel() * 4, "Relu": y.numel() * 4}
     assert sum(per.values()) == meter.total
     z.backward()
+
+
+def test_meters_nest_and_hand_every_save_on_to_the_hooks_around_them():
+    """A meter inside a meter (memory_budget measures its steps inside a benchmark's meter) or inside save_on_cpu:
+    both meters count every save, and the enclosing hooks still get (and give back) each tensor."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, requires_grad=True)
+    lin = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    packed: list = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return ("outer", t)
+
+    def unpack(p):
+        assert p[0] == "outer"
+        return p[1]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack), SavedMeter(exclude=lin.parameters()) as outer:
+        with SavedMeter(exclude=lin.parameters()) as inner:
+            out = lin(x).sum()
+    out.backward()
+    assert inner.total == outer.total == (4 * 8 + 4 * 16) * 4
+    assert len(packed) >= 4  # x, the weights, tanh's output: through both meters to the outermost hooks
+    ref = copy.deepcopy(lin)
+    xr = x.detach().clone().requires_grad_(True)
+    ref(xr).sum().backward()
+    assert torch.equal(x.grad, xr.grad)
