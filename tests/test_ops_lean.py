@@ -58,6 +58,14 @@ def same(a: torch.Tensor | None, b: torch.Tensor | None, what: str) -> None:
     assert _exact.same_bits(a, b), f"{what}: max |diff| {(a.double() - b.double()).abs().max().item():.3e}"
 
 
+def same_grads_and_buffers(model: nn.Module, ref: nn.Module) -> None:
+    """Every parameter's gradient and every buffer of ``model`` equal ``ref``'s bit for bit."""
+    for a, b in zip(model.parameters(), ref.parameters()):
+        same(a.grad, b.grad, "grad")
+    for a, b in zip(model.buffers(), ref.buffers()):
+        same(a, b, "buffer")
+
+
 def _leaves(*ts):
     return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
 
@@ -440,10 +448,7 @@ def test_region_routes_functional_calls_and_composes_residuals():
     kept = saved_bytes(lean, exclude=[*block.parameters(), *block.buffers()])
     eager = saved_bytes(lambda: counted(x), exclude=[*counted.parameters(), *counted.buffers()])
     ref(x).square().sum().backward()  # outside any hooks: under hooks PyTorch skips its own in-place check
-    for a, b in zip(block.parameters(), ref.parameters()):
-        same(a.grad, b.grad, "grad")
-    for a, b in zip(block.buffers(), ref.buffers()):
-        same(a, b, "buffer")
+    same_grads_and_buffers(block, ref)
     assert kept < eager
 
 
@@ -490,10 +495,7 @@ def test_nested_regions_route_each_op_through_one_mode_and_stay_exact():
     assert depths == [1, 1]
     eager = saved_bytes(lambda: counted(x), exclude=[*counted.parameters(), *counted.buffers()])
     ref(x).square().sum().backward()
-    for a, b in zip(model.parameters(), ref.parameters()):
-        same(a.grad, b.grad, "grad")
-    for a, b in zip(model.buffers(), ref.buffers()):
-        same(a, b, "buffer")
+    same_grads_and_buffers(model, ref)
     assert kept < eager
 
 

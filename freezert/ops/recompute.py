@@ -153,6 +153,25 @@ def _inplace_error(t: torch.Tensor, expected: int) -> RuntimeError:
     )
 
 
+def _kept(t: torch.Tensor) -> int | None:
+    """Count ``t``'s storage as kept by a saved-tensor holder (``_SAVED``); returns the key ``_unkept`` takes, or
+    None for a parameter (free anyway, not counted)."""
+    if t.grad_fn is None and t.requires_grad:
+        return None
+    key = t.untyped_storage().data_ptr()
+    _SAVED[key] = _SAVED.get(key, 0) + 1
+    return key
+
+
+def _unkept(key: int | None) -> None:
+    if key is not None:
+        n = _SAVED.get(key, 0) - 1
+        if n > 0:
+            _SAVED[key] = n
+        else:
+            _SAVED.pop(key, None)
+
+
 class _Real:
     """A tensor saved as it is: kept (or handed to the enclosing hooks) and checked for in-place edits on unpack."""
 
@@ -165,20 +184,10 @@ class _Real:
             self.packed, self.ref = t, None
         else:  # e.g. save_on_cpu or a measurement: they decide what is kept
             self.packed, self.ref = outer[0](t), weakref.ref(t)
-        if t.grad_fn is None and t.requires_grad:  # a parameter: free anyway, no need to count its storage
-            self.key = None
-        else:
-            self.key = key = t.untyped_storage().data_ptr()
-            _SAVED[key] = _SAVED.get(key, 0) + 1
+        self.key = _kept(t)
 
     def __del__(self):
-        key = self.key
-        if key is not None:
-            n = _SAVED.get(key, 0) - 1
-            if n > 0:
-                _SAVED[key] = n
-            else:
-                _SAVED.pop(key, None)
+        _unkept(self.key)
 
     def get(self) -> torch.Tensor:
         if self.outer is None:
@@ -377,21 +386,11 @@ class _Held:
     __slots__ = ("keys",)
 
     def __init__(self, ts: tuple):
-        keys = []
-        for t in ts:
-            if t is not None and (t.grad_fn is not None or not t.requires_grad):
-                k = t.untyped_storage().data_ptr()
-                _SAVED[k] = _SAVED.get(k, 0) + 1
-                keys.append(k)
-        self.keys = keys
+        self.keys = [_kept(t) for t in ts if t is not None]
 
     def __del__(self):
         for k in self.keys:
-            n = _SAVED.get(k, 0) - 1
-            if n > 0:
-                _SAVED[k] = n
-            else:
-                _SAVED.pop(k, None)
+            _unkept(k)
 
 
 def hold(node, *saved: torch.Tensor | None) -> None:
