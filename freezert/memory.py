@@ -30,10 +30,6 @@ __all__ = [
 ]
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     s = t.untyped_storage()
     return (str(t.device), s.data_ptr())
@@ -110,10 +106,11 @@ class SavedMeter:
             self._handles.append(mod.register_forward_hook(self._leave_block(name), always_call=True))
         # chained to the hooks around it (save_on_cpu, another meter: memory_budget measures its steps inside a
         # benchmark's meter), which then see every save too; innermost hooks alone are called otherwise
-        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-        outer = top(False) if top is not None else None
+        from .ops.recompute import outer_hooks, same
+
+        outer = outer_hooks()
         if outer is None:
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _same)
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, same)
         else:
             outer_pack, outer_unpack = outer
             self._hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: outer_pack(self._pack(t)), outer_unpack)

@@ -256,15 +256,9 @@ def batch_norm_lean(
     """``F.batch_norm`` with eager's values, gradients and running statistics, its output a recipe for later saves."""
     _check_args(input, running_mean, running_var, training, momentum)
     reg.record("batch_norm", reg.LEAN)
-    paused = recompute.pause(input)
-    try:
-        z, s1, s2 = _LeanBatchNorm.apply(
-            input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps)
-        )
-    finally:
-        recompute.resume(paused)
-    if paused is not None:
-        recompute.hold(z.grad_fn, input, s1, s2)
+    z, s1, s2 = recompute.apply_past_hooks(
+        _LeanBatchNorm, input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps)
+    )
     fn = _value_fn(input, weight, bias, bool(training), float(eps))
     return z if fn is None else mark_recomputable(z, fn, input, weight, bias, s1, s2)
 
@@ -342,15 +336,10 @@ def _bn_act(
     """``batch_norm_act_lean`` once its arguments are checked (``LeanConvBNAct`` calls it with a module's)."""
     reg.record("batch_norm_act", reg.LEAN)
     value = _value_fn(input, weight, bias, training, eps)
-    paused = recompute.pause(input)  # its saves (the input, statistics) are no recipes: autograd keeps them
-    try:
-        y, s1, s2 = _LeanBatchNormAct.apply(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, act, value
-        )
-    finally:
-        recompute.resume(paused)
-    if paused is not None:
-        recompute.hold(y.grad_fn, input, s1, s2)
+    # its saves (the input, statistics) are no recipes: autograd keeps them, not the recompute hooks
+    y, s1, s2 = recompute.apply_past_hooks(
+        _LeanBatchNormAct, input, running_mean, running_var, weight, bias, training, momentum, eps, act, value
+    )
     if value is None:
         return y
     # inside ops.recompute_saved(), a later op saving y stores (input, weight, bias, statistics) instead

@@ -363,7 +363,7 @@ def pause(*saves: torch.Tensor | None):
     frames = _STATE.frames
     if not frames or frames[-1] is _OFF or not _hooks_enabled() or _compiling():
         return None
-    top = _outer_hooks()
+    top = outer_hooks()
     if top is None or not getattr(top[0], "_freezert", False):
         return None
     for t in saves:
@@ -377,6 +377,20 @@ def resume(top) -> None:
     """Put back what ``pause`` took off."""
     if top is not None:
         _push(*top)
+
+
+def apply_past_hooks(function: type[torch.autograd.Function], input: torch.Tensor, *args: Any) -> tuple:
+    """``function.apply(input, *args)`` for a lean op that saves its input and its outputs after the first (the
+    statistics of a BatchNorm): past these hooks where ``pause`` allows (none of them is a recipe), and then held as
+    kept by its node until its backward calls ``release``."""
+    paused = pause(input)
+    try:
+        out = function.apply(input, *args)
+    finally:
+        resume(paused)
+    if paused is not None:
+        hold(out[0].grad_fn, input, *out[1:])
+    return out
 
 
 class _Held:
@@ -404,17 +418,19 @@ def release(ctx) -> None:
     ctx._freezert_held = None
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
+def same(t: torch.Tensor) -> torch.Tensor:
+    """The identity, as a saved-tensor hook."""
     return t
 
 
 def local_saves() -> contextlib.AbstractContextManager:
     """Saves made inside the block (a backward that reruns a small forward under autograd) stay plain: enclosing
     hooks (``save_on_cpu``, a measurement, ``recompute_saved``) do not see them."""
-    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+    return torch.autograd.graph.saved_tensors_hooks(same, same)
 
 
-def _outer_hooks():
+def outer_hooks():
+    """The innermost saved-tensor hooks now, as (pack, unpack), or None."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top(False) if top is not None else None
 
@@ -437,7 +453,7 @@ def active() -> bool:
     inside a ``torch.utils.checkpoint`` region (or other hooks) entered within it."""
     if not _STATE.frames or _STATE.frames[-1] is _OFF:
         return False
-    top = _outer_hooks()
+    top = outer_hooks()
     return top is not None and getattr(top[0], "_freezert", False)
 
 
@@ -461,7 +477,7 @@ def _hooks(outer):
 def recompute_saved() -> Iterator[None]:
     """Within the block, saving a fresh ``mark_recomputable`` tensor stores its recipe instead of its data, and every
     saved tensor is checked for in-place edits on unpack (eager's check, which hooks turn off)."""
-    outer = _outer_hooks()
+    outer = outer_hooks()
     if _is_checkpoint(outer):  # checkpoint recomputes the region anyway; its saves must match forward and recompute
         _STATE.frames.append(_OFF)
         try:
