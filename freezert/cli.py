@@ -71,7 +71,7 @@ def _train_options(
     p.add_argument("--bn", default="frozen", choices=["frozen", "train"], help="freezert's frozen BatchNorm mode")
     p.add_argument("--amp", action="store_true", help="float16 autocast + GradScaler (CUDA only), as YOLOv5 trains")
     p.add_argument("--graphs", action="store_true", help="freezert: capture the frozen segment in a CUDA graph")
-    p.add_argument("--channels-last", action="store_true", help="freezert: channels_last frozen segment")
+    p.add_argument("--channels-last", action="store_true", help="freezert: channels_last segment (default: auto)")
     p.add_argument(
         "--threads",
         type=int,

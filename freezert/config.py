@@ -26,9 +26,11 @@ class FreezeConfig:
     a schedule). ``blocks``: dotted path of the block container. ``also_freeze``: parameter names outside the
     blocks to freeze too. ``bn``: ``"frozen"`` (fixed statistics, folded, cacheable) or ``"train"`` (YOLOv5's
     batch statistics). ``dtype``: pre-cast the frozen segment (float16/bfloat16/float32). ``weights``: ``"int8"`` /
-    ``"fp8"``: the segment's Linear/Conv weights stored in one byte. ``channels_last``, ``graphs``: layout and
-    CUDA-graph capture of the segment. ``cache``: True, a codec name or a ``FeatureCache``. ``offload_frozen``:
-    frozen weights to host while the cache serves whole batches. ``kernels``: ``"auto"``, ``"lean"``, True, False.
+    ``"fp8"``: the segment's Linear/Conv weights stored in one byte. ``channels_last``: the segment's layout
+    (``"auto"``: channels_last where it was measured faster, float32/bfloat16 convolutions on CPU through oneDNN;
+    its outputs go back to the model's layout). ``graphs``: CUDA-graph capture of the segment. ``cache``: True,
+    a codec name or a ``FeatureCache``. ``offload_frozen``: frozen weights to host while the cache serves whole
+    batches. ``kernels``: ``"auto"``, ``"lean"``, True, False.
     ``memory_budget``: bytes (int or ``"4GiB"``) the trainable part may save for backward. ``feature_aug``: a
     callable ``{block: boundary tensor} -> {block: tensor}`` applied to a driven model's boundary on training
     calls (augmentation in feature space, e.g. ``freezert.cache.FeatureFlip``: approximate, opt-in).
@@ -40,7 +42,7 @@ class FreezeConfig:
     bn: str = "frozen"
     dtype: torch.dtype | None = None
     weights: str | None = None
-    channels_last: bool = False
+    channels_last: bool | str = "auto"
     graphs: bool = False
     cache: Any = None
     offload_frozen: bool = False
@@ -68,7 +70,9 @@ class FreezeConfig:
                 f"{which} needs folded, fixed BatchNorm, but bn='train' keeps batch statistics; use bn='frozen' or "
                 f"drop {'dtype' if self.dtype is not None else 'weights'}"
             )
-        for name in ("channels_last", "graphs", "offload_frozen"):
+        if not (isinstance(self.channels_last, bool) or self.channels_last == "auto"):
+            raise FreezeError(f"channels_last={self.channels_last!r} must be True, False or 'auto'")
+        for name in ("graphs", "offload_frozen"):
             if not isinstance(getattr(self, name), bool):
                 raise FreezeError(f"{name}={getattr(self, name)!r} must be True or False")
         if not (isinstance(self.kernels, bool) or self.kernels in ("auto", "lean")):

@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from .segment import FrozenSegment
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def model_layout(t: torch.Tensor) -> torch.Tensor:
+    """A tensor a channels_last segment made, back in the layout the model's own modules give (contiguous)."""
+    return t.contiguous() if _channels_last(t) else t
+
+
 def _shared_copy(module: nn.Module) -> nn.Module:
     """A structural copy of ``module`` whose parameters and buffers are the original tensor objects."""
     memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
@@ -146,6 +155,7 @@ class _Runner(nn.Module):
         self.__dict__["sub_hooks"] = [d for m in subs for d in (m._forward_hooks, m._forward_pre_hooks)]
         self.key = key  # (unit, member): where the record saw this module
         self.out_dtype = _out_dtype(original)
+        self.leaves = True  # its output is read outside the segment (set by the segment)
         self.template = None  # (structure, slots) of the last output: what a cache hit hands back in its place
         self.replay = None  # set by FrozenSegment.replaying(): what to return instead of running
         self.captured = None  # set by FrozenSegment.capturing(): where the outputs of this call go
@@ -197,10 +207,14 @@ class _Runner(nn.Module):
             else:
                 cast = seg.prepared and (seg.dtype is not None or seg.channels_last)
                 if cast:
+                    # channels_last="auto": back to the model's layout where the output leaves the segment
+                    back = seg.channels_last and seg.layout == "auto" and self.leaves and not seg.driving
                     args, kwargs = _tree.map_tensors((args, kwargs), self._cast_in)
                 out = target(*args, **kwargs)
                 if cast:
                     out = _tree.map_tensors(out, self._cast_out)
+                    if back:
+                        out = _tree.map_tensors(out, model_layout)
         leaves, spec = _tree.flatten(out)
         if marked:
             for v in leaves:

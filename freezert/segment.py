@@ -16,7 +16,7 @@ from .blocks import BlockTable
 from .config import FreezeConfig
 from .fold import FoldScan, after_fold, fold_
 from .partition import Partition
-from .runner import _Runner, _Slot
+from .runner import _Runner, _Slot, model_layout
 
 # How the segment stores one-byte weights: a scale per 32 weights of a row, and layers under 16K weights left in
 # float (a CNN's first and narrow layers: few bytes, the ones its output is most sensitive to). Measured output
@@ -55,6 +55,21 @@ def _recast(mod: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> N
                     new = new.contiguous(memory_format=torch.channels_last)
                 if new is not t:
                     store[key] = new
+
+
+def _channels_last_pays(targets: list[nn.Module], dtype: torch.dtype | None) -> bool:
+    """``channels_last="auto"``: a channels_last segment where it was measured faster than the model's own layout:
+    2-D convolutions on CPU in float32 or bfloat16, which oneDNN runs without reordering each input (the frozen
+    prefixes of YOLOv8n, YOLO11n, ResNet-50 and MobileNetV3 in 0.61-0.93x the time of the folded prefix in the
+    model's layout, benchmarks/RESULTS.md). Not on CUDA (not measured there yet), not for float64 (no oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    for target in targets:
+        for m in target.modules():
+            if isinstance(m, nn.Conv2d):
+                w = m.weight
+                return w.device.type == "cpu" and (dtype or w.dtype) in (torch.float32, torch.bfloat16)
+    return False
 
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -151,7 +166,9 @@ class FrozenSegment:
         # dtype pre-casts the copies; weights="int8"/"fp8" stores their Linear/Conv weights in one byte instead
         # (freezert.quant), activations staying in the model's dtype.
         self.quant, self.dtype = config.weights, config.dtype
-        self.channels_last, self.graphs = config.channels_last, config.graphs
+        # "auto" is settled when the segment is prepared (it needs the weights' device and dtype)
+        self.layout, self.graphs = config.channels_last, config.graphs
+        self.channels_last = config.channels_last is True
         frozen_mode = config.bn == "frozen"
         self.fold = frozen_mode
         self.names = [name for _, name, _ in entries]
@@ -163,6 +180,13 @@ class FrozenSegment:
         self.block_runners = [self.by_key[(i, 0)] for i in range(part.k) if (i, 0) in self.by_key]
         self.cached_runners = [r for r in self.runners if r.key[0] in cached]
         self._readers = dict(readers or {})  # (unit, member) -> the units the record saw read its first output
+        # a channels_last segment hands back the model's layout where its outputs leave it: a runner whose output
+        # only other runners read keeps channels_last (no copy back and forth); ``run`` converts the boundary
+        units = {key[0] for key in self.by_key}
+        for r in self.runners:
+            ctx = self._readers.get(r.key)
+            r.leaves = ctx is None or not ctx <= units
+        self.driving = False  # inside run(): the runners feed each other, the boundary is converted at the end
         # Only private copies may be folded or recast; the user's own modules (bn="train") never are.
         self.prepared = not frozen_mode
         self._scan: FoldScan | None = None
@@ -227,6 +251,9 @@ class FrozenSegment:
             else:
                 _replace(bn_runner.__dict__["target"], bn, rest)
             self.folded += 1
+        targets = [r.__dict__["target"] for r in self.runners]
+        if self.layout == "auto":
+            self.channels_last = self.quant is None and _channels_last_pays(targets, self.dtype)
         for r in self.runners:
             if self.quant is not None:
                 r.__dict__["target"] = _quantized(r.__dict__["target"], self.quant)
@@ -405,9 +432,14 @@ class FrozenSegment:
     def _run_eager(self, x, start: int = 0, y: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         y = {} if y is None else dict(y)
         blocks = [r.__dict__["original"] for r in self.block_runners]
-        with self.installed():  # through the user's blocks: their hooks fire
-            run_blocks(self.table, blocks.__getitem__, start, len(blocks), y, x, free_after=self.part.free_after)
-        return {j: y[j] for j in self.part.boundary}
+        self.driving = True
+        try:
+            with self.installed():  # through the user's blocks: their hooks fire
+                run_blocks(self.table, blocks.__getitem__, start, len(blocks), y, x, free_after=self.part.free_after)
+        finally:
+            self.driving = False
+        back = self.channels_last and self.layout == "auto"  # (channels_last=True: the user asked for that layout)
+        return {j: _tree.map_tensors(y[j], model_layout) if back else y[j] for j in self.part.boundary}
 
     def _run_graphed(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         key = (tuple(x.shape), x.dtype, x.device, x.stride())

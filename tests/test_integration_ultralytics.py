@@ -93,9 +93,15 @@ def test_one_epoch_with_the_callback_equals_ultralytics_freeze(tmp_path, monkeyp
     assert type(ck_fz["model"]).__name__ == "DetectionModel"  # strip_optimizer moved the EMA to "model"
     sd_ref, sd_fz = ck_ref["model"].float().state_dict(), ck_fz["model"].float().state_dict()
     assert sd_ref.keys() == sd_fz.keys()
+    # fp16 storage: one half-precision ulp of a rounding difference in the folded (and, on CPU, channels_last)
+    # frozen prefix. AdamW (Ultralytics' choice for a short run) moves an element whose gradient is about zero by
+    # about lr either way, so such a difference may flip the step of a lone element: allow two, by less than 1e-3.
+    off = {}
     for k in sd_ref:
-        # fp16 storage: one half-precision ulp of a rounding difference in the folded frozen prefix
-        assert torch.allclose(sd_ref[k], sd_fz[k], rtol=1e-3, atol=3e-4), k
+        far = ~torch.isclose(sd_ref[k], sd_fz[k], rtol=1e-3, atol=3e-4)
+        if far.any():
+            off[k] = (int(far.sum()), float((sd_ref[k] - sd_fz[k]).abs().max()))
+    assert sum(n for n, _ in off.values()) <= 2 and all(d < 1e-3 for _, d in off.values()), off
     assert ref.trainer.metrics == pytest.approx(fz.trainer.metrics, rel=1e-4, abs=1e-6)
 
 

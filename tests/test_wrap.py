@@ -210,6 +210,65 @@ def test_channels_last_segment():
     assert copies and all(t.is_contiguous(memory_format=torch.channels_last) for t in copies)
 
 
+def _layouts_after_segment(fm, model, first_trainable: nn.Module, x):
+    """The memory layouts the first trainable module receives (the segment's outputs as the model reads them)."""
+    seen = []
+    h = first_trainable.register_forward_pre_hook(lambda m, args: seen.extend(a.is_contiguous() for a in args))
+    try:
+        out = fm(x)
+        out2 = fm(x)  # the first call prepares the segment (folds, lays out): the second runs it
+    finally:
+        h.remove()
+    return seen, out, out2
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="channels_last='auto' needs oneDNN on CPU")
+@pytest.mark.parametrize("kind", ["yolo", "classifier"])
+def test_channels_last_auto_lays_out_the_cpu_segment_and_hands_back_the_model_layout(kind):
+    """The default ``channels_last="auto"``: a float32 segment of 2-D convolutions on CPU runs channels_last
+    (oneDNN's fast layout), and what leaves the segment is back in the model's layout (the trainable part runs as
+    under naive freezing); outputs and gradients as naive freezing's."""
+    if kind == "yolo":
+        model, freeze, first = pretrained_like(yolov5("n", nc=3)), 6, lambda m: m.model[6]
+        x = torch.randn(2, 3, 64, 64)
+    else:
+        model, freeze, first = pretrained_like(cnn_classifier(width=16)), 2, lambda m: m.features[2]
+        x = torch.randn(2, 3, 32, 32)
+    ref = naive_reference(copy.deepcopy(model), freezert.wrap(copy.deepcopy(model), freeze=freeze))
+    fm = freezert.wrap(model, freeze=freeze)
+    seen, _, out = _layouts_after_segment(fm, model, first(model), x)
+    seg = fm.segment
+    assert seg.channels_last and seg.layout == "auto"
+    copies = [t for r in seg.runners for t in r.target.parameters() if t.dim() == 4 and t.shape[-1] > 1]
+    assert copies and all(t.is_contiguous(memory_format=torch.channels_last) for t in copies)
+    assert all(p.is_contiguous() for p in model.parameters())  # the user's weights keep their layout
+    assert seen and all(seen), "the trainable part received a channels_last tensor"
+    ref_out = ref(x)
+    assert_outputs_close(out, ref_out, FP32_TOL)
+    loss_of(out).backward()
+    loss_of(ref_out).backward()
+    assert_grads_match(model, ref, 1e-3)
+
+
+@pytest.mark.parametrize("option", [dict(channels_last=False), dict(dtype=torch.float64)])
+def test_channels_last_auto_stays_off_where_it_was_not_measured_or_is_turned_off(option):
+    """``channels_last=False`` keeps the model's layout; float64 (no oneDNN kernel) does too, under "auto"."""
+    model = pretrained_like(cnn_classifier(width=16))
+    if option.get("dtype") is torch.float64:
+        model, option = model.double(), {}
+    fm = freezert.wrap(model, freeze=2, **option)
+    x = torch.randn(2, 3, 32, 32, dtype=next(model.parameters()).dtype)
+    fm(x)
+    fm(x)
+    assert fm.segment.prepared and not fm.segment.channels_last
+    assert all(t.is_contiguous() for r in fm.segment.runners for t in r.target.parameters())
+
+
+def test_channels_last_must_be_a_bool_or_auto():
+    with pytest.raises(freezert.FreezeError, match="channels_last='yes' must be True, False or 'auto'"):
+        freezert.wrap(cnn_classifier(width=16), freeze=2, channels_last="yes")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("graphs", [False, True])
 def test_cuda_segment_with_graphs(graphs):

@@ -243,7 +243,7 @@ class EpochVariant:
                 model,
                 freeze=config.freeze,
                 bn=config.bn,
-                channels_last=config.channels_last,
+                channels_last=config.channels_last or "auto",
                 graphs=config.graphs,
                 cache=fc,
             )

@@ -166,9 +166,8 @@ class Variant:
             self.module, self.opt = model, yolo_optimizer(model)  # all params, as YOLOv5
             self.blocks = find_blocks(model)
         elif name == FREEZERT:
-            fm = wrap(
-                model, freeze=config.freeze, bn=config.bn, channels_last=config.channels_last, graphs=config.graphs
-            )
+            layout = config.channels_last or "auto"
+            fm = wrap(model, freeze=config.freeze, bn=config.bn, channels_last=layout, graphs=config.graphs)
             self.module, self.opt = fm, yolo_optimizer(model, fm.trainable_parameters())
             self.blocks = fm.blocks
         else:
