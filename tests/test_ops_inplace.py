@@ -180,3 +180,33 @@ def test_a_hook_on_a_lean_convolution_that_edits_its_input_raises_like_eager():
         out = lean(x)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("act", [True, False], ids=["bn+silu", "bn"])
+def test_a_batchnorm_bias_written_between_forward_and_backward_is_refused(act):
+    """A lean BN's output is rebuilt in backward from its input, statistics and bias; eager's backward does not read
+    the bias, so eager accepts a bias written in place before backward (an optimizer step taken too early) and the
+    lean path cannot rebuild the value the forward made: it refuses with eager's in-place wording, never folding the
+    new bias in silently. Unwritten, the same program gives eager's gradients bit for bit."""
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        layers = [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)] + ([nn.SiLU()] if act else [])
+        return nn.Sequential(nn.Sequential(*layers, nn.Conv2d(4, 2, 1))).double().train()
+
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for write in (False, True):
+        eager, lean = model(), model()
+        plan = lean_plan(lean)
+        eager(x).square().sum().backward()
+        with swapped(lean, plan):
+            out = lean(x)
+        if write:
+            with torch.no_grad():
+                lean[0][1].bias.add_(0.5)
+            with pytest.raises(RuntimeError, match="bias .* written in place between the forward and the backward"):
+                out.square().sum().backward()
+        else:
+            out.square().sum().backward()
+            for a, b in zip(lean.parameters(), eager.parameters()):
+                assert _exact.same_bits(a.grad, b.grad)

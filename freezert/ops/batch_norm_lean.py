@@ -23,7 +23,7 @@ from .._errors import FreezeError
 from . import _exact, recompute
 from . import _registry as reg
 from .activation import act_backward, act_forward, check_activation
-from .recompute import _compiling, mark_recomputable
+from .recompute import _compiling
 
 aten = torch.ops.aten
 
@@ -149,6 +149,9 @@ def _bn_forward(ctx, x, running_mean, running_var, weight, bias, training, momen
         z, s1, s2, reserve, idx = _impl_index(x, weight, bias, stats[0], stats[1], False, momentum, eps, _cudnn())
         ctx.save_for_backward(x, weight, s1, s2, reserve, *stats)
     ctx.training, ctx.eps, ctx.idx, ctx.has_bias = training, eps, idx, bias is not None
+    # the rebuild of the output needs the bias, which eager's backward does not read (so autograd does not keep it)
+    ctx.bias = bias.detach() if bias is not None else None
+    ctx.bias_version = bias._version if bias is not None else 0
     ctx.mark_non_differentiable(*stats)
     return z, stats
 
@@ -183,6 +186,38 @@ class _LeanBatchNorm(torch.autograd.Function):
         recompute.release(ctx)
         dx, dw, db = _bn_backward(ctx, dz, saved)
         return dx, None, None, dw, (db if ctx.has_bias else None), None, None, None
+
+
+def _saved_args(node) -> tuple:
+    """A lean BN node's ``(input, weight, bias, s1, s2)`` for a rebuild of its output: its own saved tensors (each
+    checked for in-place edits as autograd checks saves) and its bias, which must be as the forward read it."""
+    saved = node.saved_tensors
+    stats = (saved[2], saved[3]) if node.training else (saved[5], saved[6])
+    return saved[0], saved[1], _bias(node), *stats
+
+
+def _bias(node) -> torch.Tensor | None:
+    """The bias a lean BN node's forward read, for a rebuild of its output; eager's backward does not read it, so
+    an in-place write since (an optimizer step before backward) is refused here, not silently folded in."""
+    bias = node.bias
+    if bias is not None and bias._version != node.bias_version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation: a "
+            f"BatchNorm bias {list(bias.shape)} was written in place between the forward and the backward "
+            "(freezert rebuilds the normalised output from it); step the optimizer after backward, or pass "
+            "kernels=False"
+        )
+    return bias
+
+
+def _rebuild_bn(node, value) -> torch.Tensor:
+    """The output of a lean BatchNorm node, from its saves."""
+    return value(*_saved_args(node))
+
+
+def _rebuild_bn_act(node, value, act: str, stash: list) -> torch.Tensor:
+    """The output of a lean BN + act node, from its saves; the BN output goes to the node's stash."""
+    return _bn_act_value(*_saved_args(node), bn=value, act=act, stash=stash)
 
 
 def _check_args(input, running_mean, running_var, training, momentum) -> None:
@@ -260,7 +295,10 @@ def batch_norm_lean(
         _LeanBatchNorm, input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps)
     )
     fn = _value_fn(input, weight, bias, bool(training), float(eps))
-    return z if fn is None else mark_recomputable(z, fn, input, weight, bias, s1, s2)
+    if fn is None or _compiling() or z.grad_fn is None:
+        return z
+    # inside ops.recompute_saved(), a later op saving z keeps this recipe: the node's own saves, read in backward
+    return recompute.mark_from_node(z, functools.partial(_rebuild_bn, z.grad_fn, fn), input)
 
 
 def _bn_act_value(x, weight, bias, s1, s2, *, bn, act: str, stash: list | None = None) -> torch.Tensor:
@@ -279,7 +317,6 @@ class _LeanBatchNormAct(torch.autograd.Function):
     def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, act, value):
         z, stats = _bn_forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps)
         ctx.act, ctx.value = act, value
-        ctx.bias = bias.detach() if bias is not None else None  # the rebuild needs it; not a saved activation
         return (act_forward(z, act), *stats)
 
     @staticmethod
@@ -293,9 +330,9 @@ class _LeanBatchNormAct(torch.autograd.Function):
         if z is not None:  # rebuilt a moment ago by the recipe of this op's output (same inputs, same bits)
             stash[0] = None
         elif ctx.value is not None:  # the BN output, rebuilt exactly from the saved statistics
-            z = ctx.value(x, weight, ctx.bias, *stats)
+            z = ctx.value(x, weight, _bias(ctx), *stats)
         else:
-            z = _stats_forward(x, weight, ctx.bias, ctx.eps)
+            z = _stats_forward(x, weight, _bias(ctx), ctx.eps)
         dz = act_backward(z, dy, ctx.act)
         del z
         dx, dw, db = _bn_backward(ctx, dz, saved)
@@ -340,11 +377,12 @@ def _bn_act(
     y, s1, s2 = recompute.apply_past_hooks(
         _LeanBatchNormAct, input, running_mean, running_var, weight, bias, training, momentum, eps, act, value
     )
-    if value is None:
+    if value is None or _compiling():  # (torch.compile keeps no recipe)
         return y
-    # inside ops.recompute_saved(), a later op saving y stores (input, weight, bias, statistics) instead
-    stash = None
-    if not _compiling() and y.grad_fn is not None:  # (torch.compile keeps no recipe: nothing to stash)
-        stash = y.grad_fn.stash = [None]
-    fn = functools.partial(_bn_act_value, bn=value, act=act, stash=stash)
-    return mark_recomputable(y, fn, input, weight, bias, s1, s2)
+    node = y.grad_fn
+    if node is None:
+        return y
+    # inside ops.recompute_saved(), a later op saving y keeps this recipe: the node's own saves (the BN input and
+    # statistics), read and normalised again in backward; the rebuilt BN output is handed on to the node itself
+    node.stash = stash = [None]
+    return recompute.mark_from_node(y, functools.partial(_rebuild_bn_act, node, value, act, stash), input)

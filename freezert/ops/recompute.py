@@ -46,7 +46,9 @@ _compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _never)
 def _key(t: torch.Tensor) -> int:
     """The storage's address: one key per storage, views included (host and device memory share one 64-bit
     address space under CUDA's unified addressing, so addresses do not collide across devices)."""
-    return t.untyped_storage().data_ptr()
+    # (the storage's address from the tensor's own: asking for the storage would give it a Python object that
+    # lives as long as the storage does, one more object per saved tensor for the garbage collector to walk)
+    return t.data_ptr() - t.storage_offset() * t.element_size()
 
 
 class Recipe:
@@ -127,6 +129,24 @@ def mark_recomputable(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args:
     return out
 
 
+def mark_from_node(out: torch.Tensor, fn: Callable[[], torch.Tensor], input: torch.Tensor) -> torch.Tensor:
+    """Record that ``out == fn()``, where ``fn`` reads what ``out``'s own node saved (``grad_fn.saved_tensors``:
+    autograd keeps those until that node's backward, which runs after every op that saved ``out``, and checks them
+    for in-place edits). No argument to hold or check per save: the cheap recipe of a lean op's output. Only while
+    these hooks are active (not inside checkpoint, whose saves are no tensors to read); ``input``, the node's input,
+    sets the recipe's depth when it is itself a recipe (the rebuild reads it through the node)."""
+    if not active():
+        return out
+    r = fresh_recipe(input)[0]
+    if r is not None and r.depth >= MAX_DEPTH:
+        return out
+    out = mark_recomputable(out, fn)
+    mark = out.__dict__.get(_ATTR)
+    if mark is not None and r is not None:
+        mark.depth = r.depth + 1
+    return out
+
+
 def note_edit(t: torch.Tensor) -> None:
     """An in-place op is about to write ``t`` (or the tensor it views): a save of the value it had is now stale,
     and backward must raise as eager does even if ``t`` is gone by then (its version can no longer be read)."""
@@ -158,7 +178,7 @@ def _kept(t: torch.Tensor) -> int | None:
     None for a parameter (free anyway, not counted)."""
     if t.grad_fn is None and t.requires_grad:
         return None
-    key = t.untyped_storage().data_ptr()
+    key = _key(t)
     _SAVED[key] = _SAVED.get(key, 0) + 1
     return key
 
