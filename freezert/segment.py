@@ -60,8 +60,9 @@ def _recast(mod: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> N
 def _channels_last_pays(targets: list[nn.Module], dtype: torch.dtype | None) -> bool:
     """``channels_last="auto"``: a channels_last segment where it was measured faster than the model's own layout:
     2-D convolutions on CPU in float32 or bfloat16, which oneDNN runs without reordering each input (the frozen
-    prefixes of YOLOv8n, YOLO11n, ResNet-50 and MobileNetV3 in 0.61-0.93x the time of the folded prefix in the
-    model's layout, benchmarks/RESULTS.md). Not on CUDA (not measured there yet), not for float64 (no oneDNN)."""
+    prefixes of YOLOv8n, YOLO11n, ResNet-50 and MobileNetV3 in 0.58-0.97x the time of the folded prefix in the
+    model's layout, benchmarks/bench_prefix_layout.py). Not on CUDA (not measured there yet), not for float64 (no
+    oneDNN kernel)."""
     if not torch.backends.mkldnn.is_available():
         return False
     for target in targets:
