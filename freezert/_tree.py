@@ -3,6 +3,11 @@
 Tuples, lists, dicts, namedtuples and transformers' ``ModelOutput`` (which registers itself) are pytree nodes
 already; a dataclass becomes one the first time it is seen, so a frozen output inside a dataclass is a tensor
 like any other: replayed, cached and counted, never left behind as an opaque leaf.
+
+The usual case (tuples, lists and dicts over tensors and plain values: a call's arguments, a block's output, an
+op's operands) is walked here, with a structure of plain tuples: ``pytree.tree_flatten`` leaves a reference cycle
+behind each call (a recursive closure), garbage that only a collection of the whole heap frees, and this walk runs
+several times per layer per step. The leaves come in pytree's order either way.
 """
 
 from __future__ import annotations
@@ -52,13 +57,51 @@ def _unknown_dataclass(leaf: Any) -> bool:
     return dataclasses.is_dataclass(leaf) and not isinstance(leaf, type) and type(leaf) not in pytree.SUPPORTED_NODES
 
 
-_LEAF = pytree.tree_flatten(0)[1]  # a lone tensor's structure
+_ATOMS = (int, float, bool, str, type(None))
 
 
-def flatten(obj: Any) -> tuple[list[Any], pytree.TreeSpec]:
-    """Leaves (tensors and every other value) in a fixed order, and the structure to rebuild ``obj``."""
-    if type(obj) is torch.Tensor:
-        return [obj], _LEAF
+def _plain(obj: Any, leaves: list) -> Any:
+    """``obj``'s structure as plain data, its leaves appended in pytree's order, when it nests only tuples, lists
+    and dicts over tensors and plain values; None for anything else (pytree's walk decides). A leaf's structure is
+    0, a sequence's ``(type, parts)``, a dict's ``(dict, keys, parts)``."""
+    t = type(obj)
+    if t is tuple or t is list:
+        parts = []
+        for v in obj:
+            part = _plain(v, leaves)
+            if part is None:
+                return None
+            parts.append(part)
+        return t, tuple(parts)
+    if t is dict:
+        parts = []
+        for v in obj.values():
+            part = _plain(v, leaves)
+            if part is None:
+                return None
+            parts.append(part)
+        return dict, tuple(obj), tuple(parts)
+    if t in _ATOMS or isinstance(obj, torch.Tensor):
+        leaves.append(obj)
+        return 0
+    return None
+
+
+def _unplain(spec: Any, it) -> Any:
+    if type(spec) is int:
+        return next(it)
+    if spec[0] is dict:
+        return {k: _unplain(part, it) for k, part in zip(spec[1], spec[2])}
+    values = [_unplain(part, it) for part in spec[1]]
+    return values if spec[0] is list else tuple(values)
+
+
+def flatten(obj: Any) -> tuple[list[Any], Any]:
+    """Leaves (tensors and every other value) in a fixed order, and the structure to rebuild ``obj`` (hashable)."""
+    leaves: list[Any] = []
+    spec = _plain(obj, leaves)
+    if spec is not None:
+        return leaves, spec
     leaves, spec = pytree.tree_flatten(obj)
     while any(_unknown_dataclass(v) for v in leaves):  # rare: a dataclass type seen for the first time
         for v in leaves:
@@ -68,68 +111,24 @@ def flatten(obj: Any) -> tuple[list[Any], pytree.TreeSpec]:
     return leaves, spec
 
 
-def unflatten(leaves: list[Any], spec: pytree.TreeSpec) -> Any:
-    return pytree.tree_unflatten(leaves, spec)
-
-
-_ATOMS = (int, float, bool, str, type(None))
-
-
-def _walk(obj: Any, out: list) -> bool:
-    """Appends the tensors of ``obj`` in pytree's order if it nests only tuples, lists and dicts (the usual call and
-    output); False for any other container (pytree's walk decides). Made for the per-call paths: it leaves no
-    garbage behind (``pytree.tree_flatten`` leaves a reference cycle per call, which only a full collection frees)."""
-    t = type(obj)
-    if t is torch.Tensor:
-        out.append(obj)
-        return True
-    if t is tuple or t is list:
-        for v in obj:
-            if not _walk(v, out):
-                return False
-        return True
-    if t is dict:
-        for v in obj.values():
-            if not _walk(v, out):
-                return False
-        return True
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-        return True
-    return t in _ATOMS
-
-
-def _rebuild(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """``map_tensors`` for what ``_walk`` accepts."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    t = type(obj)
-    if t is tuple:
-        return tuple([_rebuild(v, fn) for v in obj])
-    if t is list:
-        return [_rebuild(v, fn) for v in obj]
-    if t is dict:
-        return {k: _rebuild(v, fn) for k, v in obj.items()}
-    return obj
+def unflatten(leaves: list[Any], spec: Any) -> Any:
+    if isinstance(spec, pytree.TreeSpec):
+        return pytree.tree_unflatten(leaves, spec)
+    return _unplain(spec, iter(leaves))
 
 
 def tensors(obj: Any) -> list[torch.Tensor]:
     """The tensors in a nested value, in a fixed order."""
-    out: list[torch.Tensor] = []
-    if _walk(obj, out):
-        return out
     return [v for v in flatten(obj)[0] if isinstance(v, torch.Tensor)]
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """``obj`` with every tensor replaced by ``fn(tensor)``; containers rebuilt as their own types."""
-    if _walk(obj, []):
-        return _rebuild(obj, fn)
     leaves, spec = flatten(obj)
     return unflatten([fn(v) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
 
 
-def structure(leaves: list[Any], spec: pytree.TreeSpec) -> tuple:
+def structure(leaves: list[Any], spec: Any) -> tuple:
     """What a plan depends on in a call: the containers and keyword names, each tensor's rank and dtype, the
     type of every other value (hashable)."""
     return spec, tuple(("T", v.dim(), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__ for v in leaves)

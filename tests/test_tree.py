@@ -1,5 +1,6 @@
-"""The one walk over nested values (``freezert._tree``) and the lean routing's flattening of an op's arguments: the
-fast paths that leave no garbage give exactly what ``torch.utils._pytree`` gives, and hand anything else to it."""
+"""The one walk over nested values (``freezert._tree``: calls, block outputs, the lean routing's operands): its own
+walk of plain nests, which leaves no garbage, gives exactly what ``torch.utils._pytree`` gives, and hands anything
+else to it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 import torch.utils._pytree as pytree
 
 from freezert import _tree
-from freezert.ops import lean
 
 Pair = collections.namedtuple("Pair", "a b")
 
@@ -44,22 +44,31 @@ def test_tensors_and_map_tensors_agree_with_pytree_on_every_nesting():
             assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
-def test_the_lean_flattening_round_trips_an_ops_arguments():
+def test_flatten_round_trips_and_its_structure_keys_a_call():
+    """Leaves in pytree's order, the value rebuilt as it was, and a structure that is hashable and equal exactly
+    when the nesting is (a plan is keyed by it); pytree's own structure for what the plain walk does not take."""
     x, y = torch.ones(2), torch.zeros(2)
     cases = [
         ((x, y), {}),
         (([x, y],), {"dim": 0}),
         (((x, y), 1), {}),
         ((x, 2.0), {"alpha": 3}),
-        (([x, [y]],), {}),  # deeper: pytree's
-        ((x,), {"out": None, "other": {"t": y}}),  # a dict value: pytree's
+        (([x, [y]],), {}),
+        ((x,), {"out": None, "other": {"t": y}}),
+        ((Pair(x, y),), {}),  # pytree's
     ]
+    specs = []
     for args, kwargs in cases:
-        leaves, spec = lean._flatten(args, kwargs)
-        want = pytree.tree_flatten((args, kwargs))[0]
+        leaves, spec = _tree.flatten((args, kwargs))
+        want, want_spec = pytree.tree_flatten((args, kwargs))
         assert len(leaves) == len(want) and all(a is b for a, b in zip(leaves, want))
-        a2, k2 = lean._unflatten(list(leaves), spec)
-        assert pytree.tree_flatten((a2, k2))[1] == pytree.tree_flatten((args, kwargs))[1]
+        back = _tree.unflatten(list(leaves), spec)
+        assert pytree.tree_flatten(back)[1] == want_spec
+        hash(_tree.structure(leaves, spec))
+        specs.append(spec)
+    assert isinstance(specs[-1], pytree.TreeSpec) and not isinstance(specs[0], pytree.TreeSpec)
+    assert _tree.flatten(((y, x), {}))[1] == specs[0]  # same nesting, other tensors: same structure
+    assert len(set(specs[:-1])) == len(specs) - 1  # every other nesting: another structure
 
 
 def test_the_walks_leave_no_cyclic_garbage():
@@ -71,7 +80,7 @@ def test_the_walks_leave_no_cyclic_garbage():
         for _ in range(200):
             _tree.tensors(v)
             _tree.map_tensors(v, lambda t: t)
-            lean._unflatten(*lean._flatten((v[0][0], 1), {"dim": 0}))
+            _tree.unflatten(*_tree.flatten(((v[0][0], 1), {"dim": 0})))
         grown = gc.get_count()[0] - before
     finally:
         gc.enable()

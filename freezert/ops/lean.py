@@ -25,8 +25,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
+from .. import _tree
 from . import recompute
 from .activation import activation, activation_
 from .batch_norm_lean import batch_norm_lean
@@ -130,46 +130,8 @@ def _dropout(func, args, kwargs):
     return dropout_lean(a[0], float(a[1]))
 
 
-def _flatten(args: tuple, kwargs: dict) -> tuple[list, object]:
-    """An op's ``(args, kwargs)`` as leaves and what ``_unflatten`` needs: a shape of its own for the usual case
-    (tensors and numbers, ``cat``'s one list), with no closure per call (``pytree.tree_flatten`` leaves a reference
-    cycle behind each call: garbage only a collection of the whole heap frees); other nestings through pytree."""
-    leaves, shape = [], []
-    for a in args:
-        if type(a) in (list, tuple):
-            if any(type(t) in (list, tuple, dict) for t in a):
-                return pytree.tree_flatten((args, kwargs))
-            leaves.extend(a)
-            shape.append((type(a), len(a)))
-        elif type(a) is dict:
-            return pytree.tree_flatten((args, kwargs))
-        else:
-            leaves.append(a)
-            shape.append(None)
-    for v in kwargs.values():
-        if type(v) in (list, tuple, dict):
-            return pytree.tree_flatten((args, kwargs))
-        leaves.append(v)
-    return leaves, (tuple(shape), tuple(kwargs))
-
-
-def _unflatten(leaves: list, spec) -> tuple[tuple, dict]:
-    if isinstance(spec, pytree.TreeSpec):
-        return pytree.tree_unflatten(leaves, spec)
-    shape, keys = spec
-    args, i = [], 0
-    for s in shape:
-        if s is None:
-            args.append(leaves[i])
-            i += 1
-        else:
-            args.append(s[0](leaves[i : i + s[1]]))
-            i += s[1]
-    return tuple(args), dict(zip(keys, leaves[i:]))
-
-
 def _recall(*leaves, func, spec, dtype=None):
-    args, kwargs = _unflatten(list(leaves), spec)
+    args, kwargs = _tree.unflatten(list(leaves), spec)
     out = func(*args, **kwargs)
     return out if dtype is None or out.dtype == dtype else out.to(dtype)
 
@@ -188,7 +150,7 @@ def _compose(func, args, kwargs):
     """An elementwise op or cat with a recipe operand: its output is a recipe over the operands."""
     out = func(*args, **kwargs)
     if isinstance(out, torch.Tensor) and out.requires_grad and _marked_operand(args):
-        leaves, spec = _flatten(args, kwargs)
+        leaves, spec = _tree.flatten((args, kwargs))
         mark_recomputable(out, functools.partial(_recall, func=func, spec=spec), *leaves)
     return out
 
@@ -201,7 +163,7 @@ def _compose_inplace(outofplace):
         r, view = fresh_recipe(x)
         if r is None or view is not None:  # the overwritten value must be a recipe (and not a view's base)
             return func(*args, **kwargs)
-        leaves, spec = _flatten(args, kwargs)
+        leaves, spec = _tree.flatten((args, kwargs))
         before = [Snapshot(t) if isinstance(t, torch.Tensor) else t for t in leaves]
         dtype = x.dtype
         out = func(*args, **kwargs)
