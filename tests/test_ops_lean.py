@@ -411,6 +411,31 @@ def test_recipe_chains_stop_at_max_depth():
     assert max(d for d in depths if d is not None) == rc.MAX_DEPTH and None in depths
 
 
+def test_a_batchnorm_recipe_reads_its_node_and_counts_the_depth_of_its_input():
+    """A lean BatchNorm output's recipe holds no argument: it reads its node's saves. Its depth is its input's
+    plus one when that input is a recipe (the rebuild walks it through the node), and at the limit the output is
+    not marked; outside ``recompute_saved()`` nothing is marked. The rebuilt value is the output, bit for bit."""
+    rc = sys_module("recompute")
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(8).double()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+
+    def norm(t):
+        return batch_norm_lean(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.1, 1e-5)
+
+    assert fresh_recipe(norm(x * 1.0))[0] is None  # not inside recompute_saved(): no recipe
+    with recompute_saved():
+        a = activation(x * 1.0, "relu")
+        z = norm(a)
+        r = fresh_recipe(z)[0]
+        assert r is not None and r.args == () and r.depth == fresh_recipe(a)[0].depth + 1
+        assert torch.equal(r.fn(), z)
+        deep = a
+        while fresh_recipe(deep)[0].depth < rc.MAX_DEPTH:
+            deep = _add_marked(deep)
+        assert fresh_recipe(norm(deep))[0] is None
+
+
 def _add_marked(y):
     from freezert.ops.recompute import mark_recomputable
 
