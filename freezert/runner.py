@@ -181,7 +181,11 @@ class _Runner(nn.Module):
 
     def _cast_out(self, t: torch.Tensor) -> torch.Tensor:
         if self.out_dtype is not None and t.is_floating_point() and t.dtype != self.out_dtype:
-            return t.to(self.out_dtype)
+            t = t.to(self.out_dtype)
+        seg = self.__dict__["segment"]
+        # channels_last="auto": back to the model's layout where the output leaves the segment
+        if seg.channels_last and seg.layout == "auto" and self.leaves and not seg.driving:
+            t = model_layout(t)
         return t
 
     def forward(self, *args, **kwargs):
@@ -207,14 +211,10 @@ class _Runner(nn.Module):
             else:
                 cast = seg.prepared and (seg.dtype is not None or seg.channels_last)
                 if cast:
-                    # channels_last="auto": back to the model's layout where the output leaves the segment
-                    back = seg.channels_last and seg.layout == "auto" and self.leaves and not seg.driving
                     args, kwargs = _tree.map_tensors((args, kwargs), self._cast_in)
                 out = target(*args, **kwargs)
                 if cast:
                     out = _tree.map_tensors(out, self._cast_out)
-                    if back:
-                        out = _tree.map_tensors(out, model_layout)
         leaves, spec = _tree.flatten(out)
         if marked:
             for v in leaves:

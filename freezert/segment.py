@@ -252,8 +252,8 @@ class FrozenSegment:
             else:
                 _replace(bn_runner.__dict__["target"], bn, rest)
             self.folded += 1
-        targets = [r.__dict__["target"] for r in self.runners]
         if self.layout == "auto":
+            targets = [r.__dict__["target"] for r in self.runners]
             self.channels_last = self.quant is None and _channels_last_pays(targets, self.dtype)
         for r in self.runners:
             if self.quant is not None:
