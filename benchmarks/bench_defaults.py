@@ -8,14 +8,15 @@ Per model (real configurations, random weights, nothing downloaded; BatchNorm st
 as a pretrained network's would be):
 
 * ``freezert.bench.measure`` (what ``freezert bench --model M --input SHAPE`` runs) over naive freezing, the
-  defaults, ``kernels=False``, ``cache="fp16"`` (timed steps all served from the cache: the second epoch),
-  ``memory_budget`` (``BUDGET_FRACTION`` of naive freezing's saved bytes: about half the defaults'),
-  ``weights="int8"``, ``weights="fp8"`` and ``dtype=torch.bfloat16``, each on its own copy, stepped in turn one
-  step per round (order rotated), float32: saved-for-backward bytes, step time, the largest output difference;
-* the exactness check, float64 on a smaller input: the defaults, ``kernels=False`` and naive freezing over two
-  calls (the second one trains): every trainable gradient, output and buffer compared bit for bit, and the bytes
-  each saves for backward; "unfolded" (the defaults with the frozen BatchNorm folding patched out) tells the
-  folding's rounding from the lean path's;
+  defaults, ``kernels="lean"`` (the lean path on every tensor, not only the large ones), ``kernels=False``,
+  ``cache="fp16"`` (timed steps all served from the cache: the second epoch), ``memory_budget``
+  (``BUDGET_FRACTION`` of naive freezing's saved bytes: about half the defaults'), ``weights="int8"``,
+  ``weights="fp8"`` and ``dtype=torch.bfloat16``, each on its own copy, stepped in turn one step per round (order
+  rotated), float32: saved-for-backward bytes, step time, the largest output difference;
+* the exactness check, float64 on a smaller input: the defaults, ``kernels="lean"``, ``kernels=False`` and naive
+  freezing over two calls (the second one trains): every trainable gradient, output and buffer compared bit for
+  bit, and the bytes each saves for backward; "unfolded" (the defaults with the frozen BatchNorm folding patched
+  out) tells the folding's rounding from the lean path's;
 * what naive freezing and the defaults keep for backward, by the op that made each saved tensor;
 * the output error of the lossy options at the model output, float32 on the benchmark input:
   ``||out - naive|| / ||naive - mean(naive)||`` (the max-based figure is in the table).
@@ -140,7 +141,8 @@ MODELS = {
 
 OPTIONS = [
     Option(NAIVE, naive=True),
-    Option("freezert"),  # wrap(model, freeze): kernels="auto", the exact lean path
+    Option("freezert"),  # wrap(model, freeze): kernels="auto", the exact lean path on tensors of 2**17+ elements
+    Option("kernels='lean'", {"kernels": "lean"}),  # the exact lean path on every tensor
     Option("kernels=False", {"kernels": False}),
     Option("cache='fp16'", {"cache": "fp16"}),
     Option("memory_budget", budget_fraction=0.5),
@@ -214,7 +216,8 @@ def _first_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple
 
 
 def check(name: str, model: nn.Module) -> dict:
-    """Defaults and kernels=False against naive freezing, float64: outputs, gradients, buffers, saved bytes.
+    """Defaults, kernels="lean" and kernels=False against naive freezing and one another, float64: outputs,
+    gradients, buffers, saved bytes.
 
     "unfolded" is the defaults with the frozen segment's BatchNorm folding turned off (a diagnostic through the
     private ``freezert.segment.after_fold``): it tells the folding's rounding from the lean path's."""
@@ -224,7 +227,8 @@ def check(name: str, model: nn.Module) -> dict:
     runs: dict[str, tuple[nn.Module, nn.Module]] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", freezert.FreezeWarning)
-        for label, kwargs in (("freezert", {}), ("kernels=False", {"kernels": False}), ("unfolded", {})):
+        variants = (("freezert", {}), ("kernels='lean'", {"kernels": "lean"}), ("kernels=False", {"kernels": False}))
+        for label, kwargs in (*variants, ("unfolded", {})):
             plain = copy.deepcopy(base)
             runs[label] = (freezert.wrap(plain, freeze, **kwargs), plain)
             with mock.patch("freezert.segment.after_fold", lambda bn: None) if label == "unfolded" else _nothing():
@@ -247,7 +251,13 @@ def check(name: str, model: nn.Module) -> dict:
             "buf": {n: b.clone() for n, b in plain.named_buffers()},
         }
     res = {"input": list(shape), "trainable": len(got[NAIVE]["grad"]), "saved": {k: v["saved"] for k, v in got.items()}}
-    pairs = (("freezert", NAIVE), ("freezert", "kernels=False"), ("kernels=False", NAIVE), ("unfolded", NAIVE))
+    pairs = (
+        ("freezert", NAIVE),
+        ("freezert", "kernels=False"),
+        ("kernels='lean'", "kernels=False"),
+        ("kernels=False", NAIVE),
+        ("unfolded", NAIVE),
+    )
     res["folded"] = runs["freezert"][0].segment.folded if runs["freezert"][0].segment is not None else 0
     for a, b in pairs:
         key = f"{a} vs {b}"

@@ -19,6 +19,14 @@ from .segment import run_blocks
 __all__ = ["Tail"]
 
 
+def _lean_min(kernels: Any) -> int:
+    """The lean regions' size threshold for ``kernels``: ``"auto"`` leaves small tensors to eager's ops (their
+    lean versions cost more time than their bytes are worth, ``ops.lean.MIN_ELEMENTS``); ``"lean"`` takes all."""
+    from .ops.lean import MIN_ELEMENTS
+
+    return MIN_ELEMENTS if kernels == "auto" else 0
+
+
 def _module_state(model: nn.Module) -> list:
     """Every module of ``model`` (by identity, in tree order) with its number of hooks: changes when a module is
     replaced, added or removed, or a hook registered or removed."""
@@ -92,8 +100,8 @@ class Tail:
     def kernels_for(self, inputs: list[torch.Tensor]) -> list:
         """The trainable part's substitutions by freezert.ops. ``"auto"`` and ``"lean"``: the lean path on every
         device, bit-identical to eager (values, gradients, BatchNorm statistics, random draws) with fewer bytes
-        saved for backward; the Triton kernels (close to eager, not bit-identical, not yet measured faster on a
-        GPU) only when asked for with ``kernels=True``."""
+        saved for backward (``"auto"`` on tensors of ``ops.lean.MIN_ELEMENTS`` elements or more); the Triton
+        kernels (close to eager, not bit-identical, not yet measured faster on a GPU) only with ``kernels=True``."""
         kernels = self.config.kernels
         if kernels is False:
             return []
@@ -101,7 +109,11 @@ class Tail:
         if self._kernel_plan is None or state != self._kernel_state:
             # first call, or a module replaced or a hook added since the plan: a swap would run a stale module
             # or skip the hook, so plan again (a hooked module is not swapped)
-            self._kernel_plan = self.substitutions("triton" if kernels is True else "lean")
+            self._kernel_plan = (
+                self.substitutions("triton")
+                if kernels is True
+                else self.substitutions("lean", min_elements=_lean_min(kernels))
+            )
             self._kernel_state = state
             # modules that checkpoint themselves (transformers' gradient_checkpointing, torch's CheckpointWrapper)
             self._self_checkpointing = [
@@ -118,8 +130,9 @@ class Tail:
             return []
         return self._kernel_plan
 
-    def substitutions(self, impl: str) -> list:
-        """The trainable part's replacements by ``freezert.ops`` (frozen modules skipped)."""
+    def substitutions(self, impl: str, min_elements: int = 0) -> list:
+        """The trainable part's replacements by ``freezert.ops`` (frozen modules skipped); ``min_elements``: the
+        lean regions' size threshold (``plan_substitutions``)."""
         from .ops.substitute import plan_substitutions
 
         frozen = [n for n, _ in self.plan.frozen_named()]
@@ -127,7 +140,7 @@ class Tail:
         def skip(name: str) -> bool:
             return any(name == f or name.startswith(f + ".") or f.startswith(name + ".") for f in frozen)
 
-        return plan_substitutions(self.model, skip=skip, impl=impl)
+        return plan_substitutions(self.model, skip=skip, impl=impl, min_elements=min_elements)
 
     # -- memory_budget ---------------------------------------------------------------------------------------
     def trainable_blocks(self) -> dict[str, nn.Module]:

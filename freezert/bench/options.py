@@ -1,6 +1,7 @@
 """What each freezert option saves on the user's model (``freezert bench --model ... --input SHAPE``).
 
-Naive freezing, freezert's defaults (the lean ops), the eager kernels (``kernels=False``), the feature cache and
+Naive freezing, freezert's defaults (the lean ops on large tensors), the lean ops on every tensor
+(``kernels="lean"``), the eager kernels (``kernels=False``), the feature cache and
 each memory option (``memory_budget``, one-byte frozen weights; ``dtype=float16`` on CUDA), each on its own copy
 of the model, trained on the same synthetic inputs and stepped in turn, one step each per round with the order
 rotated every round.
@@ -49,6 +50,7 @@ def default_options(device: torch.device) -> list[Option]:
         Option(NAIVE, naive=True),
         Option(DEFAULTS),
         Option("cache='fp16'", {"cache": "fp16"}),
+        Option("kernels='lean'", {"kernels": "lean"}),  # the defaults take tensors of 2**17 elements up only
         Option("kernels=False", {"kernels": False}),
         # recomputation measured on the eager kernels: the lean defaults keep so little that checkpointing a block
         # rarely frees more than its inputs and outputs cost

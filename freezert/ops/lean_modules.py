@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import recompute
 from .activation import activation, activation_, elementwise
 from .batch_norm_lean import _bn_act as bn_act
 from .batch_norm_lean import batch_norm_lean, module_step
 from .dropout import dropout_lean
 from .layer_norm import layer_norm_lean
-from .lean import resume_routing, routing_paused
+from .lean import resume_routing, routing_paused, small
 from .rms_norm import rms_norm_lean
 
 _BN_FORWARD = nn.modules.batchnorm._BatchNorm.forward
@@ -61,6 +62,17 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def _eager(fn, input: torch.Tensor) -> torch.Tensor:
+    """``fn(input)`` through eager's ops, for a tensor below the plan's size threshold (``lean.small``): past the
+    recompute hooks where ``input`` is no recipe (autograd keeps and checks the saves natively, no Python per
+    save), else under them."""
+    paused = recompute.pause(input)
+    try:
+        return fn(input)
+    finally:
+        recompute.resume(paused)
+
+
 def _bn_call(bn: nn.Module, input: torch.Tensor) -> tuple:
     """``nn.BatchNorm*.forward``'s checks and bookkeeping for one call on ``input``: the functional arguments after
     the input (``module_step``)."""
@@ -79,6 +91,8 @@ class LeanBatchNorm(_Shell):
         bn = self._inner
         if not _needs_grad(input, bn.weight, bn.bias) or type(input) is not torch.Tensor:
             return bn(input)
+        if small(input):
+            return _eager(bn, input)
         with torch._C.DisableTorchFunction():  # a lean region's mode around us has nothing to do in here
             return batch_norm_lean(input, *_bn_call(bn, input))
 
@@ -117,6 +131,9 @@ class LeanConvBNAct(_Shell):
             z = conv(input)
             if type(z) is not torch.Tensor:
                 return mods[names[2]](bn(z))
+            if small(z):
+                act = mods[names[2]]
+                return _eager(lambda t: act(bn(t)), z)
             with torch._C.DisableTorchFunction():
                 mean, var, weight, bias, batch, momentum, eps = _bn_call(bn, z)
                 return bn_act(z, mean, var, weight, bias, bool(batch), float(momentum), float(eps), self._act)
@@ -138,6 +155,8 @@ class LeanLayerNorm(_Shell):
             or (torch.is_autocast_enabled(input.device.type) and input.device.type != "cpu")
         ):  # CUDA autocast runs layer_norm in float32: leave that to eager
             return ln(input)
+        if small(input):
+            return _eager(ln, input)
         with torch._C.DisableTorchFunction():
             return layer_norm_lean(input, tuple(ln.normalized_shape), ln.weight, ln.bias, ln.eps)
 
@@ -153,6 +172,8 @@ class LeanActivation(_Shell):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not _needs_grad(input) or type(input) is not torch.Tensor:
             return self._inner(input)
+        if small(input):
+            return _eager(self._inner, input)
         with torch._C.DisableTorchFunction():
             if getattr(self._inner, "inplace", False):
                 return activation_(input, self._name)
@@ -172,6 +193,8 @@ class LeanDropout(_Shell):
             or type(input) is not torch.Tensor
         ):
             return d(input)
+        if small(input):
+            return _eager(d, input)
         with torch._C.DisableTorchFunction():
             return dropout_lean(input, float(d.p))
 
@@ -183,6 +206,8 @@ class LeanElementwise(_Shell):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_grad(x) or type(x) is not torch.Tensor:
             return self._inner(x)
+        if small(x):
+            return _eager(self._inner, x)
         with torch._C.DisableTorchFunction():
             return elementwise(x, self._inner.forward)
 
@@ -194,6 +219,8 @@ class LeanRMSNorm(_Shell):
         norm = self._inner
         if not _needs_grad(x, norm.weight) or type(x) is not torch.Tensor:
             return norm(x)
+        if small(x):
+            return _eager(norm, x)
         with torch._C.DisableTorchFunction():
             return rms_norm_lean(x, norm.weight, norm.variance_epsilon)
 

@@ -28,7 +28,7 @@ from . import _registry as reg
 from .batch_norm_act import batch_norm_act
 from .batch_norm_lean import module_step
 from .layer_norm import layer_norm
-from .lean import composes, in_region, lean_region, saving_region
+from .lean import composes, in_region, lean_region, saving_region, thresholded
 from .lean_modules import (
     LeanActivation,
     LeanBatchNorm,
@@ -256,11 +256,12 @@ def _fused(m: nn.Module, impl: str) -> nn.Module | None:
 class LeanRegion:
     """Plan entry: the named module's forward runs inside ``ops.recompute_saved()`` (``saves``: the root of a
     trainable subtree) and/or ``ops.lean.lean_region()``'s op routing (``ops``: a module whose own forward code
-    adds, multiplies, concatenates or calls activations: ``lean.composes``). Forward hooks added by ``swapped``;
-    the module itself is not replaced."""
+    adds, multiplies, concatenates or calls activations: ``lean.composes``); ``min_elements``: the plan's size
+    threshold, which ``swapped`` puts in force for the whole block (``lean.thresholded``). Forward hooks added by
+    ``swapped``; the module itself is not replaced."""
 
-    def __init__(self, saves: bool = True, ops: bool = True):
-        self.saves, self.ops = saves, ops
+    def __init__(self, saves: bool = True, ops: bool = True, min_elements: int = 0):
+        self.saves, self.ops, self.min_elements = saves, ops, min_elements
 
     def install(self, module: nn.Module) -> list:
         """Add the hooks that enter and leave the region around ``module``'s forward; returns their handles."""
@@ -281,11 +282,15 @@ class LeanRegion:
         ]
 
     def __repr__(self) -> str:
-        return f"LeanRegion(saves={self.saves}, ops={self.ops})"
+        return f"LeanRegion(saves={self.saves}, ops={self.ops}, min_elements={self.min_elements})"
 
 
 def plan_substitutions(
-    module: nn.Module, *, skip: Callable[[str], bool] = lambda name: False, impl: str = "triton"
+    module: nn.Module,
+    *,
+    skip: Callable[[str], bool] = lambda name: False,
+    impl: str = "triton",
+    min_elements: int = 0,
 ) -> list[tuple[str, nn.Module | LeanRegion]]:
     """(dotted name, replacement) for what runs through ``freezert.ops`` below ``module``.
 
@@ -293,6 +298,8 @@ def plan_substitutions(
     ancestors); the root itself is never replaced. ``impl``: "lean" (exact lean regions over every maximal
     trainable subtree, plus the module swaps they need; any device), "triton" (Triton kernels where they run,
     else eager), "auto" (the Triton modules inside lean regions; Triton on CUDA inputs, lean elsewhere).
+    ``min_elements``: inside the regions, tensors smaller than this go through eager's ops (``lean.MIN_ELEMENTS``
+    is ``kernels="auto"``'s; 0, every size, is ``kernels="lean"``'s).
     """
     reg.check_impl(impl)
     plan: list[tuple[str, nn.Module | LeanRegion]] = []
@@ -311,7 +318,7 @@ def plan_substitutions(
             if impl != "triton":
                 ops = rep is None and not routed and composes(child)
                 if ops or not region:
-                    plan.append((full, LeanRegion(saves=not region, ops=ops)))
+                    plan.append((full, LeanRegion(saves=not region, ops=ops, min_elements=min_elements)))
             if rep is not None:
                 plan.append((full, rep))
             else:
@@ -352,6 +359,8 @@ def swapped(module: nn.Module, plan: list, *, recompute: bool = True) -> Iterato
     mods = [(n, r) for n, r in plan if not isinstance(r, LeanRegion)]
     regions = [(n, r) for n, r in plan if isinstance(r, LeanRegion)] if recompute else []
     with contextlib.ExitStack() as stack:
+        # the plan's size threshold, also for the swapped modules, which run outside any region's hooks
+        stack.enter_context(thresholded(max((r.min_elements for _, r in plan if isinstance(r, LeanRegion)), default=0)))
         stack.enter_context(_swapped(module, mods))
         if regions or (recompute and _recipes(plan)):
             # one layer of saved-tensor hooks for the whole block, not one per trainable subtree: what is frozen
@@ -391,5 +400,6 @@ class _Replay:
 def replay() -> contextlib.AbstractContextManager:
     """A context manager that re-enters, later, the ``swapped`` plans open now (and the lean region if one runs
     now): ``torch.utils.checkpoint``'s recompute runs in backward, after the forward's ``swapped`` has closed,
-    and must run the same modules and ops to save the same tensors."""
+    and must run the same modules and ops (``swapped`` puts the plan's size threshold back too) to save the same
+    tensors."""
     return _Replay(list(_ACTIVE), in_region())
