@@ -43,7 +43,7 @@ _DEPTH = [0]  # lean regions entered and not left (nested calls count)
 # YOLO11n at 320 px, batch 2, one CPU thread: lean everywhere 1.046x naive freezing's step and 0.45x its saved
 # bytes; above this size only, 1.012x and 0.68x). ``kernels="lean"`` takes every size.
 MIN_ELEMENTS = 2**17
-_MIN = [0]  # the innermost region's threshold (0: every size); see ``small`` and ``thresholded``
+_MIN = [0]  # the threshold of the innermost plan in force (0: every size); see ``small`` and ``thresholded``
 
 
 def small(t: torch.Tensor) -> bool:

@@ -359,8 +359,9 @@ def swapped(module: nn.Module, plan: list, *, recompute: bool = True) -> Iterato
     mods = [(n, r) for n, r in plan if not isinstance(r, LeanRegion)]
     regions = [(n, r) for n, r in plan if isinstance(r, LeanRegion)] if recompute else []
     with contextlib.ExitStack() as stack:
-        # the plan's size threshold, also for the swapped modules, which run outside any region's hooks
-        stack.enter_context(thresholded(max((r.min_elements for _, r in plan if isinstance(r, LeanRegion)), default=0)))
+        # the plan's size threshold, read by its shells and routed ops alike (one value per plan: its regions')
+        threshold = max((r.min_elements for _, r in plan if isinstance(r, LeanRegion)), default=0)
+        stack.enter_context(thresholded(threshold))
         stack.enter_context(_swapped(module, mods))
         if regions or (recompute and _recipes(plan)):
             # one layer of saved-tensor hooks for the whole block, not one per trainable subtree: what is frozen
