@@ -19,7 +19,7 @@ from .batch_norm_lean import _bn_act as bn_act
 from .batch_norm_lean import batch_norm_lean, module_step
 from .dropout import dropout_lean
 from .layer_norm import layer_norm_lean
-from .lean import resume_routing, routing_paused, small
+from .lean import below, resume_routing, routing_paused, small
 from .rms_norm import rms_norm_lean
 
 _BN_FORWARD = nn.modules.batchnorm._BatchNorm.forward
@@ -71,6 +71,15 @@ def _eager(fn, input: torch.Tensor) -> torch.Tensor:
         return fn(input)
     finally:
         recompute.resume(paused)
+
+
+def _conv_out_elements(conv: nn.Module, input: torch.Tensor) -> int:
+    """About how many elements ``conv(input)`` makes: the input's, times out over in channels, over the strides (a
+    size decision made before the convolution runs, so the whole layer can take eager's path)."""
+    n = input.numel() // max(1, input.shape[1]) * conv.out_channels if input.dim() > 1 else input.numel()
+    for s in getattr(conv, "stride", ()):
+        n //= max(1, s)
+    return n
 
 
 def _bn_call(bn: nn.Module, input: torch.Tensor) -> tuple:
@@ -128,12 +137,11 @@ class LeanConvBNAct(_Shell):
         hooked = conv._forward_pre_hooks or conv._forward_hooks or _GLOBAL_PRE or _GLOBAL_POST
         mode = None if hooked else routing_paused()
         try:
+            if below(_conv_out_elements(conv, input)):  # the whole layer eager, the convolution's saves too
+                return _eager(inner, input)
             z = conv(input)
             if type(z) is not torch.Tensor:
                 return mods[names[2]](bn(z))
-            if small(z):
-                act = mods[names[2]]
-                return _eager(lambda t: act(bn(t)), z)
             with torch._C.DisableTorchFunction():
                 mean, var, weight, bias, batch, momentum, eps = _bn_call(bn, z)
                 return bn_act(z, mean, var, weight, bias, bool(batch), float(momentum), float(eps), self._act)
