@@ -30,7 +30,8 @@ class FreezeConfig:
     (``"auto"``: channels_last where it was measured faster, float32/bfloat16 convolutions on CPU through oneDNN;
     its outputs go back to the model's layout). ``graphs``: CUDA-graph capture of the segment. ``cache``: True,
     a codec name or a ``FeatureCache``. ``offload_frozen``: frozen weights to host while the cache serves whole
-    batches. ``kernels``: ``"auto"``, ``"lean"``, True, False.
+    batches. ``kernels``: ``"auto"`` (the exact lean ops on tensors of ``ops.lean.MIN_ELEMENTS`` elements or more,
+    eager's below), ``"lean"`` (the lean ops at every size), True (Triton), False (eager).
     ``memory_budget``: bytes (int or ``"4GiB"``) the trainable part may save for backward. ``feature_aug``: a
     callable ``{block: boundary tensor} -> {block: tensor}`` applied to a driven model's boundary on training
     calls (augmentation in feature space, e.g. ``freezert.cache.FeatureFlip``: approximate, opt-in).
