@@ -46,14 +46,15 @@ MIN_ELEMENTS = 2**17
 _MIN = [0]  # the threshold of the innermost plan in force (0: every size); see ``small`` and ``thresholded``
 
 
-def small(t: torch.Tensor) -> bool:
-    """``t`` is below the running plan's size threshold: eager's op is cheaper than the lean one here."""
-    return t.numel() < _MIN[-1]
-
-
 def below(elements: int) -> bool:
-    """A tensor of ``elements`` elements would be ``small``."""
+    """A tensor of ``elements`` elements is below the running plan's size threshold: eager's op is cheaper than
+    the lean one there."""
     return elements < _MIN[-1]
+
+
+def small(t: torch.Tensor) -> bool:
+    """``t`` is ``below`` the threshold."""
+    return below(t.numel())
 
 
 @contextlib.contextmanager
@@ -154,9 +155,15 @@ def _act(name: str, spec: tuple, inplace_default: bool = False):
 
 def _dropout(func, args, kwargs):
     a = _bind((("input", None), ("p", 0.5), ("training", True), ("inplace", False)), args, kwargs)
-    if a is None or not _plain(a[0]) or not a[0].requires_grad or not a[2] or a[3] or not 0.0 < a[1] < 1.0:
-        return func(*args, **kwargs)
-    if small(a[0]):
+    if (
+        a is None
+        or not _plain(a[0])
+        or not a[0].requires_grad
+        or not a[2]
+        or a[3]
+        or not 0.0 < a[1] < 1.0
+        or small(a[0])
+    ):
         return func(*args, **kwargs)
     return dropout_lean(a[0], float(a[1]))
 
