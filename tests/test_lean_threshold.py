@@ -159,3 +159,19 @@ def test_an_inplace_edit_of_a_small_eager_output_raises_as_eager_does(monkeypatc
     fm = freezert.wrap(model, freeze=1, kernels=kernels).train()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         fm(X).sum().backward()
+
+
+@pytest.mark.parametrize(
+    "conv,shape",
+    [
+        (nn.Conv2d(8, 16, 3, 2, 1), (2, 8, 32, 32)),  # strided
+        (nn.Conv2d(8, 16, 3, 2, 1), (8, 32, 32)),  # unbatched
+        (nn.Conv2d(8, 8, 3, 1, 1, groups=8), (2, 8, 7, 7)),  # depthwise
+        (nn.ConvTranspose2d(8, 4, 2, 2), (2, 8, 16, 16)),  # transposed: the strides multiply
+        (nn.Conv1d(4, 6, 3, 1, 1), (3, 4, 10)),
+        (nn.Conv3d(2, 4, 3, (1, 2, 2), 1), (1, 2, 4, 8, 8)),
+    ],
+)
+def test_a_conv_bn_act_layer_knows_its_output_size_before_its_convolution_runs(conv, shape):
+    x = torch.randn(shape)
+    assert lean_modules._conv_out_elements(conv, x) == conv(x).numel()

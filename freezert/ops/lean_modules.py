@@ -74,11 +74,12 @@ def _eager(fn, input: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_out_elements(conv: nn.Module, input: torch.Tensor) -> int:
-    """About how many elements ``conv(input)`` makes: the input's, times out over in channels, over the strides (a
-    size decision made before the convolution runs, so the whole layer can take eager's path)."""
-    n = input.numel() // max(1, input.shape[1]) * conv.out_channels if input.dim() > 1 else input.numel()
-    for s in getattr(conv, "stride", ()):
-        n //= max(1, s)
+    """About how many elements ``conv(input)`` makes: the input's, times out over in channels, over the strides (times
+    them for a transposed convolution): a size decision made before the convolution runs, so the whole layer can
+    take eager's path."""
+    n = input.numel() // max(1, conv.in_channels) * conv.out_channels
+    for s in conv.stride:
+        n = n * s if conv.transposed else n // max(1, s)
     return n
 
 
