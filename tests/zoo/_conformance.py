@@ -564,3 +564,41 @@ def under(*prefixes: str) -> Callable[[str], bool]:
 
 def images(batch: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the defaults' saved bytes at a training size
+
+
+@dataclass
+class DefaultsBytes:
+    """One training step of ``wrap(model, freeze)`` beside ``kernels=False`` and naive freezing (float32, the
+    benchmark's input): bytes saved for backward by each, and whether the defaults' gradients and buffers equal
+    ``kernels=False``'s bit for bit (the same frozen segment, so any difference is the trainable part's)."""
+
+    ours: int
+    eager: int
+    naive: int
+    exact: bool
+
+
+def defaults_bytes(model: nn.Module, freeze: Any, x: torch.Tensor) -> DefaultsBytes:
+    from freezert.bench import loss_of
+    from freezert.memory import saved_bytes
+    from freezert.models import calibrate_batchnorm
+
+    model = calibrate_batchnorm(model, x).train()
+    plain_model = copy.deepcopy(model)
+    fm = freezert.wrap(model, freeze=freeze)
+    plain = freezert.wrap(plain_model, freeze=freeze, kernels=False)
+    fm(x), plain(x)  # the record
+    naive = naive_freeze(copy.deepcopy(plain_model), {n for n, p in model.named_parameters() if not p.requires_grad})
+
+    def step(m: nn.Module, owner: nn.Module) -> int:
+        return saved_bytes(lambda: loss_of(m(x)).backward(), exclude=[*owner.parameters(), *owner.buffers()])
+
+    res = DefaultsBytes(step(fm, model), step(plain, plain_model), step(naive, naive), True)
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        res.exact &= (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
+    res.exact &= all(torch.equal(a, b) for a, b in zip(model.buffers(), plain_model.buffers()))
+    return res

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import freezert
 
-from ._conformance import Bases, conform, images, need, under
+from ._conformance import Bases, conform, defaults_bytes, images, need, under
 
 tv = need("torchvision")
 
@@ -91,3 +92,14 @@ def test_inspect_lists_the_resnet50_stages_and_the_head():
     rows = text.splitlines()
     for name in [*RESNET_BLOCKS, "fc"]:
         assert any(f" {name} " in f" {r} " for r in rows), f"inspect has no row for {name!r}:\n{text}"
+
+
+def test_resnet50_defaults_keep_under_three_quarters_of_naive_freezings_bytes_at_the_benchmarks_size():
+    """resnet50 with its stem, layer1 and layer2 frozen, 4 x 160 px, float32 (benchmarks/bench_defaults.py's
+    input): the bottlenecks' 1024- and 2048-channel outputs are over the lean threshold, their inner maps under it;
+    the defaults keep under 0.75x naive freezing's bytes, with kernels=False's gradients bit for bit."""
+    torch.manual_seed(0)
+    res = defaults_bytes(tv.models.resnet50(num_classes=10), 3, torch.randn(4, 3, 160, 160))
+    assert res.eager == res.naive
+    assert res.ours <= 0.75 * res.naive, f"the defaults keep {res.ours / res.naive:.2f}x naive freezing's bytes"
+    assert res.exact

@@ -4,8 +4,9 @@ paper (4, 10, 22), a list, a name; the frozen set is exactly the parameters of `
 from __future__ import annotations
 
 import pytest
+import torch
 
-from ._conformance import Bases, conform, images, need, under
+from ._conformance import Bases, conform, defaults_bytes, images, need, under
 
 need("ultralytics")
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
@@ -55,34 +56,8 @@ def test_the_defaults_keep_under_three_quarters_of_naive_freezings_bytes_at_the_
     """YOLO11n at 320 px, batch 2, float32 (benchmarks/bench_defaults.py's input): the defaults run the lean ops on
     the maps of 2**17 elements or more and eager's on the rest; the bytes saved for backward fall under 0.75x naive
     freezing's, and the trainable part computes what kernels=False computes, bit for bit."""
-    import copy
-
-    import torch
-
-    import freezert
-    from freezert.bench import loss_of
-    from freezert.bench.zoo import naive_freeze
-    from freezert.memory import saved_bytes
-    from freezert.models import calibrate_batchnorm
-
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 320, 320)
-    model = calibrate_batchnorm(DetectionModel("yolo11n.yaml", nc=3, verbose=False), x).train()
-    plain_model = copy.deepcopy(model)
-    fm = freezert.wrap(model, freeze=10)
-    plain = freezert.wrap(plain_model, freeze=10, kernels=False)
-    fm(x), plain(x)  # the record
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    naive = naive_freeze(copy.deepcopy(plain_model), frozen)
-
-    def step(m, params):
-        return saved_bytes(lambda: loss_of(m(x)).backward(), exclude=params)
-
-    ours = step(fm, [*model.parameters(), *model.buffers()])
-    eager = step(plain, [*plain_model.parameters(), *plain_model.buffers()])
-    theirs = step(naive, [*naive.parameters(), *naive.buffers()])
-    assert eager == theirs  # eager's ops in the trainable part: naive freezing's bytes exactly
-    assert ours <= 0.75 * theirs, f"the defaults keep {ours / theirs:.2f}x naive freezing's bytes"
-    for (n, p), q in zip(model.named_parameters(), plain_model.parameters()):
-        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), n
-    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), plain_model.buffers()))
+    res = defaults_bytes(DetectionModel("yolo11n.yaml", nc=3, verbose=False), 10, torch.randn(2, 3, 320, 320))
+    assert res.eager == res.naive  # eager's ops in the trainable part: naive freezing's bytes exactly
+    assert res.ours <= 0.75 * res.naive, f"the defaults keep {res.ours / res.naive:.2f}x naive freezing's bytes"
+    assert res.exact
