@@ -224,11 +224,10 @@ def report_for(fm: FrozenModel, args: tuple, kwargs: dict, loss=None, optimizer=
     if trainable:
         options["every trainable block recomputed"] = recomputed
     if fm.kernels is False:
-        from .ops.lean import MIN_ELEMENTS
         from .ops.substitute import swapped
 
         def lean():
-            with swapped(model, tail.substitutions("lean", min_elements=MIN_ELEMENTS)):
+            with swapped(model, tail.substitutions("auto")):
                 step(lambda: model(*args, **kwargs))
 
         options["lean ops (kernels='auto')"] = lean

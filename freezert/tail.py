@@ -19,14 +19,6 @@ from .segment import run_blocks
 __all__ = ["Tail"]
 
 
-def _lean_min(kernels: Any) -> int:
-    """The lean regions' size threshold for ``kernels``: ``"auto"`` leaves small tensors to eager's ops (their
-    lean versions cost more time than their bytes are worth, ``ops.lean.MIN_ELEMENTS``); ``"lean"`` takes all."""
-    from .ops.lean import MIN_ELEMENTS
-
-    return MIN_ELEMENTS if kernels == "auto" else 0
-
-
 def _module_state(model: nn.Module) -> list:
     """Every module of ``model`` (by identity, in tree order) with its number of hooks: changes when a module is
     replaced, added or removed, or a hook registered or removed."""
@@ -109,11 +101,7 @@ class Tail:
         if self._kernel_plan is None or state != self._kernel_state:
             # first call, or a module replaced or a hook added since the plan: a swap would run a stale module
             # or skip the hook, so plan again (a hooked module is not swapped)
-            self._kernel_plan = (
-                self.substitutions("triton")
-                if kernels is True
-                else self.substitutions("lean", min_elements=_lean_min(kernels))
-            )
+            self._kernel_plan = self.substitutions(kernels)
             self._kernel_state = state
             # modules that checkpoint themselves (transformers' gradient_checkpointing, torch's CheckpointWrapper)
             self._self_checkpointing = [
@@ -130,10 +118,15 @@ class Tail:
             return []
         return self._kernel_plan
 
-    def substitutions(self, impl: str, min_elements: int = 0) -> list:
-        """The trainable part's replacements by ``freezert.ops`` (frozen modules skipped); ``min_elements``: the
-        lean regions' size threshold (``plan_substitutions``)."""
+    def substitutions(self, kernels: Any) -> list:
+        """The trainable part's replacements by ``freezert.ops`` for a ``kernels=`` value (frozen modules skipped):
+        True, the Triton modules; ``"auto"``, the lean path on tensors of ``ops.lean.MIN_ELEMENTS`` elements or more
+        (smaller ones cost more time lean than their bytes are worth); ``"lean"``, the lean path at every size."""
+        from .ops.lean import MIN_ELEMENTS
         from .ops.substitute import plan_substitutions
+
+        impl = "triton" if kernels is True else "lean"
+        min_elements = MIN_ELEMENTS if kernels == "auto" else 0
 
         frozen = [n for n, _ in self.plan.frozen_named()]
 
