@@ -130,6 +130,14 @@ def _never_called(m: nn.Module) -> bool:
     return type(m).forward is nn.Module.forward
 
 
+def _called_parts(name: str, m: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules that run in place of ``m``: ``m`` itself, or, for a container that is never called (a
+    ModuleList of HRNet's transitions, nested ones too), its children's, so the record sees every call."""
+    if not _never_called(m) or not len(m._modules):
+        return [(name, m)]
+    return [part for k, c in m.named_children() for part in _called_parts(_join(name, k), c)]
+
+
 def _is_container(m: nn.Module) -> bool:
     """A module whose children run in sequence as blocks: a ModuleList, a Sequential, or a ModuleDict with its own
     forward (torchvision's ``IntermediateLayerGetter``, the ``body`` of every detection and segmentation model)."""
@@ -196,15 +204,22 @@ def _groups(model: nn.Module, path: str = "") -> Blocks | None:
     matcher = getattr(model, "group_matcher", None)
     if callable(matcher):
         try:
-            spec = matcher(coarse=True).get("blocks")
+            groups = dict(matcher(coarse=True))
         except Exception:  # a model's own grouping is a hint, never a requirement
-            spec = None
-        patterns = [spec] if isinstance(spec, str) else [p for p, suffix in (spec or []) if suffix is None]
-        for name, _ in kids:
-            for pat in patterns:
-                mt = re.match(pat, name)
-                if mt and mt.end() == len(name):
-                    hits[name] = tuple(int(g) for g in mt.groups() if g is not None and g.isdigit())
+            groups = {}
+        # Every group but "stem", in the matcher's order, as timm reads them: most name theirs "blocks", HRNet
+        # "block_types", CoaT "stem1".."serial_blocks4" (the record puts the blocks in forward order after).
+        specs = [v for k, v in groups.items() if k != "stem" and isinstance(v, (str, list, tuple))]
+        for ordinal, spec in enumerate(specs):
+            if isinstance(spec, str):
+                patterns = [spec]
+            else:  # (pattern, suffix) pairs; a suffix such as (99999,) marks a final norm, not a block
+                patterns = [p[0] for p in spec if isinstance(p, (list, tuple)) and len(p) == 2 and p[1] is None]
+            for name, _ in kids:
+                for pat in patterns:
+                    mt = re.match(pat, name) if isinstance(pat, str) else None
+                    if mt and mt.end() == len(name) and name not in hits:
+                        hits[name] = (ordinal, *(int(g) for g in mt.groups() if g is not None and g.isdigit()))
     elif all(hasattr(model, f"layer{i}") for i in range(1, 5)) and hasattr(model, "conv1"):
         hits = {f"layer{i}": (i,) for i in range(1, 5)}
     if len(hits) < 2:
@@ -214,7 +229,9 @@ def _groups(model: nn.Module, path: str = "") -> Blocks | None:
     if not stem or not any(_n_params(m) for _, m in stem):
         return None
     ordered = sorted(hits, key=lambda n: hits[n])
-    return [(_join(path, "stem"), stem)] + [(_join(path, n), [(_join(path, n), getattr(model, n))]) for n in ordered]
+    return [(_join(path, "stem"), stem)] + [
+        (_join(path, n), _called_parts(_join(path, n), getattr(model, n))) for n in ordered
+    ]
 
 
 def _group_module(members: list[tuple[str, nn.Module]]) -> nn.Module:
@@ -229,12 +246,7 @@ def _group_module(members: list[tuple[str, nn.Module]]) -> nn.Module:
 def _children_blocks(container: nn.Module, path: str) -> Blocks:
     """The children of ``container`` as blocks; a child that is never called itself (a ModuleList of layers) has
     its own children as the members that run."""
-    out = []
-    for k, m in container.named_children():
-        name = _join(path, k)
-        kids = [(_join(name, j), c) for j, c in m.named_children()] if _never_called(m) else []
-        out.append((name, kids or [(name, m)]))
-    return out
+    return [(_join(path, k), _called_parts(_join(path, k), m)) for k, m in container.named_children()]
 
 
 def _flattened(container: nn.Module, path: str) -> Blocks:
@@ -290,9 +302,12 @@ def _outside(model: nn.Module, blocks: Blocks) -> tuple[list[str], list[tuple[st
         ancestors.append(name)
         for k, child in m.named_children():
             full = _join(name, k)
-            if full not in above and id(child) not in seen:
-                seen.add(id(child))
-                cands.append((full, child))
+            if full in above:
+                continue
+            for part, c in _called_parts(full, child):  # a ModuleList's children run, each stem or head
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    cands.append((part, c))
     return ancestors, cands
 
 

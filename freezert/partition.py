@@ -89,6 +89,9 @@ def plan(table: BlockTable, rec: Record, frozen: list[int], k: int, stem_units: 
     while cached < k and cached not in eager:
         cached += 1
     units = set(range(cached)) | (set(stem_units) if cached else set())
+    # A stem unit whose input or output depends on parameters that still train (a root parameter it reads, Hugging
+    # Face glue before it) runs on every call, with autograd: a replayed row would cut that gradient.
+    units -= {u for u in stem_units if rec.grad_in.get(u) or rec.grad_inside.get(u)}
     dropped: list[int] = []
     while True:
         # A unit whose output the rest reads without the batch dimension first (GPT-2's position embedding,

@@ -266,6 +266,18 @@ class Prefix:
             handle.remove()
         if started:
             cache.note_segment_time(time.perf_counter() - started[0], batch)
+        lost = next((u for u, j, n in order if n >= len(got.get((u, j), ()))), None)
+        if lost is not None:  # it did not run as the record saw it (a branch on the data): nothing to store
+            if "lost" not in self._warned:
+                self._warned.add("lost")
+                warnings.warn(
+                    f"freezert did not store this batch in the feature cache: {self.plan.unit_name(lost)!r} did not "
+                    "run as in the recorded call (a branch on the data skipped it, or its input needed autograd), so "
+                    "its output cannot be stored; the call ran in full",
+                    FreezeWarning,
+                    stacklevel=user_stacklevel(),
+                )
+            return out
         produced = [got[(u, j)][n] for u, j, n in order]
         bad = [self.plan.unit_name(u) for (u, _, _), t in zip(order, produced) if t.dim() == 0 or t.shape[0] != batch]
         if not produced:

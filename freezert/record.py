@@ -209,7 +209,8 @@ def record(
             started[0] = True
         if hit[1] == 0:
             rec.block_calls[i] = rec.block_calls.get(i, 0) + 1
-        if i in frozen and torch.is_grad_enabled():
+        stem = i >= n_blocks and not started[0]  # a candidate run before block 0: frozen with it
+        if (i in frozen or stem) and torch.is_grad_enabled():
             ins = [t for t in _tree.tensors((a, kw)) if t.requires_grad]
             if ins:
                 feeders = inputs_of[id(m)] = _trainable_leaves(ins, live)

@@ -125,7 +125,7 @@ def test_detectors_on_a_mobilenet_and_ssd_get_the_feature_layers():
     assert {"transform", "rpn", "roi_heads", "backbone.fpn"} == set(candidates(frcnn))
     ssd = meta(lambda: det.ssd300_vgg16(**no))  # its `extra` layers hold more parameters than the VGG features
     assert names(ssd) == [f"backbone.features.{i}" for i in range(23)]
-    assert "backbone.extra" in candidates(ssd)
+    assert {"backbone.extra.0", "backbone.extra.4"} <= set(candidates(ssd))  # a ModuleList: its layers run
     lite = names(meta(lambda: det.ssdlite320_mobilenet_v3_large(**no)))  # MobileNetV3 cut in two Sequentials
     assert lite[0] == "backbone.features.0.0" and lite[-1].startswith("backbone.features.1.") and len(lite) == 18
 
@@ -260,6 +260,13 @@ def test_timm_tables():
     assert {"stem", "head", "head_dist"} <= set(candidates(levit))
     vit = meta(lambda: timm.create_model("vit_tiny_patch16_224"))
     assert names(vit)[0] == "blocks.0" and len(names(vit)) == 12
+    # HRNet names its group "block_types", not "blocks" (timm reads every group of the matcher in order): without
+    # it the table was downsamp_modules, the last three modules of the forward, and freeze=1 froze one of them
+    hrnet = meta(lambda: timm.create_model("hrnet_w18_small"))
+    assert names(hrnet) == ["stem", "layer1", "transition1", "stage2", "transition2", "stage3", "transition3", "stage4"]
+    t = block_table(hrnet)
+    assert [n for n, _ in t.members[2]] == ["transition1.0", "transition1.1"]  # a ModuleList: its layers run
+    assert {"incre_modules.0", "downsamp_modules.2", "final_layer", "classifier"} <= set(candidates(hrnet))
 
 
 def test_yolo_and_explicit_paths_are_unchanged():
@@ -337,3 +344,34 @@ def test_freezing_by_name_covers_a_whole_side_or_backbone():
     table = block_table(det)
     assert spec.resolve("backbone.body", table) == [0, 1, 2, 3, 4]
     assert spec.resolve("backbone.body.layer1", table) == [1]
+
+
+def test_a_module_list_outside_the_blocks_has_its_layers_sorted_into_stem_and_head():
+    """A ModuleList outside the blocks is never called, its layers are: each is stem or head by when it runs. As one
+    candidate it never ran, so it stayed trainable while what it fed before block 0 froze as the stem."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+            self.blocks = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])
+            self.post = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 2)])
+
+        def forward(self, x):
+            for layer in self.pre:
+                x = layer(x)
+            x = self.blocks(x)
+            return self.post[1](self.post[0](x))
+
+    model = Branchy()
+    assert candidates(model) == ["pre.0", "pre.1", "post.0", "post.1"]
+    fm = freezert.wrap(model, 2, cache="fp32")
+    x = torch.randn(3, 4)
+    for _ in range(2):
+        fm(x).sum().backward()
+    assert not any(p.requires_grad for p in [*model.pre.parameters(), *model.blocks[:2].parameters()])
+    assert all(
+        p.requires_grad and p.grad is not None for p in [*model.blocks[2:].parameters(), *model.post.parameters()]
+    )
+    assert fm.cache.stats()["hits"] == 3  # the second call skipped pre and blocks 0-1
+    fm.unwrap()

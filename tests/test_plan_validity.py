@@ -683,3 +683,53 @@ def test_a_backward_pre_hook_on_a_trainable_module_fires():
     fm(vec(2, 3, 8, 8)).sum().backward()
     assert len(fired) == 2
     fm.unwrap()
+
+
+class StemGain(nn.Module):
+    """A stem module (run before block 0, frozen with it) reads a root parameter that trains; its output goes to the
+    head, past the blocks. Naive freezing gives ``gain`` its gradient through the frozen ``side``."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((1,), 1.5))
+        self.side = nn.Linear(d, d)
+        self.blocks = nn.Sequential(*[mlp(d) for _ in range(4)])
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        s = self.side(x * self.gain) if float(x.sum()) > 0 else 0.0  # a branch on the data
+        return self.head(self.blocks(x) + s)
+
+
+@pytest.mark.parametrize("first", [None, "eval"])
+def test_a_stem_module_fed_by_a_trainable_parameter_runs_every_call_and_the_blocks_still_hit(first):
+    """Once a crash (KeyError: its runner ran with autograd and stored nothing), and after a validation call under
+    no_grad a silently missing gradient (the row stored then was replayed, cutting ``gain`` off)."""
+    model = prepare(StemGain())
+    x = vec(4, 8).abs()
+    twin = Twin(model, 2, train=True, cache="fp32")
+    if first:
+        twin.first_call(first, x)
+    for _ in range(3):
+        d = twin.step(x)
+    assert d["hits"] == 4 and model.gain.item() != 1.5  # blocks 0-1 served; side ran with autograd: gain trained
+    assert not model.side.weight.requires_grad
+    twin.unwrap()
+
+
+def test_a_call_that_skips_a_cached_stem_module_stores_nothing_and_says_so():
+    model = prepare(StemGain())
+    model.gain.requires_grad_(False)  # side is cached with the blocks now
+    fm = freezert.wrap(model, 2, cache="fp32")
+    pos, neg = vec(4, 8).abs(), -vec(4, 8, seed=1).abs()
+    fm(pos)
+    with pytest.warns(FreezeWarning, match=r"did not store this batch.*'side' did not run"):
+        out = fm(neg)  # the branch skips side: the rows the plan stores cannot all be made
+    ref = model.head(model.blocks(neg))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    hits = fm.cache.stats()["hits"]
+    torch.testing.assert_close(fm(neg), ref, rtol=1e-12, atol=1e-12)
+    assert fm.cache.stats()["hits"] == hits  # neg was never stored
+    fm(pos)
+    assert fm.cache.stats()["hits"] == hits + 4
+    fm.unwrap()
