@@ -293,12 +293,19 @@ class _Checkpointed(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from torch.utils.checkpoint import checkpoint
 
+        from . import _tree
+
         inner, calls = self._inner, [0]
+        # The containers of the inputs as they are now: a forward that edits its input list in place (HRNet's
+        # branches, x[i] = branch(x[i])) would hand the recompute its own outputs, silently wrong gradients. The
+        # forward gets the caller's containers (an edit the caller sees stays), each recompute a fresh copy.
+        before = _tree.map_tensors((args, kwargs), lambda t: t)
 
         def run(*a: Any, **k: Any) -> Any:
             calls[0] += 1
             if calls[0] == 1:
                 return inner(*a, **k)
+            a, k = _tree.map_tensors(before, lambda t: t)
             with _running_stats_kept(inner):  # the recompute must not update BatchNorm statistics twice
                 return inner(*a, **k)
 
