@@ -240,7 +240,7 @@ def plan_recompute(
     if floor > budget_b:
         raise FreezeError(
             f"memory_budget={budget!r} ({fmt_bytes(budget_b)}) is below the minimum of {fmt_bytes(floor)} "
-            f"({floor} bytes) with every trainable block recomputed; raise it to at least that"
+            f"({floor} bytes) with every trainable block it may recompute recomputed; raise it to at least that"
         )
     # Keep (do not checkpoint) the set of blocks with the largest total cost whose gains fit in the slack.
     names = [k for k in saved if gain[k] > 0]

@@ -5,18 +5,48 @@ recomputation of the blocks chosen by the first training step's measurement (``f
 from __future__ import annotations
 
 import contextlib
+import enum
+import warnings
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from . import _tree
+from ._errors import FreezeWarning
 from .call import Call
 from .config import FreezeConfig
-from .planner import Plan
+from .planner import Plan, user_stacklevel
 from .prefix import Boundary
 from .segment import run_blocks
 
 __all__ = ["Tail"]
+
+# values a block's call may receive that hold no state its forward could change
+_PLAIN = (
+    torch.Tensor,
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    torch.dtype,
+    torch.device,
+    torch.Size,
+    torch.memory_format,
+    torch.layout,
+    slice,
+    type(Ellipsis),
+    enum.Enum,
+)
+
+
+def _is_state(v: Any) -> bool:
+    """An argument that may hold state a forward changes (transformers' ``DynamicCache``): not a tensor, plain
+    value or callable."""
+    return not isinstance(v, _PLAIN) and not callable(v)
 
 
 def _module_state(model: nn.Module) -> list:
@@ -151,14 +181,43 @@ class Tail:
         from .memory import SavedMeter
 
         blocks = self.trainable_blocks()
-        with SavedMeter(blocks, exclude=[*self.model.parameters(), *self.model.buffers()]) as meter:
-            out = self._run(call, boundary)
+        stateful: dict[str, str] = {}
+
+        def look(name: str):
+            def hook(m, args, kwargs):
+                obj = next((v for v in _tree.flatten((args, kwargs))[0] if _is_state(v)), None)
+                if obj is not None:
+                    stateful.setdefault(name, type(obj).__name__)
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(look(n), with_kwargs=True) for n, m in blocks.items()]
+        try:
+            with SavedMeter(blocks, exclude=[*self.model.parameters(), *self.model.buffers()]) as meter:
+                out = self._run(call, boundary)
+        finally:
+            for h in handles:
+                h.remove()
         per = meter.per_block
         saved = {name: per.get(name, 0) for name in blocks}
         fixed = sum(n for name, n in per.items() if name not in blocks)
         budget = self.config.memory_budget
         self._measured = (saved, meter.inputs, meter.outputs, fixed)
         self._choose(budget)
+        if set(self.recompute) & set(stateful):
+            # A block handed an object its forward changes (transformers' key/value cache: each layer appends its
+            # keys) would see it changed when recomputed (keys twice: a crash, or a wrong result): never recomputed.
+            name = next(n for n in self.recompute if n in stateful)
+            warnings.warn(
+                f"freezert does not recompute {name!r} under memory_budget: its call receives a "
+                f"{stateful[name]}, state its forward may change, so a recompute would see another state; pass "
+                "use_cache=False (or call it without that object) to let it be recomputed",
+                FreezeWarning,
+                stacklevel=user_stacklevel(),
+            )
+            fixed += sum(saved.pop(n) for n in stateful if n in saved)
+            self._measured = (saved, meter.inputs, meter.outputs, fixed)
+            self._choose(budget)
         self.recompute_plan = {
             "budget": budget,
             "saved": saved,

@@ -85,3 +85,29 @@ def test_same_function_as_naive_freezing(name, freeze, train, cache):
     stem = (stem,) if isinstance(stem, str) else stem
     expect = under(*stem, *(f"{layers}.{i}" for i in range(freeze)))
     conform(model, freeze, (), dict(inputs), train=train, cache=cache, expect_frozen=expect)
+
+
+def falcon(use_cache: bool):
+    cfg = transformers.FalconConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, use_cache=use_cache
+    )
+    return transformers.FalconForCausalLM(cfg)
+
+
+falcons = Bases(lambda use_cache: (falcon(use_cache), (), {"input_ids": IDS}))
+
+
+def test_memory_budget_never_recomputes_a_layer_handed_the_key_value_cache():
+    """With use_cache=True (the config's default) each layer appends its keys to the DynamicCache it is handed; a
+    recompute appended them again (Falcon: a crash in backward, 24 keys against a mask of 12). Such layers keep
+    their saves, said once, and a budget only their recompute could meet is refused with the minimum; with
+    use_cache=False they are recomputed, exactly."""
+    import freezert
+
+    budget = 120_000  # the layers save about 80 KB each, the final norm 6.5 KB
+    fm = freezert.wrap(falcons(True), 2, memory_budget=budget)
+    with pytest.warns(freezert.FreezeWarning, match=r"not recompute 'transformer.h.\d'.*DynamicCache.*use_cache=False"):
+        with pytest.raises(freezert.FreezeError, match=r"below the minimum .* it may recompute"):
+            fm(input_ids=IDS).logits.sum().backward()
+    res = conform(falcons(False), 2, (), {"input_ids": IDS}, memory_budget=budget, epochs=3)
+    assert set(res.fm.recompute) & {"transformer.h.2", "transformer.h.3"}
