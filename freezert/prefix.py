@@ -294,8 +294,8 @@ class Prefix:
                 "drop cache="
             )
         layout = self._layout(seg, sig, lambda: produced)
-        if hit is None:  # first call of this layout since the binding changed: what does the store already hold?
-            hit, _ = cache.fetch(keys, produced[0].device, layout=layout, content=content)
+        if hit is None:  # nothing fetched (a hook, a new binding): what does the store already hold?
+            hit = cache.stored(keys, layout=layout, content=content)
         if not bool(hit.all()):
             miss = (~hit).nonzero().squeeze(1)
             cache.put(

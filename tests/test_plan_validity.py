@@ -170,6 +170,9 @@ def test_hooks_registered_after_the_first_call_fire_with_the_real_values(cache, 
     for a, b in zip(seen, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # a folded or stale value would differ
     torch.testing.assert_close(out, ref_out, rtol=1e-3, atol=1e-6)
+    if cache and where == "inside":
+        # the prefix ran on both calls so the hook could fire: no row was served, none counted as served
+        assert fm.cache.stats()["hits"] == 0
     fm.unwrap()
 
 

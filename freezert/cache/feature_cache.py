@@ -233,6 +233,21 @@ class FeatureCache:
         idx.counters.get_s += time.perf_counter() - t0
         return torch.tensor(hit, dtype=torch.bool), rows
 
+    def stored(self, keys, *, layout=None, content=None) -> torch.Tensor:
+        """Which of ``keys`` hold a row of ``layout`` (with ``content``, of that input where the index knows it), as
+        a bool CPU tensor (N,): nothing read, decoded or counted. What ``put`` would add after a call that computed
+        every row anyway (a hook inside the cached part), without a fetch that would count those rows as hits."""
+        idx = self._index
+        ks = ids_to_keys(keys, "keys").tolist()
+        if not idx.tiers:
+            return torch.zeros(len(ks), dtype=torch.bool)
+        lay, cs = self._resolve(layout), content_list(content, len(ks))
+        held = []
+        for i, k in enumerate(ks):
+            e = idx.get((lay, k))
+            held.append(e is not None and (cs is None or e.content is None or e.content == cs[i]))
+        return torch.tensor(held, dtype=torch.bool)
+
     def prefetch(self, keys, device, *, layout=None) -> None:
         """Starts reading, verifying and decoding the disk-tier rows of ``keys`` on a background thread; the next
         ``fetch`` of this layout serves them from there when their rows did not change in between."""
