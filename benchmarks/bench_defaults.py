@@ -2,7 +2,7 @@
 
     python benchmarks/bench_defaults.py [--models yolov8n yolo11n resnet50 mobilenet_v3 bert gpt2 vit ...]
                                         [--rounds 30] [--budget 150] [--threads 1] [--json PATH]
-                                        [--no-check | --check-only]
+                                        [--no-check | --check-only] [--options "kernels=False" ...]
 
 Per model (real configurations, random weights, nothing downloaded; BatchNorm statistics calibrated on the input
 as a pretrained network's would be):
@@ -352,6 +352,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--budget", type=float, default=150.0, help="seconds per model, setup included (timed rounds end)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--options",
+        nargs="+",
+        default=None,
+        choices=[o.label for o in OPTIONS[2:]],
+        help="only these options beside naive freezing and the defaults (more rounds in the same time: the time "
+        "target is read from a run of naive / defaults / kernels=False alone)",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-check", action="store_true", help="skip the float64 exactness check")
     ap.add_argument("--check-only", action="store_true", help="only the float64 exactness check")
@@ -386,7 +394,9 @@ def main() -> None:
             freeze,
             torch.device("cpu"),
             options=[
-                Option(o.label, budget_fraction=BUDGET_FRACTION[name]) if o.budget_fraction else o for o in OPTIONS
+                Option(o.label, budget_fraction=BUDGET_FRACTION[name]) if o.budget_fraction else o
+                for i, o in enumerate(OPTIONS)
+                if i < 2 or args.options is None or o.label in args.options
             ],
             rounds=args.rounds,
             deadline=t0 + args.budget,

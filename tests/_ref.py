@@ -93,3 +93,46 @@ def loss_of(out) -> torch.Tensor:
             w = torch.linspace(-1.0, 1.0, t.numel(), dtype=t.dtype, device=t.device).view_as(t)
             total = total + (t * w).sum() + t.pow(2).mean()
     return total
+
+
+def _storages(ts) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts if isinstance(t, torch.Tensor)}
+
+
+def independent_total(fm, opt, args: tuple, kwargs: dict | None = None) -> int:
+    """What one training step of ``fm`` holds, counted without the report's code: the user's parameters and
+    buffers, a gradient per trainable parameter, ``opt``'s state, the activations one forward saves for backward
+    (saved-tensor hooks, each storage once), freezert's own copies of the frozen weights (folded, cast) and the
+    cache's rows by tier."""
+    model = fm.model
+    params, buffers = list(model.parameters()), list(model.buffers())
+    held = {}
+    for part in (params, buffers, [p for p in params if p.requires_grad]):  # gradients: one per trainable parameter
+        held.update({(id(part), k): v for k, v in _storages(part).items()})
+    total = sum(held.values())
+    total += sum(_storages([t for s in opt.state.values() for t in s.values()]).values())
+    saved: dict[int, int] = {}
+    exclude = set(_storages(params + buffers))
+
+    def pack(t):
+        k = t.untyped_storage().data_ptr()
+        if k not in exclude:
+            saved.setdefault(k, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fm(*args, **(kwargs or {}))
+    total += sum(saved.values())
+    del out
+    if fm.segment is not None:
+        own = {
+            k: v
+            for r in fm.segment.runners
+            for k, v in _storages([*r.target.parameters(), *r.target.buffers()]).items()
+            if k not in exclude
+        }
+        own.update(_storages(fm.segment._buffer_values.values()))
+        total += sum(own.values())
+    if fm.cache is not None:
+        total += sum(t["bytes"] for t in fm.cache.stats()["tiers"].values())
+    return total

@@ -7,7 +7,7 @@ import torch
 import freezert
 from freezert.models import yolov5
 
-from ._ref import pretrained_like
+from ._ref import independent_total, pretrained_like
 
 
 def test_the_report_counts_the_step_and_leaves_the_model_as_it_was(tmp_path):
@@ -64,42 +64,7 @@ def test_the_total_is_every_byte_counted_independently():
         opt.zero_grad()
     report = fm.memory_report(x)  # the optimizer is found by itself
 
-    def storages(ts):
-        out = {}
-        for t in ts:
-            if isinstance(t, torch.Tensor):
-                out[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return out
-
-    params, buffers = list(model.parameters()), list(model.buffers())
-    held = {}
-    for part in (params, buffers, [p for p in params if p.requires_grad]):  # gradients: one per trainable parameter
-        held.update({(id(part), k): v for k, v in storages(part).items()})
-    expected = sum(held.values())
-    expected += sum(storages([t for s in opt.state.values() for t in s.values()]).values())
-    saved: dict[int, int] = {}
-    exclude = set(storages(params + buffers))
-
-    def pack(t):
-        k = t.untyped_storage().data_ptr()
-        if k not in exclude:
-            saved.setdefault(k, t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fm(x)
-    expected += sum(saved.values())
-    del out
-    user = set(storages(params + buffers))
-    own = {
-        k: v
-        for r in fm.segment.runners
-        for k, v in storages([*r.target.parameters(), *r.target.buffers()]).items()
-        if k not in user
-    }
-    own.update(storages(fm.segment._buffer_values.values()))
-    expected += sum(own.values())
-    expected += sum(t["bytes"] for t in fm.cache.stats()["tiers"].values())
+    expected = independent_total(fm, opt, (x,))
     assert abs(report.total - expected) <= 0.01 * expected, (report.total, expected, report.rows)
 
 
