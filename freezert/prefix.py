@@ -88,7 +88,7 @@ class Prefix:
         seg = self.segment_now()
         driven = plan.driven and call.single_tensor
         if driven:
-            if cache is None or self._hooked(seg.block_runners, inside_only=False):
+            if cache is None or self._hooked(seg.block_runners, inside_only=False, call=call):
                 y = seg.run(call.args[0])
             else:
                 y = self._cached_driven(seg, call)
@@ -201,7 +201,7 @@ class Prefix:
         anything else reads) and run nothing; otherwise the prefix runs in full and the misses are stored."""
         batch, sig, keys, content, _ = keys_of(call)
         order = self.plan.part.replay
-        hooked = self._hooked(seg.cached_runners, inside_only=True)
+        hooked = self._hooked(seg.cached_runners, inside_only=True, call=call)
         layout = self._layouts.get(sig) if self._bound_token == self._weights_token else None
         if layout is not None and seg.can_replay and not hooked:
             hit, rows = self.cache.fetch(keys, seg.cached_runners[-1].device, layout=layout, content=content)
@@ -234,17 +234,24 @@ class Prefix:
         learn(key)  # the wrapper re-plans (and resets this prefix)
         return self(call).run(fn)
 
-    def _hooked(self, runners, inside_only: bool) -> bool:
+    def _hooked(self, runners, inside_only: bool, call: Call) -> bool:
         """True when a cache hit would skip a hook: one on a submodule of a module a hit does not run (or, for a
-        driven model, on the module itself). Such calls run the prefix; said once, naming the module."""
+        driven model, on the module itself). Such calls run the prefix; said once, naming the module. A
+        transformers output-capturing hook for an output ``call`` does not ask for does nothing: no hook."""
+        config = getattr(self.model, "config", None)
+
+        def requested(flag: str) -> bool:
+            v = call.kwargs.get(flag)
+            return bool(getattr(config, flag, False) if v is None else v)
+
         for r in runners:
             o = r.__dict__["original"]
-            inside = r.hooked_inside()
-            if not inside and (inside_only or not has_hooks(o)):
+            inside = r.hooked_inside() and hooked_inside(o, requested) is not None
+            if not inside and (inside_only or not has_hooks(o, requested)):
                 continue
             if "hooked" not in self._warned:
                 self._warned.add("hooked")
-                m = hooked_inside(o) if inside else o
+                m = hooked_inside(o, requested) if inside else o
                 name = next((n for n, x in self.model.named_modules() if x is m), type(m).__name__)
                 warnings.warn(
                     f"freezert runs the frozen prefix instead of serving it from the cache while {name!r} has a "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -63,13 +63,47 @@ def _unhooked(copy_of: nn.Module) -> nn.Module:
     return copy_of
 
 
-def has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+# transformers (5.x) records hidden states and attentions with forward hooks it installs once, on the layers and their
+# attention modules (``transformers.utils.output_capturing``); each returns at once unless the call asks for the
+# output it records. The flag that asks, by that output:
+_CAPTURE_FLAGS = {
+    "attentions": "output_attentions",
+    "cross_attentions": "output_attentions",
+    "hidden_states": "output_hidden_states",
+}
 
 
-def hooked_inside(module: nn.Module) -> nn.Module | None:
-    """A submodule (not ``module`` itself) with a forward or pre-forward hook, if any."""
-    return next((m for m in module.modules() if m is not module and has_hooks(m)), None)
+def idle_capture(hook: Callable, requested: Callable[[str], bool]) -> bool:
+    """True for a transformers hook a cache hit may skip: an output-capturing hook whose output this call does not
+    ask for (``requested(flag)`` false: it does nothing), or ``enable_input_require_grads``' hook, which only marks
+    the embeddings' output ``requires_grad`` (a hit replays the outputs marked as the record saw them)."""
+    f = getattr(hook, "__func__", hook)
+    name, module = getattr(f, "__name__", None), str(getattr(f, "__module__", ""))
+    if not module.startswith("transformers."):
+        return False
+    if name == "make_inputs_require_grads":
+        return True
+    if name != "output_capturing_hook":
+        return False
+    cells = dict(zip(f.__code__.co_freevars, f.__closure__ or ()))
+    try:
+        flag = _CAPTURE_FLAGS.get(cells["key"].cell_contents)
+    except (KeyError, ValueError):
+        return False
+    return flag is not None and not requested(flag)
+
+
+def has_hooks(m: nn.Module, requested: Callable[[str], bool] | None = None) -> bool:
+    """A forward or pre-forward hook on ``m`` (with ``requested``: one that is not an idle transformers capture)."""
+    if requested is None:
+        return bool(m._forward_hooks or m._forward_pre_hooks)
+    hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+    return any(not idle_capture(h, requested) for h in hooks)
+
+
+def hooked_inside(module: nn.Module, requested: Callable[[str], bool] | None = None) -> nn.Module | None:
+    """A submodule (not ``module`` itself) with a forward or pre-forward hook, if any (see ``has_hooks``)."""
+    return next((m for m in module.modules() if m is not module and has_hooks(m, requested)), None)
 
 
 @contextlib.contextmanager

@@ -111,3 +111,34 @@ def test_memory_budget_never_recomputes_a_layer_handed_the_key_value_cache():
             fm(input_ids=IDS).logits.sum().backward()
     res = conform(falcons(False), 2, (), {"input_ids": IDS}, memory_budget=budget, epochs=3)
     assert set(res.fm.recompute) & {"transformer.h.2", "transformer.h.3"}
+
+
+def test_the_cache_serves_around_transformers_idle_output_hooks_and_runs_when_one_records():
+    """transformers installs output-capturing hooks on every layer and attention module the first time a call asks for
+    hidden states or attentions; they stay, doing nothing unless the call asks for their output. A hit skips an idle
+    one (hidden states asked, attentions not: every row served); a call that asks for attentions runs the prefix, so
+    the frozen layers' attention maps are real."""
+    import copy
+
+    import freezert
+
+    torch.manual_seed(0)
+    model = bert().double().train()
+    model.set_attn_implementation("eager")  # sdpa returns no attention maps
+    ref = copy.deepcopy(model)
+    fm = freezert.wrap(model, 2, cache="fp32")
+    kw = {"input_ids": IDS, "attention_mask": MASK, "output_hidden_states": True}
+    for _ in range(3):
+        out = fm(**kw)
+    assert fm.cache.stats()["hits"] == 2 * B  # calls 2 and 3 served, the idle attention hooks skipped
+    want = ref(**kw)
+    assert len(out.hidden_states) == len(want.hidden_states) == 5
+    for a, b in zip(out.hidden_states, want.hidden_states):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # float32 rows
+    hits = fm.cache.stats()["hits"]
+    got = fm(**kw, output_attentions=True)
+    assert fm.cache.stats()["hits"] == hits  # the prefix ran: its attention hooks record
+    want = ref(**kw, output_attentions=True)
+    assert len(got.attentions) == len(want.attentions) == 4
+    for a, b in zip(got.attentions, want.attentions):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
