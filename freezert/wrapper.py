@@ -112,6 +112,8 @@ class FrozenModel(nn.Module):
         frozen_ids |= {id(p) for p in self._planner.also}
         for p, rg in zip(self._params, self._requires_grad):
             p.requires_grad_(rg and id(p) not in frozen_ids)
+        # what freezert turned off: checked at every call (a flag turned back on by hand would never get a gradient)
+        self._turned_off = [p for p, rg in zip(self._params, self._requires_grad) if rg and id(p) in frozen_ids]
         self._prefix.reset(plan)
         self._tail.reset(plan)
         self._enforce_bn_modes()
@@ -202,6 +204,8 @@ class FrozenModel(nn.Module):
                 root.forward = had
 
     def _step(self, args, kwargs, cache_ids, cache_aug, target=None):
+        if any(p.requires_grad for p in self._turned_off):
+            self._refuse_unfrozen()
         call = Call(args, kwargs, cache_ids, cache_aug, target)
         plan = self._plan
         if plan.part.frozen and not call.grad_in and not (plan.driven and call.single_tensor):
@@ -320,6 +324,20 @@ class FrozenModel(nn.Module):
         if _LIVE.get(self.model) is not None and _LIVE[self.model]() is self:
             del _LIVE[self.model]
         return self.model
+
+    def _refuse_unfrozen(self) -> None:
+        """A parameter freezert froze has ``requires_grad=True`` again (set by hand or by a trainer's own unfreeze):
+        its block runs without autograd, so it would silently never train."""
+        on = {id(p) for p in self._turned_off if p.requires_grad}
+        name = next(n for n, p in self.model.named_parameters() if id(p) in on)
+        block = next((b for b, m in self.blocks if any(id(p) in on for p in m.parameters())), None)
+        where = f" (block {block!r})" if block is not None else ""
+        raise FreezeError(
+            f"{name!r}{where} was frozen by freezert and has requires_grad=True again, set after wrap() (by hand or "
+            "by a trainer's unfreeze); freezert runs it without autograd, so it would never get a gradient: change "
+            "the frozen set with fm.set_freeze(...) (freezert's trainer callbacks do), or set requires_grad back to "
+            "False"
+        )
 
     def _check_live(self) -> None:
         if self._unwrapped:

@@ -736,3 +736,25 @@ def test_a_call_that_skips_a_cached_stem_module_stores_nothing_and_says_so():
     fm(pos)
     assert fm.cache.stats()["hits"] == hits + 4
     fm.unwrap()
+
+
+def test_a_frozen_parameter_turned_back_on_by_hand_is_refused_with_the_fix():
+    """A trainer's own unfreeze (Lightning's BackboneFinetuning sets requires_grad=True) or a user's loop after wrap():
+    the block still ran as inference, so the parameter silently got no gradient and no update."""
+    model = prepare(nn.Sequential(*[mlp() for _ in range(4)]))
+    fm = freezert.wrap(model, 2)
+    x = vec(3, 8)
+    fm(x).sum().backward()
+    for p in model[1].parameters():
+        p.requires_grad_(True)
+    with pytest.raises(freezert.FreezeError, match=r"'1\.0\.weight' \(block '1'\).*requires_grad=True.*set_freeze"):
+        fm(x)
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    fm(x)  # as before
+    fm.set_freeze(1)  # the way to unfreeze block 1
+    model.zero_grad()
+    fm(x).sum().backward()
+    assert model[1][0].weight.requires_grad and model[1][0].weight.grad is not None
+    assert model[0][0].weight.grad is None
+    fm.unwrap()
