@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from . import _tree
 from ._errors import FreezeWarning
-from .call import Call
+from .call import _PRIMITIVES, Call
 from .config import FreezeConfig
 from .planner import Plan, user_stacklevel
 from .prefix import Boundary
@@ -22,31 +22,15 @@ from .segment import run_blocks
 
 __all__ = ["Tail"]
 
-# values a block's call may receive that hold no state its forward could change
-_PLAIN = (
-    torch.Tensor,
-    type(None),
-    bool,
-    int,
-    float,
-    complex,
-    str,
-    bytes,
-    torch.dtype,
-    torch.device,
-    torch.Size,
-    torch.memory_format,
-    torch.layout,
-    slice,
-    type(Ellipsis),
-    enum.Enum,
-)
+# besides call.py's plain values (what a cache key reads by value): what a block's call may receive that holds no
+# state its forward could change
+_STATELESS = (torch.Tensor, *_PRIMITIVES, torch.layout, slice, type(Ellipsis), enum.Enum)
 
 
 def _is_state(v: Any) -> bool:
     """An argument that may hold state a forward changes (transformers' ``DynamicCache``): not a tensor, plain
     value or callable."""
-    return not isinstance(v, _PLAIN) and not callable(v)
+    return not isinstance(v, _STATELESS) and not callable(v)
 
 
 def _module_state(model: nn.Module) -> list:
