@@ -559,3 +559,27 @@ def test_batch_norm_act_saves_past_the_hooks_and_still_counts_as_kept():
         z.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_an_enclosing_pack_hook_that_raises_leaves_no_error_behind():
+    """The error reaches the caller as it is; the half-built saved-tensor record under it is dropped quietly (its
+    ``__del__`` raised AttributeError, printed as "Exception ignored", where the key was never set)."""
+    import sys
+
+    unraisable = []
+    old, sys.unraisablehook = sys.unraisablehook, unraisable.append
+
+    def boom(t):
+        raise RuntimeError("outer pack failed")
+
+    x = torch.randn(8, requires_grad=True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(boom, lambda t: t), recompute_saved():
+            with pytest.raises(RuntimeError, match="outer pack failed"):
+                torch.sigmoid(x * 2)
+        import gc
+
+        gc.collect()
+    finally:
+        sys.unraisablehook = old
+    assert not unraisable, [str(u.exc_value) for u in unraisable]

@@ -198,6 +198,7 @@ class _Real:
     __slots__ = ("__weakref__", "key", "outer", "packed", "ref", "version")
 
     def __init__(self, t: torch.Tensor, outer):
+        self.key = None  # set last: an enclosing hook that raises leaves nothing counted for __del__ to undo
         self.version = t._version
         self.outer = outer
         if outer is None:
