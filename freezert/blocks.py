@@ -360,6 +360,10 @@ def _find_blocks(model: nn.Module, blocks: str | None) -> BlockTable:
             path, container = "model", inner
         elif isinstance(model, nn.Sequential):
             path, container = "", model
+        elif isinstance(model, nn.ModuleDict) and not _never_called(model):
+            # a root that runs its children in order and returns some of their outputs (timm's features_only
+            # FeatureListNet / FeatureDictNet, torchvision's IntermediateLayerGetter): its children are the blocks
+            path, container = "", model
         elif (grouped := _groups(model)) is not None:
             return _table(model, "groups", "", grouped)
         elif (encdec := _encoder_decoder(model)) is not None:

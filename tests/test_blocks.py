@@ -262,6 +262,10 @@ def test_timm_tables():
     assert names(vit)[0] == "blocks.0" and len(names(vit)) == 12
     # HRNet names its group "block_types", not "blocks" (timm reads every group of the matcher in order): without
     # it the table was downsamp_modules, the last three modules of the forward, and freeze=1 froze one of them
+    # features_only: a ModuleDict root running its children in order (FeatureListNet); the largest container inside
+    # (layer3, two BasicBlocks) was the table, so freeze=1 froze layer3.0 and everything before it as the stem
+    feats = meta(lambda: timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3)))
+    assert names(feats) == ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3"]
     hrnet = meta(lambda: timm.create_model("hrnet_w18_small"))
     assert names(hrnet) == ["stem", "layer1", "transition1", "stage2", "transition2", "stage3", "transition3", "stage4"]
     t = block_table(hrnet)

@@ -8,7 +8,7 @@ import pytest
 
 import freezert
 
-from ._conformance import Bases, Case, conform, images, need, scenarios, under
+from ._conformance import Bases, Case, conform, images, need, prepare, scenarios, under
 
 timm = need("timm")
 
@@ -152,3 +152,12 @@ def test_hrnet_under_memory_budget_recomputes_its_list_editing_stages_exactly():
     case = HRNET["hrnet_w18_small"]
     res = conform(hrnet("hrnet_w18_small"), case.freeze, case.args, memory_budget=8 << 20, expect_frozen=case.expect)
     assert {"stage3", "stage4"} <= set(res.fm.recompute)
+
+
+@pytest.mark.parametrize("cache", [None, "fp32"])
+def test_a_features_only_backbone_freezes_its_first_stages(cache):
+    """timm's features_only wrapper (FeatureListNet) runs its children in order and returns three of their outputs:
+    the children are the blocks, so freeze=5 is the stem and layer1."""
+    model = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3))
+    res = conform(prepare(model, (X64,)), 5, (X64,), cache=cache, expect_frozen=under("conv1", "bn1", "layer1"))
+    assert [n for n, _ in res.fm.blocks][4:] == ["layer1", "layer2", "layer3"]
