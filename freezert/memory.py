@@ -296,21 +296,21 @@ class _Checkpointed(nn.Module):
         from . import _tree
 
         inner, calls = self._inner, [0]
+        if not torch.is_grad_enabled():
+            return inner(*args, **kwargs)
         # The containers of the inputs as they are now: a forward that edits its input list in place (HRNet's
         # branches, x[i] = branch(x[i])) would hand the recompute its own outputs, silently wrong gradients. The
         # forward gets the caller's containers (an edit the caller sees stays), each recompute a fresh copy.
-        before = _tree.map_tensors((args, kwargs), lambda t: t)
+        leaves, spec = _tree.flatten((args, kwargs))
 
         def run(*a: Any, **k: Any) -> Any:
             calls[0] += 1
             if calls[0] == 1:
                 return inner(*a, **k)
-            a, k = _tree.map_tensors(before, lambda t: t)
+            a, k = _tree.unflatten(leaves, spec)  # containers built anew, holding what the call held
             with _running_stats_kept(inner):  # the recompute must not update BatchNorm statistics twice
                 return inner(*a, **k)
 
-        if not torch.is_grad_enabled():
-            return inner(*args, **kwargs)
         from .ops.substitute import replay
 
         # the recompute runs in backward, after the forward's kernel substitutions and lean regions have closed:

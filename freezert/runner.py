@@ -95,8 +95,10 @@ def idle_capture(hook: Callable, requested: Callable[[str], bool]) -> bool:
 
 def has_hooks(m: nn.Module, requested: Callable[[str], bool] | None = None) -> bool:
     """A forward or pre-forward hook on ``m`` (with ``requested``: one that is not an idle transformers capture)."""
+    if not (m._forward_hooks or m._forward_pre_hooks):
+        return False  # the common case, on every cached call: no list built
     if requested is None:
-        return bool(m._forward_hooks or m._forward_pre_hooks)
+        return True
     hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
     return any(not idle_capture(h, requested) for h in hooks)
 
